@@ -1,0 +1,136 @@
+"""Evaluation: every model through one interface, full ranking, a Markdown + JSON + plot report.
+
+A model is anything with ``recommend(users, histories, k) -> [len(users), k] item rows``; a
+``ScoringRecommender`` gets that verb from its ``score`` with the user's history excluded.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from loguru import logger
+
+from offline.baselines import EASE, ItemKNN, Popularity, ScoringRecommender
+from offline.metrics import catalogue_coverage, ranking_metrics, summarize, topk_items
+from offline.split import TemporalSplit, history_matrix
+
+KS = (10, 20)
+REPORT_COLUMNS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20", "graded_ndcg@10", "hit@10", "mrr@10", "map@10")
+
+
+class Recommender(Protocol):
+    name: str
+
+    def recommend(self, users: np.ndarray, histories: list[np.ndarray], k: int) -> np.ndarray: ...
+
+
+def recommend_by_score(
+    model: ScoringRecommender, users: np.ndarray, histories: list[np.ndarray], k: int, batch: int = 1024
+) -> np.ndarray:
+    """Top-k of ``model.score`` with each user's history excluded, in user batches."""
+    out = []
+    for start in range(0, len(users), batch):
+        hist = histories[start : start + batch]
+        scores = model.score(users[start : start + batch], hist)
+        out.append(topk_items(scores, k, history_matrix(hist, scores.shape[1])))
+    return np.concatenate(out) if out else np.zeros((0, k), np.int64)
+
+
+def evaluate(model, split: TemporalSplit, window: str = "test", ks: Sequence[int] = KS) -> dict:
+    """Summary metrics of ``model`` on ``window`` for users with at least one positive there."""
+    per_user, topk = evaluate_per_user(model, split, window, ks)
+    summary = summarize(per_user)
+    summary[f"coverage@{max(ks)}"] = catalogue_coverage(topk, split.n_items)
+    summary["users"] = int(len(topk))
+    return summary
+
+
+def evaluate_per_user(model, split: TemporalSplit, window: str, ks: Sequence[int] = KS):
+    """Per-user metric arrays (for bootstrap intervals) and the top-k lists they came from."""
+    truth = split.truth(window)
+    users = np.flatnonzero(np.diff(truth.indptr) > 0)
+    histories = split.history_before(window)
+    hist = [histories[u] for u in users]
+    if isinstance(model, ScoringRecommender):
+        topk = recommend_by_score(model, users, hist, max(ks))
+    else:
+        topk = model.recommend(users, hist, max(ks))
+    return ranking_metrics(topk, truth[users], ks), topk
+
+
+def tune(name: str, build: Callable[..., ScoringRecommender], grid: list[dict], split: TemporalSplit, metric="ndcg@10"):
+    """Pick hyper-parameters on the validation window; the test window is never looked at."""
+    best, best_value = grid[0], -1.0
+    for params in grid:
+        value = evaluate(build(**params), split, "valid")[metric]
+        logger.debug("{} {} valid {}={:.4f}", name, params, metric, value)
+        if value > best_value:
+            best, best_value = params, value
+    logger.info("{}: chose {} (valid {}={:.4f})", name, best, metric, best_value)
+    return build(**best), best
+
+
+def baseline_models(split: TemporalSplit) -> list[tuple[ScoringRecommender, dict]]:
+    """Popularity, item-kNN and EASE (plain and recency-weighted), each tuned on valid."""
+    models = [(Popularity(split), {})]
+    models.append(tune("item-knn", lambda **p: ItemKNN(split, **p), [{"neighbours": n} for n in (50, 100, 200)], split))
+    ease_grid = [{"l2": l2} for l2 in (50.0, 100.0, 200.0, 500.0, 1000.0)]
+    ease, ease_params = tune("ease", lambda **p: EASE(split, **p), ease_grid, split)
+    models.append((ease, ease_params))
+    recency_grid = [{"l2": ease_params["l2"], "recency_halflife": h} for h in (2.0, 5.0, 10.0, 20.0, 50.0)]
+    models.append(tune("ease-recency", lambda **p: EASE(split, **p), recency_grid, split))
+    return models
+
+
+def report_rows(models: list[tuple[object, dict]], split: TemporalSplit, window: str = "test") -> list[dict]:
+    """One row per model: its metrics on ``window``, its parameters and how long scoring took."""
+    rows = []
+    for model, params in models:
+        start = time.perf_counter()
+        metrics = evaluate(model, split, window)
+        rows.append({"model": model.name, "params": params, "seconds": time.perf_counter() - start, **metrics})
+        logger.info("{}: {}", model.name, {k: round(metrics[k], 4) for k in ("recall@20", "ndcg@10")})
+    return rows
+
+
+def write_report(rows: list[dict], out_dir: Path, title: str, extra: dict | None = None) -> Path:
+    """``report.md``, ``report.json`` and ``report.png`` under ``out_dir``; returns the Markdown path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps({"title": title, "rows": rows, **(extra or {})}, indent=2))
+    md = out_dir / "report.md"
+    md.write_text(markdown_table(rows, title, extra))
+    _plot(rows, out_dir / "report.png")
+    return md
+
+
+def markdown_table(rows: list[dict], title: str, extra: dict | None = None) -> str:
+    cols = [c for c in REPORT_COLUMNS if c in rows[0]] + [c for c in rows[0] if c.startswith("coverage")]
+    lines = [f"# {title}", "", "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | " + " | ".join(f"{r[c]:.4f}" for c in cols) + " |")
+    lines += ["", "Parameters (chosen on the validation window):", ""]
+    lines += [f"- {r['model']}: `{json.dumps(r['params'])}`" for r in rows]
+    for key, value in (extra or {}).items():
+        lines += ["", f"{key}: `{json.dumps(value)}`"]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["model"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, metric in zip(axes, ("recall@20", "ndcg@10")):
+        ax.barh(names, [r[metric] for r in rows], color="tab:blue")
+        ax.set_xlabel(metric)
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
