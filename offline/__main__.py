@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from loguru import logger
@@ -53,13 +54,55 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(md.read_text())
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    """Train every stage and write a bundle under --out."""
+    from offline.pipeline import IndexConfig, run_training
+    from offline.train_recall import RecallConfig
+
+    ds = load_dataset(args)
+    recall_cfg = RecallConfig(**options_of(args, RecallConfig, "recall_"), seed=args.seed)
+    index_cfg = IndexConfig(**options_of(args, IndexConfig, "index_"))
+    path = run_training(ds, args.out, recall_cfg, index_cfg, args.valid_frac, args.test_frac,
+                        baselines=not args.skip_baselines, resume=args.resume)
+    print(f"bundle written: {path}")
+
+
+def add_config_options(parser: argparse.ArgumentParser, cls: type, prefix: str, title: str) -> None:
+    """One ``--prefix-name`` option per config field, typed and documented from the dataclass."""
+    g = parser.add_argument_group(title)
+    for f in fields(cls):
+        if f.name == "seed":
+            continue
+        flag = f"--{prefix}{f.name}".replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+        if f.type in (bool, "bool"):
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        else:
+            g.add_argument(flag, type=type(f.default), default=f.default, help=help_text)
+
+
+def options_of(args: argparse.Namespace, cls: type, prefix: str) -> dict:
+    return {f.name: getattr(args, prefix + f.name) for f in fields(cls) if f.name != "seed"}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from offline.pipeline import IndexConfig
+    from offline.train_recall import RecallConfig
+
     parser = argparse.ArgumentParser(prog="python -m offline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     ev = sub.add_parser("evaluate", help="evaluate the baselines (popularity, item-kNN, EASE) on the test window")
     add_data_options(ev)
     ev.add_argument("--out", type=Path, default=Path("reports"), help="directory for report.md / report.json / report.png")
     ev.set_defaults(func=cmd_evaluate)
+    tr = sub.add_parser("train", help="train both stages, evaluate, and write a versioned bundle")
+    add_data_options(tr)
+    tr.add_argument("--out", type=Path, default=Path("artifacts"), help="bundle root; versions go under it with a 'current' pointer")
+    tr.add_argument("--skip-baselines", action="store_true", help="do not evaluate the baselines and peers (faster)")
+    tr.add_argument("--resume", action="store_true", help="resume two-tower training from the run's last checkpoint")
+    add_config_options(tr, RecallConfig, "recall_", "two-tower recall model")
+    add_config_options(tr, IndexConfig, "index_", "HNSW index")
+    tr.set_defaults(func=cmd_train)
     return parser
 
 

@@ -87,6 +87,7 @@ def write_bundle(root: Path, bundle: Bundle) -> Path:
                     "files": {name: _sha256(tmp / name) for name in files}}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=_json_default))
         _fsync_dir(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the service may run as another user
         final = root / version
         if final.exists():
             raise BundleError(f"{final}: version already exists")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import hnswlib
@@ -27,30 +27,35 @@ from offline.split import TemporalSplit, grade_matrix, history_matrix, relevance
 from offline.two_tower import TwoTower, bpr_loss, sampled_softmax_loss
 
 
+def _opt(default, help: str):
+    """A config field with its CLI help text (``python -m offline train --help`` lists them all)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class RecallConfig:
-    dim: int = 64  # output dimension (the HNSW space)
-    emb_dim: int = 64
-    hidden: int = 256
-    history_len: int = 50
-    loss: str = "softmax"  # softmax (in-batch InfoNCE with log-Q) | bpr
-    temperature: float = 0.05
-    uniform_negatives: int = 0  # extra negatives shared by the batch, drawn uniformly
-    hard_negatives: int = 0  # per-user negatives mined from an HNSW index over current item vectors
-    hard_mix: float = 0.5  # share of the hard-negative slots that are hard (the rest uniform)
-    hard_refresh_steps: int = 50  # rebuild the mining index every N steps
-    positives_only: bool = False  # targets only rating >= 4 events (history keeps everything)
-    batch_size: int = 512
-    epochs: int = 40
-    lr: float = 3e-3
-    weight_decay: float = 1e-5
-    warmup_steps: int = 100
-    clip_norm: float = 1.0
-    id_dropout: float = 0.1  # zero the id inputs sometimes so the feature-only (cold) path is trained
-    patience: int = 4
-    eval_k: int = 20
-    device: str = "auto"
-    seed: int = 0
+    dim: int = _opt(64, "output dimension of both towers (the HNSW space)")
+    emb_dim: int = _opt(64, "id embedding size")
+    hidden: int = _opt(256, "hidden width of the towers' MLPs")
+    history_len: int = _opt(50, "recent history items the user tower attends over")
+    loss: str = _opt("softmax", "softmax (in-batch InfoNCE with log-Q correction) or bpr")
+    temperature: float = _opt(0.05, "softmax temperature")
+    uniform_negatives: int = _opt(0, "extra negatives per batch drawn uniformly (shared by all rows)")
+    hard_negatives: int = _opt(0, "per-user negatives mined from an HNSW index over current item vectors")
+    hard_mix: float = _opt(0.5, "share of hard-negative slots that are hard; the rest are uniform random")
+    hard_refresh_steps: int = _opt(50, "rebuild the hard-negative index every N steps")
+    positives_only: bool = _opt(False, "train only on rating>=4 targets (history keeps every event)")
+    batch_size: int = _opt(512, "examples per step (also the in-batch negatives)")
+    epochs: int = _opt(40, "maximum epochs (early stopping usually ends sooner)")
+    lr: float = _opt(3e-3, "AdamW peak learning rate")
+    weight_decay: float = _opt(1e-5, "AdamW weight decay")
+    warmup_steps: int = _opt(100, "linear warm-up steps before cosine decay")
+    clip_norm: float = _opt(1.0, "gradient clipping max norm")
+    id_dropout: float = _opt(0.1, "probability of zeroing an id input so the feature-only (cold-start) path is trained")
+    patience: int = _opt(4, "epochs without validation improvement before stopping")
+    eval_k: int = _opt(20, "K of the validation Recall@K used for early stopping")
+    device: str = _opt("auto", "auto | cpu | cuda (auto picks CUDA when present; bf16 autocast on CUDA)")
+    seed: int = _opt(0, "random seed")
 
 
 class TwoTowerRecommender:

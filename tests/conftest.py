@@ -1,0 +1,31 @@
+"""Shared fixtures: a small synthetic bundle trained once per test session."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from loguru import logger
+
+from offline.pipeline import IndexConfig, run_training
+from offline.synthetic import generate
+from offline.train_recall import RecallConfig
+
+logger.remove()
+logger.add(sys.stderr, level="WARNING")
+
+TINY_RECALL = dict(epochs=2, batch_size=256, dim=16, emb_dim=16, hidden=32, history_len=10, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset():
+    return generate(n_users=120, n_items=150, n_genres=5, interactions_per_user=20, seed=3)
+
+
+@pytest.fixture(scope="session")
+def bundle_root(tmp_path_factory, tiny_dataset) -> Path:
+    """A real bundle written by the offline pipeline (two short epochs: fast, not good)."""
+    root = tmp_path_factory.mktemp("artifacts")
+    run_training(tiny_dataset, root, RecallConfig(**TINY_RECALL), IndexConfig(m=8, ef_construction=50, ef=64, candidates=50),
+                 baselines=False)
+    return root
