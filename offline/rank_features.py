@@ -1,0 +1,227 @@
+"""Re-ranker features: the one function that builds ranker inputs for training and for serving.
+
+``ranker_features`` turns one request (a user's time-ordered history, demographics and the
+recall stage's candidates) into a ``[n_candidates, F]`` float32 matrix. The trainer calls it
+once per query; the service calls it once per request with the same arrays from the bundle,
+so training and serving cannot drift apart. It is plain vectorised numpy: ~100 microseconds
+for 200 candidates.
+
+Statistics that come from interactions (popularity, average rating, co-occurrence
+neighbours) are computed on the train window only (``ranker_arrays``), so the ranker's labels,
+which come from the later valid window, never leak into its features. The values here are
+raw; the ranker standardises them with statistics it stores itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from offline.dataset import Interactions
+
+RECENT = 20  # history items the similarity and co-occurrence features look at, newest first
+RECENCY_HALFLIFE = 5.0  # weight exp(-position_from_end / h): recent items carry most of the signal
+GENRE_HALFLIFE = 20.0  # taste in genres moves more slowly than taste in titles
+RATING_PRIOR_WEIGHT = 5.0  # pseudo-ratings that shrink a rarely rated item's mean towards the global mean
+ONE_HOT_MAX = 32  # user categorical columns with at most this many codes are one-hot encoded; larger ones are dropped
+NEIGHBOURS = 50  # co-occurrence neighbours kept per item in the bundle
+
+FEATURE_NAMES = [
+    "recall_score", "recall_log_rank", "recall_score_gap", "recall_score_z",
+    "sim_last", "sim_max_recent", "sim_mean_recent", "sim_argmax_age", "sim_profile",
+    "cooc_recent", "cooc_max_recent",
+    "genre_affinity", "item_log_popularity", "popularity_vs_user", "item_avg_rating",
+    "item_year", "item_year_missing", "year_vs_user",
+    "history_log_len", "user_mean_rating",
+]  # the fixed block; ``feature_names(tables)`` appends item genres and user demographics
+
+
+@dataclass
+class RankerTables:
+    """Item-side lookups the features read; every field comes from the bundle's ``arrays``."""
+
+    item_vectors: np.ndarray  # [n_items, d] two-tower item vectors (unit)
+    item_genres: np.ndarray  # [n_items, G] float32 multi-hot
+    item_year: np.ndarray  # [n_items] float32, NaN unknown
+    item_popularity: np.ndarray  # [n_items] float32 train-window counts
+    item_avg_rating: np.ndarray  # [n_items] float32 train-window mean rating, NaN when never rated
+    item_neighbours: np.ndarray  # [n_items, K] int64 co-occurrence neighbours (train window), -1 padding
+    item_neighbour_sims: np.ndarray  # [n_items, K] float32 their cosine similarities
+    user_cat_sizes: np.ndarray  # [C] int64 codes per user categorical column (0 = unknown)
+
+    def __post_init__(self) -> None:
+        """Derived per-item columns, computed once so a request only gathers rows."""
+        known = np.isfinite(self.item_year)
+        self.year_fill = float(self.item_year[known].mean()) if known.any() else 0.0
+        self.item_log_pop = np.log1p(self.item_popularity).astype(np.float32)
+        rated = np.isfinite(self.item_avg_rating) & (self.item_popularity > 0)
+        counts = np.where(rated, self.item_popularity, 0.0)
+        prior = float(np.average(self.item_avg_rating[rated], weights=counts[rated])) if rated.any() else 0.0
+        mean = np.where(rated, self.item_avg_rating, prior)
+        shrunk = (mean * counts + prior * RATING_PRIOR_WEIGHT) / (counts + RATING_PRIOR_WEIGHT)
+        self.rating_prior = prior
+        self.item_static = np.column_stack([
+            self.item_log_pop, shrunk, np.where(known, self.item_year, self.year_fill), ~known,
+        ]).astype(np.float32)
+        self.one_hot_columns = np.flatnonzero(self.user_cat_sizes <= ONE_HOT_MAX)
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "RankerTables":
+        """The tables from a bundle's arrays (or the same dict the pipeline is about to write)."""
+        user_cat = arrays["user_cat"]
+        sizes = user_cat.max(axis=0) + 1 if user_cat.size else np.zeros(user_cat.shape[1], np.int64)
+        return cls(
+            item_vectors=np.ascontiguousarray(arrays["item_vectors"], dtype=np.float32),
+            item_genres=arrays["item_genres"].astype(np.float32),
+            item_year=arrays["item_year"].astype(np.float32),
+            item_popularity=arrays["popularity"].astype(np.float32),
+            item_avg_rating=arrays["item_avg_rating"].astype(np.float32),
+            item_neighbours=arrays["item_neighbours"].astype(np.int64),
+            item_neighbour_sims=arrays["item_neighbour_sims"].astype(np.float32),
+            user_cat_sizes=sizes.astype(np.int64),
+        )
+
+
+def feature_names(tables: RankerTables, n_user_numeric: int) -> list[str]:
+    """Every column of ``ranker_features``' output, in order (stored with the ranker)."""
+    genres = [f"genre_{g}" for g in range(tables.item_genres.shape[1])]
+    numeric = [f"user_num_{j}" for j in range(n_user_numeric)]
+    cats = [f"user_cat_{j}={c}" for j in tables.one_hot_columns for c in range(tables.user_cat_sizes[j])]
+    return FEATURE_NAMES + genres + numeric + cats
+
+
+def ranker_features(tables: RankerTables, history_items: np.ndarray, history_ratings: np.ndarray,
+                    user_cat: np.ndarray, user_num: np.ndarray,
+                    candidates: np.ndarray, recall_scores: np.ndarray) -> np.ndarray:
+    """``[n_candidates, F]`` float32 features of one request.
+
+    ``history_items`` / ``history_ratings``: the user's history, oldest first (may be empty);
+    ``user_cat`` / ``user_num``: the user's rows of the bundle's ``user_cat`` / ``user_num``;
+    ``candidates``: item rows in recall order (rank 0 = best); ``recall_scores``: their
+    two-tower inner products.
+    """
+    n = len(candidates)
+    history_items = np.asarray(history_items, np.int64)
+    history_ratings = np.asarray(history_ratings, np.float32)
+    scores = np.asarray(recall_scores, np.float32)
+    cand_vecs = tables.item_vectors[candidates]
+    static = tables.item_static[candidates]
+    genres = tables.item_genres[candidates]
+    user = _user_profile(tables, history_items, history_ratings)
+    recent = history_items[-RECENT:][::-1]  # newest first
+    weights = np.exp(-np.arange(len(recent)) / RECENCY_HALFLIFE).astype(np.float32)
+    fixed = np.column_stack([
+        scores,
+        np.log1p(np.arange(n)),
+        scores - (scores.max() if n else 0.0),
+        (scores - scores.mean()) / (scores.std() + 1e-6) if n else scores,
+        *_vector_similarities(tables, cand_vecs, recent, weights, user["profile"]),
+        *_cooccurrence(tables, candidates, recent, weights),
+        genres @ user["genres"] / np.maximum(genres.sum(axis=1), 1.0),
+        static[:, 0],
+        static[:, 0] - user["log_pop"],
+        static[:, 1],
+        static[:, 2],
+        static[:, 3],
+        static[:, 2] - user["year"],
+        np.full(n, np.log1p(len(history_items))),
+        np.full(n, user["mean_rating"]),
+    ])
+    demographics = np.concatenate([np.asarray(user_num, np.float32), _one_hot(tables, user_cat)])
+    return np.concatenate([fixed, genres, np.broadcast_to(demographics, (n, len(demographics)))], axis=1).astype(np.float32)
+
+
+def _user_profile(tables: RankerTables, items: np.ndarray, ratings: np.ndarray) -> dict:
+    """Per-user aggregates of the history: recency-weighted genre taste, mean vector, year, popularity."""
+    if not len(items):
+        zeros = np.zeros(tables.item_genres.shape[1], np.float32)
+        return {"genres": zeros, "profile": np.zeros(tables.item_vectors.shape[1], np.float32),
+                "log_pop": 0.0, "year": tables.year_fill, "mean_rating": tables.rating_prior}
+    w = np.exp(-np.arange(len(items))[::-1] / GENRE_HALFLIFE).astype(np.float32)
+    genres = w @ tables.item_genres[items] / w.sum()
+    profile = tables.item_vectors[items].mean(axis=0)
+    profile /= max(float(np.linalg.norm(profile)), 1e-6)
+    static = tables.item_static[items]
+    return {"genres": genres, "profile": profile, "log_pop": float(static[:, 0].mean()),
+            "year": float(static[:, 2].mean()), "mean_rating": float(ratings.mean())}
+
+
+def _vector_similarities(tables: RankerTables, cand_vecs: np.ndarray, recent: np.ndarray, weights: np.ndarray,
+                         profile: np.ndarray) -> list[np.ndarray]:
+    """Cosine to the newest item, max and recency-weighted mean over the recent ones, how many steps
+    back the most similar recent item lies, and cosine to the mean of the whole history."""
+    n = len(cand_vecs)
+    if not len(recent):
+        return [np.zeros(n, np.float32)] * 3 + [np.full(n, float(RECENT), np.float32), np.zeros(n, np.float32)]
+    sims = cand_vecs @ tables.item_vectors[recent].T  # [n, r], column 0 = newest
+    return [sims[:, 0], sims.max(axis=1), sims @ weights / weights.sum(), sims.argmax(axis=1).astype(np.float32),
+            cand_vecs @ profile]
+
+
+def _cooccurrence(tables: RankerTables, candidates: np.ndarray, recent: np.ndarray, weights: np.ndarray) -> list[np.ndarray]:
+    """Item-kNN evidence from the train window: recency-weighted sum and max of the candidate's
+    co-occurrence similarity to the recent items (an item-kNN score restricted to the candidates)."""
+    n = len(candidates)
+    total, best = np.zeros(n, np.float64), np.zeros(n, np.float64)
+    if not len(recent) or not n:
+        return [total.astype(np.float32), best.astype(np.float32)]
+    neighbours = tables.item_neighbours[recent].ravel()
+    sims = tables.item_neighbour_sims[recent]
+    order = np.argsort(candidates)
+    pos = np.clip(np.searchsorted(candidates, neighbours, sorter=order), 0, n - 1)
+    hit = candidates[order[pos]] == neighbours
+    slot = order[pos[hit]]
+    total += np.bincount(slot, weights=(weights[:, None] * sims).ravel()[hit], minlength=n)
+    np.maximum.at(best, slot, sims.ravel()[hit])
+    return [total.astype(np.float32), best.astype(np.float32)]
+
+
+def _one_hot(tables: RankerTables, user_cat: np.ndarray) -> np.ndarray:
+    """One-hot blocks of the small-vocabulary user columns (an out-of-range code gives all zeros)."""
+    parts = []
+    for j in tables.one_hot_columns:
+        block = np.zeros(tables.user_cat_sizes[j], np.float32)
+        code = int(user_cat[j])
+        if 0 <= code < len(block):
+            block[code] = 1.0
+        parts.append(block)
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+
+def ranker_arrays(train: Interactions, n_items: int, neighbours: int = NEIGHBOURS) -> dict[str, np.ndarray]:
+    """Train-window statistics the bundle stores for the features: mean rating and co-occurrence neighbours."""
+    counts = np.bincount(train.item, minlength=n_items).astype(np.float64)
+    sums = np.bincount(train.item, weights=train.rating, minlength=n_items)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        avg = np.where(counts > 0, sums / counts, np.nan)
+    nbrs, sims = cooccurrence_neighbours(train, n_items, neighbours)
+    return {"item_avg_rating": avg.astype(np.float32), "item_neighbours": nbrs, "item_neighbour_sims": sims}
+
+
+def cooccurrence_neighbours(train: Interactions, n_items: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` cosine neighbours per item on the binary user x item matrix (self excluded, -1 padding).
+
+    Computed in item chunks so memory stays ``chunk x n_items`` however large the catalogue.
+    """
+    n_users = int(train.user.max()) + 1 if len(train) else 0
+    x = sp.csr_matrix((np.ones(len(train), np.float32), (train.user, train.item)), shape=(n_users, n_items))
+    x.data[:] = 1.0  # repeated events count once
+    xt = x.T.tocsr()
+    norms = np.sqrt(np.asarray(xt.multiply(xt).sum(axis=1)).ravel())
+    norms[norms == 0] = 1.0
+    k = min(k, max(n_items - 1, 0))
+    nbrs = np.full((n_items, k), -1, np.int64)
+    sims = np.zeros((n_items, k), np.float32)
+    chunk = max(1, (1 << 24) // max(n_items, 1))
+    for start in range(0, n_items, chunk):
+        rows = np.arange(start, min(start + chunk, n_items))
+        block = (xt[rows] @ x).toarray() / norms[rows, None] / norms[None, :]
+        block[np.arange(len(rows)), rows] = 0.0
+        top = np.argpartition(-block, k - 1, axis=1)[:, :k] if k else np.zeros((len(rows), 0), np.int64)
+        vals = np.take_along_axis(block, top, axis=1)
+        order = np.argsort(-vals, axis=1, kind="stable")
+        top, vals = np.take_along_axis(top, order, axis=1), np.take_along_axis(vals, order, axis=1)
+        nbrs[rows] = np.where(vals > 0, top, -1)
+        sims[rows] = np.where(vals > 0, vals, 0.0)
+    return nbrs, sims

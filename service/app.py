@@ -1,0 +1,264 @@
+"""FastAPI app: thin routes over the engine. Start with ``uvicorn service.app:app``.
+
+Handlers that do CPU work are plain ``def`` so FastAPI runs them in its thread pool and the
+event loop stays free; the loaded engine is handed to routes as a dependency.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated
+
+import hnswlib  # noqa: F401  (imported early: fail at boot, not on the first request, if missing)
+import torch
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+import orjson
+from fastapi.responses import JSONResponse, Response
+from loguru import logger
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from offline.bundle import BundleError, read_bundle
+from service import metrics
+from service.config import Settings, get_settings
+from service.engine import Engine, RequestError, now
+from service.schemas import EventRequest, ItemUpsert, RecommendRequest, ReloadRequest
+from service.store import DurableLog
+
+
+class ServiceState:
+    """The current engine plus the durable logs; ``write_lock`` orders writes against reloads."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        state_dir = settings.resolved_state_dir
+        self.events = DurableLog(state_dir / "events.jsonl")
+        self.catalog_log = DurableLog(state_dir / "catalog.jsonl")
+        self.write_lock = threading.RLock()
+        self.engine: Engine | None = None
+        self.install(self.build(settings.bundle_dir))
+
+    def build(self, path: Path) -> Engine:
+        """Read and validate a bundle into a new engine, beside whatever is serving."""
+        bundle = read_bundle(path, index_threads=self.settings.index_threads)
+        return Engine.from_bundle(bundle, self.settings.user_vector_cache)
+
+    def install(self, engine: Engine) -> None:
+        """Replay the logs onto ``engine`` and make it the live one, under ``write_lock`` so that
+        no acknowledged write lands on the old engine after the replay read the logs."""
+        with self.write_lock:
+            replay(engine, self.catalog_log.read(), self.events.read())
+            self.engine = engine
+        metrics.set_bundle(engine.version, engine.searchable_items)
+
+
+def replay(engine: Engine, catalog_records: list[dict], event_records: list[dict]) -> None:
+    """Re-apply acknowledged catalogue changes, then events; records that no longer apply are logged."""
+    for rec in catalog_records:
+        try:
+            if rec["op"] == "upsert":
+                engine.upsert_item(ItemUpsert(**rec["item"]))
+            else:
+                engine.remove_item(rec["item_id"])
+        except RequestError as err:
+            logger.warning("catalogue replay: {} ({})", err.message, rec)
+    for rec in event_records:
+        try:
+            engine.apply_event(rec["user_id"], rec["item_id"], rec.get("rating"), rec["timestamp"])
+        except RequestError as err:
+            logger.warning("event replay: {} ({})", err.message, rec)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    settings = get_settings()
+    logger.remove()
+    logger.add(sys.stderr, level=settings.log_level, serialize=True)
+    torch.set_num_threads(settings.torch_threads)
+    try:
+        state = ServiceState(settings)
+    except BundleError as err:
+        logger.error("cannot start: {}", err)
+        raise RuntimeError(f"cannot start: {err}") from err
+    app.state.service = state
+    logger.info("serving bundle {} ({} items)", state.engine.version, state.engine.searchable_items)
+    yield
+    state.events.close()
+    state.catalog_log.close()
+
+
+class FastJSONResponse(JSONResponse):
+    """orjson rendering: several times faster than the standard library for our payloads."""
+
+    def render(self, content) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+app = FastAPI(title="recsys", default_response_class=FastJSONResponse, lifespan=lifespan)
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+def get_engine(request: Request) -> Engine:
+    return request.app.state.service.engine
+
+
+def require_admin(state: Annotated[ServiceState, Depends(get_state)], authorization: Annotated[str | None, Header()] = None):
+    token = state.settings.admin_token
+    if token is None:
+        raise RequestError(403, "admin endpoints are disabled: set RECSYS_ADMIN_TOKEN to enable them")
+    if authorization != f"Bearer {token}":
+        raise RequestError(401, "missing or wrong bearer token")
+
+
+EngineDep = Annotated[Engine, Depends(get_engine)]
+StateDep = Annotated[ServiceState, Depends(get_state)]
+
+
+@app.middleware("http")
+async def observe(request: Request, call_next):
+    """Request id, body-size limit, in-flight gauge, per-endpoint counts and latency."""
+    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
+    start = time.perf_counter()
+    limit = get_settings().max_body_bytes
+    length = request.headers.get("content-length")
+    metrics.IN_FLIGHT.inc()
+    try:
+        with logger.contextualize(request_id=request_id):
+            if length is not None and (not length.isdigit() or int(length) > limit):
+                response = error(413, f"request body larger than {limit} bytes")
+            else:
+                response = await call_next(request)
+    finally:
+        metrics.IN_FLIGHT.dec()
+    route = request.scope.get("route")
+    endpoint = getattr(route, "path", "unmatched")
+    metrics.REQUESTS.labels(endpoint, request.method, str(response.status_code)).inc()
+    metrics.LATENCY.labels(endpoint).observe(time.perf_counter() - start)
+    response.headers["x-request-id"] = request_id
+    return response
+
+
+def error(status: int, message: str) -> JSONResponse:
+    """The one error body shape: ``{"error": message}``."""
+    return FastJSONResponse({"error": message}, status_code=status)
+
+
+@app.exception_handler(RequestError)
+async def request_error(_: Request, err: RequestError):
+    return error(err.status, err.message)
+
+
+@app.exception_handler(RequestValidationError)
+async def validation_error(_: Request, err: RequestValidationError):
+    details = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in err.errors()]
+    summary = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in details)
+    return FastJSONResponse({"error": f"invalid request: {summary}", "details": details}, status_code=422)
+
+
+@app.exception_handler(Exception)
+async def unexpected(_: Request, err: Exception):
+    logger.exception("unhandled error")
+    return error(500, f"internal error ({type(err).__name__}); see logs")
+
+
+@app.get("/health")
+def health():
+    return {"status": "alive"}
+
+
+@app.get("/ready")
+def ready(request: Request):
+    state = getattr(request.app.state, "service", None)
+    if state is None:
+        return error(503, "bundle not loaded")
+    return {"status": "ready", "bundle_version": state.engine.version, "items": state.engine.searchable_items}
+
+
+@app.get("/metrics")
+def prometheus_metrics():
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+@app.get("/recommend")
+def recommend_get(engine: EngineDep, user_id: Annotated[str, Query(min_length=1)],
+                  k: Annotated[int, Query(ge=1)] = 10, candidates: Annotated[int | None, Query(ge=1)] = None,
+                  exclude_seen: bool = True, explain: bool = False):
+    return recommend_post(RecommendRequest(user_id=user_id, k=k, candidates=candidates, exclude_seen=exclude_seen,
+                                           explain=explain), engine)
+
+
+@app.post("/recommend")
+def recommend_post(body: RecommendRequest, engine: EngineDep):
+    settings = get_settings()
+    if body.k > settings.max_k:
+        raise RequestError(422, f"k must be <= {settings.max_k}")
+    if body.candidates is not None and body.candidates > settings.max_candidates:
+        raise RequestError(422, f"candidates must be <= {settings.max_candidates}")
+    if body.recent_items is not None and len(body.recent_items) > settings.max_recent_items:
+        raise RequestError(422, f"recent_items may hold at most {settings.max_recent_items} ids")
+    return engine.recommend(body, settings.default_candidates)
+
+
+@app.get("/similar-items/{item_id}")
+def similar_items(item_id: str, engine: EngineDep, k: Annotated[int, Query(ge=1)] = 10):
+    if k > get_settings().max_k:
+        raise RequestError(422, f"k must be <= {get_settings().max_k}")
+    return engine.similar_items(item_id, k)
+
+
+@app.post("/events")
+def record_event(body: EventRequest, state: StateDep):
+    """Validated, fsynced to the event log, then applied: acknowledged means durable."""
+    record = {"user_id": str(body.user_id), "item_id": str(body.item_id), "rating": body.rating,
+              "timestamp": body.timestamp if body.timestamp is not None else now()}
+    with state.write_lock:
+        engine = state.engine
+        if str(body.item_id) not in engine.catalog.row_of or not engine.catalog.active[engine.catalog.row_of[str(body.item_id)]]:
+            raise RequestError(404, f"unknown item_id '{body.item_id}'")
+        state.events.append(record)
+        length = engine.apply_event(record["user_id"], record["item_id"], record["rating"], record["timestamp"])
+    metrics.EVENTS.inc()
+    return {"status": "recorded", "user_id": record["user_id"], "history_length": length}
+
+
+@app.put("/admin/items", dependencies=[Depends(require_admin)])
+@app.post("/admin/items", dependencies=[Depends(require_admin)])
+def upsert_item(body: ItemUpsert, state: StateDep):
+    with state.write_lock:
+        result = state.engine.upsert_item(body)  # validates and computes before the log write
+        state.catalog_log.append({"op": "upsert", "item": body.model_dump()})
+    metrics.INDEX_ITEMS.set(state.engine.searchable_items)
+    return result
+
+
+@app.delete("/admin/items/{item_id}", dependencies=[Depends(require_admin)])
+def remove_item(item_id: str, state: StateDep):
+    with state.write_lock:
+        result = state.engine.remove_item(item_id)
+        state.catalog_log.append({"op": "remove", "item_id": item_id})
+    metrics.INDEX_ITEMS.set(state.engine.searchable_items)
+    return result
+
+
+@app.post("/admin/reload", dependencies=[Depends(require_admin)])
+def reload_bundle(state: StateDep, body: ReloadRequest | None = None):
+    """Load a bundle beside the live one and swap it in; on failure the old one keeps serving."""
+    path = state.settings.bundle_dir / body.version if body and body.version else state.settings.bundle_dir
+    if body and body.version and ("/" in body.version or body.version.startswith(".")):
+        raise RequestError(422, "version must be a directory name under the bundle root")
+    old = state.engine.version
+    try:
+        engine = state.build(path)
+    except BundleError as err:
+        logger.warning("reload failed, keeping {}: {}", old, err)
+        raise RequestError(409, f"reload failed, still serving {old}: {err}") from err
+    state.install(engine)
+    logger.info("reloaded: {} -> {}", old, engine.version)
+    return {"status": "reloaded", "previous_version": old, "bundle_version": engine.version}

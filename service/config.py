@@ -1,0 +1,42 @@
+"""Service settings: one class, read once from the environment (prefix ``RECSYS_``)."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RECSYS_", extra="ignore")
+
+    bundle_dir: Path = Field(Path("artifacts"), description="bundle root (with a 'current' pointer) or a version directory")
+    state_dir: Path | None = Field(None, description="durable event / catalogue logs; default <bundle_dir>/state")
+    admin_token: str | None = Field(None, description="bearer token for /admin/*; admin endpoints are off when unset")
+    log_level: str = "INFO"
+    max_k: int = Field(100, ge=1, description="largest k a client may ask for")
+    default_candidates: int = Field(200, ge=1, description="ANN recall depth handed to the re-ranker")
+    max_candidates: int = Field(1000, ge=1, description="largest candidate depth a client may ask for")
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="requests with larger bodies get 413")
+    max_recent_items: int = Field(200, ge=1, description="most recent_items a cold-start request may send")
+    torch_threads: int = Field(1, ge=1, description="intra-op threads per tower call (requests already run in parallel)")
+    index_threads: int = Field(1, ge=1, description="hnswlib threads per query")
+    user_vector_cache: int = Field(100_000, ge=0, description="known users' vectors kept until their history changes")
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if self.default_candidates > self.max_candidates:
+            raise ValueError("default_candidates must be <= max_candidates")
+        if self.admin_token is not None and len(self.admin_token) < 8:
+            raise ValueError("admin_token must be at least 8 characters")
+        return self
+
+    @property
+    def resolved_state_dir(self) -> Path:
+        return self.state_dir or (self.bundle_dir / "state")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

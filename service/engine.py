@@ -1,0 +1,365 @@
+"""The request path as plain functions over one loaded bundle plus the online state.
+
+resolve user -> encode -> ANN -> filter -> features -> score -> top-K, each stage timed by the
+helper that feeds Prometheus. The engine is built once per bundle; a reload builds a new one
+and swaps it in whole. Catalogue snapshots are immutable and replaced whole (copy-on-write),
+and the hnswlib index is only touched under ``index_lock`` (hnswlib is not safe when
+``add_items`` runs during ``knn_query``).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from offline.bundle import Bundle
+from offline.features import FeatureSpec, encode_user_features, single_history
+from service.metrics import FALLBACKS, timed
+from service.schemas import Filters, ItemUpsert, RecommendRequest
+
+EXACT_SEARCH_FACTOR = 2  # below depth * this many allowed items, scoring them all beats over-fetching
+
+
+class RequestError(Exception):
+    """Bad input that maps to a 4xx with a message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Immutable catalogue snapshot; item-level arrays share the row order of the index labels."""
+
+    ids: list[str]
+    row_of: dict[str, int]
+    titles: list[str]
+    arrays: dict[str, np.ndarray]  # item_vectors, item_genres, item_year, popularity, ... (bundle item arrays)
+    active: np.ndarray  # bool: False once removed
+    ranker_tables: object | None = None
+
+    @property
+    def vectors(self) -> np.ndarray:
+        return self.arrays["item_vectors"]
+
+
+@dataclass
+class UserContext:
+    raw_id: str | None
+    id_input: int  # user row + 1, or 0 for a user the model never saw
+    cat: np.ndarray
+    num: np.ndarray
+    hist_items: np.ndarray  # item rows, oldest first
+    hist_ratings: np.ndarray
+    cache_key: str | None = None
+    known_features: bool = True
+
+    @property
+    def empty(self) -> bool:
+        return len(self.hist_items) == 0 and self.id_input == 0 and not self.known_features
+
+
+@dataclass
+class Engine:
+    bundle: Bundle
+    catalog: Catalog
+    spec: FeatureSpec
+    user_row: dict[str, int]
+    genre_col: dict[str, int]
+    ranker: object | None
+    online: dict[str, list[tuple[int, float, int]]] = field(default_factory=dict)
+    vector_cache: dict[str, np.ndarray] = field(default_factory=dict)
+    cache_size: int = 100_000
+    index_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, cache_size: int = 100_000) -> "Engine":
+        a, cat = bundle.arrays, bundle.catalog
+        n = len(cat["item_ids"])
+        item_arrays = {k: v for k, v in a.items() if _is_item_array(k, v, n)}
+        catalog = Catalog(list(cat["item_ids"]), {r: i for i, r in enumerate(cat["item_ids"])}, list(cat["titles"]),
+                          item_arrays, np.ones(n, bool))
+        ranker = None
+        if bundle.ranker is not None:
+            from offline.ranker import load_ranker
+
+            ranker = load_ranker(bundle.ranker)
+        engine = cls(bundle, catalog, FeatureSpec(**bundle.manifest["feature_spec"]),
+                     {r: i for i, r in enumerate(cat["user_ids"])}, {g: j for j, g in enumerate(cat["genre_names"])},
+                     ranker, cache_size=cache_size)
+        engine.catalog = engine._with_ranker_tables(catalog)
+        return engine
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+    # ---------------------------------------------------------------- recommend
+    def recommend(self, req: RecommendRequest, default_candidates: int) -> dict:
+        timings: dict[str, float] = {}
+        with timed("features", timings):
+            ctx = self.resolve_user(req)
+            catalog = self.catalog
+            allowed = self.allowed_mask(catalog, req.filters, ctx.hist_items if req.exclude_seen else None)
+        if ctx.empty:
+            FALLBACKS.labels("popularity").inc()
+            return self._response(ctx, catalog, self.popular(catalog, allowed, req.k), "popularity", timings, req.explain)
+        with timed("user_encoding", timings):
+            vec = self.user_vector(ctx)
+        with timed("ann_search", timings):
+            depth = max(req.candidates or default_candidates, req.k)
+            catalog, cands, scores = self.search(vec, depth, allowed)
+        with timed("rerank", timings):
+            ranked = self.rerank(ctx, catalog, cands, scores, req.k, req.explain)
+        return self._response(ctx, catalog, ranked, None, timings, req.explain)
+
+    def resolve_user(self, req: RecommendRequest) -> UserContext:
+        """A known user (stored features + bundle history + online events) or a cold one."""
+        raw = None if req.user_id is None else str(req.user_id)
+        online = self.online.get(raw, []) if raw is not None else []
+        recent = self._item_rows(req.recent_items or [])
+        extra_items = np.array([e[0] for e in online] + recent, np.int64)
+        extra_ratings = np.array([e[1] for e in online] + [0.0] * len(recent), np.float32)
+        row = self.user_row.get(raw) if raw is not None else None
+        if row is not None:
+            a = self.bundle.arrays
+            lo, hi = a["history_offsets"][row], a["history_offsets"][row + 1]
+            items = np.concatenate([a["history_items"][lo:hi], extra_items])
+            ratings = np.concatenate([a["history_ratings"][lo:hi], extra_ratings])
+            key = raw if not recent else None  # recent_items make the request one-off: no caching
+            return UserContext(raw, row + 1, a["user_cat"][row], a["user_num"][row], items, ratings, key)
+        if raw is not None and not online and req.features is None and not recent:
+            raise RequestError(404, f"unknown user_id '{raw}': send features and/or recent_items for a new user")
+        cat, num = encode_user_features(self.spec, self.bundle.catalog["user_vocab"], req.features or {})
+        key = raw if raw is not None and not recent and req.features is None else None
+        return UserContext(raw, 0, cat[0], num[0], extra_items, extra_ratings, key, known_features=req.features is not None)
+
+    def user_vector(self, ctx: UserContext) -> np.ndarray:
+        """Run the exported user tower; known users' vectors are cached until their history changes."""
+        if ctx.cache_key is not None and (hit := self.vector_cache.get(ctx.cache_key)) is not None:
+            return hit
+        hist_items, hist_ratings = single_history(ctx.hist_items, ctx.hist_ratings, self.spec.history_len)
+        with torch.inference_mode():
+            vec = self.bundle.user_tower(
+                torch.tensor([ctx.id_input]), torch.from_numpy(ctx.cat[None].astype(np.int64)),
+                torch.from_numpy(ctx.num[None].astype(np.float32)), torch.from_numpy(hist_items), torch.from_numpy(hist_ratings),
+            )[0].numpy()
+        if ctx.cache_key is not None and len(self.vector_cache) < self.cache_size:
+            self.vector_cache[ctx.cache_key] = vec
+        return vec
+
+    def allowed_mask(self, catalog: Catalog, filters: Filters | None, seen: np.ndarray | None) -> np.ndarray:
+        """Items that may be returned: active, passing the filters, not already seen."""
+        allowed = catalog.active.copy()
+        if seen is not None and len(seen):
+            allowed[seen[seen < len(allowed)]] = False
+        if filters is None:
+            return allowed
+        genres = catalog.arrays["item_genres"] > 0
+        if filters.genres_any:
+            allowed &= genres[:, self._genre_cols(filters.genres_any)].any(axis=1)
+        if filters.genres_none:
+            allowed &= ~genres[:, self._genre_cols(filters.genres_none)].any(axis=1)
+        year = catalog.arrays["item_year"]
+        if filters.year_min is not None:
+            allowed &= np.nan_to_num(year, nan=-1e9) >= filters.year_min
+        if filters.year_max is not None:
+            allowed &= np.nan_to_num(year, nan=1e9) <= filters.year_max
+        return allowed
+
+    def search(self, vec: np.ndarray, depth: int, allowed: np.ndarray) -> tuple[Catalog, np.ndarray, np.ndarray]:
+        """Top-``depth`` allowed items by inner product: HNSW with over-fetch, or exact when few are allowed.
+
+        hnswlib's own filter raises when fewer than k survive, so we over-fetch and filter here,
+        growing the fetch until enough survive or the whole index was read.
+        """
+        n_allowed = int(allowed.sum())
+        depth = min(depth, n_allowed)
+        if depth == 0:
+            return self.catalog, np.zeros(0, np.int64), np.zeros(0, np.float32)
+        if n_allowed <= depth * EXACT_SEARCH_FACTOR:
+            return self.catalog, *self._exact(self.catalog, vec, allowed, depth)
+        fetch = depth + (len(allowed) - n_allowed)
+        while True:
+            with self.index_lock:
+                catalog, index = self.catalog, self.bundle.index
+                searchable = index.get_current_count() - int((~catalog.active).sum())
+                try:
+                    labels, dists = index.knn_query(vec[None], k=min(fetch, searchable))
+                except RuntimeError:  # hnswlib found fewer than k (deleted items): score exactly instead
+                    return catalog, *self._exact(catalog, vec, allowed, depth)
+            labels, dists = labels[0].astype(np.int64), dists[0]
+            inside = labels < len(allowed)  # an item added after ``allowed`` was computed is not allowed
+            labels, dists = labels[inside], dists[inside]
+            keep = allowed[labels]
+            if keep.sum() >= depth or fetch >= searchable:
+                return catalog, labels[keep][:depth], (1.0 - dists[keep][:depth]).astype(np.float32)
+            fetch = min(fetch * 4, searchable)
+
+    def rerank(self, ctx: UserContext, catalog: Catalog, cands: np.ndarray, scores: np.ndarray, k: int, explain: bool):
+        """Ranker scores for the candidates (recall order when the bundle has no ranker); top-k."""
+        if self.ranker is None or len(cands) == 0:
+            return [(int(c), float(s), None, r, None) for r, (c, s) in enumerate(zip(cands[:k], scores[:k]))]
+        from offline.rank_features import FEATURE_NAMES, ranker_features
+
+        feats = ranker_features(catalog.ranker_tables, ctx.hist_items, ctx.hist_ratings, ctx.cat, ctx.num, cands, scores)
+        rank_scores = self.ranker.score(feats)
+        order = np.lexsort((np.arange(len(cands)), -rank_scores))[:k]
+        return [(int(cands[i]), float(scores[i]), float(rank_scores[i]), int(i),
+                 dict(zip(FEATURE_NAMES, feats[i].round(5).tolist())) if explain else None) for i in order]
+
+    def popular(self, catalog: Catalog, allowed: np.ndarray, k: int):
+        pop = np.where(allowed, catalog.arrays["popularity"], -np.inf)
+        order = np.lexsort((np.arange(len(pop)), -pop))[:k]
+        return [(int(i), None, float(pop[i]), r, None) for r, i in enumerate(order) if np.isfinite(pop[i])]
+
+    def similar_items(self, raw_item: str, k: int) -> dict:
+        catalog = self.catalog
+        row = catalog.row_of.get(raw_item)
+        if row is None or not catalog.active[row]:
+            raise RequestError(404, f"unknown item_id '{raw_item}'")
+        allowed = catalog.active.copy()
+        allowed[row] = False
+        catalog, cands, scores = self.search(catalog.vectors[row], k, allowed)
+        return {"item_id": raw_item, "bundle_version": self.version,
+                "items": [self._item(catalog, int(c), float(s), None, r) for r, (c, s) in enumerate(zip(cands, scores))]}
+
+    # ---------------------------------------------------------------- online state
+    def apply_event(self, raw_user: str, raw_item: str, rating: float | None, timestamp: int) -> int:
+        """Append to the user's online history (the next /recommend sees it); returns its length."""
+        row = self.catalog.row_of.get(raw_item)
+        if row is None or not self.catalog.active[row]:
+            raise RequestError(404, f"unknown item_id '{raw_item}'")
+        self.online.setdefault(raw_user, []).append((row, float(rating) if rating is not None else 0.0, timestamp))
+        self.vector_cache.pop(raw_user, None)
+        user = self.user_row.get(raw_user)
+        base = 0 if user is None else int(np.diff(self.bundle.arrays["history_offsets"][user : user + 2])[0])
+        return base + len(self.online[raw_user])
+
+    def upsert_item(self, item: ItemUpsert) -> dict:
+        """Add or replace an item: item tower for its vector, then swap index and catalogue together."""
+        raw = str(item.item_id)
+        catalog = self.catalog
+        row = catalog.row_of.get(raw, len(catalog.ids))
+        unknown = [g for g in item.genres if g not in self.genre_col]
+        if unknown:
+            raise RequestError(422, f"unknown genres {unknown}; known: {sorted(self.genre_col)}")
+        genres, dense, cat = self._item_inputs(item)
+        with torch.inference_mode():
+            vec = self.bundle.item_tower(torch.tensor([row + 1 if row < len(catalog.ids) else 0]), torch.from_numpy(genres),
+                                         torch.from_numpy(dense), torch.from_numpy(cat))[0].numpy()
+        new_values = {"item_vectors": vec, "item_genres": genres[0], "item_dense": dense[0], "item_cat": cat[0],
+                      "item_year": np.float32(item.year if item.year is not None else np.nan)}
+        arrays = {k: _set_row(v, row, new_values.get(k)) for k, v in catalog.arrays.items()}
+        ids, titles = list(catalog.ids), list(catalog.titles)
+        if row == len(ids):
+            ids.append(raw), titles.append(item.title or raw)
+        else:
+            titles[row] = item.title or titles[row]
+        active = _set_row(catalog.active, row, True)
+        updated = self._with_ranker_tables(replace(catalog, ids=ids, titles=titles, arrays=arrays, active=active,
+                                                   row_of={**catalog.row_of, raw: row}))
+        with self.index_lock:
+            index = self.bundle.index
+            if row >= index.get_max_elements():
+                index.resize_index(max(2 * index.get_max_elements(), row + 1))
+            if row < index.get_current_count() and not catalog.active[row]:
+                index.unmark_deleted(row)
+            index.add_items(vec[None], np.array([row]))
+            self.catalog = updated
+        self.vector_cache.clear()  # a new item can change nothing cached, but a replaced one changes history pooling
+        return {"item_id": raw, "status": "replaced" if row < len(catalog.ids) else "added"}
+
+    def remove_item(self, raw: str) -> dict:
+        catalog = self.catalog
+        row = catalog.row_of.get(raw)
+        if row is None or not catalog.active[row]:
+            raise RequestError(404, f"unknown item_id '{raw}'")
+        with self.index_lock:
+            self.bundle.index.mark_deleted(row)
+            self.catalog = replace(catalog, active=_set_row(catalog.active, row, False))
+        return {"item_id": raw, "status": "removed"}
+
+    @property
+    def searchable_items(self) -> int:
+        return int(self.catalog.active.sum())
+
+    # ---------------------------------------------------------------- helpers
+    def _response(self, ctx, catalog, ranked, fallback, timings, explain) -> dict:
+        items = [self._item(catalog, row, rs, ks, rank, feats if explain else None) for row, rs, ks, rank, feats in ranked]
+        return {"user_id": ctx.raw_id, "items": items, "bundle_version": self.version, "fallback": fallback,
+                "timings_ms": timings}
+
+    def _item(self, catalog: Catalog, row: int, recall_score, ranking_score, recall_rank, features=None) -> dict:
+        year = catalog.arrays["item_year"][row]
+        genres = catalog.arrays["item_genres"][row]
+        names = self.bundle.catalog["genre_names"]
+        out = {"item_id": catalog.ids[row], "title": catalog.titles[row],
+               "genres": [names[j] for j in np.flatnonzero(genres)], "year": None if np.isnan(year) else int(year),
+               "recall_score": recall_score, "ranking_score": ranking_score, "recall_rank": recall_rank}
+        if features is not None:
+            out["features"] = features
+        return out
+
+    def _item_rows(self, raw_items: list) -> list[int]:
+        rows = [self.catalog.row_of.get(str(r)) for r in raw_items]
+        unknown = [str(r) for r, row in zip(raw_items, rows) if row is None]
+        if unknown:
+            raise RequestError(404, f"unknown item_id(s) in recent_items: {unknown[:10]}")
+        return rows  # type: ignore[return-value]
+
+    def _genre_cols(self, names: list[str]) -> list[int]:
+        unknown = [g for g in names if g not in self.genre_col]
+        if unknown:
+            raise RequestError(422, f"unknown genres {unknown}; known: {sorted(self.genre_col)}")
+        return [self.genre_col[g] for g in names]
+
+    def _exact(self, catalog: Catalog, vec: np.ndarray, allowed: np.ndarray, depth: int):
+        rows = np.flatnonzero(allowed[: len(catalog.vectors)])
+        scores = catalog.vectors[rows] @ vec
+        order = np.lexsort((rows, -scores))[:depth]
+        return rows[order], scores[order].astype(np.float32)
+
+    def _item_inputs(self, item: ItemUpsert):
+        spec = self.spec
+        genres = np.zeros((1, spec.n_genres), np.float32)
+        genres[0, [self.genre_col[g] for g in item.genres]] = 1.0
+        year = np.nan if item.year is None else float(item.year)
+        year_std = 0.0 if np.isnan(year) else (year - spec.year_mean) / spec.year_std
+        nums = [(float(item.features[c]) if isinstance(item.features.get(c), (int, float)) else np.nan) for c in spec.item_numeric]
+        nums = [0.0 if np.isnan(x) else (x - m) / s for x, m, s in zip(nums, spec.item_num_mean, spec.item_num_std)]
+        dense = np.array([[year_std, float(np.isnan(year)), *nums]], np.float32)
+        vocab = self.bundle.catalog.get("item_vocab", {})
+        codes = [{v: i for i, v in enumerate(vocab.get(c, []))}.get(str(item.features.get(c)), 0) for c in spec.item_categorical]
+        return genres, dense, np.array([codes], np.int64).reshape(1, -1)
+
+    def _with_ranker_tables(self, catalog: Catalog) -> Catalog:
+        if self.ranker is None:
+            return catalog
+        from offline.rank_features import RankerTables
+
+        return replace(catalog, ranker_tables=RankerTables.from_arrays(catalog.arrays))
+
+
+def _is_item_array(name: str, value: np.ndarray, n_items: int) -> bool:
+    return (name.startswith("item_") or name == "popularity") and value.ndim >= 1 and len(value) == n_items
+
+
+def _set_row(array: np.ndarray, row: int, value) -> np.ndarray:
+    """A copy of ``array`` with ``row`` set (appended when ``row == len``); unknown values -> NaN or 0."""
+    if value is None:
+        value = np.nan if np.issubdtype(array.dtype, np.floating) else 0
+    if row == len(array):
+        return np.concatenate([array, np.broadcast_to(np.asarray(value, array.dtype), (1, *array.shape[1:]))])
+    out = array.copy()
+    out[row] = value
+    return out
+
+
+def now() -> int:
+    return int(time.time())

@@ -1,0 +1,38 @@
+"""Prometheus metrics and the one stage timer that feeds them."""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_STAGE_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1)
+
+REQUESTS = Counter("recsys_requests_total", "HTTP requests by endpoint and status", ["endpoint", "method", "status"])
+LATENCY = Histogram("recsys_request_seconds", "HTTP request latency by endpoint", ["endpoint"], buckets=_LATENCY_BUCKETS)
+STAGE = Histogram("recsys_stage_seconds", "Time per /recommend stage", ["stage"], buckets=_STAGE_BUCKETS)
+FALLBACKS = Counter("recsys_fallbacks_total", "Recommendations served by a fallback", ["kind"])
+IN_FLIGHT = Gauge("recsys_in_flight_requests", "Requests being processed")
+BUNDLE = Gauge("recsys_bundle_info", "Loaded bundle version (value 1)", ["version"])
+INDEX_ITEMS = Gauge("recsys_index_items", "Items searchable in the ANN index")
+EVENTS = Counter("recsys_events_total", "Interactions recorded through /events")
+
+
+@contextmanager
+def timed(stage: str, timings: dict[str, float]) -> Iterator[None]:
+    """Time a stage into both the Prometheus histogram and the response's timings (ms)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        elapsed = time.perf_counter() - start
+        STAGE.labels(stage).observe(elapsed)
+        timings[stage] = round(elapsed * 1000, 3)
+
+
+def set_bundle(version: str, index_items: int) -> None:
+    BUNDLE.clear()
+    BUNDLE.labels(version).set(1)
+    INDEX_ITEMS.set(index_items)
