@@ -111,7 +111,7 @@ class RecommenderUser(FastHttpUser):
             "k": 20,
             "exclude_seen": True,
             "filters": {
-                "genres": random.sample(GENRES, 2),
+                "genres_any": random.sample(GENRES, 2),
                 "year_min": start_year,
                 "year_max": start_year + 19,
             },

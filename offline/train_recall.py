@@ -177,6 +177,7 @@ def training_examples(split: TemporalSplit, positives_only: bool) -> dict[str, n
     }
 
 
+
 def mine_hard_negatives(
     index: hnswlib.Index,
     user_vecs: np.ndarray,
@@ -185,9 +186,10 @@ def mine_hard_negatives(
     n: int,
     mix: float,
     rng: np.random.Generator,
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray]:
     """``[B, n]`` negatives: nearest items to each user vector that are not the user's positives,
-    each slot replaced by a uniform random non-positive item with probability ``1 - mix``."""
+    each slot replaced by a uniform random non-positive item with probability ``1 - mix``.
+    Returns the item rows and a mask of the slots that are hard (mined) rather than random."""
     n_items = index.get_current_count()
     labels, _ = index.knn_query(user_vecs, k=min(n_items, 4 * n + 10))
     labels = labels.astype(np.int64)
@@ -196,14 +198,16 @@ def mine_hard_negatives(
     hard = np.take_along_axis(labels, order, axis=1)[:, :n]
     hard_ok = ~np.take_along_axis(is_pos, order, axis=1)[:, :n]
     out = np.where((rng.random(hard.shape) < mix) & hard_ok, hard, -1)
+    is_hard = out >= 0
     for _ in range(100):  # rejection-sample the random slots until none is a positive
-        todo = out < 0
-        if not todo.any():
+        rows, cols = np.nonzero(out < 0)
+        if not len(rows):
             break
-        draw = rng.integers(0, n_items, todo.sum())
-        ok = np.asarray(positives[np.nonzero(todo)[0], draw]).ravel() == 0
-        out[np.nonzero(todo)[0][ok], np.nonzero(todo)[1][ok]] = draw[ok]
-    return np.where(out < 0, hard, out)
+        draw = rng.integers(0, n_items, len(rows))
+        ok = np.asarray(positives[users[rows], draw]).ravel() == 0
+        out[rows[ok], cols[ok]] = draw[ok]
+    still = out < 0  # a user whose positives cover almost everything: keep the mined item
+    return np.where(still, hard, out), is_hard | still
 
 
 def evaluate_recall(model: TwoTower, tables: TowerTables, split: TemporalSplit, window: str, k: int) -> dict[str, float]:
@@ -218,6 +222,8 @@ def evaluate_recall(model: TwoTower, tables: TowerTables, split: TemporalSplit, 
 
 def train_two_tower(ds: Dataset, split: TemporalSplit, cfg: RecallConfig, run_dir: Path, resume: bool = False):
     """Train with early stopping on validation Recall@K; returns (best model, tables, history)."""
+    if cfg.hard_negatives and cfg.uniform_negatives:
+        raise ValueError("use either uniform negatives or hard negatives (whose random share is set by hard_mix), not both")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     tables = TowerTables.build(ds, cfg.history_len, device)
@@ -298,9 +304,14 @@ def negatives(model, tables, cfg, u, users, positives, index, rng, uniform_log_q
     """Extra negatives for the batch: uniform shared ones, or hard per-user ones; ``(vecs, ids, log_q)``."""
     device = u.device
     if cfg.hard_negatives and index is not None:
-        rows = mine_hard_negatives(index, u.detach().float().cpu().numpy(), users, positives, cfg.hard_negatives, cfg.hard_mix, rng)
+        rows, is_hard = mine_hard_negatives(index, u.detach().float().cpu().numpy(), users, positives, cfg.hard_negatives,
+                                            cfg.hard_mix, rng)
         vecs = model.item_tower(*tables.item_inputs(rows.ravel())).view(len(users), cfg.hard_negatives, -1)
-        return vecs, torch.as_tensor(rows, device=device), torch.full(rows.shape, uniform_log_q, device=device)
+        # Mined items are not a sampling distribution: no correction. Random slots: log of the
+        # expected count of an item among a row's random slots.
+        random_log_q = math.log(max(cfg.hard_negatives * (1 - cfg.hard_mix), 1e-6) / len(tables.item_genres))
+        log_q = torch.as_tensor(np.where(is_hard, 0.0, random_log_q), dtype=torch.float32, device=device)
+        return vecs, torch.as_tensor(rows, device=device), log_q
     if cfg.uniform_negatives:
         rows = rng.integers(0, len(tables.item_genres), cfg.uniform_negatives)
         vecs = model.item_tower(*tables.item_inputs(rows))

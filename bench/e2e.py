@@ -1,0 +1,230 @@
+"""End-to-end latency and throughput of ``/recommend`` on loopback.
+
+Starts the service (uvicorn) on a bundle, then drives it with a lean asyncio HTTP/1.1 client
+(keep-alive connections, one process) so the load generator costs little of the 2 cores:
+
+- fixed rate: requests are *scheduled* at ``rate`` per second (open loop) and latency is
+  measured from the scheduled time, so a stall shows up as latency instead of silently
+  lowering the offered load (no coordinated omission);
+- saturation: ``connections`` closed-loop clients for ``duration`` seconds.
+
+The stage breakdown is read from the service's own Prometheus metrics (sum / count of
+``recsys_stage_seconds`` over the run). Writes the "e2e" section of docs/benchmarks.md.
+
+    python bench/e2e.py --bundle artifacts --rates 100 200 --duration 20
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.report import machine, update_section  # noqa: E402
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection; GET only, Content-Length responses (what uvicorn sends)."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+
+    async def open(self) -> "Connection":
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        return self
+
+    async def get(self, path: str) -> int:
+        self.writer.write(f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode())
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+        await self.reader.readexactly(length)
+        return status
+
+
+def paths(user_ids: list[str], k: int, n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [f"/recommend?user_id={rng.choice(user_ids)}&k={k}" for _ in range(n)]
+
+
+async def fixed_rate(host, port, rate: float, duration: float, user_ids, k, connections: int) -> dict:
+    """Open-loop load at ``rate``; latency from each request's scheduled start."""
+    n = int(rate * duration)
+    todo = paths(user_ids, k, n, seed=int(rate))
+    pool: asyncio.Queue[Connection] = asyncio.Queue()
+    for _ in range(connections):
+        pool.put_nowait(await Connection(host, port).open())
+    latencies, errors = [], 0
+    start = time.perf_counter() + 0.05
+
+    async def one(i: int, path: str):
+        nonlocal errors
+        scheduled = start + i / rate
+        await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
+        conn = await pool.get()
+        try:
+            if await conn.get(path) != 200:
+                errors += 1
+        finally:
+            pool.put_nowait(conn)
+        latencies.append(time.perf_counter() - scheduled)
+
+    await asyncio.gather(*(one(i, p) for i, p in enumerate(todo)))
+    elapsed = time.perf_counter() - start
+    return summary(latencies, errors, elapsed)
+
+
+async def saturate(host, port, duration: float, user_ids, k, connections: int) -> dict:
+    """Closed loop: each connection sends its next request as soon as the last one returns."""
+    latencies, errors = [], 0
+    stop = time.perf_counter() + duration
+    start = time.perf_counter()
+
+    async def client(seed: int):
+        nonlocal errors
+        conn = await Connection(host, port).open()
+        rng = random.Random(seed)
+        while time.perf_counter() < stop:
+            t = time.perf_counter()
+            if await conn.get(f"/recommend?user_id={rng.choice(user_ids)}&k={k}") != 200:
+                errors += 1
+            latencies.append(time.perf_counter() - t)
+
+    await asyncio.gather(*(client(i) for i in range(connections)))
+    return summary(latencies, errors, time.perf_counter() - start)
+
+
+def summary(latencies: list[float], errors: int, elapsed: float) -> dict:
+    lat = np.array(latencies) * 1000
+    return {"requests": len(lat), "errors": errors, "throughput": len(lat) / elapsed,
+            "p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)), "p99": float(np.percentile(lat, 99))}
+
+
+def stage_totals(base: str) -> dict[str, tuple[float, float]]:
+    """``stage -> (seconds sum, count)`` from the service's /metrics."""
+    out: dict[str, list[float]] = {}
+    for kind, stage, value in re.findall(r'recsys_stage_seconds_(sum|count)\{stage="([^"]+)"\} (\S+)', httpx.get(f"{base}/metrics").text):
+        out.setdefault(stage, [0.0, 0.0])[0 if kind == "sum" else 1] = float(value)
+    return {s: (v[0], v[1]) for s, v in out.items()}
+
+
+def stage_means(before: dict, after: dict) -> dict[str, float]:
+    """Mean milliseconds per request of each stage between two metric snapshots."""
+    means = {}
+    for stage, (total, count) in after.items():
+        t0, c0 = before.get(stage, (0.0, 0.0))
+        if count > c0:
+            means[stage] = (total - t0) / (count - c0) * 1000
+    return means
+
+
+def start_service(bundle: Path, port: int, workers: int, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "RECSYS_BUNDLE_DIR": str(bundle), "RECSYS_STATE_DIR": str(log.parent / "bench-state"),
+           "RECSYS_LOG_LEVEL": "WARNING"}
+    cmd = [sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", str(workers), "--no-access-log", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"service did not become ready; see {log}")
+
+
+def user_ids_of(bundle: Path) -> list[str]:
+    from offline.bundle import resolve
+    import json
+
+    return json.loads((resolve(bundle) / "catalog.json").read_text())["user_ids"]
+
+
+def run(args) -> dict:
+    users = user_ids_of(args.bundle)
+    proc = start_service(args.bundle, args.port, args.workers, Path(args.log))
+    base = f"http://127.0.0.1:{args.port}"
+    results = {"fixed": {}, "saturation": None, "stages": {}}
+    try:
+        asyncio.run(saturate("127.0.0.1", args.port, args.warmup, users, args.k, 4))  # warm caches and threads
+        for rate in args.rates:
+            runs = []
+            for _ in range(args.repeats):
+                before = stage_totals(base)
+                runs.append(asyncio.run(fixed_rate("127.0.0.1", args.port, rate, args.duration, users, args.k, args.connections)))
+                results["stages"][rate] = stage_means(before, stage_totals(base))
+            results["fixed"][rate] = median_run(runs)
+            print(f"rate {rate}: {results['fixed'][rate]}")
+        sat = [asyncio.run(saturate("127.0.0.1", args.port, args.duration, users, args.k, args.connections))
+               for _ in range(args.repeats)]
+        results["saturation"] = median_run(sat)
+        print(f"saturation: {results['saturation']}")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    return results
+
+
+def median_run(runs: list[dict]) -> dict:
+    return {key: float(np.median([r[key] for r in runs])) for key in runs[0]}
+
+
+def markdown(res: dict, args) -> str:
+    lines = [
+        "## End to end: `/recommend` on loopback",
+        "",
+        f"Machine: {machine()}; service and load generator on the same machine. "
+        f"`uvicorn service.app:app --workers {args.workers}`, bundle `{args.bundle}`, "
+        f"`GET /recommend?user_id=<random known user>&k={args.k}` (re-ranked from the bundle's default candidate depth). "
+        f"Each row: median of {args.repeats} runs of {args.duration:.0f} s; open-loop fixed rate with latency from the "
+        f"scheduled send time; saturation = {args.connections} closed-loop connections. Known users' vectors are cached "
+        "by the service until their history changes (warm after the warm-up). Produced by `python bench/e2e.py`.",
+        "",
+        "| load | requests/s achieved | p50 ms | p95 ms | p99 ms | errors |",
+        "|---|---|---|---|---|---|",
+    ]
+    for rate, r in res["fixed"].items():
+        lines.append(f"| {rate} req/s fixed | {r['throughput']:.0f} | {r['p50']:.2f} | {r['p95']:.2f} | {r['p99']:.2f} | {r['errors']:.0f} |")
+    s = res["saturation"]
+    lines.append(f"| saturation ({args.connections} conns) | {s['throughput']:.0f} | {s['p50']:.2f} | {s['p95']:.2f} | {s['p99']:.2f} | {s['errors']:.0f} |")
+    lines += ["", "Mean time per stage (ms, from the service's `recsys_stage_seconds`):", "",
+              "| load | " + " | ".join(("features", "user_encoding", "ann_search", "rerank")) + " |", "|---|---|---|---|---|"]
+    for rate, stages in res["stages"].items():
+        lines.append(f"| {rate} req/s | " + " | ".join(f"{stages.get(s, float('nan')):.3f}" for s in
+                                                        ("features", "user_encoding", "ann_search", "rerank")) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", type=Path, default=ROOT / "artifacts")
+    p.add_argument("--rates", type=float, nargs="+", default=[100, 200])
+    p.add_argument("--duration", type=float, default=20)
+    p.add_argument("--warmup", type=float, default=5)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--connections", type=int, default=16)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--log", default="/tmp/recsys-bench-service.log")
+    p.add_argument("--no-write", action="store_true", help="print only; do not touch docs/benchmarks.md")
+    args = p.parse_args()
+    res = run(args)
+    if not args.no_write:
+        update_section("e2e", markdown(res, args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The real service scraped by a real Prometheus server on loopback, read back through its HTTP API."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.skipif(shutil.which("prometheus") is None, reason="Debian's prometheus is not installed (.ci/run installs it)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, timeout: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(url)
+
+
+def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+
+
+def query(prom: str, expr: str) -> list[dict]:
+    body = httpx.get(f"{prom}/api/v1/query", params={"query": expr}, timeout=5).json()
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def test_prometheus_scrapes_recommender_metrics(bundle_root, tmp_path):
+    api_port, prom_port = free_port(), free_port()
+    env = {**os.environ, "RECSYS_BUNDLE_DIR": str(bundle_root), "RECSYS_STATE_DIR": str(tmp_path / "state")}
+    env.pop("RECSYS_ADMIN_TOKEN", None)
+    api = start([sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port", str(api_port)],
+                tmp_path / "api.log", env)
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n"
+        f"scrape_configs:\n  - job_name: recommender\n    static_configs:\n      - targets: ['127.0.0.1:{api_port}']\n"
+    )
+    prom = start(["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                  f"--web.listen-address=127.0.0.1:{prom_port}"], tmp_path / "prometheus.log")
+    base, prom_url = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{prom_port}"
+    try:
+        wait_for(f"{base}/ready", 90, api)
+        user = httpx.get(f"{base}/ready").json()
+        assert user["status"] == "ready"
+        for _ in range(5):
+            assert httpx.get(f"{base}/recommend", params={"user_id": "u1", "k": 5}).status_code == 200
+        assert httpx.get(f"{base}/recommend", params={"user_id": "nobody"}).status_code == 404
+        wait_for(f"{prom_url}/-/ready", 60, prom)
+        deadline = time.monotonic() + 60
+        ok = []
+        while time.monotonic() < deadline and not ok:
+            ok = query(prom_url, 'recsys_requests_total{endpoint="/recommend",status="200"}')
+            time.sleep(0.5)
+        assert ok and float(ok[0]["value"][1]) == 5.0
+        assert float(query(prom_url, 'recsys_requests_total{endpoint="/recommend",status="404"}')[0]["value"][1]) == 1.0
+        stages = {r["metric"]["stage"] for r in query(prom_url, "recsys_stage_seconds_count")}
+        assert {"features", "user_encoding", "ann_search", "rerank"} <= stages
+        assert query(prom_url, "recsys_bundle_info")[0]["metric"]["version"] == user["bundle_version"]
+        assert float(query(prom_url, "recsys_index_items")[0]["value"][1]) == user["items"]
+        assert query(prom_url, 'up{job="recommender"}')[0]["value"][1] == "1"
+    finally:
+        for proc in (api, prom):
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
