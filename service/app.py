@@ -5,6 +5,7 @@ event loop stays free; the loaded engine is handed to routes as a dependency.
 """
 from __future__ import annotations
 
+import hmac
 import sys
 import threading
 import time
@@ -15,18 +16,20 @@ from typing import Annotated
 
 import hnswlib  # noqa: F401  (imported early: fail at boot, not on the first request, if missing)
 import torch
-from fastapi import Depends, FastAPI, Header, Query, Request
-from fastapi.exceptions import RequestValidationError
 import orjson
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from loguru import logger
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from offline.bundle import BundleError, read_bundle
 from service import metrics
 from service.config import Settings, get_settings
 from service.engine import Engine, RequestError, now
-from service.schemas import EventRequest, ItemUpsert, RecommendRequest, ReloadRequest
+from service.schemas import EventRequest, Filters, ItemUpsert, RecommendRequest, ReloadRequest
 from service.store import DurableLog
 
 
@@ -43,9 +46,14 @@ class ServiceState:
         self.install(self.build(settings.bundle_dir))
 
     def build(self, path: Path) -> Engine:
-        """Read and validate a bundle into a new engine, beside whatever is serving."""
+        """Read and validate a bundle into a new engine, beside whatever is serving. Any failure is a
+        ``BundleError`` (a ranker state the code cannot load, a feature spec with wrong fields, ...),
+        so start-up refuses with a message and a reload answers 409, never 500."""
         bundle = read_bundle(path, index_threads=self.settings.index_threads)
-        return Engine.from_bundle(bundle, self.settings.user_vector_cache)
+        try:
+            return Engine.from_bundle(bundle, self.settings.user_vector_cache)
+        except Exception as err:
+            raise BundleError(f"{bundle.path}: cannot serve this bundle ({type(err).__name__}: {err})") from err
 
     def install(self, engine: Engine) -> None:
         """Replay the logs onto ``engine`` and make it the live one, under ``write_lock`` so that
@@ -64,13 +72,13 @@ def replay(engine: Engine, catalog_records: list[dict], event_records: list[dict
                 engine.upsert_item(ItemUpsert(**rec["item"]))
             else:
                 engine.remove_item(rec["item_id"])
-        except RequestError as err:
-            logger.warning("catalogue replay: {} ({})", err.message, rec)
+        except (RequestError, ValidationError, KeyError, TypeError) as err:
+            logger.warning("catalogue replay: {} ({})", getattr(err, "message", err), rec)
     for rec in event_records:
         try:
-            engine.apply_event(rec["user_id"], rec["item_id"], rec.get("rating"), rec["timestamp"])
-        except RequestError as err:
-            logger.warning("event replay: {} ({})", err.message, rec)
+            engine.apply_event(rec["user_id"], rec["item_id"], rec.get("rating"), rec["timestamp"], replay=True)
+        except (RequestError, KeyError, TypeError) as err:
+            logger.warning("event replay: {} ({})", getattr(err, "message", err), rec)
 
 
 @asynccontextmanager
@@ -81,7 +89,7 @@ async def lifespan(app: FastAPI):
     torch.set_num_threads(settings.torch_threads)
     try:
         state = ServiceState(settings)
-    except BundleError as err:
+    except (BundleError, OSError) as err:  # OSError: the state directory cannot be created or written
         logger.error("cannot start: {}", err)
         raise RuntimeError(f"cannot start: {err}") from err
     app.state.service = state
@@ -101,6 +109,32 @@ class FastJSONResponse(JSONResponse):
 app = FastAPI(title="recsys", default_response_class=FastJSONResponse, lifespan=lifespan)
 
 
+class BodyLimit:
+    """413 for a body over ``max_body_bytes``, counted as it streams in: a chunked request carries no
+    content-length for the ``observe`` middleware to check, and must not be read whole first."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit, received = get_settings().max_body_bytes, 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:  # FastAPI re-raises an HTTPException from the body read as is
+                raise HTTPException(413, f"request body larger than {limit} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+app.add_middleware(BodyLimit)  # added first, so it runs inside ``observe`` and its 413s are counted
+
+
 def get_state(request: Request) -> ServiceState:
     return request.app.state.service
 
@@ -113,7 +147,7 @@ def require_admin(state: Annotated[ServiceState, Depends(get_state)], authorizat
     token = state.settings.admin_token
     if token is None:
         raise RequestError(403, "admin endpoints are disabled: set RECSYS_ADMIN_TOKEN to enable them")
-    if authorization != f"Bearer {token}":
+    if not hmac.compare_digest((authorization or "").encode(), f"Bearer {token}".encode()):  # constant time
         raise RequestError(401, "missing or wrong bearer token")
 
 
@@ -162,6 +196,19 @@ async def validation_error(_: Request, err: RequestValidationError):
     return FastJSONResponse({"error": f"invalid request: {summary}", "details": details}, status_code=422)
 
 
+@app.exception_handler(ValidationError)
+async def model_validation_error(_: Request, err: ValidationError):
+    """A model built inside a handler (``GET /recommend`` builds its request) fails like a body would."""
+    summary = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+    return error(422, f"invalid request: {summary}")
+
+
+@app.exception_handler(StarletteHTTPException)
+async def http_error(_: Request, err: StarletteHTTPException):
+    """Framework errors (unknown route, wrong method, oversized body) in the one error shape."""
+    return error(err.status_code, str(err.detail))
+
+
 @app.exception_handler(Exception)
 async def unexpected(_: Request, err: Exception):
     logger.exception("unhandled error")
@@ -189,9 +236,16 @@ def prometheus_metrics():
 @app.get("/recommend")
 def recommend_get(engine: EngineDep, user_id: Annotated[str, Query(min_length=1)],
                   k: Annotated[int, Query(ge=1)] = 10, candidates: Annotated[int | None, Query(ge=1)] = None,
-                  exclude_seen: bool = True, explain: bool = False):
+                  exclude_seen: bool = True, explain: bool = False,
+                  genres_any: Annotated[list[str] | None, Query()] = None,
+                  genres_none: Annotated[list[str] | None, Query()] = None,
+                  year_min: int | None = None, year_max: int | None = None):
+    """The POST pipeline for a known user; filters as repeated query parameters (``genres_any=a&genres_any=b``)."""
+    filters = None
+    if genres_any or genres_none or year_min is not None or year_max is not None:
+        filters = Filters(genres_any=genres_any, genres_none=genres_none, year_min=year_min, year_max=year_max)
     return recommend_post(RecommendRequest(user_id=user_id, k=k, candidates=candidates, exclude_seen=exclude_seen,
-                                           explain=explain), engine)
+                                           filters=filters, explain=explain), engine)
 
 
 @app.post("/recommend")
@@ -220,8 +274,7 @@ def record_event(body: EventRequest, state: StateDep):
               "timestamp": body.timestamp if body.timestamp is not None else now()}
     with state.write_lock:
         engine = state.engine
-        if str(body.item_id) not in engine.catalog.row_of or not engine.catalog.active[engine.catalog.row_of[str(body.item_id)]]:
-            raise RequestError(404, f"unknown item_id '{body.item_id}'")
+        engine.require_item(record["item_id"])
         state.events.append(record)
         length = engine.apply_event(record["user_id"], record["item_id"], record["rating"], record["timestamp"])
     metrics.EVENTS.inc()
@@ -231,9 +284,11 @@ def record_event(body: EventRequest, state: StateDep):
 @app.put("/admin/items", dependencies=[Depends(require_admin)])
 @app.post("/admin/items", dependencies=[Depends(require_admin)])
 def upsert_item(body: ItemUpsert, state: StateDep):
+    """Validated and encoded, fsynced to the catalogue log, then made live: acknowledged means durable."""
     with state.write_lock:
-        result = state.engine.upsert_item(body)  # validates and computes before the log write
+        change = state.engine.prepare_upsert(body)
         state.catalog_log.append({"op": "upsert", "item": body.model_dump()})
+        result = state.engine.commit_upsert(change)
     metrics.INDEX_ITEMS.set(state.engine.searchable_items)
     return result
 
@@ -241,8 +296,9 @@ def upsert_item(body: ItemUpsert, state: StateDep):
 @app.delete("/admin/items/{item_id}", dependencies=[Depends(require_admin)])
 def remove_item(item_id: str, state: StateDep):
     with state.write_lock:
-        result = state.engine.remove_item(item_id)
+        state.engine.require_item(item_id)  # a 404 is not logged
         state.catalog_log.append({"op": "remove", "item_id": item_id})
+        result = state.engine.remove_item(item_id)
     metrics.INDEX_ITEMS.set(state.engine.searchable_items)
     return result
 

@@ -8,6 +8,7 @@ and the hnswlib index is only touched under ``index_lock`` (hnswlib is not safe 
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -21,6 +22,9 @@ from service.metrics import FALLBACKS, timed
 from service.schemas import Filters, ItemUpsert, RecommendRequest
 
 EXACT_SEARCH_FACTOR = 2  # below depth * this many allowed items, scoring them all beats over-fetching
+# Item arrays a newly added item cannot take from its features: it has no interactions yet, so no
+# popularity and no co-occurrence neighbours (-1 is the padding of ``item_neighbours``).
+NEW_ITEM_DEFAULTS = {"popularity": 0.0, "item_neighbours": -1, "item_neighbour_sims": 0.0}
 
 
 class RequestError(Exception):
@@ -72,7 +76,7 @@ class Engine:
     genre_col: dict[str, int]
     ranker: object | None
     online: dict[str, list[tuple[int, float, int]]] = field(default_factory=dict)
-    vector_cache: dict[str, np.ndarray] = field(default_factory=dict)
+    vector_cache: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)  # user -> (history length, vector)
     cache_size: int = 100_000
     index_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -98,6 +102,11 @@ class Engine:
     @property
     def version(self) -> str:
         return self.bundle.version
+
+    @property
+    def model_items(self) -> int:
+        """Items the towers were trained on: rows below this have an id embedding, later ones do not."""
+        return int(self.bundle.manifest["model_config"]["n_items"])
 
     # ---------------------------------------------------------------- recommend
     def recommend(self, req: RecommendRequest, default_candidates: int) -> dict:
@@ -135,22 +144,32 @@ class Engine:
             return UserContext(raw, row + 1, a["user_cat"][row], a["user_num"][row], items, ratings, key)
         if raw is not None and not online and req.features is None and not recent:
             raise RequestError(404, f"unknown user_id '{raw}': send features and/or recent_items for a new user")
-        cat, num = encode_user_features(self.spec, self.bundle.catalog["user_vocab"], req.features or {})
+        features = req.features or {}
+        _check_features(features, self.spec.user_categorical, self.spec.user_numeric, "user")
+        cat, num = encode_user_features(self.spec, self.bundle.catalog["user_vocab"], features)
         key = raw if raw is not None and not recent and req.features is None else None
-        return UserContext(raw, 0, cat[0], num[0], extra_items, extra_ratings, key, known_features=req.features is not None)
+        known = any(v is not None for v in features.values())
+        return UserContext(raw, 0, cat[0], num[0], extra_items, extra_ratings, key, known_features=known)
 
     def user_vector(self, ctx: UserContext) -> np.ndarray:
-        """Run the exported user tower; known users' vectors are cached until their history changes."""
-        if ctx.cache_key is not None and (hit := self.vector_cache.get(ctx.cache_key)) is not None:
-            return hit
-        hist_items, hist_ratings = single_history(ctx.hist_items, ctx.hist_ratings, self.spec.history_len)
+        """Run the exported user tower; known users' vectors are cached until their history changes.
+
+        A cache entry carries the history length it was computed from: a request that read the history
+        just before an event may store its vector after the event, and the length tells that it is stale.
+        Items added online have no id embedding, so the tower's window skips them (they still count as seen).
+        """
+        n_hist = len(ctx.hist_items)
+        if ctx.cache_key is not None and (hit := self.vector_cache.get(ctx.cache_key)) is not None and hit[0] == n_hist:
+            return hit[1]
+        known = ctx.hist_items < self.model_items
+        hist_items, hist_ratings = single_history(ctx.hist_items[known], ctx.hist_ratings[known], self.spec.history_len)
         with torch.inference_mode():
             vec = self.bundle.user_tower(
                 torch.tensor([ctx.id_input]), torch.from_numpy(ctx.cat[None].astype(np.int64)),
                 torch.from_numpy(ctx.num[None].astype(np.float32)), torch.from_numpy(hist_items), torch.from_numpy(hist_ratings),
             )[0].numpy()
-        if ctx.cache_key is not None and len(self.vector_cache) < self.cache_size:
-            self.vector_cache[ctx.cache_key] = vec
+        if ctx.cache_key is not None and (ctx.cache_key in self.vector_cache or len(self.vector_cache) < self.cache_size):
+            self.vector_cache[ctx.cache_key] = (n_hist, vec)
         return vec
 
     def allowed_mask(self, catalog: Catalog, filters: Filters | None, seen: np.ndarray | None) -> np.ndarray:
@@ -204,14 +223,26 @@ class Engine:
     def rerank(self, ctx: UserContext, catalog: Catalog, cands: np.ndarray, scores: np.ndarray, k: int, explain: bool):
         """Ranker scores for the candidates (recall order when the bundle has no ranker); top-k."""
         if self.ranker is None or len(cands) == 0:
-            return [(int(c), float(s), None, r, None) for r, (c, s) in enumerate(zip(cands[:k], scores[:k]))]
-        from offline.rank_features import FEATURE_NAMES, ranker_features
+            return [(int(c), float(s), None, r, self._recall_reasons(ctx, catalog, int(c), float(s), r) if explain else None)
+                    for r, (c, s) in enumerate(zip(cands[:k], scores[:k]))]
+        from offline.rank_features import ranker_features
 
         feats = ranker_features(catalog.ranker_tables, ctx.hist_items, ctx.hist_ratings, ctx.cat, ctx.num, cands, scores)
         rank_scores = self.ranker.score(feats)
         order = np.lexsort((np.arange(len(cands)), -rank_scores))[:k]
         return [(int(cands[i]), float(scores[i]), float(rank_scores[i]), int(i),
-                 dict(zip(FEATURE_NAMES, feats[i].round(5).tolist())) if explain else None) for i in order]
+                 dict(zip(self.ranker.feature_names, feats[i].round(5).tolist())) if explain else None) for i in order]
+
+    def _recall_reasons(self, ctx: UserContext, catalog: Catalog, row: int, score: float, rank: int) -> dict:
+        """Without a ranker the reason is the recall stage's: its score and rank, and the recent history
+        item whose vector lies nearest the candidate ("because you watched ...")."""
+        out: dict = {"recall_score": round(score, 5), "recall_rank": rank}
+        recent = ctx.hist_items[-self.spec.history_len :]
+        if len(recent):
+            sims = catalog.vectors[recent] @ catalog.vectors[row]
+            j = int(np.argmax(sims))
+            out.update(nearest_history_item=catalog.ids[int(recent[j])], nearest_history_similarity=round(float(sims[j]), 5))
+        return out
 
     def popular(self, catalog: Catalog, allowed: np.ndarray, k: int):
         pop = np.where(allowed, catalog.arrays["popularity"], -np.inf)
@@ -220,9 +251,7 @@ class Engine:
 
     def similar_items(self, raw_item: str, k: int) -> dict:
         catalog = self.catalog
-        row = catalog.row_of.get(raw_item)
-        if row is None or not catalog.active[row]:
-            raise RequestError(404, f"unknown item_id '{raw_item}'")
+        row = self.require_item(raw_item, catalog)
         allowed = catalog.active.copy()
         allowed[row] = False
         catalog, cands, scores = self.search(catalog.vectors[row], k, allowed)
@@ -230,11 +259,26 @@ class Engine:
                 "items": [self._item(catalog, int(c), float(s), None, r) for r, (c, s) in enumerate(zip(cands, scores))]}
 
     # ---------------------------------------------------------------- online state
-    def apply_event(self, raw_user: str, raw_item: str, rating: float | None, timestamp: int) -> int:
-        """Append to the user's online history (the next /recommend sees it); returns its length."""
-        row = self.catalog.row_of.get(raw_item)
-        if row is None or not self.catalog.active[row]:
+    def require_item(self, raw_item: str, catalog: Catalog | None = None) -> int:
+        """The row of a live (not removed) item, or a 404."""
+        catalog = catalog or self.catalog
+        row = catalog.row_of.get(raw_item)
+        if row is None or not catalog.active[row]:
             raise RequestError(404, f"unknown item_id '{raw_item}'")
+        return row
+
+    def apply_event(self, raw_user: str, raw_item: str, rating: float | None, timestamp: int, replay: bool = False) -> int:
+        """Append to the user's online history (the next /recommend sees it); returns its length.
+
+        A replayed event was acknowledged when its item was live; the item may have been removed
+        since (the catalogue log replays first), but the interaction still happened: keep it.
+        """
+        if replay:
+            row = self.catalog.row_of.get(raw_item)
+            if row is None:
+                raise RequestError(404, f"unknown item_id '{raw_item}'")
+        else:
+            row = self.require_item(raw_item)
         self.online.setdefault(raw_user, []).append((row, float(rating) if rating is not None else 0.0, timestamp))
         self.vector_cache.pop(raw_user, None)
         user = self.user_row.get(raw_user)
@@ -243,19 +287,25 @@ class Engine:
 
     def upsert_item(self, item: ItemUpsert) -> dict:
         """Add or replace an item: item tower for its vector, then swap index and catalogue together."""
+        return self.commit_upsert(self.prepare_upsert(item))
+
+    def prepare_upsert(self, item: ItemUpsert) -> "Upsert":
+        """Validate the item and compute its row of every array, touching nothing live: the app writes the
+        change to its log between this and ``commit_upsert`` (under its write lock, so the catalogue cannot
+        move in between), and a failed write leaves the live catalogue as it was."""
         raw = str(item.item_id)
         catalog = self.catalog
         row = catalog.row_of.get(raw, len(catalog.ids))
-        unknown = [g for g in item.genres if g not in self.genre_col]
-        if unknown:
-            raise RequestError(422, f"unknown genres {unknown}; known: {sorted(self.genre_col)}")
+        self._genre_cols(item.genres)
+        _check_features(item.features, self.spec.item_categorical, self.spec.item_numeric, "item")
         genres, dense, cat = self._item_inputs(item)
+        item_id = row + 1 if row < self.model_items else 0  # only trained items have an id embedding
         with torch.inference_mode():
-            vec = self.bundle.item_tower(torch.tensor([row + 1 if row < len(catalog.ids) else 0]), torch.from_numpy(genres),
+            vec = self.bundle.item_tower(torch.tensor([item_id]), torch.from_numpy(genres),
                                          torch.from_numpy(dense), torch.from_numpy(cat))[0].numpy()
         new_values = {"item_vectors": vec, "item_genres": genres[0], "item_dense": dense[0], "item_cat": cat[0],
                       "item_year": np.float32(item.year if item.year is not None else np.nan)}
-        arrays = {k: _set_row(v, row, new_values.get(k)) for k, v in catalog.arrays.items()}
+        arrays = {k: _item_row(v, row, new_values, k) for k, v in catalog.arrays.items()}
         ids, titles = list(catalog.ids), list(catalog.titles)
         if row == len(ids):
             ids.append(raw), titles.append(item.title or raw)
@@ -264,22 +314,24 @@ class Engine:
         active = _set_row(catalog.active, row, True)
         updated = self._with_ranker_tables(replace(catalog, ids=ids, titles=titles, arrays=arrays, active=active,
                                                    row_of={**catalog.row_of, raw: row}))
+        return Upsert(raw, row, vec, updated, "replaced" if row < len(catalog.ids) else "added")
+
+    def commit_upsert(self, change: "Upsert") -> dict:
+        """Put a prepared item into the index and swap in its catalogue, together under ``index_lock``."""
+        row = change.row
         with self.index_lock:
             index = self.bundle.index
             if row >= index.get_max_elements():
                 index.resize_index(max(2 * index.get_max_elements(), row + 1))
-            if row < index.get_current_count() and not catalog.active[row]:
+            if row < index.get_current_count() and not self.catalog.active[row]:
                 index.unmark_deleted(row)
-            index.add_items(vec[None], np.array([row]))
-            self.catalog = updated
-        self.vector_cache.clear()  # a new item can change nothing cached, but a replaced one changes history pooling
-        return {"item_id": raw, "status": "replaced" if row < len(catalog.ids) else "added"}
+            index.add_items(change.vector[None], np.array([row]))
+            self.catalog = change.catalog
+        return {"item_id": change.raw, "status": change.status}
 
     def remove_item(self, raw: str) -> dict:
         catalog = self.catalog
-        row = catalog.row_of.get(raw)
-        if row is None or not catalog.active[row]:
-            raise RequestError(404, f"unknown item_id '{raw}'")
+        row = self.require_item(raw, catalog)
         with self.index_lock:
             self.bundle.index.mark_deleted(row)
             self.catalog = replace(catalog, active=_set_row(catalog.active, row, False))
@@ -320,7 +372,8 @@ class Engine:
         return [self.genre_col[g] for g in names]
 
     def _exact(self, catalog: Catalog, vec: np.ndarray, allowed: np.ndarray, depth: int):
-        rows = np.flatnonzero(allowed[: len(catalog.vectors)])
+        n = min(len(allowed), len(catalog.active))
+        rows = np.flatnonzero(allowed[:n] & catalog.active[:n])  # ``allowed`` may predate a removal
         scores = catalog.vectors[rows] @ vec
         order = np.lexsort((rows, -scores))[:depth]
         return rows[order], scores[order].astype(np.float32)
@@ -343,11 +396,47 @@ class Engine:
             return catalog
         from offline.rank_features import RankerTables
 
-        return replace(catalog, ranker_tables=RankerTables.from_arrays(catalog.arrays))
+        # user-side columns (user_cat sizes) come from the bundle; item-side ones from the live catalogue
+        return replace(catalog, ranker_tables=RankerTables.from_arrays({**self.bundle.arrays, **catalog.arrays}))
+
+
+@dataclass(frozen=True)
+class Upsert:
+    """A validated catalogue change, computed but not yet live."""
+
+    raw: str
+    row: int
+    vector: np.ndarray
+    catalog: Catalog
+    status: str  # "added" or "replaced"
 
 
 def _is_item_array(name: str, value: np.ndarray, n_items: int) -> bool:
     return (name.startswith("item_") or name == "popularity") and value.ndim >= 1 and len(value) == n_items
+
+
+def _item_row(array: np.ndarray, row: int, new_values: dict, name: str) -> np.ndarray:
+    """``array`` with the upserted item's row: values computed from its features; a replaced item keeps
+    the rest (its popularity, rating, neighbours); a new one gets ``NEW_ITEM_DEFAULTS`` (or NaN / 0)."""
+    if name in new_values:
+        return _set_row(array, row, new_values[name])
+    if row < len(array):
+        return array
+    return _set_row(array, row, NEW_ITEM_DEFAULTS.get(name))
+
+
+def _check_features(raw: dict, categorical: list[str], numeric: list[str], what: str) -> None:
+    """Unknown feature names and non-numeric values for numeric features are client errors, not silent means."""
+    unknown = sorted(set(raw) - set(categorical) - set(numeric))
+    if unknown:
+        raise RequestError(422, f"unknown {what} features {unknown}; known: {sorted([*categorical, *numeric])}")
+    bad = [c for c in numeric if raw.get(c) is not None and not _is_number(raw[c])]
+    if bad:
+        raise RequestError(422, f"{what} features {bad} must be finite numbers")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _set_row(array: np.ndarray, row: int, value) -> np.ndarray:

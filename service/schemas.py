@@ -6,6 +6,13 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Stric
 RawId = StrictStr | StrictInt  # ids may be sent as strings or integers; compared as strings
 
 
+def _non_empty(v, info):
+    """An id of only whitespace names nothing; say so instead of answering 'unknown id'."""
+    if v is not None and str(v).strip() == "":
+        raise ValueError(f"{info.field_name} must not be empty")
+    return v
+
+
 class Filters(BaseModel):
     model_config = ConfigDict(extra="forbid")
     genres_any: list[str] | None = Field(None, description="keep items with at least one of these genres")
@@ -33,12 +40,7 @@ class RecommendRequest(BaseModel):
     filters: Filters | None = None
     explain: bool = False
 
-    @field_validator("user_id", mode="after")
-    @classmethod
-    def _non_empty(cls, v):
-        if v is not None and str(v).strip() == "":
-            raise ValueError("user_id must not be empty")
-        return v
+    _user_id = field_validator("user_id", mode="after")(_non_empty)
 
 
 class EventRequest(BaseModel):
@@ -48,6 +50,8 @@ class EventRequest(BaseModel):
     rating: float | None = Field(None, ge=0, le=5, allow_inf_nan=False)
     timestamp: int | None = Field(None, ge=0)
 
+    _ids = field_validator("user_id", "item_id", mode="after")(_non_empty)
+
 
 class ItemUpsert(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -56,6 +60,8 @@ class ItemUpsert(BaseModel):
     genres: list[str] = Field(default_factory=list)
     year: int | None = None
     features: dict[str, StrictStr | StrictInt | StrictFloat | None] = Field(default_factory=dict)
+
+    _item_id = field_validator("item_id", mode="after")(_non_empty)
 
 
 class ReloadRequest(BaseModel):

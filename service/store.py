@@ -19,6 +19,7 @@ class DurableLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.lock = threading.Lock()
+        _drop_torn_tail(path)
         self._file = open(path, "ab")
 
     def append(self, record: dict) -> None:
@@ -43,3 +44,16 @@ class DurableLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a final line that lacks its newline (a crash mid-write, never acknowledged), so the next
+    record starts on a line of its own instead of being glued to the fragment and lost with it."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        logger.warning("{}: dropping a torn final record ({} bytes)", path, len(data) - data.rfind(b"\n") - 1)
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+            os.fsync(f.fileno())

@@ -67,13 +67,14 @@ def test_prometheus_scrapes_recommender_metrics(bundle_root, tmp_path):
             assert httpx.get(f"{base}/recommend", params={"user_id": "u1", "k": 5}).status_code == 200
         assert httpx.get(f"{base}/recommend", params={"user_id": "nobody"}).status_code == 404
         wait_for(f"{prom_url}/-/ready", 60, prom)
+        # Poll until a scrape taken after all six requests has landed (scrapes run every second).
         deadline = time.monotonic() + 60
-        ok = []
-        while time.monotonic() < deadline and not ok:
-            ok = query(prom_url, 'recsys_requests_total{endpoint="/recommend",status="200"}')
+        seen: dict[str, float] = {}
+        while time.monotonic() < deadline and seen != {"200": 5.0, "404": 1.0}:
+            result = query(prom_url, 'recsys_requests_total{endpoint="/recommend"}')
+            seen = {r["metric"]["status"]: float(r["value"][1]) for r in result}
             time.sleep(0.5)
-        assert ok and float(ok[0]["value"][1]) == 5.0
-        assert float(query(prom_url, 'recsys_requests_total{endpoint="/recommend",status="404"}')[0]["value"][1]) == 1.0
+        assert seen == {"200": 5.0, "404": 1.0}
         stages = {r["metric"]["stage"] for r in query(prom_url, "recsys_stage_seconds_count")}
         assert {"features", "user_encoding", "ann_search", "rerank"} <= stages
         assert query(prom_url, "recsys_bundle_info")[0]["metric"]["version"] == user["bundle_version"]
