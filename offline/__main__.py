@@ -57,13 +57,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     """Train every stage and write a bundle under --out."""
     from offline.pipeline import IndexConfig, run_training
+    from offline.ranker import RankerConfig
     from offline.train_recall import RecallConfig
 
     ds = load_dataset(args)
     recall_cfg = RecallConfig(**options_of(args, RecallConfig, "recall_"), seed=args.seed)
     index_cfg = IndexConfig(**options_of(args, IndexConfig, "index_"))
+    ranker_cfg = RankerConfig(**options_of(args, RankerConfig, "ranker_"), seed=args.seed)
     path = run_training(ds, args.out, recall_cfg, index_cfg, args.valid_frac, args.test_frac,
-                        baselines=not args.skip_baselines, resume=args.resume)
+                        baselines=not args.skip_baselines, resume=args.resume, ranker_cfg=ranker_cfg)
     print(f"bundle written: {path}")
 
 
@@ -87,6 +89,7 @@ def options_of(args: argparse.Namespace, cls: type, prefix: str) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     from offline.pipeline import IndexConfig
+    from offline.ranker import RankerConfig
     from offline.train_recall import RecallConfig
 
     parser = argparse.ArgumentParser(prog="python -m offline", description=__doc__)
@@ -95,13 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_options(ev)
     ev.add_argument("--out", type=Path, default=Path("reports"), help="directory for report.md / report.json / report.png")
     ev.set_defaults(func=cmd_evaluate)
-    tr = sub.add_parser("train", help="train both stages, evaluate, and write a versioned bundle")
+    tr = sub.add_parser("train", help="train both stages (two-tower recall, re-ranker), evaluate, and write a versioned bundle")
     add_data_options(tr)
     tr.add_argument("--out", type=Path, default=Path("artifacts"), help="bundle root; versions go under it with a 'current' pointer")
     tr.add_argument("--skip-baselines", action="store_true", help="do not evaluate the baselines and peers (faster)")
     tr.add_argument("--resume", action="store_true", help="resume two-tower training from the run's last checkpoint")
     add_config_options(tr, RecallConfig, "recall_", "two-tower recall model")
     add_config_options(tr, IndexConfig, "index_", "HNSW index")
+    add_config_options(tr, RankerConfig, "ranker_", "re-ranker (MLP with pairwise losses, LambdaMART comparison)")
     tr.set_defaults(func=cmd_train)
     return parser
 

@@ -61,19 +61,23 @@ class EASE(ScoringRecommender):
     """
 
     def __init__(self, split: TemporalSplit, l2: float = 200.0, recency_halflife: float | None = None):
-        x = history_matrix(split.history_before("valid"), split.n_items)
-        gram = (x.T @ x).toarray().astype(np.float64)
-        gram[np.diag_indices_from(gram)] += l2
-        p = np.linalg.inv(gram)
-        b = -p / np.diag(p)
-        np.fill_diagonal(b, 0.0)
-        self.weights = b.astype(np.float32)
+        self.weights = ease_weights(history_matrix(split.history_before("valid"), split.n_items), l2)
         self.recency_halflife = recency_halflife
         self.name = "ease" if recency_halflife is None else "ease-recency"
 
     def score(self, users, histories):
         weights = [recency_weights(len(h), self.recency_halflife) for h in histories]
         return np.asarray(history_matrix(histories, self.weights.shape[0], weights) @ self.weights)
+
+
+def ease_weights(x: sp.csr_matrix, l2: float) -> np.ndarray:
+    """EASE's ``[n_items, n_items]`` item-item weights from a binary user x item matrix (one inverse)."""
+    gram = (x.T @ x).toarray().astype(np.float64)
+    gram[np.diag_indices_from(gram)] += l2
+    p = np.linalg.inv(gram)
+    b = -p / np.diag(p)
+    np.fill_diagonal(b, 0.0)
+    return b.astype(np.float32)
 
 
 def recency_weights(length: int, halflife: float | None) -> np.ndarray:

@@ -10,9 +10,9 @@ A bundle is a directory per version under a root::
         user_tower.pt2        # torch.export programs: the service runs them without model code
         item_tower.pt2
         item_index.bin        # hnswlib, inner product over unit vectors, labels = item rows
-        arrays.npz            # feature tables, item vectors, histories, popularity
+        arrays.npz            # feature tables, item vectors, histories, popularity, re-ranker item statistics
         catalog.json          # raw ids, titles, genre names, categorical vocabularies
-        ranker.pt             # re-ranker weights + config (optional)
+        ranker.pt             # re-ranker state (offline/ranker.py: load_ranker), optional
 
 A version is written into a temporary directory and renamed into place, so a reader never
 sees half a bundle.
@@ -39,6 +39,7 @@ FILES = ("user_tower.pt2", "item_tower.pt2", "item_index.bin", "arrays.npz", "ca
 REQUIRED_ARRAYS = (
     "item_vectors", "user_cat", "user_num", "item_genres", "item_dense", "item_cat", "item_year",
     "history_offsets", "history_items", "history_ratings", "history_timestamps", "popularity",
+    "item_avg_rating", "item_neighbours", "item_neighbour_sims",
 )
 REQUIRED_MANIFEST = ("schema_version", "version", "created_at", "data_fingerprint", "params", "metrics",
                      "model_config", "feature_spec", "index", "files")

@@ -62,6 +62,20 @@ def evaluate_per_user(model, split: TemporalSplit, window: str, ks: Sequence[int
     return ranking_metrics(topk, truth[users], ks), topk
 
 
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
+    """Mean of ``a - b`` over users and its percentile bootstrap interval (users resampled with replacement).
+
+    ``a`` and ``b`` are per-user metrics of two models on the same users, so the pairing removes
+    the between-user variance that would swamp a difference of two independent means.
+    """
+    diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    diff = diff[np.isfinite(diff)]
+    rng = np.random.default_rng(seed)
+    means = np.array([diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(resamples)])
+    lo, hi = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
+    return {"mean": float(diff.mean()), "lo": float(lo), "hi": float(hi), "level": level, "users": int(len(diff))}
+
+
 def tune(name: str, build: Callable[..., ScoringRecommender], grid: list[dict], split: TemporalSplit, metric="ndcg@10"):
     """Pick hyper-parameters on the validation window; the test window is never looked at."""
     best, best_value = grid[0], -1.0

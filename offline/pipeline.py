@@ -1,8 +1,9 @@
-"""``python -m offline train``: data -> split -> two-tower -> index -> evaluation -> bundle.
+"""``python -m offline train``: data -> split -> two-tower -> index -> re-ranker -> evaluation -> bundle.
 
 The order of windows (per user, by time): train | valid | test. The two-tower model trains
-on train and early-stops on valid; every reported number is on test, with the history
-before it (train + valid) as input, exactly as the service would see it.
+on train and early-stops on valid; the re-ranker trains on the two-tower's candidates for the
+valid window (see offline/train_ranker.py); every reported number is on test, with the
+history before it (train + valid) as input, exactly as the service would see it.
 """
 from __future__ import annotations
 
@@ -17,8 +18,11 @@ from loguru import logger
 from offline.bundle import Bundle, write_bundle
 from offline.data import dataset_fingerprint
 from offline.dataset import Dataset
-from offline.evaluate import baseline_models, report_rows, tune, write_report
+from offline.evaluate import baseline_models, evaluate_per_user, paired_bootstrap, report_rows, tune, write_report
+from offline.rank_features import RankerTables, ranker_arrays
+from offline.ranker import RankerConfig
 from offline.split import TemporalSplit, temporal_split
+from offline.train_ranker import RERANKED, RankContext, RankingResult, rerankers, train_rankers
 from offline.train_recall import RecallConfig, TowerTables, TwoTowerRecommender, build_index, train_two_tower
 from offline.two_tower import TwoTower
 
@@ -32,8 +36,10 @@ class IndexConfig:
 
 
 def run_training(ds: Dataset, out: Path, recall_cfg: RecallConfig, index_cfg: IndexConfig,
-                 valid_frac: float = 0.1, test_frac: float = 0.1, baselines: bool = True, resume: bool = False) -> Path:
+                 valid_frac: float = 0.1, test_frac: float = 0.1, baselines: bool = True, resume: bool = False,
+                 ranker_cfg: RankerConfig | None = None) -> Path:
     """Train every stage, evaluate against the peers, write the bundle and its report; returns the bundle path."""
+    ranker_cfg = ranker_cfg or RankerConfig()
     started = time.perf_counter()
     split = temporal_split(ds.interactions, ds.n_users, ds.n_items, valid_frac, test_frac)
     fingerprint = dataset_fingerprint(ds)
@@ -44,19 +50,66 @@ def run_training(ds: Dataset, out: Path, recall_cfg: RecallConfig, index_cfg: In
     index = build_index(item_vectors, index_cfg.m, index_cfg.ef_construction, index_cfg.ef)
     index_recall = index_recall_at_depth(index, item_vectors, tables, model, split, index_cfg.candidates)
     logger.info("HNSW recall@{} vs exact: {:.4f}", index_cfg.candidates, index_recall)
+    arrays = bundle_arrays(ds, split, tables, item_vectors)
+    recall_hnsw = TwoTowerRecommender(model, tables, index)
+    ctx = RankContext(recall_hnsw, RankerTables.from_arrays(arrays), arrays, index_cfg.candidates)
+    ranking = train_rankers(ctx, split, ranker_cfg)
     models = (baseline_models(split) + peer_models(split)) if baselines else []
-    models += [(TwoTowerRecommender(model, tables), asdict(recall_cfg)), (TwoTowerRecommender(model, tables, index), asdict(index_cfg))]
+    models += [(TwoTowerRecommender(model, tables), asdict(recall_cfg)), (recall_hnsw, asdict(index_cfg))]
+    models += rerankers(ctx, ranking)
     rows = report_rows(models, split, "test")
+    comparison = rerank_comparison(models, split)
     metrics = {"test": {r["model"]: {k: v for k, v in r.items() if k not in ("model", "params")} for r in rows},
                f"index_recall@{index_cfg.candidates}": index_recall, "train_seconds": train_seconds,
-               "recall_history": history}
-    bundle = assemble_bundle(ds, split, tables, model, index, item_vectors, recall_cfg, index_cfg, metrics, fingerprint)
+               "recall_history": history, "ranker": ranker_summary(ranking, comparison)}
+    bundle = assemble_bundle(ds, split, tables, model, index, arrays, recall_cfg, index_cfg, ranker_cfg, metrics,
+                             fingerprint, ranking.default_state)
     path = write_bundle(out, bundle)
     extra = {"bundle": path.name, f"index_recall@{index_cfg.candidates}": index_recall,
-             "two_tower_train_seconds": round(train_seconds, 1)}
+             "two_tower_train_seconds": round(train_seconds, 1), **ranker_report(metrics["ranker"])}
     md = write_report(rows, out / "reports" / path.name, f"Evaluation on {ds.name} (test window)", extra)
     logger.info("bundle {} written; report {}", path, md)
     return path
+
+
+def rerank_comparison(models: list, split: TemporalSplit, references: tuple[str, ...] = ("two-tower (hnsw)", "ease-recency"),
+                      metric: str = "ndcg@10") -> dict:
+    """Per re-ranker: test ``metric`` minus each reference model's (the recall order it re-ranks, and the
+    strongest peer when the baselines ran) on the same users, with a 95% paired bootstrap interval."""
+    per_user = {m.name: evaluate_per_user(m, split, "test")[0][metric] for m, _ in models
+                if m.name in references or m.name.startswith(RERANKED)}
+    out = {}
+    for name in (n for n in per_user if n.startswith(RERANKED)):
+        out[name] = {ref: paired_bootstrap(per_user[name], per_user[ref]) for ref in references if ref in per_user}
+        logger.info("{} test {} minus: {}", name, metric,
+                    {r: f"{c['mean']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}]" for r, c in out[name].items()})
+    return out
+
+
+def ranker_report(summary: dict) -> dict:
+    """The re-ranker lines of the Markdown report, rounded for reading (the manifest keeps full precision)."""
+    def fmt(c: dict) -> str:
+        return f"{c['mean']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}]"
+
+    refs = sorted({r for diffs in summary["test_ndcg@10_minus"].values() for r in diffs})
+    return {"ranker_default": summary["default"],
+            "ranker_valid_ndcg@10 (held-out valid-window users)":
+                {"recall order": round(summary["recall_order_valid_ndcg@10"], 4),
+                 **{n: round(v, 4) for n, v in summary["valid_ndcg@10"].items()}},
+            "ranker_default_choice (valid ndcg@10 difference, 95% CI)": {n: fmt(c) for n, c in summary["default_choice"].items()},
+            **{f"test ndcg@10 minus {ref}, mean [95% bootstrap CI over users]":
+               {n: fmt(d[ref]) for n, d in summary["test_ndcg@10_minus"].items() if ref in d} for ref in refs},
+            "ranker_train_seconds": summary["train_seconds"]}
+
+
+def ranker_summary(ranking: RankingResult, comparison: dict) -> dict:
+    """What the report and the manifest say about the re-ranker stage."""
+    return {"default": ranking.default, "candidates_from": "two-tower via the HNSW index",
+            "recall_order_valid_ndcg@10": ranking.recall_valid_ndcg,
+            "valid_ndcg@10": {n: s["metrics"]["valid_ndcg@10"] for n, s in ranking.states.items()},
+            "default_choice": ranking.challenges,
+            "test_ndcg@10_minus": comparison,
+            "train_seconds": {k: round(v, 1) for k, v in ranking.seconds.items()}}
 
 
 def peer_models(split: TemporalSplit) -> list:
@@ -81,13 +134,11 @@ def index_recall_at_depth(index: hnswlib.Index, item_vectors: np.ndarray, tables
     return float(np.sum(hits) / (len(users) * depth))
 
 
-def assemble_bundle(ds: Dataset, split: TemporalSplit, tables: TowerTables, model: TwoTower, index: hnswlib.Index,
-                    item_vectors: np.ndarray, recall_cfg: RecallConfig, index_cfg: IndexConfig, metrics: dict,
-                    fingerprint: str) -> Bundle:
-    """What the service needs: towers, index, feature tables, serving histories, catalogue."""
+def bundle_arrays(ds: Dataset, split: TemporalSplit, tables: TowerTables, item_vectors: np.ndarray) -> dict[str, np.ndarray]:
+    """Feature tables, item vectors, serving histories and the re-ranker's train-window statistics."""
     inter = ds.interactions.sorted_by_user_time()
     offsets = np.concatenate([[0], np.cumsum(np.bincount(inter.user, minlength=ds.n_users))])
-    arrays = {
+    return {
         "item_vectors": item_vectors.astype(np.float32),
         "user_cat": tables.user_cat, "user_num": tables.user_num,
         "item_genres": tables.item_genres, "item_dense": tables.item_dense, "item_cat": tables.item_cat,
@@ -95,14 +146,24 @@ def assemble_bundle(ds: Dataset, split: TemporalSplit, tables: TowerTables, mode
         "history_offsets": offsets.astype(np.int64), "history_items": inter.item.astype(np.int64),
         "history_ratings": inter.rating.astype(np.float32), "history_timestamps": inter.timestamp.astype(np.int64),
         "popularity": np.bincount(split.train.item, minlength=ds.n_items).astype(np.float32),
+        **ranker_arrays(split.train, ds.n_items),
     }
+
+
+def assemble_bundle(ds: Dataset, split: TemporalSplit, tables: TowerTables, model: TwoTower, index: hnswlib.Index,
+                    arrays: dict[str, np.ndarray], recall_cfg: RecallConfig, index_cfg: IndexConfig,
+                    ranker_cfg: RankerConfig, metrics: dict, fingerprint: str, ranker: dict | None) -> Bundle:
+    """What the service needs: towers, index, feature tables, serving histories, catalogue, re-ranker."""
     catalog = {"user_ids": ds.user_ids, "item_ids": ds.item_ids, "titles": ds.items.titles,
                "genre_names": ds.items.genre_names, "user_vocab": ds.users.vocab, "item_vocab": ds.items.extra.vocab}
+    dim = int(arrays["item_vectors"].shape[1])
     manifest = {
         "data_fingerprint": fingerprint, "dataset": ds.name, "implicit": split.implicit,
-        "params": {"recall": asdict(recall_cfg), "index": asdict(index_cfg)},
+        "params": {"recall": asdict(recall_cfg), "index": asdict(index_cfg), "ranker": asdict(ranker_cfg)},
         "metrics": metrics, "model_config": model.config, "feature_spec": tables.spec.to_dict(),
-        "index": {"space": "ip", "dim": int(item_vectors.shape[1]), "m": index_cfg.m,
+        "index": {"space": "ip", "dim": dim, "m": index_cfg.m,
                   "ef_construction": index_cfg.ef_construction, "ef": index_cfg.ef, "max_elements": int(index.get_max_elements())},
     }
-    return Bundle(manifest, catalog, arrays, model.user_tower, model.item_tower, index)
+    if ranker is not None:
+        manifest["ranker"] = {"kind": ranker["kind"], "loss": ranker["loss"], "feature_names": ranker["feature_names"]}
+    return Bundle(manifest, catalog, arrays, model.user_tower, model.item_tower, index, ranker)

@@ -3,11 +3,11 @@
 ``ranker_features`` turns one request (a user's time-ordered history, demographics and the
 recall stage's candidates) into a ``[n_candidates, F]`` float32 matrix. The trainer calls it
 once per query; the service calls it once per request with the same arrays from the bundle,
-so training and serving cannot drift apart. It is plain vectorised numpy: ~100 microseconds
-for 200 candidates.
+so training and serving cannot drift apart. It is plain vectorised numpy: about 0.4 ms for
+200 candidates on one core (docs/benchmarks.md, "Re-ranker").
 
-Statistics that come from interactions (popularity, average rating, co-occurrence
-neighbours) are computed on the train window only (``ranker_arrays``), so the ranker's labels,
+Statistics that come from interactions (popularity, average rating, item neighbours)
+are computed on the train window only (``ranker_arrays``), so the ranker's labels,
 which come from the later valid window, never leak into its features. The values here are
 raw; the ranker standardises them with statistics it stores itself.
 """
@@ -18,19 +18,22 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from offline.baselines import ease_weights
 from offline.dataset import Interactions
 
-RECENT = 20  # history items the similarity and co-occurrence features look at, newest first
+RECENT = 20  # history items the similarity and neighbour features look at, newest first
 RECENCY_HALFLIFE = 5.0  # weight exp(-position_from_end / h): recent items carry most of the signal
 GENRE_HALFLIFE = 20.0  # taste in genres moves more slowly than taste in titles
 RATING_PRIOR_WEIGHT = 5.0  # pseudo-ratings that shrink a rarely rated item's mean towards the global mean
 ONE_HOT_MAX = 32  # user categorical columns with at most this many codes are one-hot encoded; larger ones are dropped
-NEIGHBOURS = 50  # co-occurrence neighbours kept per item in the bundle
+NEIGHBOURS = 50  # item neighbours kept per item in the bundle
+EASE_L2 = 500.0  # EASE ridge strength for the neighbour weights (chosen on the ranker's validation users)
+EASE_MAX_ITEMS = 5_000  # above this the dense n x n inverse is too heavy: cosine neighbours instead
 
 FEATURE_NAMES = [
     "recall_score", "recall_log_rank", "recall_score_gap", "recall_score_z",
     "sim_last", "sim_max_recent", "sim_mean_recent", "sim_argmax_age", "sim_profile",
-    "cooc_recent", "cooc_max_recent",
+    "neighbour_recent", "neighbour_max_recent",
     "genre_affinity", "item_log_popularity", "popularity_vs_user", "item_avg_rating",
     "item_year", "item_year_missing", "year_vs_user",
     "history_log_len", "user_mean_rating",
@@ -46,8 +49,8 @@ class RankerTables:
     item_year: np.ndarray  # [n_items] float32, NaN unknown
     item_popularity: np.ndarray  # [n_items] float32 train-window counts
     item_avg_rating: np.ndarray  # [n_items] float32 train-window mean rating, NaN when never rated
-    item_neighbours: np.ndarray  # [n_items, K] int64 co-occurrence neighbours (train window), -1 padding
-    item_neighbour_sims: np.ndarray  # [n_items, K] float32 their cosine similarities
+    item_neighbours: np.ndarray  # [n_items, K] int64 item neighbours (train window), -1 padding
+    item_neighbour_sims: np.ndarray  # [n_items, K] float32 their weights (EASE, or cosine for big catalogues)
     user_cat_sizes: np.ndarray  # [C] int64 codes per user categorical column (0 = unknown)
 
     def __post_init__(self) -> None:
@@ -117,7 +120,7 @@ def ranker_features(tables: RankerTables, history_items: np.ndarray, history_rat
         scores - (scores.max() if n else 0.0),
         (scores - scores.mean()) / (scores.std() + 1e-6) if n else scores,
         *_vector_similarities(tables, cand_vecs, recent, weights, user["profile"]),
-        *_cooccurrence(tables, candidates, recent, weights),
+        *_neighbour_weights(tables, candidates, recent, weights),
         genres @ user["genres"] / np.maximum(genres.sum(axis=1), 1.0),
         static[:, 0],
         static[:, 0] - user["log_pop"],
@@ -159,9 +162,9 @@ def _vector_similarities(tables: RankerTables, cand_vecs: np.ndarray, recent: np
             cand_vecs @ profile]
 
 
-def _cooccurrence(tables: RankerTables, candidates: np.ndarray, recent: np.ndarray, weights: np.ndarray) -> list[np.ndarray]:
-    """Item-kNN evidence from the train window: recency-weighted sum and max of the candidate's
-    co-occurrence similarity to the recent items (an item-kNN score restricted to the candidates)."""
+def _neighbour_weights(tables: RankerTables, candidates: np.ndarray, recent: np.ndarray, weights: np.ndarray) -> list[np.ndarray]:
+    """Item-item evidence from the train window: recency-weighted sum and max of the candidate's
+    neighbour weight from the recent items (a recency-weighted EASE / item-kNN score of the candidates)."""
     n = len(candidates)
     total, best = np.zeros(n, np.float64), np.zeros(n, np.float64)
     if not len(recent) or not n:
@@ -190,13 +193,25 @@ def _one_hot(tables: RankerTables, user_cat: np.ndarray) -> np.ndarray:
 
 
 def ranker_arrays(train: Interactions, n_items: int, neighbours: int = NEIGHBOURS) -> dict[str, np.ndarray]:
-    """Train-window statistics the bundle stores for the features: mean rating and co-occurrence neighbours."""
+    """Train-window statistics the bundle stores for the features: mean rating and item neighbours.
+
+    Neighbours are EASE's item-item weights (Steck 2019: the strongest peer on this data) while the
+    catalogue is small enough for its one ``n_items^2`` inverse, cosine co-occurrence beyond that.
+    """
     counts = np.bincount(train.item, minlength=n_items).astype(np.float64)
     sums = np.bincount(train.item, weights=train.rating, minlength=n_items)
     with np.errstate(invalid="ignore", divide="ignore"):
         avg = np.where(counts > 0, sums / counts, np.nan)
-    nbrs, sims = cooccurrence_neighbours(train, n_items, neighbours)
+    build = ease_neighbours if n_items <= EASE_MAX_ITEMS else cooccurrence_neighbours
+    nbrs, sims = build(train, n_items, neighbours)
     return {"item_avg_rating": avg.astype(np.float32), "item_neighbours": nbrs, "item_neighbour_sims": sims}
+
+
+def ease_neighbours(train: Interactions, n_items: int, k: int, l2: float = EASE_L2) -> tuple[np.ndarray, np.ndarray]:
+    """Each item's ``k`` largest positive EASE weights ``B[item, :]``: the EASE score of a candidate
+    is the sum of these weights over the user's history, which the co-occurrence features restrict
+    to the recent items with recency weights (-1 / 0 padding)."""
+    return _top_neighbours(ease_weights(_binary(train, n_items), l2), k)
 
 
 def cooccurrence_neighbours(train: Interactions, n_items: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -204,24 +219,34 @@ def cooccurrence_neighbours(train: Interactions, n_items: int, k: int) -> tuple[
 
     Computed in item chunks so memory stays ``chunk x n_items`` however large the catalogue.
     """
-    n_users = int(train.user.max()) + 1 if len(train) else 0
-    x = sp.csr_matrix((np.ones(len(train), np.float32), (train.user, train.item)), shape=(n_users, n_items))
-    x.data[:] = 1.0  # repeated events count once
+    x = _binary(train, n_items)
     xt = x.T.tocsr()
     norms = np.sqrt(np.asarray(xt.multiply(xt).sum(axis=1)).ravel())
     norms[norms == 0] = 1.0
-    k = min(k, max(n_items - 1, 0))
-    nbrs = np.full((n_items, k), -1, np.int64)
-    sims = np.zeros((n_items, k), np.float32)
+    parts = []
     chunk = max(1, (1 << 24) // max(n_items, 1))
     for start in range(0, n_items, chunk):
         rows = np.arange(start, min(start + chunk, n_items))
         block = (xt[rows] @ x).toarray() / norms[rows, None] / norms[None, :]
         block[np.arange(len(rows)), rows] = 0.0
-        top = np.argpartition(-block, k - 1, axis=1)[:, :k] if k else np.zeros((len(rows), 0), np.int64)
-        vals = np.take_along_axis(block, top, axis=1)
-        order = np.argsort(-vals, axis=1, kind="stable")
-        top, vals = np.take_along_axis(top, order, axis=1), np.take_along_axis(vals, order, axis=1)
-        nbrs[rows] = np.where(vals > 0, top, -1)
-        sims[rows] = np.where(vals > 0, vals, 0.0)
-    return nbrs, sims
+        parts.append(_top_neighbours(block, k))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _binary(train: Interactions, n_items: int) -> sp.csr_matrix:
+    n_users = int(train.user.max()) + 1 if len(train) else 0
+    x = sp.csr_matrix((np.ones(len(train), np.float32), (train.user, train.item)), shape=(n_users, n_items))
+    x.data[:] = 1.0  # repeated events count once
+    return x
+
+
+def _top_neighbours(weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row the ``k`` largest positive weights, descending; the rest padded with -1 / 0."""
+    k = min(k, max(weights.shape[1] - 1, 0))
+    if k == 0:
+        return np.zeros((len(weights), 0), np.int64), np.zeros((len(weights), 0), np.float32)
+    top = np.argpartition(-weights, k - 1, axis=1)[:, :k]
+    vals = np.take_along_axis(weights, top, axis=1)
+    order = np.argsort(-vals, axis=1, kind="stable")
+    top, vals = np.take_along_axis(top, order, axis=1), np.take_along_axis(vals, order, axis=1)
+    return np.where(vals > 0, top, -1).astype(np.int64), np.where(vals > 0, vals, 0.0).astype(np.float32)

@@ -8,6 +8,7 @@ import pytest
 from loguru import logger
 
 from offline.pipeline import IndexConfig, run_training
+from offline.ranker import RankerConfig
 from offline.synthetic import generate
 from offline.train_recall import RecallConfig
 
@@ -15,6 +16,7 @@ logger.remove()
 logger.add(sys.stderr, level="WARNING")
 
 TINY_RECALL = dict(epochs=2, batch_size=256, dim=16, emb_dim=16, hidden=32, history_len=10, device="cpu")
+TINY_RANKER = dict(epochs=2, hidden=16, gbm_trees=10, gbm_min_leaf=5)
 
 
 @pytest.fixture(scope="session")
@@ -27,5 +29,5 @@ def bundle_root(tmp_path_factory, tiny_dataset) -> Path:
     """A real bundle written by the offline pipeline (two short epochs: fast, not good)."""
     root = tmp_path_factory.mktemp("artifacts")
     run_training(tiny_dataset, root, RecallConfig(**TINY_RECALL), IndexConfig(m=8, ef_construction=50, ef=64, candidates=50),
-                 baselines=False)
+                 baselines=False, ranker_cfg=RankerConfig(**TINY_RANKER))
     return root

@@ -1,0 +1,377 @@
+"""The re-ranker: an MLP scorer, four pairwise losses, its training loop, LambdaMART, and the serving loader.
+
+Layout (allRank's): a batch is a set of queries padded to one list length, ``scores``,
+``labels`` ``[Q, L]`` and ``mask`` ``[Q, L]`` (True = a real candidate). Every loss is a small
+function ``loss(scores, labels, mask, **kw) -> scalar`` over that layout, built on one pair mask:
+a pair (i, j) counts when both are real and ``labels[i] > labels[j]``, so ties and padding give
+no pair and a query with a single label level contributes nothing. Losses average over the
+queries that have at least one pair, so padding a list never changes its loss.
+
+Serving never needs torch: ``load_ranker`` turns the stored state into plain numpy matmuls
+(or a LightGBM booster), about 0.1 ms for 200 candidates.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from functools import partial
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from loguru import logger
+from torch import nn
+
+from offline.metrics import ranking_metrics
+
+LOSS_NAMES = ("lambdarank", "ranknet", "hinge", "bpr")
+
+
+def _opt(default, help: str):
+    """A config field with its CLI help text (``python -m offline train --help`` lists them all)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class RankerConfig:
+    losses: str = _opt(",".join(LOSS_NAMES), "comma-separated MLP losses to train and report (lambdarank, ranknet, hinge, bpr)")
+    lambdamart: bool = _opt(True, "also train LightGBM LambdaMART on the same features (needs lightgbm)")
+    default: str = _opt("auto", "ranker put in the bundle: auto (lambdarank unless another beats it on validation NDCG@10 "
+                                "with a 95%% paired bootstrap interval above zero), a loss name, or lambdamart "
+                                "(which makes lightgbm a serving dependency)")
+    sigma: float = _opt(1.0, "steepness of the pairwise logistic in lambdarank and ranknet")
+    ndcg_k: int = _opt(10, "cut-off k of the |delta NDCG@k| pair weights")
+    margin: float = _opt(1.0, "pairwise hinge margin")
+    hidden: int = _opt(64, "MLP hidden width")
+    layers: int = _opt(2, "MLP hidden layers")
+    dropout: float = _opt(0.1, "MLP dropout")
+    max_list_len: int = _opt(200, "training lists are capped to the top-N candidates in recall order")
+    batch_queries: int = _opt(32, "queries per optimisation step")
+    epochs: int = _opt(40, "maximum epochs (early stopping on validation NDCG@10 usually ends sooner)")
+    lr: float = _opt(2e-3, "AdamW learning rate")
+    weight_decay: float = _opt(1e-4, "AdamW weight decay")
+    patience: int = _opt(6, "epochs without validation improvement before stopping")
+    valid_share: float = _opt(0.2, "share of the ranker's query users held out for early stopping and model choice")
+    gbm_trees: int = _opt(1000, "LambdaMART maximum trees (early-stopped on validation NDCG@10)")
+    gbm_leaves: int = _opt(15, "LambdaMART leaves per tree")
+    gbm_lr: float = _opt(0.02, "LambdaMART learning rate")
+    gbm_min_leaf: int = _opt(50, "LambdaMART minimum rows per leaf")
+    seed: int = _opt(0, "random seed")
+
+    def __post_init__(self) -> None:
+        """Fail on a bad name before minutes of two-tower training, not after."""
+        names = self.loss_names()
+        if self.default not in ("auto", *names, *(["lambdamart"] if self.lambdamart else [])):
+            raise ValueError(f"--ranker-default {self.default!r}: not among the trained rankers {names}")
+
+    def loss_names(self) -> list[str]:
+        names = [n.strip() for n in self.losses.split(",") if n.strip()]
+        unknown = sorted(set(names) - set(LOSS_NAMES))
+        if unknown:
+            raise ValueError(f"--ranker-losses: unknown {unknown}; choose from {list(LOSS_NAMES)}")
+        return names
+
+
+# --------------------------------------------------------------------------- pairs and delta NDCG
+
+
+def pair_mask(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[Q, L, L]``: True where i and j are both real and i is strictly more relevant than j."""
+    real = mask[:, :, None] & mask[:, None, :]
+    return real & (labels[:, :, None] > labels[:, None, :])
+
+
+def ranks_by_score(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """0-based position of each item when the list is sorted by score (stable: ties keep list order), padding last."""
+    order = torch.sort(scores.masked_fill(~mask, float("-inf")), dim=1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
+    return ranks
+
+
+def delta_ndcg(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    """``[Q, L, L]`` |change of NDCG@k| if items i and j swapped places in the current ranking.
+
+    Swapping moves gain ``g_i`` to discount ``d_j`` and back, so the change is
+    ``|g_i - g_j| * |d_i - d_j| / IDCG@k`` with gain ``2^label - 1`` and discount
+    ``1 / log2(rank + 2)`` (0 beyond k). Pairs with padding, and queries without a positive
+    (IDCG 0), get 0.
+    """
+    k = scores.shape[1] if k is None else k
+    gains = torch.where(mask, torch.pow(2.0, labels) - 1.0, torch.zeros_like(labels))
+    ranks = ranks_by_score(scores.detach(), mask)
+    discounts = torch.where(ranks < k, 1.0 / torch.log2(ranks.to(scores.dtype) + 2.0), torch.zeros_like(scores))
+    ideal_gains = torch.sort(gains, dim=1, descending=True).values[:, :k]
+    ideal = (ideal_gains / torch.log2(torch.arange(ideal_gains.shape[1], device=scores.device, dtype=scores.dtype) + 2.0)).sum(1)
+    delta = (gains[:, :, None] - gains[:, None, :]).abs() * (discounts[:, :, None] - discounts[:, None, :]).abs()
+    real = mask[:, :, None] & mask[:, None, :] & (ideal[:, None, None] > 0)
+    return torch.where(real, delta / ideal.clamp(min=1e-12)[:, None, None], torch.zeros_like(delta))
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def lambdarank_loss(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, sigma: float = 1.0,
+                    k: int | None = 10) -> torch.Tensor:
+    """RankNet's pairwise logistic, each pair weighted by |delta NDCG@k| at the current ranking.
+
+    Per query the weighted losses are summed, not averaged: the weights are already NDCG
+    units, so a query's total is the NDCG it stands to gain, whatever its length.
+    """
+    scores = scores.masked_fill(~mask, 0.0)
+    pairs = pair_mask(labels, mask)
+    weights = delta_ndcg(scores, labels, mask, k)
+    return _reduce(F.softplus(-sigma * _differences(scores)) * weights, pairs, per_query="sum")
+
+
+def ranknet_loss(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """Burges et al. (2005): ``log(1 + exp(-sigma (s_i - s_j)))`` over every ordered pair, unweighted."""
+    scores = scores.masked_fill(~mask, 0.0)
+    return _reduce(F.softplus(-sigma * _differences(scores)), pair_mask(labels, mask))
+
+
+def hinge_loss(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
+    """Pairwise hinge (RankSVM): ``max(0, margin - (s_i - s_j))`` over every ordered pair."""
+    scores = scores.masked_fill(~mask, 0.0)
+    return _reduce(F.relu(margin - _differences(scores)), pair_mask(labels, mask))
+
+
+def bpr_loss(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Rendle et al. (2009): ``-log sigmoid(s_pos - s_neg)``, binary relevance (grades ignored)."""
+    scores = scores.masked_fill(~mask, 0.0)
+    return _reduce(F.softplus(-_differences(scores)), pair_mask((labels > 0).to(scores.dtype), mask))
+
+
+def make_loss(name: str, cfg: RankerConfig) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The loss called ``name`` with its hyper-parameters bound from ``cfg``."""
+    losses = {
+        "lambdarank": partial(lambdarank_loss, sigma=cfg.sigma, k=cfg.ndcg_k),
+        "ranknet": partial(ranknet_loss, sigma=cfg.sigma),
+        "hinge": partial(hinge_loss, margin=cfg.margin),
+        "bpr": bpr_loss,
+    }
+    return losses[name]
+
+
+def _differences(scores: torch.Tensor) -> torch.Tensor:
+    return scores[:, :, None] - scores[:, None, :]
+
+
+def _reduce(pair_losses: torch.Tensor, pairs: torch.Tensor, per_query: str = "mean") -> torch.Tensor:
+    """Per query: sum (or mean) over its pairs; then the mean over queries that have any pair."""
+    per_pair = torch.where(pairs, pair_losses, torch.zeros_like(pair_losses))
+    counts = pairs.sum(dim=(1, 2))
+    totals = per_pair.sum(dim=(1, 2))
+    if per_query == "mean":
+        totals = totals / counts.clamp(min=1)
+    has = counts > 0
+    return totals[has].sum() / has.sum().clamp(min=1)
+
+
+# --------------------------------------------------------------------------- the scorer
+
+
+class RankerMLP(nn.Module):
+    """Standardised features -> ReLU MLP -> one score; ReLU so serving can replay it in numpy exactly."""
+
+    def __init__(self, n_features: int, hidden: int = 64, layers: int = 2, dropout: float = 0.1):
+        super().__init__()
+        self.config = dict(n_features=n_features, hidden=hidden, layers=layers, dropout=dropout)
+        blocks, width = [], n_features
+        for _ in range(layers):
+            blocks += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout)]
+            width = hidden
+        self.net = nn.Sequential(*blocks, nn.Linear(width, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(-1)
+
+
+@dataclass
+class Queries:
+    """Padded ranking queries: one per user, candidates in recall order."""
+
+    users: np.ndarray  # [Q]
+    items: np.ndarray  # [Q, L] candidate item rows, -1 = padding
+    features: np.ndarray  # [Q, L, F] float32 (raw, unstandardised)
+    labels: np.ndarray  # [Q, L] float32 graded relevance
+    mask: np.ndarray  # [Q, L] bool
+    truth: sp.csr_matrix  # [Q, n_items] the window's grades: NDCG's ideal counts positives the recall missed
+
+    def subset(self, idx: np.ndarray) -> "Queries":
+        return Queries(self.users[idx], self.items[idx], self.features[idx], self.labels[idx], self.mask[idx], self.truth[idx])
+
+    def trainable(self) -> np.ndarray:
+        """Queries with at least two label levels among their candidates (the others have no pair)."""
+        lo = np.where(self.mask, self.labels, np.inf).min(axis=1)
+        hi = np.where(self.mask, self.labels, -np.inf).max(axis=1)
+        return np.flatnonzero(hi > lo)
+
+    def ndcg(self, scores: np.ndarray, k: int = 10) -> float:
+        """Mean NDCG@k of the lists re-ordered by ``scores``, over queries with a positive in the window."""
+        return float(np.nanmean(self.ndcg_per_query(scores, k)))
+
+    def ndcg_per_query(self, scores: np.ndarray, k: int = 10) -> np.ndarray:
+        """NDCG@k of each list re-ordered by ``scores`` (NaN for a query without a positive)."""
+        order = np.argsort(-np.where(self.mask, scores, -np.inf), axis=1, kind="stable")[:, :k]
+        topk = np.take_along_axis(self.items, order, axis=1)
+        return ranking_metrics(topk, self.truth, [k])[f"ndcg@{k}"]
+
+    def scores_of(self, ranker: "Ranker") -> np.ndarray:
+        """``[Q, L]`` scores of a loaded ranker for every candidate (padding included, masked later)."""
+        q, length, f = self.features.shape
+        return ranker.score(self.features.reshape(q * length, f)).reshape(q, length)
+
+
+def feature_stats(q: Queries) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std of every feature over real candidates; constant features get std 1."""
+    rows = q.features[q.mask].astype(np.float64)
+    mean, std = rows.mean(axis=0), rows.std(axis=0)
+    return mean.astype(np.float32), np.where(std > 1e-6, std, 1.0).astype(np.float32)
+
+
+def fit_mlp(train: Queries, valid: Queries, loss_name: str, cfg: RankerConfig, feature_names: list[str]) -> dict:
+    """Train one MLP with ``loss_name``; early stopping on ``valid`` NDCG@10; returns the bundle state."""
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    mean, std = feature_stats(train)
+    x = torch.from_numpy((train.features - mean) / std)
+    y, m = torch.from_numpy(train.labels), torch.from_numpy(train.mask)
+    x_valid = torch.from_numpy((valid.features - mean) / std)
+    model = RankerMLP(x.shape[-1], cfg.hidden, cfg.layers, cfg.dropout)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = make_loss(loss_name, cfg)
+    usable = train.trainable()  # single-label-level queries have no pair: skip them outright
+    best, best_state, bad, history, started = -1.0, None, 0, [], time.perf_counter()
+    for epoch in range(cfg.epochs):
+        model.train()
+        perm, losses = rng.permutation(usable), []
+        for start in range(0, len(perm), cfg.batch_queries):
+            b = torch.from_numpy(perm[start : start + cfg.batch_queries])
+            loss = loss_fn(model(x[b]), y[b], m[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            losses.append(loss.item())
+        value = valid.ndcg(_predict(model, x_valid))
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)) if losses else 0.0, "valid_ndcg@10": value})
+        if value > best:
+            best, bad, best_state = value, 0, {k: t.detach().clone() for k, t in model.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    logger.info("ranker {}: valid ndcg@10 {:.4f} after {} epochs ({:.1f}s)", loss_name, best, len(history), time.perf_counter() - started)
+    return {"kind": "mlp", "loss": loss_name, "feature_names": feature_names, "mean": torch.from_numpy(mean),
+            "std": torch.from_numpy(std), "config": model.config, "state_dict": best_state,
+            "metrics": {"valid_ndcg@10": best, "epochs": len(history), "seconds": time.perf_counter() - started},
+            "params": asdict(cfg), "history": history}
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    model.eval()
+    return model(x).numpy()
+
+
+def fit_lambdamart(train: Queries, valid: Queries, cfg: RankerConfig, feature_names: list[str]) -> dict:
+    """LightGBM's ``lambdarank`` on the same features, early-stopped on the same validation NDCG@10."""
+    import lightgbm as lgb
+
+    started = time.perf_counter()
+    usable = train.subset(train.trainable())
+    data = lgb.Dataset(usable.features[usable.mask], usable.labels[usable.mask].astype(int),
+                       group=usable.mask.sum(axis=1), feature_name=[_lgb_name(n) for n in feature_names])
+    params = {"objective": "lambdarank", "metric": "None", "learning_rate": cfg.gbm_lr, "num_leaves": cfg.gbm_leaves,
+              "min_data_in_leaf": cfg.gbm_min_leaf, "lambdarank_truncation_level": cfg.ndcg_k * 2,
+              "num_threads": 2, "seed": cfg.seed, "deterministic": True, "force_row_wise": True, "verbose": -1}
+    dvalid = lgb.Dataset(valid.features[valid.mask], valid.labels[valid.mask].astype(int),
+                         group=valid.mask.sum(axis=1), reference=data)
+
+    def valid_ndcg(preds: np.ndarray, _data) -> tuple[str, float, bool]:
+        """Our NDCG@10 (ideal over every positive in the window), not LightGBM's candidate-only one."""
+        scores = np.full(valid.mask.shape, -np.inf)
+        scores[valid.mask] = preds
+        return "ndcg@10", valid.ndcg(scores), True
+
+    booster = lgb.train(params, data, num_boost_round=cfg.gbm_trees, valid_sets=[dvalid], feval=valid_ndcg,
+                        callbacks=[lgb.early_stopping(max(10, cfg.gbm_trees // 10), verbose=False)])
+    best = booster.best_score["valid_0"]["ndcg@10"]
+    logger.info("ranker lambdamart: valid ndcg@10 {:.4f} with {} trees ({:.1f}s)", best, booster.best_iteration,
+                time.perf_counter() - started)
+    return {"kind": "lambdamart", "loss": "lambdamart", "feature_names": feature_names,
+            "model": booster.model_to_string(num_iteration=booster.best_iteration),
+            "metrics": {"valid_ndcg@10": best, "trees": booster.best_iteration, "seconds": time.perf_counter() - started},
+            "params": asdict(cfg)}
+
+
+def _lgb_name(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
+# --------------------------------------------------------------------------- serving
+
+
+class Ranker:
+    """A loaded re-ranker: ``score(features [n, F]) -> [n]``, higher is better."""
+
+    kind = "ranker"
+
+    def __init__(self, state: dict):
+        self.feature_names: list[str] = list(state["feature_names"])
+        self.loss: str = state["loss"]
+        self.metrics: dict = dict(state.get("metrics", {}))
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class MLPRanker(Ranker):
+    """The MLP replayed with numpy matmuls: no torch on the request path."""
+
+    kind = "mlp"
+
+    def __init__(self, state: dict):
+        super().__init__(state)
+        self.mean = _np(state["mean"])
+        self.inv_std = 1.0 / _np(state["std"])
+        sd = state["state_dict"]
+        linear = sorted({k.rsplit(".", 1)[0] for k in sd}, key=lambda k: int(k.split(".")[1]))
+        self.weights = [np.ascontiguousarray(_np(sd[f"{name}.weight"]).T) for name in linear]
+        self.biases = [_np(sd[f"{name}.bias"]) for name in linear]
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        x = (np.asarray(features, np.float32) - self.mean) * self.inv_std
+        for w, b in zip(self.weights[:-1], self.biases[:-1]):
+            x = np.maximum(x @ w + b, 0.0)
+        return (x @ self.weights[-1] + self.biases[-1]).ravel()
+
+
+class LambdaMARTRanker(Ranker):
+    """A LightGBM booster (lightgbm is then a runtime dependency)."""
+
+    kind = "lambdamart"
+
+    def __init__(self, state: dict):
+        super().__init__(state)
+        import lightgbm as lgb
+
+        self.booster = lgb.Booster(model_str=state["model"])
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        return self.booster.predict(np.asarray(features, np.float32), num_threads=1)
+
+
+def load_ranker(state: dict) -> Ranker:
+    """The serving scorer for a stored ranker state (``bundle.ranker``)."""
+    kinds = {"mlp": MLPRanker, "lambdamart": LambdaMARTRanker}
+    if state.get("kind") not in kinds:
+        raise ValueError(f"ranker state: unknown kind {state.get('kind')!r}; expected one of {sorted(kinds)}")
+    return kinds[state["kind"]](state)
+
+
+def _np(t) -> np.ndarray:
+    return (t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)).astype(np.float32)

@@ -1,0 +1,180 @@
+"""The re-ranker stage: recall candidates -> labelled queries -> every ranker -> the one for the bundle.
+
+Windows, per user by time: train | valid | test.
+- The two-tower trains on train (and early-stops on valid).
+- The ranker's queries come from the valid window, which the two-tower never trained on:
+  candidates are the two-tower's top-``depth`` items for the history before valid (train),
+  that history excluded, found through the HNSW index exactly as the service finds them;
+  labels are the graded relevance of the valid window (rating 4 -> 1, 5 -> 2, else 0; an item
+  not interacted with -> 0). A seeded share of those users is held out for early stopping
+  and for choosing the default ranker.
+- The test window is only reported on: candidates from train + valid history, what the service
+  does with the full history.
+Item statistics in the features (popularity, average rating, co-occurrence) use train only.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from loguru import logger
+
+from offline.evaluate import paired_bootstrap
+from offline.metrics import topk_items
+from offline.rank_features import RankerTables, feature_names, ranker_features
+from offline.ranker import Queries, Ranker, RankerConfig, fit_lambdamart, fit_mlp, load_ranker
+from offline.split import TemporalSplit, history_matrix
+from offline.train_recall import TwoTowerRecommender, hnsw_topk
+
+RERANKED = "two-tower + "  # report name prefix of a re-ranked model: "two-tower + lambdarank"
+
+
+@dataclass
+class RankContext:
+    """What building one user's features needs: the recall model, and the bundle's tables and arrays."""
+
+    recall: TwoTowerRecommender
+    tables: RankerTables
+    arrays: dict[str, np.ndarray]  # the bundle's arrays: user rows and time-ordered histories, as the service reads them
+    depth: int  # candidates per request
+
+    @property
+    def feature_names(self) -> list[str]:
+        return feature_names(self.tables, self.arrays["user_num"].shape[1])
+
+    def candidates(self, users: np.ndarray, histories: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """``(items [U, depth], scores [U, depth])`` from the recall stage, history excluded, -1 / -inf padding."""
+        user_vecs = self.recall.user_vectors(users, histories)
+        if self.recall.index is not None:
+            items = hnsw_topk(self.recall.index, user_vecs, self.depth, histories)
+        else:
+            items = topk_items(user_vecs @ self.recall.item_vectors.T, self.depth, history_matrix(histories, len(self.recall.item_vectors)))
+        scores = np.einsum("ud,ukd->uk", user_vecs, self.recall.item_vectors[np.maximum(items, 0)])
+        return items, np.where(items >= 0, scores, -np.inf).astype(np.float32)
+
+    def features(self, user: int, history: np.ndarray, items: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """``ranker_features`` for one user, exactly the call the service makes.
+
+        The windows are consecutive in time, so the history before any window is a prefix of the
+        user's full sequence in the bundle: its ratings are read from the same arrays the service
+        reads, not reconstructed.
+        """
+        a, n = self.arrays, len(history)
+        start = a["history_offsets"][user]
+        if not np.array_equal(a["history_items"][start : start + n], history):
+            raise ValueError(f"user row {user}: history is not a prefix of the user's time-ordered history")
+        return ranker_features(self.tables, history, a["history_ratings"][start : start + n], a["user_cat"][user],
+                               a["user_num"][user], items, scores)
+
+
+class RerankRecommender:
+    """Recall top-``depth`` -> features -> ranker score -> top-k: the evaluation interface for a re-ranker."""
+
+    def __init__(self, ctx: RankContext, ranker: Ranker, name: str):
+        self.ctx, self.ranker, self.name = ctx, ranker, name
+
+    def recommend(self, users: np.ndarray, histories: list[np.ndarray], k: int) -> np.ndarray:
+        items, scores = self.ctx.candidates(users, histories)
+        out = np.full((len(users), k), -1, dtype=np.int64)
+        for i, (user, history) in enumerate(zip(users, histories)):
+            real = items[i] >= 0
+            ranked = self.ranker.score(self.ctx.features(int(user), history, items[i][real], scores[i][real]))
+            top = items[i][real][np.argsort(-ranked, kind="stable")[:k]]
+            out[i, : len(top)] = top
+        return out
+
+
+def build_queries(ctx: RankContext, split: TemporalSplit, window: str, list_len: int) -> Queries:
+    """One query per user with a positive in ``window``: candidates from the history before it, graded labels."""
+    truth = split.truth(window)
+    users = np.flatnonzero(np.diff(truth.indptr) > 0)
+    histories = split.history_before(window)
+    hist = [histories[u] for u in users]
+    items, scores = ctx.candidates(users, hist)
+    items, scores = items[:, :list_len], scores[:, :list_len]
+    mask = items >= 0
+    rows = truth[users]
+    labels = np.where(mask, rows[np.arange(len(users))[:, None], np.maximum(items, 0)].toarray(), 0.0).astype(np.float32)
+    features = np.zeros((*items.shape, len(ctx.feature_names)), np.float32)
+    for i, (user, history) in enumerate(zip(users, hist)):
+        features[i, mask[i]] = ctx.features(int(user), history, items[i][mask[i]], scores[i][mask[i]])
+    return Queries(users, items, features, labels, mask, rows)
+
+
+@dataclass
+class RankingResult:
+    """Every trained ranker's state, the one chosen for the bundle and why, and timings."""
+
+    states: dict[str, dict]
+    default: str | None
+    recall_valid_ndcg: float  # the recall order's NDCG@10 on the same held-out users: the bar to clear
+    challenges: dict[str, dict] = field(default_factory=dict)  # validation NDCG@10 of each ranker minus the base's
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def default_state(self) -> dict | None:
+        return self.states.get(self.default) if self.default else None
+
+
+def train_rankers(ctx: RankContext, split: TemporalSplit, cfg: RankerConfig) -> RankingResult:
+    """Build the valid-window queries, train every configured ranker, choose the default on validation."""
+    started = time.perf_counter()
+    queries = build_queries(ctx, split, "valid", cfg.max_list_len)
+    build_seconds = time.perf_counter() - started
+    order = np.random.default_rng(cfg.seed).permutation(len(queries.users))
+    n_valid = int(round(cfg.valid_share * len(order)))
+    train, valid = queries.subset(np.sort(order[n_valid:])), queries.subset(np.sort(order[:n_valid]))
+    recall_ndcg = valid.ndcg(-np.tile(np.arange(valid.items.shape[1], dtype=np.float64), (len(valid.users), 1)))
+    logger.info("ranker queries: {} train ({} usable), {} valid; recall-order valid ndcg@10 {:.4f} (built in {:.1f}s)",
+                len(train.users), len(train.trainable()), len(valid.users), recall_ndcg, build_seconds)
+    names = ctx.feature_names
+    states = {name: fit_mlp(train, valid, name, cfg, names) for name in cfg.loss_names()}
+    if cfg.lambdamart:
+        states.update(_lambdamart(train, valid, cfg, names))
+    default, challenges = choose_default(states, valid, cfg.default)
+    seconds = {"build_queries": build_seconds, **{n: s["metrics"]["seconds"] for n, s in states.items()},
+               "total": time.perf_counter() - started}
+    return RankingResult(states, default, recall_ndcg, challenges, seconds)
+
+
+def _lambdamart(train: Queries, valid: Queries, cfg: RankerConfig, names: list[str]) -> dict[str, dict]:
+    try:
+        import lightgbm  # noqa: F401  (a dev/eval dependency)
+    except ImportError:
+        logger.warning("lightgbm is not installed: LambdaMART comparison skipped")
+        return {}
+    return {"lambdamart": fit_lambdamart(train, valid, cfg, names)}
+
+
+def choose_default(states: dict[str, dict], valid: Queries, wanted: str, base: str = "lambdarank") -> tuple[str | None, dict]:
+    """The bundle's ranker, decided on the validation users (never the test window).
+
+    ``wanted`` if named. Otherwise LambdaRank, unless another ranker beats it with a 95% paired
+    bootstrap interval of the per-user NDCG@10 difference above zero (then the best such one):
+    with a few hundred validation users, differences of a few thousandths are noise, and a
+    default that flips between runs on noise helps nobody. Returns the choice and every
+    challenger's difference from the base.
+    """
+    if not states:
+        return None, {}
+    if wanted != "auto":
+        if wanted not in states:
+            raise ValueError(f"--ranker-default {wanted!r}: not trained (trained: {sorted(states)})")
+        return wanted, {}
+    per_user = {n: valid.ndcg_per_query(valid.scores_of(load_ranker(s))) for n, s in states.items()}
+    if base not in states:
+        base = max(states, key=lambda n: states[n]["metrics"]["valid_ndcg@10"])
+    challenges = {n: paired_bootstrap(per_user[n], per_user[base]) for n in states if n != base}
+    winners = [n for n, ci in challenges.items() if ci["lo"] > 0]
+    choice = max(winners, key=lambda n: challenges[n]["mean"]) if winners else base
+    logger.info("ranker default: {} (valid ndcg@10 minus {}: {})", choice, base,
+                {n: f"{c['mean']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}]" for n, c in challenges.items()})
+    return choice, {f"{n} minus {base}": c for n, c in challenges.items()}
+
+
+def rerankers(ctx: RankContext, result: RankingResult) -> list[tuple[RerankRecommender, dict]]:
+    """One evaluation-interface model per trained ranker, the default first, with its report parameters."""
+    names = sorted(result.states, key=lambda n: n != result.default)
+    return [(RerankRecommender(ctx, load_ranker(result.states[n]), f"{RERANKED}{n}"),
+             {"loss": n, "default": n == result.default, **result.states[n]["metrics"]}) for n in names]
