@@ -20,6 +20,8 @@ class Settings(BaseSettings):
     max_candidates: int = Field(1000, ge=1, description="largest candidate depth a client may ask for")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="requests with larger bodies get 413")
     max_recent_items: int = Field(200, ge=1, description="most recent_items a cold-start request may send")
+    worker_threads: int = Field(2, ge=1, description="threads running request handlers; CPU-bound work gains nothing "
+                                "from more threads than cores, and a GIL convoy of many threads costs throughput")
     torch_threads: int = Field(1, ge=1, description="intra-op threads per tower call (requests already run in parallel)")
     index_threads: int = Field(1, ge=1, description="hnswlib threads per query")
     user_vector_cache: int = Field(100_000, ge=0, description="known users' vectors kept until their history changes")
