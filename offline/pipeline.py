@@ -7,6 +7,7 @@ history before it (train + valid) as input, exactly as the service would see it.
 """
 from __future__ import annotations
 
+import importlib.util
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -114,9 +115,10 @@ def ranker_summary(ranking: RankingResult, comparison: dict) -> dict:
 
 def peer_models(split: TemporalSplit) -> list:
     """implicit's ALS, tuned on valid, when the dev/eval dependency is installed."""
-    try:
-        from offline.baselines import ALS
-    except ImportError:  # pragma: no cover - implicit is a dev dependency
+    from offline.baselines import ALS
+
+    if importlib.util.find_spec("implicit") is None:
+        logger.warning("implicit is not installed (pip install -e '.[dev]'): ALS comparison skipped")
         return []
     grid = [{"factors": f, "regularization": r} for f in (32, 64) for r in (0.05, 0.5)]
     return [tune("als", lambda **p: ALS(split, **p), grid, split)]
