@@ -152,12 +152,30 @@ def user_ids_of(bundle: Path) -> list[str]:
     return json.loads((resolve(bundle) / "catalog.json").read_text())["user_ids"]
 
 
+def sequential_every_user(base: str, users: list[str], k: int) -> dict:
+    """One request per known user, one after another, from a cold user-vector cache: every user
+    must get k items; latency and the service's stage breakdown over those requests."""
+    latencies, failures = [], []
+    with httpx.Client(base_url=base) as client:
+        before = stage_totals(base)
+        for user in users:
+            start = time.perf_counter()
+            r = client.get("/recommend", params={"user_id": user, "k": k})
+            latencies.append(time.perf_counter() - start)
+            if r.status_code != 200 or len(r.json()["items"]) != k:
+                failures.append(user)
+        stages = stage_means(before, stage_totals(base))
+    return {**summary(latencies, len(failures), sum(latencies)), "stages": stages, "users": len(users)}
+
+
 def run(args) -> dict:
     users = user_ids_of(args.bundle)
     proc = start_service(args.bundle, args.port, args.workers, Path(args.log))
     base = f"http://127.0.0.1:{args.port}"
     results = {"fixed": {}, "saturation": None, "stages": {}}
     try:
+        results["sequential"] = sequential_every_user(base, users, args.k)
+        print(f"sequential, every user once: {results['sequential']}")
         asyncio.run(saturate("127.0.0.1", args.port, args.warmup, users, args.k, 4))  # warm caches and threads
         for rate in args.rates:
             runs = []
@@ -199,6 +217,10 @@ def markdown(res: dict, args) -> str:
         lines.append(f"| {rate} req/s fixed | {r['throughput']:.0f} | {r['p50']:.2f} | {r['p95']:.2f} | {r['p99']:.2f} | {r['errors']:.0f} |")
     s = res["saturation"]
     lines.append(f"| saturation ({args.connections} conns) | {s['throughput']:.0f} | {s['p50']:.2f} | {s['p95']:.2f} | {s['p99']:.2f} | {s['errors']:.0f} |")
+    q = res["sequential"]
+    lines += ["", f"Every one of the {q['users']} known users once, sequentially, cold user-vector cache (httpx client): "
+              f"p50 {q['p50']:.2f} ms, p95 {q['p95']:.2f} ms, p99 {q['p99']:.2f} ms, {q['errors']:.0f} users without "
+              f"{args.k} items; stages (mean ms): " + ", ".join(f"{s} {v:.3f}" for s, v in q["stages"].items()) + "."]
     lines += ["", "Mean time per stage (ms, from the service's `recsys_stage_seconds`):", "",
               "| load | " + " | ".join(("features", "user_encoding", "ann_search", "rerank")) + " |", "|---|---|---|---|---|"]
     for rate, stages in res["stages"].items():
