@@ -245,7 +245,27 @@ def main() -> None:
     args = p.parse_args()
     res = run(args)
     if not args.no_write:
-        update_section("e2e", markdown(res, args))
+        plot(res, ROOT / "docs" / "e2e.png")
+        update_section("e2e", markdown(res, args) + "\n\n![latency percentiles per offered load](e2e.png)")
+
+
+def plot(res: dict, path: Path) -> None:
+    """Latency percentiles against offered load, with the saturation throughput marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = list(res["fixed"])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for q in ("p50", "p95", "p99"):
+        ax.plot(rates, [res["fixed"][r][q] for r in rates], marker="o", label=q)
+    ax.axvline(res["saturation"]["throughput"], linestyle="--", color="grey", label="saturation throughput")
+    ax.set_xlabel("offered load (requests/s)")
+    ax.set_ylabel("latency (ms)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":
