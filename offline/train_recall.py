@@ -52,6 +52,8 @@ class RecallConfig:
     warmup_steps: int = _opt(100, "linear warm-up steps before cosine decay")
     clip_norm: float = _opt(1.0, "gradient clipping max norm")
     id_dropout: float = _opt(0.1, "probability of zeroing an id input so the feature-only (cold-start) path is trained")
+    rating_dropout: float = _opt(0.1, "probability of hiding a history event's rating (code 0), as for events "
+                                      "and recent_items that arrive at serving time without one")
     patience: int = _opt(4, "epochs without validation improvement before stopping")
     eval_k: int = _opt(20, "K of the validation Recall@K used for early stopping")
     device: str = _opt("auto", "auto | cpu | cuda (auto picks CUDA when present; bf16 autocast on CUDA)")
@@ -257,6 +259,7 @@ def train_two_tower(ds: Dataset, split: TemporalSplit, cfg: RecallConfig, run_di
             idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             users, targets = ex["user"][idx], ex["target"][idx]
             hist_items, hist_ratings = history_windows(ex["seq_items"], ex["seq_ratings"], ex["start"][idx], ex["end"][idx], cfg.history_len)
+            hist_ratings = np.where(rng.random(hist_ratings.shape) < cfg.rating_dropout, 0, hist_ratings)
             if cfg.hard_negatives and (index is None or state["step"] % cfg.hard_refresh_steps == 0):
                 index = build_index(tables.item_vectors(model), m=16, ef_construction=100, ef=100)
                 model.train()

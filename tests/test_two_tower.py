@@ -408,7 +408,7 @@ def test_toy_training_with_bpr_loss_beats_chance(toy, tmp_path):
 
 def test_toy_training_with_hard_negatives_beats_chance(toy, tmp_path):
     ds, split = toy
-    cfg = RecallConfig(**{**TOY_CFG, "epochs": 3, "hard_negatives": 5, "hard_mix": 1.0, "hard_refresh_steps": 50})
+    cfg = RecallConfig(**{**TOY_CFG, "epochs": 6, "hard_negatives": 5, "hard_mix": 1.0, "hard_refresh_steps": 50})
     model, tables, _ = train_two_tower(ds, split, cfg, tmp_path)
     got = _recall(model, tables, split)
     assert min(got.values()) >= 1.6 * CHANCE, got
