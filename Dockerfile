@@ -16,9 +16,14 @@ WORKDIR /app
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 
 # The project itself; constraints.txt pins torch==2.13.0, which the +cpu build above satisfies,
-# so pip keeps it instead of fetching the CUDA wheel.
+# so pip keeps it instead of fetching the CUDA wheel. hnswlib 0.8.0 ships no wheel: it compiles,
+# so g++ is installed and removed in the same layer to keep it out of the image.
 COPY . .
-RUN pip install -c constraints.txt .
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && pip install -c constraints.txt . \
+    && apt-get purge -y --auto-remove g++ \
+    && rm -rf /var/lib/apt/lists/*
 
 # Run as an unprivileged user. /artifacts and /data are created here, owned by that user, so
 # that named volumes mounted there start out writable by it (Docker copies the ownership of
