@@ -23,7 +23,7 @@ from tqdm import tqdm
 from offline.dataset import Dataset
 from offline.features import FeatureSpec, build_spec, history_windows, item_feature_matrices, user_feature_matrices
 from offline.metrics import ranking_metrics, summarize, topk_items
-from offline.split import TemporalSplit, grade_matrix, history_matrix, relevance
+from offline.split import TemporalSplit, history_matrix, relevance
 from offline.two_tower import TwoTower, bpr_loss, sampled_softmax_loss
 
 
@@ -102,7 +102,9 @@ class TowerTables:
     item_genres: np.ndarray
     item_dense: np.ndarray
     item_cat: np.ndarray
-    ratings: sp.csr_matrix  # [n_users, n_items] rating of each (user, item) event, for history windows
+    seq_offsets: np.ndarray  # each user's events, time-ordered, as the bundle stores them: ratings of a
+    seq_items: np.ndarray  # history are read from the same place, so a repeated (user, item) event
+    seq_ratings: np.ndarray  # keeps its own rating, as at serving time
     device: torch.device
 
     @classmethod
@@ -110,9 +112,17 @@ class TowerTables:
         spec = build_spec(ds.users, ds.items, history_len)
         user_cat, user_num = user_feature_matrices(spec, ds.users)
         genres, dense, cat = item_feature_matrices(spec, ds.items)
-        i = ds.interactions
-        ratings = grade_matrix(i.user, i.item, i.rating, (ds.n_users, ds.n_items))
-        return cls(spec, user_cat, user_num, genres, dense, cat, ratings, device)
+        seq = ds.interactions.sorted_by_user_time()
+        offsets = np.concatenate([[0], np.cumsum(np.bincount(seq.user, minlength=ds.n_users))])
+        return cls(spec, user_cat, user_num, genres, dense, cat, offsets, seq.item, seq.rating, device)
+
+    def history_ratings(self, user: int, history: np.ndarray) -> np.ndarray:
+        """Ratings of ``history``, which must be a prefix of the user's time-ordered events (every
+        window's history is: the windows are consecutive in time)."""
+        start = self.seq_offsets[user]
+        if not np.array_equal(self.seq_items[start : start + len(history)], history):
+            raise ValueError(f"user row {user}: history is not a prefix of the user's time-ordered events")
+        return self.seq_ratings[start : start + len(history)]
 
     def item_inputs(self, rows: np.ndarray, id_dropout: float = 0.0, rng: np.random.Generator | None = None):
         ids = rows + 1
@@ -137,8 +147,8 @@ class TowerTables:
     def user_vectors(self, model: TwoTower, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
         model.eval()
         flat = np.concatenate(histories) if histories else np.zeros(0, np.int64)
-        owners = np.repeat(users, [len(h) for h in histories])
-        ratings = np.asarray(self.ratings[owners, flat]).ravel() if len(flat) else np.zeros(0, np.float32)
+        parts = [self.history_ratings(u, h) for u, h in zip(users, histories)]
+        ratings = np.concatenate(parts) if parts else np.zeros(0, np.float32)
         ends = np.cumsum([len(h) for h in histories])
         starts = ends - np.array([len(h) for h in histories])
         hist_items, hist_ratings = history_windows(flat, ratings, starts, ends, self.spec.history_len)

@@ -21,6 +21,7 @@ from offline.split import history_matrix, temporal_split
 from offline.synthetic import generate
 from offline.train_recall import (
     RecallConfig,
+    TowerTables,
     TwoTowerRecommender,
     build_index,
     hnsw_topk,
@@ -469,3 +470,18 @@ def test_tables_user_vectors_batch_equal_one_at_a_time(toy, trained):
     scores = batch @ TwoTowerRecommender(model, tables).item_vectors.T
     want = topk_items(scores, K, history_matrix([histories[u] for u in users], split.n_items))
     assert np.array_equal(TwoTowerRecommender(model, tables).recommend(users, [histories[u] for u in users], K), want)
+
+
+def test_history_ratings_keep_each_repeated_events_own_rating():
+    # User 0 rates item 3 twice (2 then 5): each event in the window keeps its own rating, as serving does.
+    from offline.dataset import Interactions
+    from offline.synthetic import generate
+
+    ds = generate(n_users=4, n_items=10, n_genres=2, interactions_per_user=3, pool_size=10, seed=0)
+    ds.interactions = Interactions(np.array([0, 0, 0, 1]), np.array([3, 1, 3, 2]), np.array([2.0, 4.0, 5.0, 1.0], np.float32),
+                                   np.array([10, 20, 30, 5]))
+    tables = TowerTables.build(ds, history_len=4, device=torch.device("cpu"))
+    assert tables.history_ratings(0, np.array([3, 1, 3])).tolist() == [2.0, 4.0, 5.0]
+    assert tables.history_ratings(0, np.array([3, 1])).tolist() == [2.0, 4.0]
+    with pytest.raises(ValueError, match="not a prefix"):
+        tables.history_ratings(0, np.array([1, 3]))
