@@ -49,7 +49,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     ds = load_dataset(args)
     split = temporal_split(ds.interactions, ds.n_users, ds.n_items, args.valid_frac, args.test_frac)
-    rows = report_rows(baseline_models(split), split, "test")
+    rows, _ = report_rows(baseline_models(split), split, "test")
     md = write_report(rows, args.out, f"Evaluation on {ds.name} (test window)", {"data": ds.name})
     print(md.read_text())
 

@@ -42,9 +42,13 @@ def recommend_by_score(
 
 def evaluate(model, split: TemporalSplit, window: str = "test", ks: Sequence[int] = KS) -> dict:
     """Summary metrics of ``model`` on ``window`` for users with at least one positive there."""
-    per_user, topk = evaluate_per_user(model, split, window, ks)
+    return summary_of(*evaluate_per_user(model, split, window, ks), split.n_items)
+
+
+def summary_of(per_user: dict[str, np.ndarray], topk: np.ndarray, n_items: int) -> dict:
+    """Means over users, catalogue coverage at the list length, and how many users were scored."""
     summary = summarize(per_user)
-    summary[f"coverage@{max(ks)}"] = catalogue_coverage(topk, split.n_items)
+    summary[f"coverage@{topk.shape[1]}"] = catalogue_coverage(topk, n_items)
     summary["users"] = int(len(topk))
     return summary
 
@@ -100,15 +104,18 @@ def baseline_models(split: TemporalSplit) -> list[tuple[ScoringRecommender, dict
     return models
 
 
-def report_rows(models: list[tuple[object, dict]], split: TemporalSplit, window: str = "test") -> list[dict]:
-    """One row per model: its metrics on ``window``, its parameters and how long scoring took."""
-    rows = []
+def report_rows(models: list[tuple[object, dict]], split: TemporalSplit,
+                window: str = "test") -> tuple[list[dict], dict[str, dict[str, np.ndarray]]]:
+    """One row per model (its metrics on ``window``, its parameters, how long scoring took), and each
+    model's per-user metrics, kept for paired comparisons so no model is scored twice."""
+    rows, per_user = [], {}
     for model, params in models:
         start = time.perf_counter()
-        metrics = evaluate(model, split, window)
+        per_user[model.name], topk = evaluate_per_user(model, split, window)
+        metrics = summary_of(per_user[model.name], topk, split.n_items)
         rows.append({"model": model.name, "params": params, "seconds": time.perf_counter() - start, **metrics})
         logger.info("{}: {}", model.name, {k: round(metrics[k], 4) for k in ("recall@20", "ndcg@10")})
-    return rows
+    return rows, per_user
 
 
 def write_report(rows: list[dict], out_dir: Path, title: str, extra: dict | None = None) -> Path:

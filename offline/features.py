@@ -92,6 +92,18 @@ def item_feature_matrices(spec: FeatureSpec, items: ItemTable) -> tuple[np.ndarr
     return items.genres.astype(np.float32), dense, cat
 
 
+def encode_item_features(spec: FeatureSpec, vocab: dict[str, list[str]], genres: np.ndarray, year: float | None,
+                         raw: dict[str, object]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tower inputs of one item added at serving time, through the very code that encodes the
+    training catalogue (a one-row table); unknown categorical values -> code 0, missing numbers -> mean."""
+    extra = FeatureTable(n_rows=1, vocab=vocab)
+    extra.categorical = {c: np.array([extra.encode(c, raw.get(c))], np.int64) for c in spec.item_categorical}
+    extra.numeric = {c: np.array([_to_float(raw.get(c))], np.float64) for c in spec.item_numeric}
+    table = ItemTable(titles=[""], year=np.array([np.nan if year is None else year], np.float32),
+                      genres=np.asarray(genres, bool).reshape(1, -1), genre_names=[], extra=extra)
+    return item_feature_matrices(spec, table)
+
+
 def history_windows(
     items: np.ndarray, ratings: np.ndarray, starts: np.ndarray, ends: np.ndarray, history_len: int
 ) -> tuple[np.ndarray, np.ndarray]:

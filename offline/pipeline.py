@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import hnswlib
@@ -17,9 +17,10 @@ import numpy as np
 from loguru import logger
 
 from offline.bundle import Bundle, write_bundle
+from offline.config import config_option
 from offline.data import dataset_fingerprint
 from offline.dataset import Dataset
-from offline.evaluate import baseline_models, evaluate_per_user, paired_bootstrap, report_rows, tune, write_report
+from offline.evaluate import baseline_models, paired_bootstrap, report_rows, tune, write_report
 from offline.rank_features import RankerTables, ranker_arrays
 from offline.ranker import RankerConfig
 from offline.split import TemporalSplit, temporal_split
@@ -30,10 +31,10 @@ from offline.two_tower import TwoTower
 
 @dataclass
 class IndexConfig:
-    m: int = field(default=16, metadata={"help": "HNSW graph degree M (memory and recall grow with it)"})
-    ef_construction: int = field(default=200, metadata={"help": "HNSW build-time beam width"})
-    ef: int = field(default=256, metadata={"help": "HNSW query-time beam width (>= candidates for full recall)"})
-    candidates: int = field(default=200, metadata={"help": "recall depth handed to the re-ranker; index recall is reported at it"})
+    m: int = config_option(16, "HNSW graph degree M (memory and recall grow with it)")
+    ef_construction: int = config_option(200, "HNSW build-time beam width")
+    ef: int = config_option(256, "HNSW query-time beam width (>= candidates for full recall)")
+    candidates: int = config_option(200, "recall depth handed to the re-ranker; index recall is reported at it")
 
 
 def run_training(ds: Dataset, out: Path, recall_cfg: RecallConfig, index_cfg: IndexConfig,
@@ -58,8 +59,8 @@ def run_training(ds: Dataset, out: Path, recall_cfg: RecallConfig, index_cfg: In
     models = (baseline_models(split) + peer_models(split)) if baselines else []
     models += [(TwoTowerRecommender(model, tables), asdict(recall_cfg)), (recall_hnsw, asdict(index_cfg))]
     models += rerankers(ctx, ranking)
-    rows = report_rows(models, split, "test")
-    comparison = rerank_comparison(models, split)
+    rows, per_user = report_rows(models, split, "test")
+    comparison = rerank_comparison(per_user)
     metrics = {"test": {r["model"]: {k: v for k, v in r.items() if k not in ("model", "params")} for r in rows},
                f"index_recall@{index_cfg.candidates}": index_recall, "train_seconds": train_seconds,
                "recall_history": history, "ranker": ranker_summary(ranking, comparison)}
@@ -73,15 +74,15 @@ def run_training(ds: Dataset, out: Path, recall_cfg: RecallConfig, index_cfg: In
     return path
 
 
-def rerank_comparison(models: list, split: TemporalSplit, references: tuple[str, ...] = ("two-tower (hnsw)", "ease-recency"),
+def rerank_comparison(per_user: dict[str, dict[str, np.ndarray]], references: tuple[str, ...] = ("two-tower (hnsw)", "ease-recency"),
                       metric: str = "ndcg@10") -> dict:
-    """Per re-ranker: test ``metric`` minus each reference model's (the recall order it re-ranks, and the
-    strongest peer when the baselines ran) on the same users, with a 95% paired bootstrap interval."""
-    per_user = {m.name: evaluate_per_user(m, split, "test")[0][metric] for m, _ in models
-                if m.name in references or m.name.startswith(RERANKED)}
+    """Per re-ranker: its per-user test ``metric`` minus each reference model's (the recall order it
+    re-ranks, and the strongest peer when the baselines ran) on the same users, with a 95% paired
+    bootstrap interval."""
+    values = {name: metrics[metric] for name, metrics in per_user.items()}
     out = {}
-    for name in (n for n in per_user if n.startswith(RERANKED)):
-        out[name] = {ref: paired_bootstrap(per_user[name], per_user[ref]) for ref in references if ref in per_user}
+    for name in (n for n in values if n.startswith(RERANKED)):
+        out[name] = {ref: paired_bootstrap(values[name], values[ref]) for ref in references if ref in values}
         logger.info("{} test {} minus: {}", name, metric,
                     {r: f"{c['mean']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}]" for r, c in out[name].items()})
     return out

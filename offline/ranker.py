@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 
 import numpy as np
@@ -24,41 +24,37 @@ import torch.nn.functional as F
 from loguru import logger
 from torch import nn
 
+from offline.config import config_option
 from offline.metrics import ranking_metrics
 
 LOSS_NAMES = ("lambdarank", "ranknet", "hinge", "bpr")
 
 
-def _opt(default, help: str):
-    """A config field with its CLI help text (``python -m offline train --help`` lists them all)."""
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class RankerConfig:
-    losses: str = _opt(",".join(LOSS_NAMES), "comma-separated MLP losses to train and report (lambdarank, ranknet, hinge, bpr)")
-    lambdamart: bool = _opt(True, "also train LightGBM LambdaMART on the same features (needs lightgbm)")
-    default: str = _opt("auto", "ranker put in the bundle: auto (lambdarank unless another beats it on validation NDCG@10 "
+    losses: str = config_option(",".join(LOSS_NAMES), "comma-separated MLP losses to train and report (lambdarank, ranknet, hinge, bpr)")
+    lambdamart: bool = config_option(True, "also train LightGBM LambdaMART on the same features (needs lightgbm)")
+    default: str = config_option("auto", "ranker put in the bundle: auto (lambdarank unless another beats it on validation NDCG@10 "
                                 "with a 95%% paired bootstrap interval above zero), a loss name, or lambdamart "
                                 "(which makes lightgbm a serving dependency)")
-    sigma: float = _opt(1.0, "steepness of the pairwise logistic in lambdarank and ranknet")
-    ndcg_k: int = _opt(10, "cut-off k of the |delta NDCG@k| pair weights")
-    margin: float = _opt(1.0, "pairwise hinge margin")
-    hidden: int = _opt(64, "MLP hidden width")
-    layers: int = _opt(2, "MLP hidden layers")
-    dropout: float = _opt(0.1, "MLP dropout")
-    max_list_len: int = _opt(200, "training lists are capped to the top-N candidates in recall order")
-    batch_queries: int = _opt(32, "queries per optimisation step")
-    epochs: int = _opt(40, "maximum epochs (early stopping on validation NDCG@10 usually ends sooner)")
-    lr: float = _opt(2e-3, "AdamW learning rate")
-    weight_decay: float = _opt(1e-4, "AdamW weight decay")
-    patience: int = _opt(6, "epochs without validation improvement before stopping")
-    valid_share: float = _opt(0.2, "share of the ranker's query users held out for early stopping and model choice")
-    gbm_trees: int = _opt(1000, "LambdaMART maximum trees (early-stopped on validation NDCG@10)")
-    gbm_leaves: int = _opt(15, "LambdaMART leaves per tree")
-    gbm_lr: float = _opt(0.02, "LambdaMART learning rate")
-    gbm_min_leaf: int = _opt(50, "LambdaMART minimum rows per leaf")
-    seed: int = _opt(0, "random seed")
+    sigma: float = config_option(1.0, "steepness of the pairwise logistic in lambdarank and ranknet")
+    ndcg_k: int = config_option(10, "cut-off k of the |delta NDCG@k| pair weights")
+    margin: float = config_option(1.0, "pairwise hinge margin")
+    hidden: int = config_option(64, "MLP hidden width")
+    layers: int = config_option(2, "MLP hidden layers")
+    dropout: float = config_option(0.1, "MLP dropout")
+    max_list_len: int = config_option(200, "training lists are capped to the top-N candidates in recall order")
+    batch_queries: int = config_option(32, "queries per optimisation step")
+    epochs: int = config_option(40, "maximum epochs (early stopping on validation NDCG@10 usually ends sooner)")
+    lr: float = config_option(2e-3, "AdamW learning rate")
+    weight_decay: float = config_option(1e-4, "AdamW weight decay")
+    patience: int = config_option(6, "epochs without validation improvement before stopping")
+    valid_share: float = config_option(0.2, "share of the ranker's query users held out for early stopping and model choice")
+    gbm_trees: int = config_option(1000, "LambdaMART maximum trees (early-stopped on validation NDCG@10)")
+    gbm_leaves: int = config_option(15, "LambdaMART leaves per tree")
+    gbm_lr: float = config_option(0.02, "LambdaMART learning rate")
+    gbm_min_leaf: int = config_option(50, "LambdaMART minimum rows per leaf")
+    seed: int = config_option(0, "random seed")
 
     def __post_init__(self) -> None:
         """Fail on a bad name before minutes of two-tower training, not after."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import hnswlib
@@ -20,6 +20,7 @@ import torch
 from loguru import logger
 from tqdm import tqdm
 
+from offline.config import config_option
 from offline.dataset import Dataset
 from offline.features import FeatureSpec, build_spec, history_windows, item_feature_matrices, user_feature_matrices
 from offline.metrics import ranking_metrics, summarize, topk_items
@@ -27,37 +28,32 @@ from offline.split import TemporalSplit, history_matrix, relevance
 from offline.two_tower import TwoTower, bpr_loss, sampled_softmax_loss
 
 
-def _opt(default, help: str):
-    """A config field with its CLI help text (``python -m offline train --help`` lists them all)."""
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class RecallConfig:
-    dim: int = _opt(64, "output dimension of both towers (the HNSW space)")
-    emb_dim: int = _opt(64, "id embedding size")
-    hidden: int = _opt(256, "hidden width of the towers' MLPs")
-    history_len: int = _opt(50, "recent history items the user tower attends over")
-    loss: str = _opt("softmax", "softmax (in-batch InfoNCE with log-Q correction) or bpr")
-    temperature: float = _opt(0.1, "softmax temperature")
-    uniform_negatives: int = _opt(0, "extra negatives per batch drawn uniformly (shared by all rows)")
-    hard_negatives: int = _opt(10, "per-user negatives mined from an HNSW index over current item vectors (0 = off)")
-    hard_mix: float = _opt(0.5, "share of hard-negative slots that are hard; the rest are uniform random")
-    hard_refresh_steps: int = _opt(50, "rebuild the hard-negative index every N steps")
-    positives_only: bool = _opt(False, "train only on rating>=4 targets (history keeps every event)")
-    batch_size: int = _opt(512, "examples per step (also the in-batch negatives)")
-    epochs: int = _opt(40, "maximum epochs (early stopping usually ends sooner)")
-    lr: float = _opt(3e-3, "AdamW peak learning rate")
-    weight_decay: float = _opt(1e-5, "AdamW weight decay")
-    warmup_steps: int = _opt(100, "linear warm-up steps before cosine decay")
-    clip_norm: float = _opt(1.0, "gradient clipping max norm")
-    id_dropout: float = _opt(0.1, "probability of zeroing an id input so the feature-only (cold-start) path is trained")
-    rating_dropout: float = _opt(0.1, "probability of hiding a history event's rating (code 0), as for events "
+    dim: int = config_option(64, "output dimension of both towers (the HNSW space)")
+    emb_dim: int = config_option(64, "id embedding size")
+    hidden: int = config_option(256, "hidden width of the towers' MLPs")
+    history_len: int = config_option(50, "recent history items the user tower attends over")
+    loss: str = config_option("softmax", "softmax (in-batch InfoNCE with log-Q correction) or bpr")
+    temperature: float = config_option(0.1, "softmax temperature")
+    uniform_negatives: int = config_option(0, "extra negatives per batch drawn uniformly (shared by all rows)")
+    hard_negatives: int = config_option(10, "per-user negatives mined from an HNSW index over current item vectors (0 = off)")
+    hard_mix: float = config_option(0.5, "share of hard-negative slots that are hard; the rest are uniform random")
+    hard_refresh_steps: int = config_option(50, "rebuild the hard-negative index every N steps")
+    positives_only: bool = config_option(False, "train only on rating>=4 targets (history keeps every event)")
+    batch_size: int = config_option(512, "examples per step (also the in-batch negatives)")
+    epochs: int = config_option(40, "maximum epochs (early stopping usually ends sooner)")
+    lr: float = config_option(3e-3, "AdamW peak learning rate")
+    weight_decay: float = config_option(1e-5, "AdamW weight decay")
+    warmup_steps: int = config_option(100, "linear warm-up steps before cosine decay")
+    clip_norm: float = config_option(1.0, "gradient clipping max norm")
+    id_dropout: float = config_option(0.1, "probability of zeroing an id input so the feature-only (cold-start) path is trained")
+    rating_dropout: float = config_option(0.1, "probability of hiding a history event's rating (code 0), as for events "
                                       "and recent_items that arrive at serving time without one")
-    patience: int = _opt(4, "epochs without validation improvement before stopping")
-    eval_k: int = _opt(20, "K of the validation Recall@K used for early stopping")
-    device: str = _opt("auto", "auto | cpu | cuda (auto picks CUDA when present; bf16 autocast on CUDA)")
-    seed: int = _opt(0, "random seed")
+    patience: int = config_option(4, "epochs without validation improvement before stopping")
+    eval_k: int = config_option(20, "K of the validation Recall@K used for early stopping")
+    device: str = config_option("auto", "auto | cpu | cuda (auto picks CUDA when present; bf16 autocast on CUDA)")
+    seed: int = config_option(0, "random seed")
 
 
 class TwoTowerRecommender:

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 
 from offline.bundle import Bundle
-from offline.features import FeatureSpec, encode_user_features, single_history
+from offline.features import FeatureSpec, encode_item_features, encode_user_features, single_history
+from offline.rank_features import RankerTables, ranker_features
+from offline.ranker import load_ranker
 from service.metrics import FALLBACKS, timed
 from service.schemas import Filters, ItemUpsert, RecommendRequest
 
@@ -88,11 +90,7 @@ class Engine:
         item_arrays = {k: v for k, v in a.items() if _is_item_array(k, v, n)}
         catalog = Catalog(list(cat["item_ids"]), {r: i for i, r in enumerate(cat["item_ids"])}, list(cat["titles"]),
                           item_arrays, np.ones(n, bool))
-        ranker = None
-        if bundle.ranker is not None:
-            from offline.ranker import load_ranker
-
-            ranker = load_ranker(bundle.ranker)
+        ranker = load_ranker(bundle.ranker) if bundle.ranker is not None else None
         engine = cls(bundle, catalog, FeatureSpec(**bundle.manifest["feature_spec"]),
                      {r: i for i, r in enumerate(cat["user_ids"])}, {g: j for j, g in enumerate(cat["genre_names"])},
                      ranker, cache_size=cache_size)
@@ -225,8 +223,6 @@ class Engine:
         if self.ranker is None or len(cands) == 0:
             return [(int(c), float(s), None, r, self._recall_reasons(ctx, catalog, int(c), float(s), r) if explain else None)
                     for r, (c, s) in enumerate(zip(cands[:k], scores[:k]))]
-        from offline.rank_features import ranker_features
-
         feats = ranker_features(catalog.ranker_tables, ctx.hist_items, ctx.hist_ratings, ctx.cat, ctx.num, cands, scores)
         rank_scores = self.ranker.score(feats)
         order = np.lexsort((np.arange(len(cands)), -rank_scores))[:k]
@@ -296,9 +292,11 @@ class Engine:
         raw = str(item.item_id)
         catalog = self.catalog
         row = catalog.row_of.get(raw, len(catalog.ids))
-        self._genre_cols(item.genres)
+        genre_row = np.zeros(self.spec.n_genres, bool)
+        genre_row[self._genre_cols(item.genres)] = True
         _check_features(item.features, self.spec.item_categorical, self.spec.item_numeric, "item")
-        genres, dense, cat = self._item_inputs(item)
+        genres, dense, cat = encode_item_features(self.spec, self.bundle.catalog.get("item_vocab", {}), genre_row,
+                                                  item.year, item.features)
         item_id = row + 1 if row < self.model_items else 0  # only trained items have an id embedding
         with torch.inference_mode():
             vec = self.bundle.item_tower(torch.tensor([item_id]), torch.from_numpy(genres),
@@ -378,24 +376,9 @@ class Engine:
         order = np.lexsort((rows, -scores))[:depth]
         return rows[order], scores[order].astype(np.float32)
 
-    def _item_inputs(self, item: ItemUpsert):
-        spec = self.spec
-        genres = np.zeros((1, spec.n_genres), np.float32)
-        genres[0, [self.genre_col[g] for g in item.genres]] = 1.0
-        year = np.nan if item.year is None else float(item.year)
-        year_std = 0.0 if np.isnan(year) else (year - spec.year_mean) / spec.year_std
-        nums = [(float(item.features[c]) if isinstance(item.features.get(c), (int, float)) else np.nan) for c in spec.item_numeric]
-        nums = [0.0 if np.isnan(x) else (x - m) / s for x, m, s in zip(nums, spec.item_num_mean, spec.item_num_std)]
-        dense = np.array([[year_std, float(np.isnan(year)), *nums]], np.float32)
-        vocab = self.bundle.catalog.get("item_vocab", {})
-        codes = [{v: i for i, v in enumerate(vocab.get(c, []))}.get(str(item.features.get(c)), 0) for c in spec.item_categorical]
-        return genres, dense, np.array([codes], np.int64).reshape(1, -1)
-
     def _with_ranker_tables(self, catalog: Catalog) -> Catalog:
         if self.ranker is None:
             return catalog
-        from offline.rank_features import RankerTables
-
         # user-side columns (user_cat sizes) come from the bundle; item-side ones from the live catalogue
         return replace(catalog, ranker_tables=RankerTables.from_arrays({**self.bundle.arrays, **catalog.arrays}))
 
