@@ -25,7 +25,8 @@ from offline.rank_features import RankerTables, ranker_arrays
 from offline.ranker import RankerConfig
 from offline.split import TemporalSplit, temporal_split
 from offline.train_ranker import RERANKED, RankContext, RankingResult, rerankers, train_rankers
-from offline.train_recall import RecallConfig, TowerTables, TwoTowerRecommender, build_index, train_two_tower
+from offline.train_recall import (RecallConfig, TowerTables, TwoTowerRecommender, build_index, deterministic_torch,
+                                  train_two_tower)
 from offline.two_tower import TwoTower
 
 
@@ -35,13 +36,25 @@ class IndexConfig:
     ef_construction: int = config_option(200, "HNSW build-time beam width")
     ef: int = config_option(256, "HNSW query-time beam width (>= candidates for full recall)")
     candidates: int = config_option(200, "recall depth handed to the re-ranker; index recall is reported at it")
+    build_threads: int = config_option(1, "threads that insert items into the exported index; more than 1 is faster on "
+                                       "a big catalogue, but the graph then depends on thread scheduling and two runs "
+                                       "with the same seed can export different indexes and metrics")
 
 
 def run_training(ds: Dataset, out: Path, recall_cfg: RecallConfig, index_cfg: IndexConfig,
                  valid_frac: float = 0.1, test_frac: float = 0.1, baselines: bool = True, resume: bool = False,
                  ranker_cfg: RankerConfig | None = None) -> Path:
-    """Train every stage, evaluate against the peers, write the bundle and its report; returns the bundle path."""
-    ranker_cfg = ranker_cfg or RankerConfig()
+    """Train every stage, evaluate against the peers, write the bundle and its report; returns the bundle path.
+    On CPU the same data, seed and thread count give the same bundle metrics (deterministic torch
+    kernels, seeded single-threaded index builds, seeded generators)."""
+    with deterministic_torch(recall_cfg.threads):
+        return _run_training(ds, out, recall_cfg, index_cfg, valid_frac, test_frac, baselines, resume,
+                             ranker_cfg or RankerConfig())
+
+
+def _run_training(ds: Dataset, out: Path, recall_cfg: RecallConfig, index_cfg: IndexConfig, valid_frac: float,
+                  test_frac: float, baselines: bool, resume: bool, ranker_cfg: RankerConfig) -> Path:
+    """The stages of ``run_training``, in order."""
     started = time.perf_counter()
     split = temporal_split(ds.interactions, ds.n_users, ds.n_items, valid_frac, test_frac)
     fingerprint = dataset_fingerprint(ds)
@@ -49,7 +62,8 @@ def run_training(ds: Dataset, out: Path, recall_cfg: RecallConfig, index_cfg: In
     model, tables, history = train_two_tower(ds, split, recall_cfg, run_dir, resume=resume)
     train_seconds = time.perf_counter() - started
     item_vectors = tables.item_vectors(model)
-    index = build_index(item_vectors, index_cfg.m, index_cfg.ef_construction, index_cfg.ef)
+    index = build_index(item_vectors, index_cfg.m, index_cfg.ef_construction, index_cfg.ef,
+                        threads=index_cfg.build_threads, seed=recall_cfg.seed)
     index_recall = index_recall_at_depth(index, item_vectors, tables, model, split, index_cfg.candidates)
     logger.info("HNSW recall@{} vs exact: {:.4f}", index_cfg.candidates, index_recall)
     arrays = bundle_arrays(ds, split, tables, item_vectors)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,12 +22,15 @@ import torch
 from loguru import logger
 from tqdm import tqdm
 
-from offline.config import config_option
+from offline.config import ConfigError, check_choices, config_option
 from offline.dataset import Dataset
 from offline.features import FeatureSpec, build_spec, history_windows, item_feature_matrices, user_feature_matrices
 from offline.metrics import ranking_metrics, summarize, topk_items
 from offline.split import TemporalSplit, history_matrix, relevance
 from offline.two_tower import TwoTower, bpr_loss, sampled_softmax_loss
+
+LOSSES = ("softmax", "bpr")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -34,7 +39,7 @@ class RecallConfig:
     emb_dim: int = config_option(64, "id embedding size")
     hidden: int = config_option(256, "hidden width of the towers' MLPs")
     history_len: int = config_option(50, "recent history items the user tower attends over")
-    loss: str = config_option("softmax", "softmax (in-batch InfoNCE with log-Q correction) or bpr")
+    loss: str = config_option("softmax", "softmax (in-batch InfoNCE with log-Q correction) or bpr", choices=LOSSES)
     temperature: float = config_option(0.1, "softmax temperature")
     uniform_negatives: int = config_option(0, "extra negatives per batch drawn uniformly (shared by all rows)")
     hard_negatives: int = config_option(10, "per-user negatives mined from an HNSW index over current item vectors (0 = off)")
@@ -52,8 +57,19 @@ class RecallConfig:
                                       "and recent_items that arrive at serving time without one")
     patience: int = config_option(4, "epochs without validation improvement before stopping")
     eval_k: int = config_option(20, "K of the validation Recall@K used for early stopping")
-    device: str = config_option("auto", "auto | cpu | cuda (auto picks CUDA when present; bf16 autocast on CUDA)")
+    device: str = config_option("auto", "auto picks CUDA when present (bf16 autocast on CUDA)", choices=DEVICES)
+    threads: int = config_option(0, "torch CPU threads (0 = torch's default for this machine); set explicitly because "
+                                 "a different thread count can change float sums, so a seed reproduces only at one count")
+    hard_index_threads: int = config_option(1, "threads that build the hard-negative HNSW index; more than 1 is faster "
+                                            "but the graph, and so the mined negatives, then depend on thread scheduling")
     seed: int = config_option(0, "random seed")
+
+    def __post_init__(self) -> None:
+        """Fail on a bad name before any training, whether the config came from the CLI or from code."""
+        check_choices(self, "recall_")
+        if self.hard_negatives and self.uniform_negatives:
+            raise ConfigError("use either --recall-uniform-negatives or --recall-hard-negatives (whose random share "
+                              "is set by --recall-hard-mix), not both")
 
 
 class TwoTowerRecommender:
@@ -155,17 +171,37 @@ class TowerTables:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device ``--recall-device`` names; CUDA asked for but absent is a CLI error, not a traceback."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but CUDA is not available")
+        raise ConfigError("argument --recall-device: cuda requested but CUDA is not available")
     return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
+    """Seed every global generator a library might draw from (ours use explicit seeded generators)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@contextmanager
+def deterministic_torch(threads: int = 0) -> Iterator[None]:
+    """Deterministic torch kernels and a fixed CPU thread count for the block, restored afterwards
+    (the service and the tests share the process). On CPU every op we use has a deterministic
+    kernel; on CUDA some do not (and cuBLAS needs CUBLAS_WORKSPACE_CONFIG), so there it only warns:
+    the reproducibility promise is for CPU training."""
+    was_deterministic, was_warn_only = torch.are_deterministic_algorithms_enabled(), \
+        torch.is_deterministic_algorithms_warn_only_enabled()
+    was_threads = torch.get_num_threads()
+    torch.use_deterministic_algorithms(True, warn_only=torch.cuda.is_available())
+    torch.set_num_threads(threads or was_threads)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
+        torch.set_num_threads(was_threads)
 
 
 def training_examples(split: TemporalSplit, positives_only: bool) -> dict[str, np.ndarray]:
@@ -229,9 +265,14 @@ def evaluate_recall(model: TwoTower, tables: TowerTables, split: TemporalSplit, 
 
 
 def train_two_tower(ds: Dataset, split: TemporalSplit, cfg: RecallConfig, run_dir: Path, resume: bool = False):
-    """Train with early stopping on validation Recall@K; returns (best model, tables, history)."""
-    if cfg.hard_negatives and cfg.uniform_negatives:
-        raise ValueError("use either uniform negatives or hard negatives (whose random share is set by hard_mix), not both")
+    """Train with early stopping on validation Recall@K; returns (best model, tables, history).
+    Deterministic on CPU: same seed, data and thread count give the same weights."""
+    with deterministic_torch(cfg.threads):
+        return _fit_two_tower(ds, split, cfg, run_dir, resume)
+
+
+def _fit_two_tower(ds: Dataset, split: TemporalSplit, cfg: RecallConfig, run_dir: Path, resume: bool):
+    """The training loop of ``train_two_tower``."""
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     tables = TowerTables.build(ds, cfg.history_len, device)
@@ -267,7 +308,8 @@ def train_two_tower(ds: Dataset, split: TemporalSplit, cfg: RecallConfig, run_di
             hist_items, hist_ratings = history_windows(ex["seq_items"], ex["seq_ratings"], ex["start"][idx], ex["end"][idx], cfg.history_len)
             hist_ratings = np.where(rng.random(hist_ratings.shape) < cfg.rating_dropout, 0, hist_ratings)
             if cfg.hard_negatives and (index is None or state["step"] % cfg.hard_refresh_steps == 0):
-                index = build_index(tables.item_vectors(model), m=16, ef_construction=100, ef=100)
+                index = build_index(tables.item_vectors(model), m=16, ef_construction=100, ef=100,
+                                    threads=cfg.hard_index_threads, seed=cfg.seed)
                 model.train()
             with amp:
                 u = model.user_tower(*tables.user_inputs(users, hist_items, hist_ratings, cfg.id_dropout, rng))
@@ -336,11 +378,18 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_index(vectors: np.ndarray, m: int, ef_construction: int, ef: int, max_elements: int | None = None) -> hnswlib.Index:
-    """Inner-product HNSW over unit vectors; labels are item rows."""
+def build_index(vectors: np.ndarray, m: int, ef_construction: int, ef: int, max_elements: int | None = None,
+                threads: int = 1, seed: int = 100) -> hnswlib.Index:
+    """Inner-product HNSW over unit vectors; labels are item rows.
+
+    ``seed`` fixes the random level of each node. With ``threads`` > 1 items are inserted
+    concurrently and the graph depends on scheduling, so two builds from the same vectors can
+    return different neighbours: 1 (the default) makes the index a function of its inputs.
+    """
     index = hnswlib.Index(space="ip", dim=vectors.shape[1])
-    index.init_index(max_elements=max_elements or max(len(vectors), 1), ef_construction=ef_construction, M=m, allow_replace_deleted=True)
-    index.add_items(vectors, np.arange(len(vectors)))
+    index.init_index(max_elements=max_elements or max(len(vectors), 1), ef_construction=ef_construction, M=m,
+                     random_seed=seed, allow_replace_deleted=True)
+    index.add_items(vectors, np.arange(len(vectors)), num_threads=threads)
     index.set_ef(ef)
     return index
 
