@@ -8,6 +8,7 @@ from pathlib import Path
 
 from loguru import logger
 
+from offline.config import ConfigError, invalid_choice
 from offline.dataset import Dataset
 
 
@@ -60,30 +61,47 @@ def cmd_train(args: argparse.Namespace) -> None:
     from offline.ranker import RankerConfig
     from offline.train_recall import RecallConfig
 
-    ds = load_dataset(args)
     recall_cfg = RecallConfig(**options_of(args, RecallConfig, "recall_"), seed=args.seed)
     index_cfg = IndexConfig(**options_of(args, IndexConfig, "index_"))
     ranker_cfg = RankerConfig(**options_of(args, RankerConfig, "ranker_"), seed=args.seed)
+    ds = load_dataset(args)  # after the configs: an inconsistent option fails before the data loads
     path = run_training(ds, args.out, recall_cfg, index_cfg, args.valid_frac, args.test_frac,
                         baselines=not args.skip_baselines, resume=args.resume, ranker_cfg=ranker_cfg)
     print(f"bundle written: {path}")
 
 
 def add_config_options(parser: argparse.ArgumentParser, cls: type, prefix: str, title: str) -> None:
-    """One ``--prefix-name`` option per config field, typed and documented from the dataclass."""
+    """One ``--prefix-name`` option per config field, typed, documented and (for an enumerated
+    field) restricted to its choices from the dataclass, so a typo fails before any training."""
     g = parser.add_argument_group(title)
     for f in fields(cls):
         if f.name == "seed":
             continue
         flag = f"--{prefix}{f.name}".replace("_", "-")
         help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+        choices = f.metadata.get("choices")
         if f.type in (bool, "bool"):
             g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        elif choices and f.metadata["many"]:
+            g.add_argument(flag, type=names_among(choices), default=f.default, metavar="NAME[,NAME...]",
+                           help=f"{help_text}; names: {', '.join(choices)}")
         else:
-            g.add_argument(flag, type=type(f.default), default=f.default, help=help_text)
+            g.add_argument(flag, type=type(f.default), default=f.default, choices=choices, help=help_text)
+
+
+def names_among(choices: tuple[str, ...]):
+    """An argparse ``type`` for a comma-separated list of ``choices``: argparse reports a bad name
+    as ``argument --flag: invalid choice: ...``, in the same words as a single-choice option."""
+    def parse(value: str) -> str:
+        problem = invalid_choice(value, choices, many=True)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+    return parse
 
 
 def options_of(args: argparse.Namespace, cls: type, prefix: str) -> dict:
+    """The parsed ``--prefix-*`` values as the config dataclass's keyword arguments."""
     return {f.name: getattr(args, prefix + f.name) for f in fields(cls) if f.name != "seed"}
 
 
@@ -111,14 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the sub-command. Bad data or a bad option value is the user's to fix, not a bug: one
+    line on stderr (no traceback, not logged as well) and exit status 2, as for argparse's errors."""
     from offline.data import DataError
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except DataError as err:
-        logger.error("{}", err)
-        print(f"error: {err}", file=sys.stderr)
+    except (DataError, ConfigError) as err:
+        print(f"python -m offline {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -31,10 +31,11 @@ def invalid_choice(value: str, choices: tuple[str, ...], many: bool) -> str | No
     """Why ``value`` is not valid for an option with ``choices`` (None when it is)."""
     names = split_names(value) if many else [value]
     unknown = [n for n in names if n not in choices]
+    listed = ", ".join(map(repr, choices))  # argparse's own wording for a single-choice option
     if many and not names:
-        return f"no name given (choose from {', '.join(choices)})"
+        return f"no name given (choose from {listed})"
     if unknown:
-        return f"invalid choice: {', '.join(map(repr, unknown))} (choose from {', '.join(choices)})"
+        return f"invalid choice: {', '.join(map(repr, unknown))} (choose from {listed})"
     return None
 
 

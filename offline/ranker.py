@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from loguru import logger
 from torch import nn
 
-from offline.config import config_option
+from offline.config import ConfigError, check_choices, config_option, split_names
 from offline.metrics import ranking_metrics
 
 LOSS_NAMES = ("lambdarank", "ranknet", "hinge", "bpr")
@@ -32,11 +32,12 @@ LOSS_NAMES = ("lambdarank", "ranknet", "hinge", "bpr")
 
 @dataclass
 class RankerConfig:
-    losses: str = config_option(",".join(LOSS_NAMES), "comma-separated MLP losses to train and report (lambdarank, ranknet, hinge, bpr)")
+    losses: str = config_option(",".join(LOSS_NAMES), "comma-separated MLP losses to train and report",
+                                choices=LOSS_NAMES, many=True)
     lambdamart: bool = config_option(True, "also train LightGBM LambdaMART on the same features (needs lightgbm)")
     default: str = config_option("auto", "ranker put in the bundle: auto (lambdarank unless another beats it on validation NDCG@10 "
                                 "with a 95%% paired bootstrap interval above zero), a loss name, or lambdamart "
-                                "(which makes lightgbm a serving dependency)")
+                                "(which makes lightgbm a serving dependency)", choices=("auto", *LOSS_NAMES, "lambdamart"))
     sigma: float = config_option(1.0, "steepness of the pairwise logistic in lambdarank and ranknet")
     ndcg_k: int = config_option(10, "cut-off k of the |delta NDCG@k| pair weights")
     margin: float = config_option(1.0, "pairwise hinge margin")
@@ -58,16 +59,16 @@ class RankerConfig:
 
     def __post_init__(self) -> None:
         """Fail on a bad name before minutes of two-tower training, not after."""
+        check_choices(self, "ranker_")
         names = self.loss_names()
         if self.default not in ("auto", *names, *(["lambdamart"] if self.lambdamart else [])):
-            raise ValueError(f"--ranker-default {self.default!r}: not among the trained rankers {names}")
+            trained = names + (["lambdamart"] if self.lambdamart else [])
+            raise ConfigError(f"argument --ranker-default: {self.default!r} is not among the rankers this run "
+                              f"trains ({', '.join(trained)}): see --ranker-losses and --ranker-lambdamart")
 
     def loss_names(self) -> list[str]:
-        names = [n.strip() for n in self.losses.split(",") if n.strip()]
-        unknown = sorted(set(names) - set(LOSS_NAMES))
-        if unknown:
-            raise ValueError(f"--ranker-losses: unknown {unknown}; choose from {list(LOSS_NAMES)}")
-        return names
+        """The MLP losses to train, in the order given (validated against ``LOSS_NAMES`` at construction)."""
+        return split_names(self.losses)
 
 
 # --------------------------------------------------------------------------- pairs and delta NDCG
