@@ -117,7 +117,7 @@ def resolve(path: Path) -> Path:
     pointer = path / CURRENT
     if not pointer.exists():
         raise BundleError(f"{path}: no bundle here (neither manifest.json nor a '{CURRENT}' pointer); "
-                          "run `python -m offline train --out {path}` first")
+                          f"run `python -m offline train --out {path}` first")
     version = pointer.read_text().strip()
     if not (path / version / "manifest.json").exists():
         raise BundleError(f"{pointer}: points at '{version}', which has no manifest.json")
@@ -139,7 +139,8 @@ def read_bundle(path: Path, index_threads: int = 1) -> Bundle:
         catalog = json.loads((vdir / "catalog.json").read_text())
         user_tower = torch.export.load(str(vdir / "user_tower.pt2")).module()
         item_tower = torch.export.load(str(vdir / "item_tower.pt2")).module()
-        ranker = torch.load(vdir / "ranker.pt", map_location="cpu", weights_only=False) if "ranker.pt" in manifest["files"] else None
+        # weights only: a pickle that could run code is refused (and the checksums above were verified first)
+        ranker = torch.load(vdir / "ranker.pt", map_location="cpu", weights_only=True) if "ranker.pt" in manifest["files"] else None
     except BundleError:
         raise
     except Exception as err:  # a corrupt file of any kind: say which bundle and why
@@ -147,7 +148,16 @@ def read_bundle(path: Path, index_threads: int = 1) -> Bundle:
     missing = [a for a in REQUIRED_ARRAYS if a not in arrays]
     if missing:
         raise BundleError(f"{vdir / 'arrays.npz'}: missing arrays {missing}")
-    index = _load_index(vdir / "item_index.bin", manifest["index"], len(arrays["item_vectors"]), index_threads)
+    dim = manifest["index"].get("dim") if isinstance(manifest["index"], dict) else None
+    if dim != arrays["item_vectors"].shape[-1]:
+        raise BundleError(f"{vdir / 'manifest.json'}: field 'index.dim' is {dim!r}, "
+                          f"item_vectors have {arrays['item_vectors'].shape[-1]} dimensions")
+    try:
+        index = _load_index(vdir / "item_index.bin", manifest["index"], len(arrays["item_vectors"]), index_threads)
+    except BundleError:
+        raise
+    except Exception as err:  # hnswlib raises RuntimeError on a truncated file, the manifest may lack a field
+        raise BundleError(f"{vdir / 'item_index.bin'}: cannot load ({type(err).__name__}: {err})") from err
     return Bundle(manifest, catalog, arrays, user_tower, item_tower, index, ranker, vdir)
 
 
@@ -156,16 +166,25 @@ def _read_manifest(vdir: Path) -> dict[str, Any]:
         manifest = json.loads((vdir / "manifest.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise BundleError(f"{vdir / 'manifest.json'}: unreadable ({err})") from err
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{vdir / 'manifest.json'}: not a JSON object")
     for key in REQUIRED_MANIFEST:
         if key not in manifest:
             raise BundleError(f"{vdir / 'manifest.json'}: missing field '{key}'")
     if manifest["schema_version"] != SCHEMA_VERSION:
         raise BundleError(f"{vdir / 'manifest.json'}: field 'schema_version' is {manifest['schema_version']}, "
                           f"this code reads {SCHEMA_VERSION}")
+    files = manifest["files"]
+    if not isinstance(files, dict) or not set(FILES) <= set(files) or not set(files) <= {*FILES, "ranker.pt"}:
+        raise BundleError(f"{vdir / 'manifest.json'}: field 'files' must list the checksums of {list(FILES)} "
+                          "(and ranker.pt), nothing else")
     return manifest
 
 
 def _load_index(path: Path, params: dict, n_items: int, threads: int) -> hnswlib.Index:
+    for key in ("dim", "ef"):
+        if not isinstance(params, dict) or not isinstance(params.get(key), int) or params[key] < 1:
+            raise BundleError(f"{path.parent / 'manifest.json'}: field 'index.{key}' must be a positive integer")
     index = hnswlib.Index(space="ip", dim=int(params["dim"]))
     index.load_index(str(path), max_elements=int(params.get("max_elements", n_items)), allow_replace_deleted=True)
     index.set_ef(int(params["ef"]))

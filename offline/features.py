@@ -4,7 +4,10 @@ Every function here is pure numpy over the tables a bundle carries, so the train
 service produce byte-identical inputs for the same user. Conventions:
 - id inputs are ``row + 1``; 0 means "unknown" (a user or item the model never saw);
 - history windows are right-aligned: slot ``history_len - 1`` holds the newest item;
-- numeric features are standardised with statistics from the training tables; NaN -> 0 (the mean).
+- numeric features are standardised with statistics from the training tables; NaN -> 0 (the mean);
+  values outside the range seen in training are clipped to it first: a tower never saw them, and a
+  linear layer extrapolates without bound (``age = 1e308`` would swamp every other input), while
+  a slightly-out-of-range real value (a new item's larger price) still deserves an answer.
 """
 from __future__ import annotations
 
@@ -33,6 +36,11 @@ class FeatureSpec:
     year_mean: float
     year_std: float
     history_len: int
+    # the range seen in training, for clipping (None in bundles written before it was recorded)
+    user_num_min: list[float] | None = None
+    user_num_max: list[float] | None = None
+    item_num_min: list[float] | None = None
+    item_num_max: list[float] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,6 +68,10 @@ def build_spec(users: FeatureTable, items: ItemTable, history_len: int) -> Featu
         year_mean=float(years.mean()) if len(years) else 0.0,
         year_std=_std(years) if len(years) else 1.0,
         history_len=history_len,
+        user_num_min=[_finite_bound(np.nanmin, users.numeric[c]) for c in sorted(users.numeric)],
+        user_num_max=[_finite_bound(np.nanmax, users.numeric[c]) for c in sorted(users.numeric)],
+        item_num_min=[_finite_bound(np.nanmin, items.extra.numeric[c]) for c in sorted(items.extra.numeric)],
+        item_num_max=[_finite_bound(np.nanmax, items.extra.numeric[c]) for c in sorted(items.extra.numeric)],
     )
 
 
@@ -67,7 +79,7 @@ def user_feature_matrices(spec: FeatureSpec, users: FeatureTable) -> tuple[np.nd
     """``(categorical codes [n, C] int64, standardised numerics [n, N] float32)`` for every user."""
     cat = np.stack([users.categorical[c] for c in spec.user_categorical], 1) if spec.user_categorical else np.zeros((users.n_rows, 0))
     num = np.stack([users.numeric[c] for c in spec.user_numeric], 1) if spec.user_numeric else np.zeros((users.n_rows, 0))
-    return cat.astype(np.int64), _standardise(num, spec.user_num_mean, spec.user_num_std)
+    return cat.astype(np.int64), _standardise(num, spec.user_num_mean, spec.user_num_std, spec.user_num_min, spec.user_num_max)
 
 
 def encode_user_features(spec: FeatureSpec, vocab: dict[str, list[str]], raw: dict[str, object]) -> tuple[np.ndarray, np.ndarray]:
@@ -75,7 +87,8 @@ def encode_user_features(spec: FeatureSpec, vocab: dict[str, list[str]], raw: di
     lookups = {c: {v: i for i, v in enumerate(vocab[c])} for c in spec.user_categorical}
     cat = np.array([[lookups[c].get(str(raw[c]), 0) if raw.get(c) is not None else 0 for c in spec.user_categorical]], np.int64)
     num = np.array([[_to_float(raw.get(c)) for c in spec.user_numeric]], np.float64)
-    return cat.reshape(1, -1), _standardise(num.reshape(1, -1), spec.user_num_mean, spec.user_num_std)
+    return cat.reshape(1, -1), _standardise(num.reshape(1, -1), spec.user_num_mean, spec.user_num_std,
+                                            spec.user_num_min, spec.user_num_max)
 
 
 def item_feature_matrices(spec: FeatureSpec, items: ItemTable) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -85,7 +98,8 @@ def item_feature_matrices(spec: FeatureSpec, items: ItemTable) -> tuple[np.ndarr
     missing = ~np.isfinite(year)
     year_std = np.where(missing, 0.0, (np.nan_to_num(year) - spec.year_mean) / spec.year_std)
     nums = [items.extra.numeric[c] for c in spec.item_numeric]
-    num = _standardise(np.stack(nums, 1) if nums else np.zeros((n, 0)), spec.item_num_mean, spec.item_num_std)
+    num = _standardise(np.stack(nums, 1) if nums else np.zeros((n, 0)), spec.item_num_mean, spec.item_num_std,
+                       spec.item_num_min, spec.item_num_max)
     dense = np.concatenate([year_std[:, None], missing[:, None], num], axis=1).astype(np.float32)
     cats = [items.extra.categorical[c] for c in spec.item_categorical]
     cat = np.stack(cats, 1).astype(np.int64) if cats else np.zeros((n, 0), np.int64)
@@ -128,9 +142,22 @@ def single_history(items: np.ndarray, ratings: np.ndarray, history_len: int) -> 
     return history_windows(np.asarray(items, np.int64), np.asarray(ratings, np.float32), np.zeros(1, np.int64), n, history_len)
 
 
-def _standardise(x: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
-    z = (x.astype(np.float64) - np.array(mean)) / np.array(std) if x.shape[1] else x
+def _standardise(x: np.ndarray, mean: list[float], std: list[float],
+                 low: list[float] | None = None, high: list[float] | None = None) -> np.ndarray:
+    """``(clip(x, low, high) - mean) / std``; NaN (missing) -> 0, the mean."""
+    if not x.shape[1]:
+        return x.astype(np.float32)
+    x = x.astype(np.float64)
+    if low is not None and high is not None:
+        x = np.clip(x, np.array(low), np.array(high))  # NaN stays NaN
+    z = (x - np.array(mean)) / np.array(std)
     return np.nan_to_num(z, nan=0.0).astype(np.float32)
+
+
+def _finite_bound(reduce, x: np.ndarray) -> float:
+    """The column's min or max over its finite values (0 for a column with none)."""
+    finite = x[np.isfinite(x)]
+    return float(reduce(finite)) if len(finite) else 0.0
 
 
 def _std(x: np.ndarray) -> float:

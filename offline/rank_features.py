@@ -94,6 +94,24 @@ def feature_names(tables: RankerTables, n_user_numeric: int) -> list[str]:
     return FEATURE_NAMES + genres + numeric + cats
 
 
+def readable_feature_names(names: list[str], spec, genre_names: list[str], user_vocab: dict[str, list[str]]) -> list[str]:
+    """``feature_names`` as a person reads them in an explanation: ``genre:Comedy``, ``age``,
+    ``occupation=student`` instead of ``genre_3``, ``user_num_0``, ``user_cat_1=7``."""
+    def readable(name: str) -> str:
+        kind, _, rest = name.rpartition("_")
+        if kind == "genre" and rest.isdigit() and int(rest) < len(genre_names):
+            return f"genre:{genre_names[int(rest)]}"
+        if kind == "user_num" and rest.isdigit() and int(rest) < len(spec.user_numeric):
+            return spec.user_numeric[int(rest)]
+        column, _, code = name.removeprefix("user_cat_").partition("=")
+        if name.startswith("user_cat_") and column.isdigit() and int(column) < len(spec.user_categorical):
+            field = spec.user_categorical[int(column)]
+            values = user_vocab.get(field, [])
+            return f"{field}={values[int(code)] if code.isdigit() and int(code) < len(values) else code}"
+        return name
+    return [readable(n) for n in names]
+
+
 def ranker_features(tables: RankerTables, history_items: np.ndarray, history_ratings: np.ndarray,
                     user_cat: np.ndarray, user_num: np.ndarray,
                     candidates: np.ndarray, recall_scores: np.ndarray) -> np.ndarray:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -13,8 +13,11 @@ class Settings(BaseSettings):
 
     bundle_dir: Path = Field(Path("artifacts"), description="bundle root (with a 'current' pointer) or a version directory")
     state_dir: Path | None = Field(None, description="durable event / catalogue logs; default <bundle_dir>/state")
-    admin_token: str | None = Field(None, description="bearer token for /admin/*; admin endpoints are off when unset")
+    admin_token: SecretStr | None = Field(None, description="bearer token for /admin/*; admin endpoints are off when unset "
+                                          "(held as a secret: its repr and any log of these settings show '**********')")
     log_level: str = "INFO"
+    log_diagnose: bool = Field(False, description="tracebacks show local variable values: for debugging only, since "
+                               "locals can hold request bodies and secrets")
     max_k: int = Field(100, ge=1, description="largest k a client may ask for")
     default_candidates: int = Field(200, ge=1, description="ANN recall depth handed to the re-ranker")
     max_candidates: int = Field(1000, ge=1, description="largest candidate depth a client may ask for")
@@ -25,12 +28,17 @@ class Settings(BaseSettings):
     torch_threads: int = Field(1, ge=1, description="intra-op threads per tower call (requests already run in parallel)")
     index_threads: int = Field(1, ge=1, description="hnswlib threads per query")
     user_vector_cache: int = Field(100_000, ge=0, description="known users' vectors kept until their history changes")
+    history_cap: int = Field(1000, ge=1, description="online events kept per user for serving (the tower window and "
+                             "the seen set for exclusion); the event log keeps every event")
+    compact_after: int = Field(10_000, ge=1, description="state log records after which a snapshot is written, so "
+                               "start-up and reload read the snapshot plus at most about this many records")
+    body_timeout_s: float = Field(10.0, gt=0, description="a request body that stalls this long between chunks gets 408")
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":
         if self.default_candidates > self.max_candidates:
             raise ValueError("default_candidates must be <= max_candidates")
-        if self.admin_token is not None and len(self.admin_token) < 8:
+        if self.admin_token is not None and len(self.admin_token.get_secret_value()) < 8:
             raise ValueError("admin_token must be at least 8 characters")
         return self
 

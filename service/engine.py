@@ -11,17 +11,20 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+from loguru import logger
 
 from offline.bundle import Bundle
 from offline.features import FeatureSpec, encode_item_features, encode_user_features, single_history
-from offline.rank_features import RankerTables, ranker_features
+from offline.rank_features import RankerTables, ranker_features, readable_feature_names
 from offline.ranker import load_ranker
 from service.metrics import FALLBACKS, timed
 from service.schemas import Filters, ItemUpsert, RecommendRequest
+from service.store import Event, OnlineState
 
 EXACT_SEARCH_FACTOR = 2  # below depth * this many allowed items, scoring them all beats over-fetching
 # Item arrays a newly added item cannot take from its features: it has no interactions yet, so no
@@ -32,9 +35,9 @@ NEW_ITEM_DEFAULTS = {"popularity": 0.0, "item_neighbours": -1, "item_neighbour_s
 class RequestError(Exception):
     """Bad input that maps to a 4xx with a message."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class UserContext:
     hist_items: np.ndarray  # item rows, oldest first
     hist_ratings: np.ndarray
     cache_key: str | None = None
+    version: int = 0  # the online history's version (events ever recorded for this user)
     known_features: bool = True
 
     @property
@@ -77,14 +81,16 @@ class Engine:
     user_row: dict[str, int]
     genre_col: dict[str, int]
     ranker: object | None
-    online: dict[str, list[tuple[int, float, int]]] = field(default_factory=dict)
-    vector_cache: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)  # user -> (history length, vector)
+    online: dict[str, "OnlineRows"] = field(default_factory=dict)
+    vector_cache: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)  # user -> (history version, vector)
     cache_size: int = 100_000
+    history_cap: int = 1000
+    explain_names: list[str] = field(default_factory=list)  # the ranker's features, named for people
     index_lock: threading.Lock = field(default_factory=threading.Lock)
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_bundle(cls, bundle: Bundle, cache_size: int = 100_000) -> "Engine":
+    def from_bundle(cls, bundle: Bundle, cache_size: int = 100_000, history_cap: int = 1000) -> "Engine":
         a, cat = bundle.arrays, bundle.catalog
         n = len(cat["item_ids"])
         item_arrays = {k: v for k, v in a.items() if _is_item_array(k, v, n)}
@@ -93,13 +99,22 @@ class Engine:
         ranker = load_ranker(bundle.ranker) if bundle.ranker is not None else None
         engine = cls(bundle, catalog, FeatureSpec(**bundle.manifest["feature_spec"]),
                      {r: i for i, r in enumerate(cat["user_ids"])}, {g: j for j, g in enumerate(cat["genre_names"])},
-                     ranker, cache_size=cache_size)
+                     ranker, cache_size=cache_size, history_cap=history_cap)
         engine.catalog = engine._with_ranker_tables(catalog)
+        if ranker is not None:
+            engine.explain_names = readable_feature_names(ranker.feature_names, engine.spec, cat["genre_names"], cat["user_vocab"])
         return engine
 
     @property
     def version(self) -> str:
         return self.bundle.version
+
+    @property
+    def rating_scale(self) -> tuple[float, float]:
+        """The ratings the model was trained on, ``(min, max)``; events are validated against it. Bundles
+        written before the scale was recorded accept 0..5, as this service always had."""
+        scale = self.bundle.manifest.get("rating_scale") or {"min": 0.0, "max": 5.0}
+        return float(scale["min"]), float(scale["max"])
 
     @property
     def model_items(self) -> int:
@@ -128,7 +143,7 @@ class Engine:
     def resolve_user(self, req: RecommendRequest) -> UserContext:
         """A known user (stored features + bundle history + online events) or a cold one."""
         raw = None if req.user_id is None else str(req.user_id)
-        online = self.online.get(raw, []) if raw is not None else []
+        version, online = self._online_rows(raw)
         recent = self._item_rows(req.recent_items or [])
         extra_items = np.array([e[0] for e in online] + recent, np.int64)
         extra_ratings = np.array([e[1] for e in online] + [0.0] * len(recent), np.float32)
@@ -139,7 +154,7 @@ class Engine:
             items = np.concatenate([a["history_items"][lo:hi], extra_items])
             ratings = np.concatenate([a["history_ratings"][lo:hi], extra_ratings])
             key = raw if not recent else None  # recent_items make the request one-off: no caching
-            return UserContext(raw, row + 1, a["user_cat"][row], a["user_num"][row], items, ratings, key)
+            return UserContext(raw, row + 1, a["user_cat"][row], a["user_num"][row], items, ratings, key, version)
         if raw is not None and not online and req.features is None and not recent:
             raise RequestError(404, f"unknown user_id '{raw}': send features and/or recent_items for a new user")
         features = req.features or {}
@@ -147,17 +162,26 @@ class Engine:
         cat, num = encode_user_features(self.spec, self.bundle.catalog["user_vocab"], features)
         key = raw if raw is not None and not recent and req.features is None else None
         known = any(v is not None for v in features.values())
-        return UserContext(raw, 0, cat[0], num[0], extra_items, extra_ratings, key, known_features=known)
+        return UserContext(raw, 0, cat[0], num[0], extra_items, extra_ratings, key, version, known_features=known)
+
+    def _online_rows(self, raw: str | None) -> tuple[int, list]:
+        """The user's history version and online events. The version is read first: if an event lands in
+        between, the rows are newer than the version, which costs one cache miss later; the other order
+        would cache a vector under a version it does not reflect."""
+        online = self.online.get(raw) if raw is not None else None
+        if online is None:
+            return 0, []
+        version = online.version
+        return version, list(online.rows)
 
     def user_vector(self, ctx: UserContext) -> np.ndarray:
         """Run the exported user tower; known users' vectors are cached until their history changes.
 
-        A cache entry carries the history length it was computed from: a request that read the history
-        just before an event may store its vector after the event, and the length tells that it is stale.
+        A cache entry carries the history version it was computed from: a request that read the history
+        just before an event may store its vector after the event, and the version tells that it is stale.
         Items added online have no id embedding, so the tower's window skips them (they still count as seen).
         """
-        n_hist = len(ctx.hist_items)
-        if ctx.cache_key is not None and (hit := self.vector_cache.get(ctx.cache_key)) is not None and hit[0] == n_hist:
+        if ctx.cache_key is not None and (hit := self.vector_cache.get(ctx.cache_key)) is not None and hit[0] == ctx.version:
             return hit[1]
         known = ctx.hist_items < self.model_items
         hist_items, hist_ratings = single_history(ctx.hist_items[known], ctx.hist_ratings[known], self.spec.history_len)
@@ -167,7 +191,7 @@ class Engine:
                 torch.from_numpy(ctx.num[None].astype(np.float32)), torch.from_numpy(hist_items), torch.from_numpy(hist_ratings),
             )[0].numpy()
         if ctx.cache_key is not None and (ctx.cache_key in self.vector_cache or len(self.vector_cache) < self.cache_size):
-            self.vector_cache[ctx.cache_key] = (n_hist, vec)
+            self.vector_cache[ctx.cache_key] = (ctx.version, vec)
         return vec
 
     def allowed_mask(self, catalog: Catalog, filters: Filters | None, seen: np.ndarray | None) -> np.ndarray:
@@ -221,13 +245,13 @@ class Engine:
     def rerank(self, ctx: UserContext, catalog: Catalog, cands: np.ndarray, scores: np.ndarray, k: int, explain: bool):
         """Ranker scores for the candidates (recall order when the bundle has no ranker); top-k."""
         if self.ranker is None or len(cands) == 0:
-            return [(int(c), float(s), None, r, self._recall_reasons(ctx, catalog, int(c), float(s), r) if explain else None)
+            return [(int(c), float(s), None, r, None, self._recall_reasons(ctx, catalog, int(c), float(s), r) if explain else None)
                     for r, (c, s) in enumerate(zip(cands[:k], scores[:k]))]
         feats = ranker_features(catalog.ranker_tables, ctx.hist_items, ctx.hist_ratings, ctx.cat, ctx.num, cands, scores)
         rank_scores = self.ranker.score(feats)
         order = np.lexsort((np.arange(len(cands)), -rank_scores))[:k]
-        return [(int(cands[i]), float(scores[i]), float(rank_scores[i]), int(i),
-                 dict(zip(self.ranker.feature_names, feats[i].round(5).tolist())) if explain else None) for i in order]
+        return [(int(cands[i]), float(scores[i]), float(rank_scores[i]), int(i), None,
+                 dict(zip(self.explain_names, feats[i].round(5).tolist())) if explain else None) for i in order]
 
     def _recall_reasons(self, ctx: UserContext, catalog: Catalog, row: int, score: float, rank: int) -> dict:
         """Without a ranker the reason is the recall stage's: its score and rank, and the recent history
@@ -243,7 +267,7 @@ class Engine:
     def popular(self, catalog: Catalog, allowed: np.ndarray, k: int):
         pop = np.where(allowed, catalog.arrays["popularity"], -np.inf)
         order = np.lexsort((np.arange(len(pop)), -pop))[:k]
-        return [(int(i), None, float(pop[i]), r, None) for r, i in enumerate(order) if np.isfinite(pop[i])]
+        return [(int(i), None, None, None, float(pop[i]), None) for i in order if np.isfinite(pop[i])]
 
     def similar_items(self, raw_item: str, k: int) -> dict:
         catalog = self.catalog
@@ -263,77 +287,128 @@ class Engine:
             raise RequestError(404, f"unknown item_id '{raw_item}'")
         return row
 
-    def apply_event(self, raw_user: str, raw_item: str, rating: float | None, timestamp: int, replay: bool = False) -> int:
-        """Append to the user's online history (the next /recommend sees it); returns its length.
+    def apply_event(self, raw_user: str, event: Event, version: int, replay: bool = False) -> int:
+        """Append to the user's online history (the next /recommend sees it); returns the history length.
 
         A replayed event was acknowledged when its item was live; the item may have been removed
-        since (the catalogue log replays first), but the interaction still happened: keep it.
+        since (catalogue changes replay first), but the interaction still happened: keep it.
         """
-        if replay:
-            row = self.catalog.row_of.get(raw_item)
-            if row is None:
-                raise RequestError(404, f"unknown item_id '{raw_item}'")
-        else:
-            row = self.require_item(raw_item)
-        self.online.setdefault(raw_user, []).append((row, float(rating) if rating is not None else 0.0, timestamp))
+        row = self.catalog.row_of.get(event.item_id) if replay else self.require_item(event.item_id)
+        if row is None:
+            raise RequestError(404, f"unknown item_id '{event.item_id}'")
+        online = self.online.get(raw_user)
+        if online is None:
+            online = self.online[raw_user] = OnlineRows(version, deque(maxlen=self.history_cap))
+        online.rows.append((row, event.rating if event.rating is not None else 0.0, event.timestamp))
+        online.version = version
         self.vector_cache.pop(raw_user, None)
-        user = self.user_row.get(raw_user)
-        base = 0 if user is None else int(np.diff(self.bundle.arrays["history_offsets"][user : user + 2])[0])
-        return base + len(self.online[raw_user])
+        return self._bundle_history_length(raw_user) + version
 
-    def upsert_item(self, item: ItemUpsert) -> dict:
-        """Add or replace an item: item tower for its vector, then swap index and catalogue together."""
-        return self.commit_upsert(self.prepare_upsert(item))
+    def load_online(self, state: OnlineState) -> None:
+        """Apply a store's fold to a new engine: every catalogue change in one batch, then the histories.
+        Changes and events that no longer apply to this bundle are counted and logged, not fatal."""
+        upserts, removals = [], []
+        for item_id, item in state.items.items():
+            (removals if item is None else upserts).append(item_id if item is None else ItemUpsert.model_validate(item))
+        skipped = []
+        if upserts:
+            try:
+                self.commit_upsert(self.prepare_upsert(upserts))
+            except RequestError as err:  # one bad item must not lose the others: apply them one by one
+                skipped += self._upsert_each(upserts, err)
+        for item_id in removals:
+            if self.catalog.row_of.get(item_id) is not None and self.catalog.active[self.catalog.row_of[item_id]]:
+                self.remove_item(item_id)
+        unknown = 0
+        for user, history in state.users.items():
+            for event in history.events:
+                try:
+                    self.apply_event(user, event, history.version, replay=True)
+                except RequestError:
+                    unknown += 1
+        if skipped or unknown:
+            logger.warning("online state on bundle {}: {} catalogue changes and {} events skipped (first: {})",
+                           self.version, len(skipped), unknown, skipped[:3])
 
-    def prepare_upsert(self, item: ItemUpsert) -> "Upsert":
-        """Validate the item and compute its row of every array, touching nothing live: the app writes the
+    def _upsert_each(self, items: list[ItemUpsert], first_error: RequestError) -> list[str]:
+        skipped = []
+        for item in items:
+            try:
+                self.commit_upsert(self.prepare_upsert([item]))
+            except RequestError as err:
+                skipped.append(f"{item.item_id}: {err.message}")
+        return skipped or [first_error.message]
+
+    def prepare_upsert(self, items: list[ItemUpsert]) -> "Upsert":
+        """Validate items and compute their rows of every array, touching nothing live: the app writes the
         change to its log between this and ``commit_upsert`` (under its write lock, so the catalogue cannot
-        move in between), and a failed write leaves the live catalogue as it was."""
-        raw = str(item.item_id)
+        move in between), and a failed write leaves the live catalogue as it was. One tower call and one
+        copy of each array for the whole batch, so replaying a large catalogue log costs one rebuild."""
         catalog = self.catalog
-        row = catalog.row_of.get(raw, len(catalog.ids))
+        raws = [str(it.item_id) for it in items]
+        assigned: dict[str, int] = {}
+        n = len(catalog.ids)
+        for raw in raws:  # a new id takes the next free row; a repeated one keeps its first row
+            if raw not in assigned:
+                assigned[raw] = catalog.row_of.get(raw, n)
+                n += assigned[raw] == n
+        rows = [assigned[raw] for raw in raws]
+        encoded = [self._encode_item(it) for it in items]
+        genres, dense, cat = (np.concatenate([e[j] for e in encoded]) for j in range(3))
+        ids_in = torch.tensor([r + 1 if r < self.model_items else 0 for r in rows])  # only trained items have an id embedding
+        with torch.inference_mode():
+            vecs = self.bundle.item_tower(ids_in, torch.from_numpy(genres), torch.from_numpy(dense), torch.from_numpy(cat)).numpy()
+        years = np.array([np.nan if it.year is None else it.year for it in items], np.float32)
+        new_values = {"item_vectors": vecs, "item_genres": genres, "item_dense": dense, "item_cat": cat, "item_year": years}
+        row_array = np.array(rows, np.int64)
+        arrays = {k: _set_rows(v, row_array, new_values.get(k), NEW_ITEM_DEFAULTS.get(k), n) for k, v in catalog.arrays.items()}
+        ids, titles = list(catalog.ids), list(catalog.titles)
+        for raw, row, item in zip(raws, rows, items):
+            if row == len(ids):
+                ids.append(raw), titles.append(item.title or raw)
+            else:
+                titles[row] = item.title or titles[row]
+        active = _set_rows(catalog.active, row_array, True, False, n)
+        updated = self._with_ranker_tables(replace(catalog, ids=ids, titles=titles, arrays=arrays, active=active,
+                                                   row_of={**catalog.row_of, **dict(zip(raws, rows))}))
+        status = ["replaced" if r < len(catalog.ids) else "added" for r in rows]
+        return Upsert(raws, row_array, vecs, updated, status)
+
+    def _encode_item(self, item: ItemUpsert) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         genre_row = np.zeros(self.spec.n_genres, bool)
         genre_row[self._genre_cols(item.genres)] = True
         _check_features(item.features, self.spec.item_categorical, self.spec.item_numeric, "item")
-        genres, dense, cat = encode_item_features(self.spec, self.bundle.catalog.get("item_vocab", {}), genre_row,
-                                                  item.year, item.features)
-        item_id = row + 1 if row < self.model_items else 0  # only trained items have an id embedding
-        with torch.inference_mode():
-            vec = self.bundle.item_tower(torch.tensor([item_id]), torch.from_numpy(genres),
-                                         torch.from_numpy(dense), torch.from_numpy(cat))[0].numpy()
-        new_values = {"item_vectors": vec, "item_genres": genres[0], "item_dense": dense[0], "item_cat": cat[0],
-                      "item_year": np.float32(item.year if item.year is not None else np.nan)}
-        arrays = {k: _item_row(v, row, new_values, k) for k, v in catalog.arrays.items()}
-        ids, titles = list(catalog.ids), list(catalog.titles)
-        if row == len(ids):
-            ids.append(raw), titles.append(item.title or raw)
-        else:
-            titles[row] = item.title or titles[row]
-        active = _set_row(catalog.active, row, True)
-        updated = self._with_ranker_tables(replace(catalog, ids=ids, titles=titles, arrays=arrays, active=active,
-                                                   row_of={**catalog.row_of, raw: row}))
-        return Upsert(raw, row, vec, updated, "replaced" if row < len(catalog.ids) else "added")
+        return encode_item_features(self.spec, self.bundle.catalog.get("item_vocab", {}), genre_row, item.year, item.features)
 
     def commit_upsert(self, change: "Upsert") -> dict:
-        """Put a prepared item into the index and swap in its catalogue, together under ``index_lock``."""
-        row = change.row
+        """Put prepared items into the index and swap in their catalogue, together under ``index_lock``."""
         with self.index_lock:
             index = self.bundle.index
-            if row >= index.get_max_elements():
-                index.resize_index(max(2 * index.get_max_elements(), row + 1))
-            if row < index.get_current_count() and not self.catalog.active[row]:
-                index.unmark_deleted(row)
-            index.add_items(change.vector[None], np.array([row]))
+            top = int(change.rows.max())
+            if top >= index.get_max_elements():
+                index.resize_index(max(2 * index.get_max_elements(), top + 1))
+            for row in change.rows[change.rows < index.get_current_count()]:
+                if not self.catalog.active[row]:
+                    index.unmark_deleted(int(row))
+            index.add_items(change.vectors, change.rows)
             self.catalog = change.catalog
-        return {"item_id": change.raw, "status": change.status}
+        return {"item_id": change.raws[-1], "status": change.status[-1]}
 
     def remove_item(self, raw: str) -> dict:
         catalog = self.catalog
         row = self.require_item(raw, catalog)
         with self.index_lock:
             self.bundle.index.mark_deleted(row)
-            self.catalog = replace(catalog, active=_set_row(catalog.active, row, False))
+            self.catalog = replace(catalog, active=_set_rows(catalog.active, np.array([row]), False, False, len(catalog.active)))
         return {"item_id": raw, "status": "removed"}
+
+    def history_version(self, raw_user: str) -> int:
+        online = self.online.get(raw_user)
+        return 0 if online is None else online.version
+
+    def _bundle_history_length(self, raw_user: str) -> int:
+        user = self.user_row.get(raw_user)
+        return 0 if user is None else int(np.diff(self.bundle.arrays["history_offsets"][user : user + 2])[0])
 
     @property
     def searchable_items(self) -> int:
@@ -341,17 +416,18 @@ class Engine:
 
     # ---------------------------------------------------------------- helpers
     def _response(self, ctx, catalog, ranked, fallback, timings, explain) -> dict:
-        items = [self._item(catalog, row, rs, ks, rank, feats if explain else None) for row, rs, ks, rank, feats in ranked]
+        items = [self._item(catalog, *entry[:5], entry[5] if explain else None) for entry in ranked]
         return {"user_id": ctx.raw_id, "items": items, "bundle_version": self.version, "fallback": fallback,
                 "timings_ms": timings}
 
-    def _item(self, catalog: Catalog, row: int, recall_score, ranking_score, recall_rank, features=None) -> dict:
+    def _item(self, catalog: Catalog, row: int, recall_score, ranking_score, recall_rank, popularity=None, features=None) -> dict:
         year = catalog.arrays["item_year"][row]
         genres = catalog.arrays["item_genres"][row]
         names = self.bundle.catalog["genre_names"]
         out = {"item_id": catalog.ids[row], "title": catalog.titles[row],
                "genres": [names[j] for j in np.flatnonzero(genres)], "year": None if np.isnan(year) else int(year),
-               "recall_score": recall_score, "ranking_score": ranking_score, "recall_rank": recall_rank}
+               "recall_score": recall_score, "recall_rank": recall_rank, "ranking_score": ranking_score,
+               "popularity": popularity}
         if features is not None:
             out["features"] = features
         return out
@@ -385,27 +461,38 @@ class Engine:
 
 @dataclass(frozen=True)
 class Upsert:
-    """A validated catalogue change, computed but not yet live."""
+    """Validated catalogue changes, computed but not yet live (one batch, one rebuild)."""
 
-    raw: str
-    row: int
-    vector: np.ndarray
+    raws: list[str]
+    rows: np.ndarray
+    vectors: np.ndarray
     catalog: Catalog
-    status: str  # "added" or "replaced"
+    status: list[str]  # "added" or "replaced", per item
+
+
+@dataclass
+class OnlineRows:
+    """A user's online events as item rows of this engine's catalogue, and the store's history version."""
+
+    version: int
+    rows: deque  # (item row, rating, timestamp), oldest first, capped like the store's history
 
 
 def _is_item_array(name: str, value: np.ndarray, n_items: int) -> bool:
     return (name.startswith("item_") or name == "popularity") and value.ndim >= 1 and len(value) == n_items
 
 
-def _item_row(array: np.ndarray, row: int, new_values: dict, name: str) -> np.ndarray:
-    """``array`` with the upserted item's row: values computed from its features; a replaced item keeps
-    the rest (its popularity, rating, neighbours); a new one gets ``NEW_ITEM_DEFAULTS`` (or NaN / 0)."""
-    if name in new_values:
-        return _set_row(array, row, new_values[name])
-    if row < len(array):
-        return array
-    return _set_row(array, row, NEW_ITEM_DEFAULTS.get(name))
+def _set_rows(array: np.ndarray, rows: np.ndarray, values, default, n: int) -> np.ndarray:
+    """A copy of ``array`` grown to ``n`` rows with ``rows`` set to ``values``. Without values (an array the
+    item's features do not determine), existing rows keep theirs (a replaced item keeps its popularity)
+    and new rows get ``default``, or NaN / 0 when there is none."""
+    fill = default if default is not None else (np.nan if np.issubdtype(array.dtype, np.floating) else 0)
+    out = np.empty((n, *array.shape[1:]), array.dtype)
+    out[: len(array)] = array
+    out[len(array):] = fill
+    if values is not None:
+        out[rows] = values
+    return out
 
 
 def _check_features(raw: dict, categorical: list[str], numeric: list[str], what: str) -> None:
@@ -420,17 +507,6 @@ def _check_features(raw: dict, categorical: list[str], numeric: list[str], what:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _set_row(array: np.ndarray, row: int, value) -> np.ndarray:
-    """A copy of ``array`` with ``row`` set (appended when ``row == len``); unknown values -> NaN or 0."""
-    if value is None:
-        value = np.nan if np.issubdtype(array.dtype, np.floating) else 0
-    if row == len(array):
-        return np.concatenate([array, np.broadcast_to(np.asarray(value, array.dtype), (1, *array.shape[1:]))])
-    out = array.copy()
-    out[row] = value
-    return out
 
 
 def now() -> int:

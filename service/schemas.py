@@ -1,24 +1,61 @@
-"""Request and response bodies. Ids are the user's raw ids (strings) at this edge only."""
+"""Request and response bodies: the HTTP contract, and the OpenAPI document generated from it.
+
+Every field is strict and bounded here, at the edge, so that nothing past validation can overflow
+a 64-bit integer, a float or a JSON writer: FastAPI parses bodies with the standard library, which
+happily yields integers of any size, ``inf`` for ``1e400`` and lone UTF-16 surrogates. Ids are the
+user's raw ids (strings or integers, compared as strings) at this edge only.
+"""
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator, model_validator
+from typing import Annotated, Any, Literal
 
-RawId = StrictStr | StrictInt  # ids may be sent as strings or integers; compared as strings
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
+
+INT64 = (-(2**63), 2**63 - 1)  # what orjson and numpy hold
+MAX_ID_CHARS = 256
+MAX_TIMESTAMP = 4_102_444_800  # 2100-01-01 in epoch seconds: larger values are milliseconds sent by mistake
+YEAR_RANGE = (0, 9999)
+MAX_LIST = 1000  # items in any list field; the settings bound the ones that matter tighter
 
 
-def _non_empty(v, info):
+def _text(value: str) -> str:
+    """Lone surrogates (``"\\ud800"``) are valid JSON escapes but not text: nothing can write them."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (lone surrogate code points are not)") from None
+    return value
+
+
+def _id_text(value: str) -> str:
     """An id of only whitespace names nothing; say so instead of answering 'unknown id'."""
-    if v is not None and str(v).strip() == "":
-        raise ValueError(f"{info.field_name} must not be empty")
-    return v
+    if not _text(value).strip():
+        raise ValueError("must not be empty")
+    return value
 
 
-class Filters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    genres_any: list[str] | None = Field(None, description="keep items with at least one of these genres")
-    genres_none: list[str] | None = Field(None, description="drop items with any of these genres")
-    year_min: int | None = None
-    year_max: int | None = None
+Text = Annotated[StrictStr, Field(max_length=MAX_ID_CHARS), AfterValidator(_text)]
+Int64 = Annotated[StrictInt, Field(ge=INT64[0], le=INT64[1])]
+FiniteFloat = Annotated[StrictFloat, Field(allow_inf_nan=False)]
+RawId = Annotated[StrictStr, Field(max_length=MAX_ID_CHARS), AfterValidator(_id_text)] | Int64
+Year = Annotated[StrictInt, Field(ge=YEAR_RANGE[0], le=YEAR_RANGE[1])]
+FeatureValue = Text | Int64 | FiniteFloat | None
+Features = Annotated[dict[Text, FeatureValue], Field(max_length=100)]
+
+
+class Strict(BaseModel):
+    """Unknown fields are errors, not silently ignored; ``"k": "10"`` and ``"k": true`` are not numbers."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Filters(Strict):
+    genres_any: Annotated[list[Text], Field(max_length=MAX_LIST)] | None = Field(
+        None, description="keep items with at least one of these genres")
+    genres_none: Annotated[list[Text], Field(max_length=MAX_LIST)] | None = Field(
+        None, description="drop items with any of these genres")
+    year_min: Year | None = None
+    year_max: Year | None = None
 
     @model_validator(mode="after")
     def _range(self) -> "Filters":
@@ -27,43 +64,100 @@ class Filters(BaseModel):
         return self
 
 
-class RecommendRequest(BaseModel):
+class RecommendRequest(Strict):
     """A known user by id, or a user the model never saw by features and recent item ids."""
 
-    model_config = ConfigDict(extra="forbid")
     user_id: RawId | None = None
-    features: dict[str, StrictStr | StrictInt | StrictFloat | None] | None = None
-    recent_items: list[RawId] | None = Field(None, description="oldest first; the last one is the most recent")
-    k: int = Field(10, ge=1)
-    candidates: int | None = Field(None, ge=1, description="ANN recall depth (default from settings)")
-    exclude_seen: bool = True
+    features: Features | None = Field(
+        None, description="for a new user: feature name -> value; numbers outside the training range are clipped to it")
+    recent_items: Annotated[list[RawId], Field(max_length=MAX_LIST)] | None = Field(
+        None, description="oldest first; the last one is the most recent")
+    k: Annotated[StrictInt, Field(ge=1, le=10_000)] = Field(10, description="items to return (at most the max_k setting)")
+    candidates: Annotated[StrictInt, Field(ge=1, le=100_000)] | None = Field(
+        None, description="ANN recall depth (default from settings; at most the max_candidates setting)")
+    exclude_seen: StrictBool = True
     filters: Filters | None = None
-    explain: bool = False
-
-    _user_id = field_validator("user_id", mode="after")(_non_empty)
+    explain: StrictBool = False
 
 
-class EventRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class EventRequest(Strict):
     user_id: RawId
     item_id: RawId
-    rating: float | None = Field(None, ge=0, le=5, allow_inf_nan=False)
-    timestamp: int | None = Field(None, ge=0)
+    rating: FiniteFloat | Int64 | None = Field(None, description="within the bundle's rating scale (GET /ready)")
+    timestamp: Annotated[StrictInt, Field(ge=0, le=MAX_TIMESTAMP)] | None = Field(
+        None, description="epoch seconds; default: now")
 
-    _ids = field_validator("user_id", "item_id", mode="after")(_non_empty)
 
-
-class ItemUpsert(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ItemUpsert(Strict):
     item_id: RawId
-    title: str = ""
-    genres: list[str] = Field(default_factory=list)
-    year: int | None = None
-    features: dict[str, StrictStr | StrictInt | StrictFloat | None] = Field(default_factory=dict)
-
-    _item_id = field_validator("item_id", mode="after")(_non_empty)
+    title: Annotated[StrictStr, Field(max_length=1000), AfterValidator(_text)] = ""
+    genres: Annotated[list[Text], Field(max_length=MAX_LIST)] = Field(default_factory=list)
+    year: Year | None = None
+    features: Features = Field(default_factory=dict, description="numbers outside the training range are clipped to it")
 
 
-class ReloadRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    version: str | None = Field(None, description="a version under the bundle root; default: what 'current' names")
+class ReloadRequest(Strict):
+    version: Annotated[StrictStr, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")] | None = Field(
+        None, description="a version directory under the bundle root; default: what 'current' names")
+
+
+# ----------------------------------------------------------------------------- responses
+class ErrorBody(BaseModel):
+    """The one error shape of every 4xx and 5xx."""
+
+    error: str
+    details: list[dict[str, Any]] | None = Field(None, description="per-field problems, on 422 only")
+
+
+class RecommendedItem(BaseModel):
+    item_id: str
+    title: str
+    genres: list[str]
+    year: int | None
+    recall_score: float | None = Field(description="inner product of user and item vectors; null for a fallback")
+    recall_rank: int | None = Field(description="0-based position in the recall order; null for a fallback")
+    ranking_score: float | None = Field(description="re-ranker score; null without a re-ranker or for a fallback")
+    popularity: float | None = Field(None, description="interaction count; set only by the popularity fallback")
+    features: dict[str, float | str | int | None] | None = Field(None, description="with explain=true: why this item")
+
+
+class RecommendResponse(BaseModel):
+    user_id: str | None
+    items: list[RecommendedItem]
+    bundle_version: str
+    fallback: Literal["popularity"] | None
+    timings_ms: dict[str, float]
+
+
+class SimilarItemsResponse(BaseModel):
+    item_id: str
+    bundle_version: str
+    items: list[RecommendedItem]
+
+
+class EventResponse(BaseModel):
+    status: Literal["recorded"]
+    user_id: str
+    history_length: int
+
+
+class ItemChangeResponse(BaseModel):
+    item_id: str
+    status: Literal["added", "replaced", "removed"]
+
+
+class ReloadResponse(BaseModel):
+    status: Literal["reloaded"]
+    previous_version: str
+    bundle_version: str
+
+
+class HealthResponse(BaseModel):
+    status: Literal["alive"]
+
+
+class ReadyResponse(BaseModel):
+    status: Literal["ready"]
+    bundle_version: str
+    items: int
+    rating_scale: tuple[float, float] = Field(description="the (min, max) rating /events accepts")

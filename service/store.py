@@ -1,49 +1,267 @@
-"""Append-only JSON-lines logs: an event or catalogue change is acknowledged only once fsynced.
+"""Durable online state in a local directory: fsynced JSON-lines logs plus a compact snapshot.
 
-At start-up (and on reload) the logs are replayed onto the freshly loaded bundle, so online
-state survives restarts. The trainer never reads these logs: replaying all of them onto a
-newer bundle is correct; rotate the state directory if you fold the events into training data.
+The logs (``events.jsonl``, ``catalog.jsonl``) are the full acknowledged history: a record is
+acknowledged only once fsynced, and the logs are never rewritten, so the trainer can read every
+event. Serving needs far less than the history: each user's last ``history_cap`` events and each
+item's latest catalogue state. ``OnlineState`` is that fold; ``snapshot.json`` stores it with the
+log offsets it covers, so start-up and reload read the snapshot plus the short tail after it, and
+their cost stays bounded however long the service has run.
+
+Records that cannot be applied (a bad field value, an unknown operation) are skipped and counted
+with a warning, never guessed at.
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import orjson
 from loguru import logger
+from pydantic import ValidationError
+
+from service.schemas import ItemUpsert
+
+SNAPSHOT = "snapshot.json"
+
+
+class Event(NamedTuple):
+    item_id: str
+    rating: float | None
+    timestamp: int
+
+
+@dataclass
+class UserHistory:
+    """A user's most recent online events (oldest first) and how many were ever recorded: the count
+    keeps growing after the cap, so it versions the history for the user-vector cache."""
+
+    version: int = 0
+    events: deque[Event] = field(default_factory=deque)
+
+
+@dataclass
+class OnlineState:
+    """What serving needs from the logs: capped per-user histories and each changed item's latest
+    state (an ``ItemUpsert`` dump, or ``None`` once removed), in first-change order."""
+
+    history_cap: int
+    users: dict[str, UserHistory] = field(default_factory=dict)
+    items: dict[str, dict | None] = field(default_factory=dict)
+
+    def add_event(self, user_id: str, event: Event) -> int:
+        history = self.users.setdefault(user_id, UserHistory(events=deque(maxlen=self.history_cap)))
+        history.events.append(event)
+        history.version += 1
+        return history.version
+
+    def add_change(self, item_id: str, item: dict | None) -> None:
+        self.items[item_id] = item
+
+    def copy(self) -> "OnlineState":
+        users = {u: UserHistory(h.version, deque(h.events, maxlen=self.history_cap)) for u, h in self.users.items()}
+        return OnlineState(self.history_cap, users, dict(self.items))
+
+
+def parse_event(record: Any) -> tuple[str, Event]:
+    """A logged event, type-checked: a log edited by hand or by an older version may hold anything."""
+    user, item, rating, ts = (record.get(k) for k in ("user_id", "item_id", "rating", "timestamp"))
+    if not (isinstance(user, str) and user and isinstance(item, str) and item):
+        raise ValueError("user_id and item_id must be non-empty strings")
+    if rating is not None and (isinstance(rating, bool) or not isinstance(rating, (int, float)) or not math.isfinite(rating)):
+        raise ValueError(f"rating {rating!r} is not a finite number")
+    if isinstance(ts, bool) or not isinstance(ts, int) or not 0 <= ts < 2**63:
+        raise ValueError(f"timestamp {ts!r} is not epoch seconds")
+    return user, Event(item, None if rating is None else float(rating), ts)
+
+
+def parse_change(record: Any) -> tuple[str, dict | None]:
+    """A logged catalogue change: an upsert with a valid item, or a removal; anything else is an error."""
+    op = record.get("op")
+    if op == "upsert":
+        try:
+            item = ItemUpsert.model_validate(record.get("item"))
+        except ValidationError as err:
+            raise ValueError(f"invalid item ({err.error_count()} errors)") from None
+        return str(item.item_id), item.model_dump()
+    if op == "remove":
+        if not isinstance(record.get("item_id"), str):
+            raise ValueError("item_id must be a string")
+        return record["item_id"], None
+    raise ValueError(f"unknown op {op!r}")
 
 
 class DurableLog:
+    """An append-only JSON-lines file; ``append`` returns only once the record is on disk."""
+
     def __init__(self, path: Path):
+        created = not path.exists()
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.lock = threading.Lock()
         _drop_torn_tail(path)
         self._file = open(path, "ab")
+        if created:  # the new directory entry must survive a power loss too, not only the bytes
+            _fsync_dir(path.parent)
 
-    def append(self, record: dict) -> None:
-        """Write, flush and fsync one record; returns only once it is on disk."""
-        line = orjson.dumps(record) + b"\n"
-        with self.lock:
-            self._file.write(line)
-            self._file.flush()
-            os.fsync(self._file.fileno())
+    @property
+    def size(self) -> int:
+        return self._file.tell()
 
-    def read(self) -> list[dict]:
-        """Every complete record; a torn final line (a crash mid-write, never acknowledged) is ignored."""
-        if not self.path.exists():
-            return []
-        records = []
-        for n, line in enumerate(self.path.read_bytes().splitlines(), start=1):
+    def append(self, record: dict) -> int:
+        """Write, flush and fsync one record; returns the offset just past it."""
+        self._file.write(orjson.dumps(record) + b"\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        return self._file.tell()
+
+    def read_from(self, offset: int, until: int | None = None) -> list[tuple[int, Any]]:
+        """``(line number counted from offset, record)`` for each complete line in ``[offset, until)``;
+        an unreadable line is reported as ``None`` (a torn write is cut at open, so it was never acknowledged)."""
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            data = f.read() if until is None else f.read(max(until - offset, 0))
+        out = []
+        for n, line in enumerate(data.splitlines(), start=1):
             try:
-                records.append(orjson.loads(line))
+                out.append((n, orjson.loads(line)))
             except orjson.JSONDecodeError:
-                logger.warning("{} line {}: unreadable record skipped (torn write?)", self.path, n)
-        return records
+                out.append((n, None))
+        return out
 
     def close(self) -> None:
         self._file.close()
+
+
+class FileStateStore:
+    """The embedded state backend: ``state_dir`` holds the two logs and the snapshot.
+
+    ``lock`` orders appends with the in-memory fold, so ``state()`` returns a fold together with the
+    exact log offsets it covers; a reader that needs what came after (a reload catching up) reads
+    ``tail(offsets)``. ``compact_after`` appended records trigger a snapshot on a background thread.
+    """
+
+    def __init__(self, state_dir: Path, history_cap: int, compact_after: int):
+        self.dir = state_dir
+        self.events = DurableLog(state_dir / "events.jsonl")
+        self.catalog = DurableLog(state_dir / "catalog.jsonl")
+        self.lock = threading.Lock()
+        self.compact_after = compact_after
+        self._compacting = threading.Lock()
+        self.online, offsets = self._read_snapshot(history_cap)
+        records = self.tail(offsets)
+        self._fold(records)
+        self.offsets = (self.events.size, self.catalog.size)
+        self.since_snapshot = len(records)
+        if self.since_snapshot >= compact_after:
+            self.compact()
+
+    # ------------------------------------------------------------------ writes
+    def append_event(self, user_id: str, event: Event) -> int:
+        """Durably record one event; returns the user's history version after it."""
+        record = {"user_id": user_id, "item_id": event.item_id, "rating": event.rating, "timestamp": event.timestamp}
+        with self.lock:
+            end = self.events.append(record)
+            version = self.online.add_event(user_id, event)
+            self.offsets = (end, self.offsets[1])
+            self._count_append()
+        return version
+
+    def append_change(self, item_id: str, item: dict | None) -> None:
+        """Durably record an upsert (``item``) or a removal (``None``)."""
+        record = {"op": "upsert", "item": item} if item is not None else {"op": "remove", "item_id": item_id}
+        with self.lock:
+            end = self.catalog.append(record)
+            self.online.add_change(item_id, item)
+            self.offsets = (self.offsets[0], end)
+            self._count_append()
+
+    # ------------------------------------------------------------------ reads
+    def state(self) -> tuple[OnlineState, tuple[int, int]]:
+        """A copy of the fold and the log offsets it covers (consistent: taken under ``lock``)."""
+        with self.lock:
+            return self.online.copy(), self.offsets
+
+    def tail(self, since: tuple[int, int]) -> list[tuple[str, Any]]:
+        """Valid records appended after ``since``, as ``("event", (user, Event))`` / ``("change", (item, state))``:
+        catalogue changes first, as at start-up (an event may name an item added in the same tail)."""
+        out: list[tuple[str, Any]] = []
+        for kind, log, offset, parse in (("change", self.catalog, since[1], parse_change),
+                                         ("event", self.events, since[0], parse_event)):
+            bad = []
+            for n, record in log.read_from(offset):
+                try:
+                    if record is None:
+                        raise ValueError("unreadable JSON")
+                    out.append((kind, parse(record)))
+                except (ValueError, AttributeError) as err:  # AttributeError: a record that is not an object
+                    bad.append(f"record {n} after offset {offset}: {err}")
+            if bad:
+                logger.warning("{}: skipped {} bad records (first: {})", log.path, len(bad), "; ".join(bad[:3]))
+        return out
+
+    # ------------------------------------------------------------------ snapshot
+    def compact(self) -> None:
+        """Write the fold and its offsets to ``snapshot.json`` atomically (temp file, fsync, rename, fsync dir)."""
+        with self._compacting:
+            state, offsets = self.state()
+            body = {"offsets": list(offsets), "history_cap": state.history_cap, "items": state.items,
+                    "users": {u: [h.version, [list(e) for e in h.events]] for u, h in state.users.items()}}
+            tmp = self.dir / f".{SNAPSHOT}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(orjson.dumps(body))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.dir / SNAPSHOT)
+            _fsync_dir(self.dir)
+            logger.info("state snapshot written: {} users, {} changed items, offsets {}", len(state.users),
+                        len(state.items), offsets)
+
+    def _count_append(self) -> None:
+        self.since_snapshot += 1
+        if self.since_snapshot >= self.compact_after and not self._compacting.locked():
+            self.since_snapshot = 0
+            threading.Thread(target=self._compact_quietly, name="state-compaction", daemon=True).start()
+
+    def _compact_quietly(self) -> None:
+        try:
+            self.compact()
+        except OSError as err:  # the logs still hold everything; the next trigger tries again
+            logger.warning("state snapshot failed: {}", err)
+
+    def _read_snapshot(self, history_cap: int) -> tuple[OnlineState, tuple[int, int]]:
+        """The stored fold, or an empty one at offset 0 when there is none (or it cannot be trusted)."""
+        path = self.dir / SNAPSHOT
+        state = OnlineState(history_cap)
+        if not path.exists():
+            return state, (0, 0)
+        try:
+            body = orjson.loads(path.read_bytes())
+            offsets = (int(body["offsets"][0]), int(body["offsets"][1]))
+            if offsets[0] > self.events.size or offsets[1] > self.catalog.size:
+                raise ValueError("offsets past the end of the logs (logs replaced?)")
+            for user, (version, events) in body["users"].items():
+                history = UserHistory(int(version), deque((Event(*e) for e in events), maxlen=history_cap))
+                state.users[user] = history
+            state.items = dict(body["items"])
+        except (ValueError, KeyError, TypeError, orjson.JSONDecodeError) as err:
+            logger.warning("{}: ignored ({}); replaying the logs from the start", path, err)
+            return OnlineState(history_cap), (0, 0)
+        return state, offsets
+
+    def _fold(self, records: list[tuple[str, Any]]) -> None:
+        for kind, value in records:
+            if kind == "change":
+                self.online.add_change(*value)
+            else:
+                self.online.add_event(*value)
+
+    def close(self) -> None:
+        self.events.close()
+        self.catalog.close()
 
 
 def _drop_torn_tail(path: Path) -> None:
@@ -51,9 +269,25 @@ def _drop_torn_tail(path: Path) -> None:
     record starts on a line of its own instead of being glued to the fragment and lost with it."""
     if not path.exists():
         return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        logger.warning("{}: dropping a torn final record ({} bytes)", path, len(data) - data.rfind(b"\n") - 1)
-        with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
-            os.fsync(f.fileno())
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        data = f.read()
+    keep = data.rfind(b"\n") + 1
+    logger.warning("{}: dropping a torn final record ({} bytes)", path, size - keep)
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

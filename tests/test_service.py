@@ -11,13 +11,11 @@ import random
 import shutil
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from offline.bundle import read_bundle, resolve, set_current
@@ -25,72 +23,10 @@ from offline.features import FeatureSpec, encode_user_features, history_windows
 from offline.split import temporal_split
 from offline.train_recall import TowerTables
 from offline.two_tower import TwoTower
-from service.app import app
-from service.config import get_settings
 from service.schemas import RecommendRequest
+from tests.servicekit import AUTH, TOKEN, assert_client_error
 
-TOKEN = "test-admin-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 STAGES = {"features", "user_encoding", "ann_search", "rerank"}
-
-
-# --------------------------------------------------------------------------- fixtures and helpers
-@contextmanager
-def serve(mp: pytest.MonkeyPatch, bundle_dir: Path, state_dir: Path, token: str | None = TOKEN, **env: str):
-    """The app with these settings, lifespan included (start-up and shutdown really run)."""
-    mp.setenv("RECSYS_BUNDLE_DIR", str(bundle_dir))
-    mp.setenv("RECSYS_STATE_DIR", str(state_dir))
-    mp.setenv("RECSYS_LOG_LEVEL", "WARNING")
-    if token is None:
-        mp.delenv("RECSYS_ADMIN_TOKEN", raising=False)
-    else:
-        mp.setenv("RECSYS_ADMIN_TOKEN", token)
-    for key, value in env.items():
-        mp.setenv(f"RECSYS_{key.upper()}", value)
-    get_settings.cache_clear()
-    outer = getattr(app.state, "service", None)  # ``app`` is a process global: a nested start must not leave
-    try:                                          # the module-wide service pointing at a stopped one
-        with TestClient(app) as client:
-            yield client
-    finally:
-        app.state.service = outer
-        get_settings.cache_clear()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _restore_torch_threads():
-    """The lifespan sets torch's thread count for the process; give the other test modules theirs back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def client(bundle_root, tmp_path_factory):
-    """One service for the tests that only read (no events, no catalogue changes)."""
-    with pytest.MonkeyPatch.context() as mp, serve(mp, bundle_root, tmp_path_factory.mktemp("state")) as c:
-        yield c
-
-
-@pytest.fixture
-def start(bundle_root, tmp_path, monkeypatch):
-    """``start()`` serves a fresh state directory; calling it again with the same state is a restart."""
-    def _start(bundle_dir: Path = bundle_root, state_dir: Path = tmp_path / "state", **kw):
-        return serve(monkeypatch, bundle_dir, state_dir, **kw)
-    return _start
-
-
-@pytest.fixture
-def own_root(bundle_root, tmp_path) -> Path:
-    """A private copy of the bundle root, for tests that add versions or corrupt files."""
-    root = tmp_path / "artifacts"
-    shutil.copytree(bundle_root, root, ignore=shutil.ignore_patterns("runs", "reports", "state"))
-    return root
-
-
-@pytest.fixture(scope="module")
-def bundle(bundle_root):
-    return read_bundle(bundle_root)
 
 
 @pytest.fixture(scope="module")
@@ -133,15 +69,6 @@ def scores(response) -> dict[str, float]:
     return {it["item_id"]: it["recall_score"] for it in response.json()["items"]}
 
 
-def assert_client_error(response, status: int | None = None) -> None:
-    """A 4xx with a readable message, never a 500."""
-    assert 400 <= response.status_code < 500, (response.status_code, response.text)
-    if status is not None:
-        assert response.status_code == status, response.text
-    body = response.json()
-    assert isinstance(body.get("error"), str) and body["error"], body
-
-
 def items_matching(bundle, genres_any=(), genres_none=(), year_min=None, year_max=None) -> set[int]:
     """Brute force over the catalogue arrays: the rows a filter admits."""
     names = bundle.catalog["genre_names"]
@@ -167,7 +94,9 @@ def item_ids_of(bundle, rows) -> set[str]:
 def test_health_and_ready_report_the_loaded_bundle(client, bundle):
     assert client.get("/health").json() == {"status": "alive"}
     ready = client.get("/ready").json()
-    assert ready == {"status": "ready", "bundle_version": bundle.version, "items": len(bundle.catalog["item_ids"])}
+    scale = bundle.manifest.get("rating_scale") or {"min": 0.0, "max": 5.0}
+    assert ready == {"status": "ready", "bundle_version": bundle.version, "items": len(bundle.catalog["item_ids"]),
+                     "rating_scale": [scale["min"], scale["max"]]}
 
 
 def test_recommend_known_user_returns_k_unseen_items_with_raw_ids(client, bundle):
@@ -257,7 +186,10 @@ def test_empty_profile_falls_back_to_popularity_and_says_so(client, bundle):
     pop = bundle.arrays["popularity"]
     expected = [bundle.catalog["item_ids"][i] for i in np.lexsort((np.arange(len(pop)), -pop))[:10]]
     assert ids(response) == expected
-    assert [it["ranking_score"] for it in body["items"]] == sorted(pop, reverse=True)[:10]
+    assert [it["popularity"] for it in body["items"]] == sorted(pop, reverse=True)[:10]
+    # the fallback has no recall or ranking stage: those fields stay empty
+    assert all(it["ranking_score"] is None and it["recall_score"] is None and it["recall_rank"] is None
+               for it in body["items"])
 
 
 def test_explain_flag_adds_reasons(client, bundle):
@@ -512,7 +444,7 @@ def test_a_failed_log_write_is_neither_acknowledged_nor_applied(start, bundle):
     with start() as client:
         state = client.app.state.service
         items = client.get("/ready").json()["items"]
-        state.catalog_log.append = state.events.append = full_disk
+        state.store.catalog.append = state.store.events.append = full_disk
         for method, url, body in (("POST", "/admin/items", {"item_id": "lost"}), ("DELETE", "/admin/items/i3", None),
                                   ("POST", "/events", {"user_id": "u19", "item_id": "i3"})):
             with pytest.raises(OSError):
@@ -520,7 +452,7 @@ def test_a_failed_log_write_is_neither_acknowledged_nor_applied(start, bundle):
         assert client.get("/ready").json()["items"] == items
         assert_client_error(client.get("/similar-items/lost"), 404)
         assert client.get("/similar-items/i3").status_code == 200
-        del state.catalog_log.append, state.events.append
+        del state.store.catalog.append, state.store.events.append
         assert client.post("/events", json={"user_id": "u19", "item_id": "i4"}).json()["history_length"] == base + 1
 
 
@@ -554,9 +486,9 @@ def test_new_item_popularity_starts_at_zero_and_replace_keeps_it(start, bundle):
         assert client.put("/admin/items", json={"item_id": top, "title": "renamed"}, headers=AUTH).status_code == 200
         assert client.post("/admin/items", json={"item_id": "zero-pop", "year": 2999}, headers=AUTH).status_code == 200
         items = client.post("/recommend", json={"k": 1}).json()["items"]
-        assert [(it["item_id"], it["title"], it["ranking_score"]) for it in items] == [(top, "renamed", float(pop.max()))]
+        assert [(it["item_id"], it["title"], it["popularity"]) for it in items] == [(top, "renamed", float(pop.max()))]
         fresh = client.post("/recommend", json={"k": 5, "filters": {"year_min": 2999}}).json()["items"]
-        assert [(it["item_id"], it["ranking_score"]) for it in fresh] == [("zero-pop", 0.0)]
+        assert [(it["item_id"], it["popularity"]) for it in fresh] == [("zero-pop", 0.0)]
 
 
 # --------------------------------------------------------------------------- admin
