@@ -315,12 +315,25 @@ def _read_table(path: Path, bad: _BadRows, delimiter: str = ",", typed_header: b
             header = next(reader, None)
             if not header:
                 raise DataError(path, "file is empty (no header line)")
+            if delimiter == ",":
+                _check_comma_delimited(path, header)
             columns = _header_columns(path, header, typed_header)
             return _Table(path, columns, list(_data_rows(path, reader, len(columns), bad)))
     except UnicodeDecodeError as err:
         raise DataError(path, f"not UTF-8 text ({err.reason} at byte {err.start})") from None
     except csv.Error as err:
         raise DataError(path, f"malformed CSV: {err}", reader.line_num) from None
+
+
+def _check_comma_delimited(path: Path, header: list[str]) -> None:
+    """A one-column header holding ``;`` or a tab is a file written with another delimiter (a
+    spreadsheet's locale default, a TSV export): say so, rather than "lacks required columns"."""
+    if len(header) != 1:
+        return
+    found = [name for sep, name in ((";", "';'"), ("\t", "a tab")) if sep in header[0]]
+    if found:
+        raise DataError(path, f"the header is a single column containing {' and '.join(found)}: "
+                              "the delimiter must be a comma (user_id,item_id,...)", 1)
 
 
 def _header_columns(path: Path, header: list[str], typed: bool) -> dict[str, int]:

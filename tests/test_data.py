@@ -232,6 +232,31 @@ def test_skip_bad_rows_does_not_skip_header_problems(tmp_path: Path) -> None:
         load_csv(inter, skip_bad_rows=True)
 
 
+@pytest.mark.parametrize(("sep", "named"), [(";", "';'"), ("\t", "a tab")])
+@pytest.mark.parametrize("which", ["interactions", "users", "items"])
+def test_a_header_delimited_by_semicolons_or_tabs_says_the_delimiter_must_be_a_comma(tmp_path: Path, which: str,
+                                                                                      sep: str, named: str) -> None:
+    files = {
+        "interactions": [HEADER, "u1,i1,5,100"],
+        "users": ["user_id,age", "u1,30"],
+        "items": ["item_id,title", "i1,One"],
+    }
+    files[which] = [line.replace(",", sep) for line in files[which]]
+    paths = {name: write(tmp_path / f"{name}.csv", *lines) for name, lines in files.items()}
+    expected = (f"{which}.csv line 1: the header is a single column containing {named}: "
+                "the delimiter must be a comma (user_id,item_id,...)")
+    with pytest.raises(DataError) as err:
+        load_csv(paths["interactions"], paths["users"], paths["items"])
+    assert str(err.value) == expected
+    assert (err.value.path.name, err.value.line) == (f"{which}.csv", 1)
+
+
+def test_a_single_column_header_without_a_foreign_delimiter_is_judged_on_its_columns(tmp_path: Path) -> None:
+    inter = write(tmp_path / "interactions.csv", "user_id item_id rating timestamp", "u1 i1 5 100")
+    with pytest.raises(DataError, match=r"^interactions\.csv line 1: header lacks required column\(s\): user_id, item_id"):
+        load_csv(inter)
+
+
 def test_fingerprint_is_stable_and_follows_the_interactions(tmp_path: Path) -> None:
     first = write(tmp_path / "a" / "interactions.csv", HEADER, "u1,i1,5,100", "u2,i1,3,101")
     same = write(tmp_path / "b" / "interactions.csv", HEADER, "u1,i1,5,100", "u2,i1,3,101")
