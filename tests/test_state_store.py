@@ -1,0 +1,176 @@
+"""The durable online state: logs, snapshot + tail, bad records, caps.
+
+Written against the store's interface (append, state, tail, compact) so that a second backend can
+run the same behaviours; the service-level tests at the end go through HTTP.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from loguru import logger
+
+from service import store as store_module
+from service.state import catch_up
+from service.store import Event, FileStateStore
+from tests.servicekit import AUTH
+
+
+@pytest.fixture
+def warnings():
+    """Loguru warnings emitted during the test, as text."""
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="WARNING", format="{message}")
+    yield lines
+    logger.remove(sink)
+
+
+def open_store(path: Path, cap: int = 100, compact_after: int = 1000) -> FileStateStore:
+    return FileStateStore(path, history_cap=cap, compact_after=compact_after)
+
+
+def histories(store: FileStateStore) -> dict[str, tuple[int, list[Event]]]:
+    online, _ = store.state()
+    return {u: (h.version, list(h.events)) for u, h in online.users.items()}
+
+
+def test_appended_state_survives_reopening(tmp_path):
+    s = open_store(tmp_path)
+    assert s.append_event("u1", Event("i1", 4.0, 10)) == 1
+    assert s.append_event("u1", Event("i2", None, 11)) == 2
+    s.append_change("new", {"item_id": "new", "title": "", "genres": [], "year": None, "features": {}})
+    s.append_change("i3", None)
+    s.close()
+    again = open_store(tmp_path)
+    assert histories(again) == {"u1": (2, [Event("i1", 4.0, 10), Event("i2", None, 11)])}
+    assert again.state()[0].items == {"new": {"item_id": "new", "title": "", "genres": [], "year": None, "features": {}},
+                                      "i3": None}
+
+
+def test_history_is_capped_but_its_version_keeps_counting(tmp_path):
+    s = open_store(tmp_path, cap=3)
+    for t in range(5):
+        s.append_event("u1", Event(f"i{t}", None, t))
+    assert histories(s)["u1"] == (5, [Event(f"i{t}", None, t) for t in (2, 3, 4)])
+    s.close()
+    assert histories(open_store(tmp_path, cap=3))["u1"][0] == 5
+
+
+def test_bad_records_are_skipped_counted_and_never_guessed(tmp_path, warnings):
+    (tmp_path / "events.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"user_id": "u1", "item_id": "i1", "rating": 4, "timestamp": 1},
+        {"user_id": "u1", "item_id": "i2", "rating": "bad", "timestamp": 2},
+        {"user_id": "u1", "item_id": "i3", "rating": None, "timestamp": 2**70},
+        [1, 2, 3],
+        {"user_id": "u1", "item_id": "i4", "rating": None, "timestamp": 3},
+    ]) + "\nnot json\n")
+    (tmp_path / "catalog.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"op": "delete", "item_id": "i5"},  # an unknown op is not a removal
+        {"op": "upsert", "item": {"item_id": "x", "year": "1999"}},
+        {"op": "remove", "item_id": "i6"},
+    ]) + "\n")
+    s = open_store(tmp_path)
+    assert histories(s) == {"u1": (2, [Event("i1", 4.0, 1), Event("i4", None, 3)])}
+    assert s.state()[0].items == {"i6": None}
+    text = "\n".join(warnings)
+    assert "skipped 4 bad records" in text and "rating 'bad'" in text
+    assert "skipped 2 bad records" in text and "unknown op 'delete'" in text
+
+
+def test_snapshot_covers_the_log_so_reopening_reads_only_the_tail(tmp_path, warnings):
+    s = open_store(tmp_path, compact_after=10)
+    for t in range(25):
+        s.append_event(f"u{t % 3}", Event(f"i{t}", 1.0, t))
+    s.compact()
+    s.append_event("u0", Event("late", None, 99))
+    expected = histories(s)
+    covered = json.loads((tmp_path / "snapshot.json").read_text())["offsets"][0]
+    s.close()
+    log = tmp_path / "events.jsonl"
+    data = log.read_bytes()
+    log.write_bytes(b"x" * (covered - 1) + b"\n" + data[covered:])  # garbage where the snapshot covers
+    assert histories(open_store(tmp_path, compact_after=10)) == expected
+    assert not warnings
+
+
+def test_compaction_runs_by_itself_after_enough_appends(tmp_path):
+    s = open_store(tmp_path, compact_after=20)
+    for t in range(45):
+        s.append_event("u1", Event("i1", None, t))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        snap = tmp_path / "snapshot.json"
+        if snap.exists() and json.loads(snap.read_text())["users"]["u1"][0] >= 20:
+            break
+        time.sleep(0.05)
+    body = json.loads((tmp_path / "snapshot.json").read_text())
+    assert body["users"]["u1"][0] >= 20 and body["offsets"][0] > 0
+
+
+def test_a_long_tail_at_start_up_is_folded_into_a_snapshot(tmp_path):
+    s = open_store(tmp_path, compact_after=1_000_000)
+    for t in range(30):
+        s.append_event("u1", Event("i1", None, t))
+    s.close()
+    open_store(tmp_path, compact_after=10)
+    assert json.loads((tmp_path / "snapshot.json").read_text())["offsets"][0] == (tmp_path / "events.jsonl").stat().st_size
+
+
+def test_a_snapshot_past_the_end_of_the_logs_is_ignored(tmp_path, warnings):
+    s = open_store(tmp_path)
+    s.append_event("u1", Event("i1", None, 1))
+    s.compact()
+    s.close()
+    (tmp_path / "events.jsonl").write_text("")  # the logs were replaced: the snapshot describes other logs
+    assert histories(open_store(tmp_path)) == {}
+    assert any("past the end of the logs" in w for w in warnings)
+
+
+def test_a_new_log_file_is_made_durable_in_its_directory(tmp_path, monkeypatch):
+    synced: list[Path] = []
+    monkeypatch.setattr(store_module, "_fsync_dir", lambda p: synced.append(Path(p)))
+    open_store(tmp_path / "fresh").close()
+    assert synced == [tmp_path / "fresh", tmp_path / "fresh"]  # events.jsonl, then catalog.jsonl
+    synced.clear()
+    open_store(tmp_path / "fresh").close()
+    assert synced == []
+
+
+# --------------------------------------------------------------------------- through the service
+def test_records_acknowledged_during_a_reload_are_caught_up(start, bundle_root):
+    """The new engine folds the state without the write lock, then applies what was written meanwhile."""
+    with start() as client:
+        state = client.app.state.service
+        online, offsets = state.store.state()
+        engine = state.build(bundle_root)
+        engine.load_online(online)
+        assert client.post("/events", json={"user_id": "u3", "item_id": "i7"}).status_code == 200
+        assert client.post("/admin/items", json={"item_id": "during", "genres": ["genre1"]}, headers=AUTH).status_code == 200
+        catch_up(engine, state.store.tail(offsets))
+        assert engine.history_version("u3") == state.engine.history_version("u3") == 1
+        assert engine.require_item("during") == state.engine.require_item("during")
+
+
+def test_bad_records_in_the_logs_do_not_stop_start_up(start, tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "events.jsonl").write_text(json.dumps({"user_id": "walk-in", "item_id": "i1", "rating": "bad", "timestamp": 1})
+                                        + "\n" + json.dumps({"user_id": "walk-in", "item_id": "i2", "timestamp": 2}) + "\n")
+    (state / "catalog.jsonl").write_text(json.dumps({"op": "drop", "item_id": "i3"}) + "\n")
+    with start() as client:
+        assert client.get("/similar-items/i3").status_code == 200  # not removed by an op nobody wrote
+        assert client.post("/events", json={"user_id": "walk-in", "item_id": "i4"}).json()["history_length"] == 2
+
+
+def test_restart_after_compaction_serves_the_same_state(start):
+    with start(compact_after="5", history_cap="50") as client:
+        for n in range(12):
+            assert client.post("/events", json={"user_id": "walk-in", "item_id": f"i{n}"}).status_code == 200
+        client.post("/admin/items", json={"item_id": "kept", "genres": ["genre2"]}, headers=AUTH)
+        client.app.state.service.store.compact()
+        before = client.get("/recommend", params={"user_id": "walk-in", "k": 20}).json()["items"]
+    with start(compact_after="5", history_cap="50") as client:
+        assert client.get("/recommend", params={"user_id": "walk-in", "k": 20}).json()["items"] == before
+        assert client.post("/events", json={"user_id": "walk-in", "item_id": "kept"}).json()["history_length"] == 13
