@@ -19,7 +19,7 @@ from loguru import logger
 from offline.bundle import Bundle, write_bundle
 from offline.config import config_option
 from offline.data import dataset_fingerprint
-from offline.dataset import Dataset
+from offline.dataset import Dataset, Interactions
 from offline.evaluate import baseline_models, paired_bootstrap, report_rows, tune, write_report
 from offline.rank_features import RankerTables, ranker_arrays
 from offline.ranker import RankerConfig
@@ -167,6 +167,19 @@ def bundle_arrays(ds: Dataset, split: TemporalSplit, tables: TowerTables, item_v
     }
 
 
+def rating_scale(inter: Interactions) -> dict[str, float]:
+    """The ratings a bundle understands: the lowest and highest rating in the training data (every
+    window, so the service accepts any rating the data held). The service validates ``/events``
+    ratings against it. Warns when it leaves 1..5, the range the tower's rating codes
+    (``features.history_windows``: rint, clipped to 0..5, 0 = unknown) and the relevance grades
+    (``split.relevance``: rating >= 4 is positive) were designed for."""
+    low, high = float(inter.rating.min()), float(inter.rating.max())
+    if low < 1 or high > 5:
+        logger.warning("ratings span {:g}..{:g}; the tower's rating codes clip to 0..5 and rating >= 4 counts as "
+                       "positive: rescale the ratings to 1..5 for full use of them", low, high)
+    return {"min": low, "max": high}
+
+
 def assemble_bundle(ds: Dataset, split: TemporalSplit, tables: TowerTables, model: TwoTower, index: hnswlib.Index,
                     arrays: dict[str, np.ndarray], recall_cfg: RecallConfig, index_cfg: IndexConfig,
                     ranker_cfg: RankerConfig, metrics: dict, fingerprint: str, ranker: dict | None) -> Bundle:
@@ -176,6 +189,7 @@ def assemble_bundle(ds: Dataset, split: TemporalSplit, tables: TowerTables, mode
     dim = int(arrays["item_vectors"].shape[1])
     manifest = {
         "data_fingerprint": fingerprint, "dataset": ds.name, "implicit": split.implicit,
+        "rating_scale": rating_scale(ds.interactions),
         "params": {"recall": asdict(recall_cfg), "index": asdict(index_cfg), "ranker": asdict(ranker_cfg)},
         "metrics": metrics, "model_config": model.config, "feature_spec": tables.spec.to_dict(),
         "index": {"space": "ip", "dim": dim, "m": index_cfg.m,
