@@ -5,25 +5,16 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
-from loguru import logger
 
 from offline.bundle import resolve
 from offline.dataset import Interactions
 from offline.pipeline import rating_scale
+from test_data import warnings  # noqa: F401  (the loguru-capturing fixture)
 
 
 def interactions(*ratings: float) -> Interactions:
     n = len(ratings)
     return Interactions(np.zeros(n, np.int64), np.arange(n), np.array(ratings, np.float32), np.arange(n))
-
-
-@pytest.fixture
-def warnings() -> list[str]:
-    messages: list[str] = []
-    handler = logger.add(lambda m: messages.append(m.record["message"]), level="WARNING")
-    yield messages
-    logger.remove(handler)
 
 
 def test_the_bundle_manifest_carries_the_min_and_max_rating_of_the_training_data(bundle_root, tiny_dataset):
