@@ -1,13 +1,14 @@
-# Two set-up commands (see README): `make serve` trains on MovieLens-100K and serves;
-# `make test` installs what the tests need and runs them.
+# Set-up commands (see README): `make serve` serves the bundle under $(OUT), training one on
+# MovieLens-100K first only when none exists; `make test` installs what the tests need and runs them.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -c constraints.txt
 OUT ?= artifacts
 PORT ?= 8000
+SERVE := RECSYS_BUNDLE_DIR=$(OUT) $(BIN)/uvicorn service.app:app --host 0.0.0.0 --port $(PORT)
 
-.PHONY: install install-dev test train evaluate serve bench clean
+.PHONY: install install-dev test train evaluate serve run bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,14 +22,25 @@ install-dev: $(BIN)/python
 test: install-dev
 	$(BIN)/python -m pytest -q
 
+# Always trains a new bundle version (and points $(OUT)/current at it).
 train: install
 	$(BIN)/python -m offline train --out $(OUT)
 
 evaluate: install-dev
 	$(BIN)/python -m offline evaluate --out reports
 
-serve: train
-	RECSYS_BUNDLE_DIR=$(OUT) $(BIN)/uvicorn service.app:app --host 0.0.0.0 --port $(PORT)
+# The first bundle: trained only when $(OUT) has none, so `make serve` never retrains an existing one.
+$(OUT)/current:
+	$(MAKE) train OUT=$(OUT)
+
+# Serve $(OUT)'s current bundle, training one first if there is none.
+serve: install | $(OUT)/current
+	$(SERVE)
+
+# Serve $(OUT)'s current bundle; never trains (fails if there is none).
+run: install
+	@test -f $(OUT)/current || { echo "no bundle under $(OUT): run 'make train' first (or 'make serve')" >&2; exit 1; }
+	$(SERVE)
 
 clean:
 	rm -rf $(VENV) reports runs
