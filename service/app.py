@@ -17,6 +17,7 @@ import hnswlib  # noqa: F401  (imported early: fail at boot, not on the first re
 import torch
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from loguru import logger
@@ -27,7 +28,7 @@ from threadpoolctl import threadpool_limits
 
 from offline.bundle import BundleError
 from service import metrics
-from service.config import get_settings
+from service.config import Settings, get_settings
 from service.engine import Engine, RequestError, now
 from service.http import BodyLimit, FastJSONResponse, Observe, allowed_methods, error, errors, validation_summary
 from service.schemas import (
@@ -55,6 +56,7 @@ async def lifespan(app: FastAPI):
         logger.error("cannot start: {}", err)
         raise RuntimeError(f"cannot start: {err}") from err
     app.state.service = state
+    app.openapi_schema = None  # regenerated with these settings' limits on the next request
     logger.info("serving bundle {} ({} items)", state.engine.version, state.engine.searchable_items)
     yield
     state.close()
@@ -143,7 +145,7 @@ def ready(request: Request):
         return error(503, "bundle not loaded")
     engine = state.engine
     return FastJSONResponse({"status": "ready", "bundle_version": engine.version, "items": engine.searchable_items,
-                             "rating_scale": engine.rating_scale})
+                             "rating_scale": dict(zip(("min", "max"), engine.rating_scale))})
 
 
 @app.get("/metrics", response_class=PlainTextResponse, tags=["probes"],
@@ -231,3 +233,33 @@ def reload_bundle(state: StateDep, body: ReloadRequest | None = None):
     logger.info("reloaded: {} -> {}", old, engine.version)
     return FastJSONResponse({"status": "reloaded", "previous_version": old, "bundle_version": engine.version})
 
+
+
+# ----------------------------------------------------------------------------- OpenAPI
+def openapi() -> dict:
+    """The generated document with this deployment's limits (``max_k``...) in place of the schemas' hard
+    ceilings, so that a client, and the fuzz test in CI, knows what the service really accepts."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        apply_limits(schema, get_settings())
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def apply_limits(schema: dict, settings: Settings) -> None:
+    def limit(node: dict, key: str, value: int) -> None:
+        for branch in node.get("anyOf", [node]):  # ``int | None`` is an anyOf with a null branch
+            if branch.get("type") in ("integer", "array"):
+                branch[key] = value
+
+    body = schema["components"]["schemas"]["RecommendRequest"]["properties"]
+    limit(body["k"], "maximum", settings.max_k)
+    limit(body["candidates"], "maximum", settings.max_candidates)
+    limit(body["recent_items"], "maxItems", settings.max_recent_items)
+    for path in ("/recommend", "/similar-items/{item_id}"):
+        for param in schema["paths"][path]["get"]["parameters"]:
+            if param["name"] in ("k", "candidates"):
+                limit(param["schema"], "maximum", settings.max_k if param["name"] == "k" else settings.max_candidates)
+
+
+app.openapi = openapi

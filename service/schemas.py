@@ -37,7 +37,7 @@ def _id_text(value: str) -> str:
 Text = Annotated[StrictStr, Field(max_length=MAX_ID_CHARS), AfterValidator(_text)]
 Int64 = Annotated[StrictInt, Field(ge=INT64[0], le=INT64[1])]
 FiniteFloat = Annotated[StrictFloat, Field(allow_inf_nan=False)]
-RawId = Annotated[StrictStr, Field(max_length=MAX_ID_CHARS), AfterValidator(_id_text)] | Int64
+RawId = Annotated[StrictStr, Field(max_length=MAX_ID_CHARS, pattern=r"\S"), AfterValidator(_id_text)] | Int64
 Year = Annotated[StrictInt, Field(ge=YEAR_RANGE[0], le=YEAR_RANGE[1])]
 FeatureValue = Text | Int64 | FiniteFloat | None
 Features = Annotated[dict[Text, FeatureValue], Field(max_length=100)]
@@ -156,8 +156,13 @@ class HealthResponse(BaseModel):
     status: Literal["alive"]
 
 
+class RatingScale(BaseModel):
+    min: float
+    max: float
+
+
 class ReadyResponse(BaseModel):
     status: Literal["ready"]
     bundle_version: str
     items: int
-    rating_scale: tuple[float, float] = Field(description="the (min, max) rating /events accepts")
+    rating_scale: RatingScale = Field(description="the ratings /events accepts: the range the model was trained on")

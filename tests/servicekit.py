@@ -2,8 +2,14 @@
 from __future__ import annotations
 
 import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import httpx
 
 import pytest
 import torch
@@ -85,3 +91,40 @@ def assert_client_error(response, status: int | None = None) -> None:
         assert response.status_code == status, response.text
     body = response.json()
     assert isinstance(body.get("error"), str) and body["error"], body
+
+
+# --------------------------------------------------------------------------- real processes on loopback
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, timeout: float, proc: subprocess.Popen) -> None:
+    """Until ``url`` answers 200; fails early, with the process's log, if the process exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(url)
+
+
+@contextmanager
+def spawned(cmd: list[str], log: Path, env: dict | None = None) -> Iterator[subprocess.Popen]:
+    """A process with its output in ``log``, stopped by its pid when the block ends (killed if it lingers)."""
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

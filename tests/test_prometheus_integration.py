@@ -3,40 +3,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.servicekit import free_port, spawned, wait_for
+
 pytestmark = pytest.mark.skipif(shutil.which("prometheus") is None, reason="Debian's prometheus is not installed (.ci/run installs it)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(url: str, timeout: float, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(url)
-
-
-def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
 
 
 def query(prom: str, expr: str) -> list[dict]:
@@ -49,17 +24,16 @@ def test_prometheus_scrapes_recommender_metrics(bundle_root, tmp_path):
     api_port, prom_port = free_port(), free_port()
     env = {**os.environ, "RECSYS_BUNDLE_DIR": str(bundle_root), "RECSYS_STATE_DIR": str(tmp_path / "state")}
     env.pop("RECSYS_ADMIN_TOKEN", None)
-    api = start([sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port", str(api_port)],
-                tmp_path / "api.log", env)
+    api_cmd = [sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port", str(api_port)]
     config = tmp_path / "prometheus.yml"
     config.write_text(
         "global:\n  scrape_interval: 1s\n"
         f"scrape_configs:\n  - job_name: recommender\n    static_configs:\n      - targets: ['127.0.0.1:{api_port}']\n"
     )
-    prom = start(["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                  f"--web.listen-address=127.0.0.1:{prom_port}"], tmp_path / "prometheus.log")
+    prom_cmd = ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{prom_port}"]
     base, prom_url = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{prom_port}"
-    try:
+    with spawned(api_cmd, tmp_path / "api.log", env) as api, spawned(prom_cmd, tmp_path / "prometheus.log") as prom:
         wait_for(f"{base}/ready", 90, api)
         user = httpx.get(f"{base}/ready").json()
         assert user["status"] == "ready"
@@ -80,10 +54,3 @@ def test_prometheus_scrapes_recommender_metrics(bundle_root, tmp_path):
         assert query(prom_url, "recsys_bundle_info")[0]["metric"]["version"] == user["bundle_version"]
         assert float(query(prom_url, "recsys_index_items")[0]["value"][1]) == user["items"]
         assert query(prom_url, 'up{job="recommender"}')[0]["value"][1] == "1"
-    finally:
-        for proc in (api, prom):
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()

@@ -96,7 +96,7 @@ def test_health_and_ready_report_the_loaded_bundle(client, bundle):
     ready = client.get("/ready").json()
     scale = bundle.manifest.get("rating_scale") or {"min": 0.0, "max": 5.0}
     assert ready == {"status": "ready", "bundle_version": bundle.version, "items": len(bundle.catalog["item_ids"]),
-                     "rating_scale": [scale["min"], scale["max"]]}
+                     "rating_scale": {"min": scale["min"], "max": scale["max"]}}
 
 
 def test_recommend_known_user_returns_k_unseen_items_with_raw_ids(client, bundle):
