@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     compact_after: int = Field(10_000, ge=1, description="state log records after which a snapshot is written, so "
                                "start-up and reload read the snapshot plus at most about this many records")
     body_timeout_s: float = Field(10.0, gt=0, description="a request body that stalls this long between chunks gets 408")
+    header_timeout_s: float = Field(10.0, gt=0, description="a request head not complete this long after the connection "
+                                    "opened gets 408 (with --http service.protocol:HeadDeadline)")
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":
