@@ -43,4 +43,5 @@ EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2)"]
 
-CMD ["uvicorn", "service.app:app", "--host", "0.0.0.0", "--port", "8000"]
+# HeadDeadline: a 408 for a request head that trickles in (slow clients); nginx fronts it in compose.
+CMD ["uvicorn", "service.app:app", "--host", "0.0.0.0", "--port", "8000", "--http", "service.protocol:HeadDeadline"]

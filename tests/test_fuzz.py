@@ -34,7 +34,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(bundle_root,
                "--header", f"Authorization: Bearer {TOKEN}", "--no-color"]
     with spawned(server, tmp_path / "server.log", env) as proc:
         wait_for(f"{base}/ready", 90, proc)
-        run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)  # its cache stays there
     summary = run.stdout[-3000:]
     assert run.returncode == 0, f"{' '.join(command)}\n{summary}"
     selected = re.search(r"Selected: (\d+)/(\d+)", summary)
