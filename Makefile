@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -c constraints.txt
 OUT ?= artifacts
 PORT ?= 8000
-SERVE := RECSYS_BUNDLE_DIR=$(OUT) $(BIN)/uvicorn service.app:app --host 0.0.0.0 --port $(PORT)
+SERVE := RECSYS_BUNDLE_DIR=$(OUT) $(BIN)/uvicorn service.app:app --host 0.0.0.0 --port $(PORT) --http service.protocol:HeadDeadline
 
 .PHONY: install install-dev test train evaluate serve run bench clean
 
