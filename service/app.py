@@ -36,7 +36,7 @@ from service.schemas import (
     ReadyResponse, RecommendRequest, RecommendResponse, ReloadRequest, ReloadResponse, SimilarItemsResponse,
 )
 from service.state import ServiceState
-from service.store import Event
+from service.store import Event, StoreUnavailable
 
 
 @asynccontextmanager
@@ -52,7 +52,7 @@ async def lifespan(app: FastAPI):
     anyio.to_thread.current_default_thread_limiter().total_tokens = settings.worker_threads
     try:
         state = ServiceState(settings)
-    except (BundleError, OSError) as err:  # OSError: the state directory cannot be created or written
+    except (BundleError, OSError, StoreUnavailable) as err:  # OSError: the state directory cannot be created or written
         logger.error("cannot start: {}", err)
         raise RuntimeError(f"cannot start: {err}") from err
     app.state.service = state
@@ -100,6 +100,13 @@ async def request_error(_: Request, err: RequestError):
     return error(err.status, err.message, err.headers)
 
 
+@app.exception_handler(StoreUnavailable)
+async def store_unavailable(_: Request, err: StoreUnavailable):
+    """Nothing was recorded; the client may retry. Reads keep serving from the bundle meanwhile."""
+    logger.warning("state store unavailable: {}", err)
+    return error(503, f"state store unavailable, nothing was recorded: {err}", {"Retry-After": "1"})
+
+
 @app.exception_handler(RequestValidationError)
 async def validation_error(_: Request, err: RequestValidationError):
     """A body that is not JSON at all is a 400; JSON with wrong fields is a 422 naming each field."""
@@ -140,11 +147,14 @@ def health():
 
 @app.get("/ready", response_model=ReadyResponse, responses=errors(503), tags=["probes"])
 def ready(request: Request):
+    """Ready once a bundle is loaded. With the state store unreachable the replica still serves reads from
+    the bundle (writes get 503), so it stays in the load balancer and says ``degraded`` and why."""
     state = getattr(request.app.state, "service", None)
     if state is None:
         return error(503, "bundle not loaded")
-    engine = state.engine
-    return FastJSONResponse({"status": "ready", "bundle_version": engine.version, "items": engine.searchable_items,
+    engine, problem = state.engine, state.health()
+    return FastJSONResponse({"status": "degraded" if problem else "ready", "state_store": problem or "ok",
+                             "bundle_version": engine.version, "items": engine.searchable_items,
                              "rating_scale": dict(zip(("min", "max"), engine.rating_scale))})
 
 
@@ -193,7 +203,7 @@ def similar_items(item_id: str, engine: EngineDep, k: Annotated[int, Query(ge=1,
 
 
 # ----------------------------------------------------------------------------- online state
-@app.post("/events", response_model=EventResponse, responses=errors(400, 404, 408, 413, 422), tags=["events"])
+@app.post("/events", response_model=EventResponse, responses=errors(400, 404, 408, 413, 422, 503), tags=["events"])
 def record_event(body: EventRequest, state: StateDep):
     """Validated, fsynced to the event log, then applied: acknowledged means durable."""
     low, high = state.engine.rating_scale
@@ -202,24 +212,26 @@ def record_event(body: EventRequest, state: StateDep):
     event = Event(str(body.item_id), None if body.rating is None else float(body.rating),
                   body.timestamp if body.timestamp is not None else now())
     length = state.record_event(str(body.user_id), event)
-    metrics.EVENTS.inc()
+    metrics.EVENTS.inc()  # counted once recorded
     return FastJSONResponse({"status": "recorded", "user_id": str(body.user_id), "history_length": length})
 
 
 @app.api_route("/admin/items", methods=["PUT", "POST"], response_model=ItemChangeResponse,
-               responses=errors(400, 401, 403, 408, 413, 422), **ADMIN)
+               responses=errors(400, 401, 403, 408, 413, 422, 503), **ADMIN)
 def upsert_item(body: ItemUpsert, state: StateDep):
     """Add an item or replace one (same id): item tower for its vector, then live in the index.
     Validated and encoded first, fsynced to the catalogue log, then made live: acknowledged means durable."""
     return FastJSONResponse(state.upsert_items([body]))
 
 
-@app.delete("/admin/items/{item_id:path}", response_model=ItemChangeResponse, responses=errors(401, 403, 404, 422), **ADMIN)
+@app.delete("/admin/items/{item_id:path}", response_model=ItemChangeResponse, responses=errors(401, 403, 404, 422, 503),
+            **ADMIN)
 def remove_item(item_id: str, state: StateDep):
     return FastJSONResponse(state.remove_item(item_id))
 
 
-@app.post("/admin/reload", response_model=ReloadResponse, responses=errors(400, 401, 403, 408, 409, 413, 422), **ADMIN)
+@app.post("/admin/reload", response_model=ReloadResponse, responses=errors(400, 401, 403, 408, 409, 413, 422, 503),
+          **ADMIN)
 def reload_bundle(state: StateDep, body: ReloadRequest | None = None):
     """Load a bundle beside the live one and swap it in; on any failure (409) the old one keeps serving."""
     path = state.settings.bundle_dir / body.version if body and body.version else state.settings.bundle_dir

@@ -4,6 +4,8 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -12,7 +14,15 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RECSYS_", extra="ignore")
 
     bundle_dir: Path = Field(Path("artifacts"), description="bundle root (with a 'current' pointer) or a version directory")
-    state_dir: Path | None = Field(None, description="durable event / catalogue logs; default <bundle_dir>/state")
+    state_backend: Literal["file", "redis"] = Field("file", description="where online state lives: 'file' (fsynced logs "
+                                                    "in state_dir, one process) or 'redis' (shared by replicas and workers)")
+    state_dir: Path | None = Field(None, description="file backend: event / catalogue logs; default <bundle_dir>/state")
+    redis_url: SecretStr = Field(SecretStr("redis://127.0.0.1:6379/0"), description="redis backend: server URL "
+                                 "(a secret: it may carry a password)")
+    redis_prefix: str = Field("recsys", min_length=1, description="redis backend: key prefix (one per deployment)")
+    redis_events_maxlen: int = Field(10_000_000, ge=1000, description="redis backend: events kept in the events stream")
+    redis_catalog_maxlen: int = Field(100_000, ge=100, description="redis backend: catalogue changes kept in the stream "
+                                      "(a replica further behind re-reads the catalogue fold)")
     admin_token: SecretStr | None = Field(None, description="bearer token for /admin/*; admin endpoints are off when unset "
                                           "(held as a secret: its repr and any log of these settings show '**********')")
     log_level: str = "INFO"

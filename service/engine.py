@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -22,9 +22,9 @@ from offline.bundle import Bundle
 from offline.features import FeatureSpec, encode_item_features, encode_user_features, single_history
 from offline.rank_features import RankerTables, ranker_features, readable_feature_names
 from offline.ranker import load_ranker
-from service.metrics import FALLBACKS, timed
+from service.metrics import DEGRADED, FALLBACKS, timed
 from service.schemas import Filters, ItemUpsert, RecommendRequest
-from service.store import Event, OnlineState
+from service.store import Event, StoreUnavailable
 
 EXACT_SEARCH_FACTOR = 2  # below depth * this many allowed items, scoring them all beats over-fetching
 # Item arrays a newly added item cannot take from its features: it has no interactions yet, so no
@@ -81,16 +81,15 @@ class Engine:
     user_row: dict[str, int]
     genre_col: dict[str, int]
     ranker: object | None
-    online: dict[str, "OnlineRows"] = field(default_factory=dict)
+    history: Callable[[str], tuple[int, list[Event]]] = lambda user: (0, [])  # the state store's online history
     vector_cache: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)  # user -> (history version, vector)
     cache_size: int = 100_000
-    history_cap: int = 1000
     explain_names: list[str] = field(default_factory=list)  # the ranker's features, named for people
     index_lock: threading.Lock = field(default_factory=threading.Lock)
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_bundle(cls, bundle: Bundle, cache_size: int = 100_000, history_cap: int = 1000) -> "Engine":
+    def from_bundle(cls, bundle: Bundle, cache_size: int = 100_000) -> "Engine":
         a, cat = bundle.arrays, bundle.catalog
         n = len(cat["item_ids"])
         item_arrays = {k: v for k, v in a.items() if _is_item_array(k, v, n)}
@@ -99,7 +98,7 @@ class Engine:
         ranker = load_ranker(bundle.ranker) if bundle.ranker is not None else None
         engine = cls(bundle, catalog, FeatureSpec(**bundle.manifest["feature_spec"]),
                      {r: i for i, r in enumerate(cat["user_ids"])}, {g: j for j, g in enumerate(cat["genre_names"])},
-                     ranker, cache_size=cache_size, history_cap=history_cap)
+                     ranker, cache_size=cache_size)
         engine.catalog = engine._with_ranker_tables(catalog)
         if ranker is not None:
             engine.explain_names = readable_feature_names(ranker.feature_names, engine.spec, cat["genre_names"], cat["user_vocab"])
@@ -143,10 +142,10 @@ class Engine:
     def resolve_user(self, req: RecommendRequest) -> UserContext:
         """A known user (stored features + bundle history + online events) or a cold one."""
         raw = None if req.user_id is None else str(req.user_id)
-        version, online = self._online_rows(raw)
+        version, online = self.online_history(raw)
         recent = self._item_rows(req.recent_items or [])
-        extra_items = np.array([e[0] for e in online] + recent, np.int64)
-        extra_ratings = np.array([e[1] for e in online] + [0.0] * len(recent), np.float32)
+        extra_items = np.array([r for r, _ in online] + recent, np.int64)
+        extra_ratings = np.array([rating for _, rating in online] + [0.0] * len(recent), np.float32)
         row = self.user_row.get(raw) if raw is not None else None
         if row is not None:
             a = self.bundle.arrays
@@ -164,15 +163,20 @@ class Engine:
         known = any(v is not None for v in features.values())
         return UserContext(raw, 0, cat[0], num[0], extra_items, extra_ratings, key, version, known_features=known)
 
-    def _online_rows(self, raw: str | None) -> tuple[int, list]:
-        """The user's history version and online events. The version is read first: if an event lands in
-        between, the rows are newer than the version, which costs one cache miss later; the other order
-        would cache a vector under a version it does not reflect."""
-        online = self.online.get(raw) if raw is not None else None
-        if online is None:
+    def online_history(self, raw: str | None) -> tuple[int, list[tuple[int, float]]]:
+        """The user's history version and online events as ``(item row, rating)``. An event on an item this
+        bundle does not know (added online after it, then never replayed here) is skipped. If the store
+        cannot be reached the user is served from the bundle alone, and the degradation is counted."""
+        if raw is None:
             return 0, []
-        version = online.version
-        return version, list(online.rows)
+        try:
+            version, events = self.history(raw)
+        except StoreUnavailable:
+            DEGRADED.labels("history").inc()
+            return 0, []
+        row_of = self.catalog.row_of
+        rows = [(row_of[e.item_id], e.rating if e.rating is not None else 0.0) for e in events if e.item_id in row_of]
+        return version, rows
 
     def user_vector(self, ctx: UserContext) -> np.ndarray:
         """Run the exported user tower; known users' vectors are cached until their history changes.
@@ -287,48 +291,32 @@ class Engine:
             raise RequestError(404, f"unknown item_id '{raw_item}'")
         return row
 
-    def apply_event(self, raw_user: str, event: Event, version: int, replay: bool = False) -> int:
-        """Append to the user's online history (the next /recommend sees it); returns the history length.
-
-        A replayed event was acknowledged when its item was live; the item may have been removed
-        since (catalogue changes replay first), but the interaction still happened: keep it.
-        """
-        row = self.catalog.row_of.get(event.item_id) if replay else self.require_item(event.item_id)
-        if row is None:
-            raise RequestError(404, f"unknown item_id '{event.item_id}'")
-        online = self.online.get(raw_user)
-        if online is None:
-            online = self.online[raw_user] = OnlineRows(version, deque(maxlen=self.history_cap))
-        online.rows.append((row, event.rating if event.rating is not None else 0.0, event.timestamp))
-        online.version = version
-        self.vector_cache.pop(raw_user, None)
+    def history_length(self, raw_user: str, version: int) -> int:
+        """Bundle history plus every online event recorded for the user (the version counts them)."""
         return self._bundle_history_length(raw_user) + version
 
-    def load_online(self, state: OnlineState) -> None:
-        """Apply a store's fold to a new engine: every catalogue change in one batch, then the histories.
-        Changes and events that no longer apply to this bundle are counted and logged, not fatal."""
-        upserts, removals = [], []
-        for item_id, item in state.items.items():
-            (removals if item is None else upserts).append(item_id if item is None else ItemUpsert.model_validate(item))
+    def load_catalog(self, items: dict[str, dict | None]) -> None:
+        """Apply a store's catalogue fold to a new engine: every upsert in one batch, then the removals.
+        Changes that no longer apply to this bundle (a genre it lacks...) are counted and logged, not fatal."""
+        upserts = [ItemUpsert.model_validate(item) for item in items.values() if item is not None]
         skipped = []
         if upserts:
             try:
                 self.commit_upsert(self.prepare_upsert(upserts))
             except RequestError as err:  # one bad item must not lose the others: apply them one by one
                 skipped += self._upsert_each(upserts, err)
-        for item_id in removals:
-            if self.catalog.row_of.get(item_id) is not None and self.catalog.active[self.catalog.row_of[item_id]]:
-                self.remove_item(item_id)
-        unknown = 0
-        for user, history in state.users.items():
-            for event in history.events:
-                try:
-                    self.apply_event(user, event, history.version, replay=True)
-                except RequestError:
-                    unknown += 1
-        if skipped or unknown:
-            logger.warning("online state on bundle {}: {} catalogue changes and {} events skipped (first: {})",
-                           self.version, len(skipped), unknown, skipped[:3])
+        for item_id, item in items.items():
+            if item is None:
+                self.apply_change(item_id, None)
+        if skipped:
+            logger.warning("catalogue on bundle {}: {} changes skipped (first: {})", self.version, len(skipped), skipped[:3])
+
+    def apply_change(self, item_id: str, item: dict | None) -> None:
+        """One change from the store, in its order: an upsert, or a removal of a live item (else nothing)."""
+        if item is not None:
+            self.commit_upsert(self.prepare_upsert([ItemUpsert.model_validate(item)]))
+        elif (row := self.catalog.row_of.get(item_id)) is not None and self.catalog.active[row]:
+            self.remove_item(item_id)
 
     def _upsert_each(self, items: list[ItemUpsert], first_error: RequestError) -> list[str]:
         skipped = []
@@ -402,10 +390,6 @@ class Engine:
             self.catalog = replace(catalog, active=_set_rows(catalog.active, np.array([row]), False, False, len(catalog.active)))
         return {"item_id": raw, "status": "removed"}
 
-    def history_version(self, raw_user: str) -> int:
-        online = self.online.get(raw_user)
-        return 0 if online is None else online.version
-
     def _bundle_history_length(self, raw_user: str) -> int:
         user = self.user_row.get(raw_user)
         return 0 if user is None else int(np.diff(self.bundle.arrays["history_offsets"][user : user + 2])[0])
@@ -468,14 +452,6 @@ class Upsert:
     vectors: np.ndarray
     catalog: Catalog
     status: list[str]  # "added" or "replaced", per item
-
-
-@dataclass
-class OnlineRows:
-    """A user's online events as item rows of this engine's catalogue, and the store's history version."""
-
-    version: int
-    rows: deque  # (item row, rating, timestamp), oldest first, capped like the store's history
 
 
 def _is_item_array(name: str, value: np.ndarray, n_items: int) -> bool:

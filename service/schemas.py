@@ -162,7 +162,8 @@ class RatingScale(BaseModel):
 
 
 class ReadyResponse(BaseModel):
-    status: Literal["ready"]
+    status: Literal["ready", "degraded"]
+    state_store: str = Field(description="'ok', or why the state store cannot be reached (writes then get 503)")
     bundle_version: str
     items: int
     rating_scale: RatingScale = Field(description="the ratings /events accepts: the range the model was trained on")

@@ -1,15 +1,20 @@
-"""The live engine plus the durable online state, and the one way an engine goes live.
+"""The live engine plus the state store, and the one way catalogue changes reach an engine.
 
-A new engine (start-up or reload) gets the store's fold applied while the old engine keeps serving
-and writing, outside any lock; only the short tail of records acknowledged meanwhile is applied
-under ``write_lock``, right before the swap. So a reload never blocks ``/events`` for a whole replay,
-and no acknowledged write lands on the old engine after the new one read the state.
+Events need no replay: every request reads the user's online history from the store (in memory for
+the file backend, one MULTI for Redis), so a new engine serves them as soon as it is live, and an
+event recorded on any replica changes every replica's next answer. Catalogue changes do need
+applying, since each engine holds its own index: they are applied in the store's order by one
+``CatalogFollower`` per engine. A write applies its own change before it returns (read-your-writes);
+with a shared store, a background thread also applies other replicas' changes as they land.
+
+A new engine (start-up or reload) gets the store's catalogue fold applied while the old engine keeps
+serving and writing, outside any lock; only the changes acknowledged meanwhile are applied under the
+follower's lock, right before the swap.
 """
 from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any
 
 from loguru import logger
 
@@ -18,16 +23,33 @@ from service import metrics
 from service.config import Settings
 from service.engine import Engine, RequestError
 from service.schemas import ItemUpsert
-from service.store import Event, FileStateStore
+from service.store import Event, FileStateStore, Position, StateStore, StoreUnavailable
+
+FOLLOW_WAIT_S = 1.0  # how long one blocking read for other replicas' changes waits
+
+
+def open_store(settings: Settings) -> StateStore:
+    if settings.state_backend == "redis":
+        from service.redis_store import RedisStateStore
+
+        return RedisStateStore(settings.redis_url.get_secret_value(), settings.history_cap, settings.redis_prefix,
+                               settings.redis_events_maxlen, settings.redis_catalog_maxlen)
+    return FileStateStore(settings.resolved_state_dir, settings.history_cap, settings.compact_after)
 
 
 class ServiceState:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, store: StateStore | None = None):
         self.settings = settings
-        self.store = FileStateStore(settings.resolved_state_dir, settings.history_cap, settings.compact_after)
-        self.write_lock = threading.RLock()
+        self.store = store or open_store(settings)
+        self.follow_lock = threading.Lock()  # orders catalogue changes and engine swaps
+        self.position: Position = (0, 0)  # the last change applied to ``engine``
         self.engine: Engine | None = None
+        self._stop = threading.Event()
         self.install(self.build(settings.bundle_dir))
+        self._follower: threading.Thread | None = None
+        if settings.state_backend == "redis":
+            self._follower = threading.Thread(target=self._follow, name="catalog-follower", daemon=True)
+            self._follower.start()
 
     def build(self, path: Path) -> Engine:
         """Read and validate a bundle into a new engine, beside whatever is serving. Any failure is a
@@ -35,58 +57,93 @@ class ServiceState:
         so start-up refuses with a message and a reload answers 409, never 500."""
         bundle = read_bundle(path, index_threads=self.settings.index_threads)
         try:
-            return Engine.from_bundle(bundle, self.settings.user_vector_cache, self.settings.history_cap)
+            engine = Engine.from_bundle(bundle, self.settings.user_vector_cache)
         except Exception as err:
             raise BundleError(f"{bundle.path}: cannot serve this bundle ({type(err).__name__}: {err})") from err
+        engine.history = self.store.history
+        return engine
 
     def install(self, engine: Engine) -> None:
-        """Apply the online state to ``engine`` and make it the live one (see the module docstring)."""
-        online, offsets = self.store.state()
-        engine.load_online(online)
-        with self.write_lock:
-            catch_up(engine, self.store.tail(offsets))
-            self.engine = engine
+        """Apply the catalogue to ``engine`` and make it the live one (see the module docstring).
+        Raises ``StoreUnavailable`` when the store cannot be read: a bundle without its catalogue
+        changes would serve removed items."""
+        items, position = self.store.catalog()
+        engine.load_catalog(items)
+        with self.follow_lock:
+            position = self._apply(engine, position)
+            self.engine, self.position = engine, position
         metrics.set_bundle(engine.version, engine.searchable_items)
 
+    # ------------------------------------------------------------------ writes
     def record_event(self, user_id: str, event: Event) -> int:
-        """Durably record, then apply: acknowledged means durable. Returns the user's history length."""
-        with self.write_lock:
-            engine = self.engine
-            engine.require_item(event.item_id)
-            version = self.store.append_event(user_id, event)
-            return engine.apply_event(user_id, event, version)
+        """Durably recorded before it is acknowledged; every later read sees it. Returns the history length."""
+        engine = self.engine
+        engine.require_item(event.item_id)
+        version = self.store.append_event(user_id, event)
+        return engine.history_length(user_id, version)
 
     def upsert_items(self, items: list[ItemUpsert]) -> dict:
-        """Validated and encoded, fsynced to the catalogue log, then made live."""
-        with self.write_lock:
-            change = self.engine.prepare_upsert(items)
-            for item in items:
-                self.store.append_change(str(item.item_id), item.model_dump())
-            result = self.engine.commit_upsert(change)
-        metrics.INDEX_ITEMS.set(self.engine.searchable_items)
-        return result
+        """Validated and encoded first (a bad item is refused before anything is written), then recorded,
+        then applied in store order together with whatever other replicas changed before it."""
+        change = self.engine.prepare_upsert(items)
+        for item in items:
+            self.store.append_change(str(item.item_id), item.model_dump())
+        self.catch_up()
+        return {"item_id": change.raws[-1], "status": change.status[-1]}
 
     def remove_item(self, item_id: str) -> dict:
-        with self.write_lock:
-            self.engine.require_item(item_id)  # a 404 is not logged
-            self.store.append_change(item_id, None)
-            result = self.engine.remove_item(item_id)
+        self.engine.require_item(item_id)  # a 404 is not recorded
+        self.store.append_change(item_id, None)
+        self.catch_up()
+        return {"item_id": item_id, "status": "removed"}
+
+    # ------------------------------------------------------------------ following the catalogue
+    def catch_up(self, wait_s: float = 0.0) -> None:
+        """Apply every change after ``position`` to the live engine (waiting up to ``wait_s`` for one)."""
+        changes = self.store.changes_since(self.position, wait_s) if wait_s else None
+        with self.follow_lock:
+            self.position = self._apply(self.engine, self.position, changes)
         metrics.INDEX_ITEMS.set(self.engine.searchable_items)
-        return result
+
+    def _apply(self, engine: Engine, position: Position, changes: list | None = None) -> Position:
+        """Changes after ``position``, in order, onto ``engine``; returns the new position. Changes read
+        before the lock was taken may start before ``position``: those are already applied and skipped.
+        If the store no longer keeps what came after ``position``, the whole fold is applied again."""
+        try:
+            changes = self.store.changes_since(position) if changes is None else changes
+        except LookupError as err:
+            logger.warning("{}; re-reading the catalogue", err)
+            items, position = self.store.catalog()
+            engine.load_catalog(items)
+            return self._apply(engine, position)
+        for at, item_id, item in changes:
+            if at <= position:
+                continue
+            try:
+                engine.apply_change(item_id, item)
+            except RequestError as err:
+                logger.warning("catalogue change {} for {} skipped on bundle {}: {}", at, item_id, engine.version, err.message)
+            position = at
+        return position
+
+    def _follow(self) -> None:
+        """Other replicas' changes, applied as they land; retried with a pause while the store is down."""
+        while not self._stop.is_set():
+            try:
+                self.catch_up(wait_s=FOLLOW_WAIT_S)
+            except StoreUnavailable as err:
+                metrics.DEGRADED.labels("catalog_follow").inc()
+                logger.warning("catalogue follower: {}", err)
+                self._stop.wait(FOLLOW_WAIT_S)
+            except Exception:  # never let the follower die silently: log, pause, go on
+                logger.opt(exception=True).error("catalogue follower failed")
+                self._stop.wait(FOLLOW_WAIT_S)
+
+    def health(self) -> str | None:
+        return self.store.health()
 
     def close(self) -> None:
+        self._stop.set()
+        if self._follower is not None:
+            self._follower.join(timeout=FOLLOW_WAIT_S + 1)
         self.store.close()
-
-
-def catch_up(engine: Engine, records: list[tuple[str, Any]]) -> None:
-    """Apply the records acknowledged after a fold, in order; ones that no longer apply are logged."""
-    for kind, (key, value) in records:
-        try:
-            if kind == "event":
-                engine.apply_event(key, value, engine.history_version(key) + 1, replay=True)
-            elif value is not None:
-                engine.commit_upsert(engine.prepare_upsert([ItemUpsert.model_validate(value)]))
-            elif engine.catalog.row_of.get(key) is not None and engine.catalog.active[engine.catalog.row_of[key]]:
-                engine.remove_item(key)
-        except RequestError as err:
-            logger.warning("online state on bundle {}: {} {} skipped ({})", engine.version, kind, key, err.message)

@@ -9,6 +9,10 @@ their cost stays bounded however long the service has run.
 
 Records that cannot be applied (a bad field value, an unknown operation) are skipped and counted
 with a warning, never guessed at.
+
+``StateStore`` is the interface both backends answer (this module's ``FileStateStore``, the
+embedded default, and ``service.redis_store.RedisStateStore`` for replicas sharing state); the
+service never asks which one it has, and tests/test_state_store.py runs one suite against each.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 from loguru import logger
@@ -33,6 +37,37 @@ class Event(NamedTuple):
     item_id: str
     rating: float | None
     timestamp: int
+
+
+Position = tuple[int, int]  # where a catalogue change sits in the store's order (comparable; (0, 0) = the start)
+Change = tuple[Position, str, "dict | None"]  # (position, item id, the item's dump or None for a removal)
+
+
+class StoreUnavailable(RuntimeError):
+    """The store cannot be reached: writes answer 503, reads fall back to the bundle."""
+
+
+class StateStore(Protocol):
+    def append_event(self, user_id: str, event: Event) -> int:
+        """Durably record an event; returns the user's history version after it (events ever recorded)."""
+
+    def history(self, user_id: str) -> tuple[int, list[Event]]:
+        """The user's version and most recent online events (oldest first, at most ``history_cap``)."""
+
+    def append_change(self, item_id: str, item: dict | None) -> Position:
+        """Durably record an upsert (``item``) or removal (``None``); returns its position."""
+
+    def catalog(self) -> tuple[dict[str, dict | None], Position]:
+        """Every changed item's latest state, and the position that fold covers."""
+
+    def changes_since(self, position: Position, wait_s: float = 0.0) -> list[Change]:
+        """Changes after ``position`` in order, waiting up to ``wait_s`` for one when there are none.
+        Raises ``LookupError`` when changes after ``position`` are no longer kept (re-read ``catalog()``)."""
+
+    def health(self) -> str | None:
+        """None when the store answers, else why not."""
+
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -118,50 +153,70 @@ class DurableLog:
         os.fsync(self._file.fileno())
         return self._file.tell()
 
-    def read_from(self, offset: int, until: int | None = None) -> list[tuple[int, Any]]:
-        """``(line number counted from offset, record)`` for each complete line in ``[offset, until)``;
-        an unreadable line is reported as ``None`` (a torn write is cut at open, so it was never acknowledged)."""
+    def read_from(self, offset: int) -> list[tuple[int, Any]]:
+        """``(offset just past the line, record)`` for each complete line after ``offset``; an unreadable
+        line is ``None`` (a torn write is cut at open, so it was never acknowledged)."""
         with open(self.path, "rb") as f:
             f.seek(offset)
-            data = f.read() if until is None else f.read(max(until - offset, 0))
-        out = []
-        for n, line in enumerate(data.splitlines(), start=1):
+            data = f.read()
+        out, end = [], offset
+        for line in data.splitlines(keepends=True):
+            end += len(line)
             try:
-                out.append((n, orjson.loads(line)))
+                out.append((end, orjson.loads(line)))
             except orjson.JSONDecodeError:
-                out.append((n, None))
+                out.append((end, None))
         return out
 
     def close(self) -> None:
         self._file.close()
 
 
-class FileStateStore:
-    """The embedded state backend: ``state_dir`` holds the two logs and the snapshot.
+def read_valid(log: DurableLog, offset: int, parse) -> list[tuple[int, Any]]:
+    """``(end offset, parsed record)`` for the records after ``offset`` that parse; the others are counted
+    and logged (with their offsets) and skipped."""
+    out, bad = [], []
+    for end, record in log.read_from(offset):
+        try:
+            if record is None:
+                raise ValueError("unreadable JSON")
+            out.append((end, parse(record)))
+        except (ValueError, AttributeError) as err:  # AttributeError: a record that is not an object
+            bad.append(f"record ending at byte {end}: {err}")
+    if bad:
+        logger.warning("{}: skipped {} bad records (first: {})", log.path, len(bad), "; ".join(bad[:3]))
+    return out
 
-    ``lock`` orders appends with the in-memory fold, so ``state()`` returns a fold together with the
-    exact log offsets it covers; a reader that needs what came after (a reload catching up) reads
-    ``tail(offsets)``. ``compact_after`` appended records trigger a snapshot on a background thread.
+
+class FileStateStore:
+    """The embedded backend: ``state_dir`` holds the two logs and the snapshot; one process owns it.
+
+    The fold of both logs lives in memory (``history`` reads it, no I/O); a catalogue position is the
+    catalogue log's offset just past a record. ``compact_after`` appended records trigger a snapshot
+    on a background thread; a start-up that finds a long tail writes one at once.
     """
 
     def __init__(self, state_dir: Path, history_cap: int, compact_after: int):
         self.dir = state_dir
         self.events = DurableLog(state_dir / "events.jsonl")
-        self.catalog = DurableLog(state_dir / "catalog.jsonl")
+        self.catalog_log = DurableLog(state_dir / "catalog.jsonl")
         self.lock = threading.Lock()
         self.compact_after = compact_after
         self._compacting = threading.Lock()
-        self.online, offsets = self._read_snapshot(history_cap)
-        records = self.tail(offsets)
-        self._fold(records)
-        self.offsets = (self.events.size, self.catalog.size)
-        self.since_snapshot = len(records)
+        self.online, (events_at, catalog_at) = self._read_snapshot(history_cap)
+        changes = read_valid(self.catalog_log, catalog_at, parse_change)
+        events = read_valid(self.events, events_at, parse_event)
+        for _, change in changes:
+            self.online.add_change(*change)
+        for _, (user, event) in events:
+            self.online.add_event(user, event)
+        self.offsets = (self.events.size, self.catalog_log.size)
+        self.since_snapshot = len(changes) + len(events)
         if self.since_snapshot >= compact_after:
             self.compact()
 
-    # ------------------------------------------------------------------ writes
+    # ------------------------------------------------------------------ the interface
     def append_event(self, user_id: str, event: Event) -> int:
-        """Durably record one event; returns the user's history version after it."""
         record = {"user_id": user_id, "item_id": event.item_id, "rating": event.rating, "timestamp": event.timestamp}
         with self.lock:
             end = self.events.append(record)
@@ -170,40 +225,37 @@ class FileStateStore:
             self._count_append()
         return version
 
-    def append_change(self, item_id: str, item: dict | None) -> None:
-        """Durably record an upsert (``item``) or a removal (``None``)."""
+    def history(self, user_id: str) -> tuple[int, list[Event]]:
+        with self.lock:
+            h = self.online.users.get(user_id)
+            return (0, []) if h is None else (h.version, list(h.events))
+
+    def append_change(self, item_id: str, item: dict | None) -> Position:
         record = {"op": "upsert", "item": item} if item is not None else {"op": "remove", "item_id": item_id}
         with self.lock:
-            end = self.catalog.append(record)
+            end = self.catalog_log.append(record)
             self.online.add_change(item_id, item)
             self.offsets = (self.offsets[0], end)
             self._count_append()
+        return (end, 0)
 
-    # ------------------------------------------------------------------ reads
+    def catalog(self) -> tuple[dict[str, dict | None], Position]:
+        with self.lock:
+            return dict(self.online.items), (self.offsets[1], 0)
+
+    def changes_since(self, position: Position, wait_s: float = 0.0) -> list[Change]:
+        """No waiting: in one process every change is appended by the caller itself."""
+        return [((end, 0), item_id, item) for end, (item_id, item) in read_valid(self.catalog_log, position[0], parse_change)]
+
+    def health(self) -> str | None:
+        return None
+
+    # ------------------------------------------------------------------ snapshot
     def state(self) -> tuple[OnlineState, tuple[int, int]]:
-        """A copy of the fold and the log offsets it covers (consistent: taken under ``lock``)."""
+        """A copy of the fold and the (events, catalogue) log offsets it covers, taken under ``lock``."""
         with self.lock:
             return self.online.copy(), self.offsets
 
-    def tail(self, since: tuple[int, int]) -> list[tuple[str, Any]]:
-        """Valid records appended after ``since``, as ``("event", (user, Event))`` / ``("change", (item, state))``:
-        catalogue changes first, as at start-up (an event may name an item added in the same tail)."""
-        out: list[tuple[str, Any]] = []
-        for kind, log, offset, parse in (("change", self.catalog, since[1], parse_change),
-                                         ("event", self.events, since[0], parse_event)):
-            bad = []
-            for n, record in log.read_from(offset):
-                try:
-                    if record is None:
-                        raise ValueError("unreadable JSON")
-                    out.append((kind, parse(record)))
-                except (ValueError, AttributeError) as err:  # AttributeError: a record that is not an object
-                    bad.append(f"record {n} after offset {offset}: {err}")
-            if bad:
-                logger.warning("{}: skipped {} bad records (first: {})", log.path, len(bad), "; ".join(bad[:3]))
-        return out
-
-    # ------------------------------------------------------------------ snapshot
     def compact(self) -> None:
         """Write the fold and its offsets to ``snapshot.json`` atomically (temp file, fsync, rename, fsync dir)."""
         with self._compacting:
@@ -241,27 +293,19 @@ class FileStateStore:
         try:
             body = orjson.loads(path.read_bytes())
             offsets = (int(body["offsets"][0]), int(body["offsets"][1]))
-            if offsets[0] > self.events.size or offsets[1] > self.catalog.size:
+            if offsets[0] > self.events.size or offsets[1] > self.catalog_log.size:
                 raise ValueError("offsets past the end of the logs (logs replaced?)")
             for user, (version, events) in body["users"].items():
-                history = UserHistory(int(version), deque((Event(*e) for e in events), maxlen=history_cap))
-                state.users[user] = history
+                state.users[user] = UserHistory(int(version), deque((Event(*e) for e in events), maxlen=history_cap))
             state.items = dict(body["items"])
         except (ValueError, KeyError, TypeError, orjson.JSONDecodeError) as err:
             logger.warning("{}: ignored ({}); replaying the logs from the start", path, err)
             return OnlineState(history_cap), (0, 0)
         return state, offsets
 
-    def _fold(self, records: list[tuple[str, Any]]) -> None:
-        for kind, value in records:
-            if kind == "change":
-                self.online.add_change(*value)
-            else:
-                self.online.add_event(*value)
-
     def close(self) -> None:
         self.events.close()
-        self.catalog.close()
+        self.catalog_log.close()
 
 
 def _drop_torn_tail(path: Path) -> None:

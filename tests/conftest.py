@@ -11,7 +11,7 @@ from offline.pipeline import IndexConfig, run_training
 from offline.ranker import RankerConfig
 from offline.synthetic import generate
 from offline.train_recall import RecallConfig
-from tests.servicekit import _restore_torch_threads, bundle, client, own_root, start  # noqa: F401  (service fixtures)
+from tests.servicekit import _restore_torch_threads, bundle, client, own_root, redis_url, start  # noqa: F401  (service fixtures)
 
 logger.remove()
 logger.add(sys.stderr, level="WARNING")

@@ -128,3 +128,52 @@ def spawned(cmd: list[str], log: Path, env: dict | None = None) -> Iterator[subp
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+REDIS = shutil.which("redis-server")
+
+
+@contextmanager
+def redis_server(directory: Path, port: int | None = None) -> Iterator[str]:
+    """A real redis-server on a loopback port with AOF on and fsynced per write (acknowledged = on disk), as
+    compose runs it; yields its URL. Stopped by its pid; started again on the same directory and port, it
+    reloads the AOF."""
+    if REDIS is None:
+        pytest.skip(reason="redis-server not installed (.ci/run installs it: apt-get install redis-server)")
+    port = port or free_port()
+    directory.mkdir(parents=True, exist_ok=True)
+    cmd = [REDIS, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory), "--save", "",
+           "--appendonly", "yes", "--appendfsync", "always", "--daemonize", "no"]
+    with spawned(cmd, directory / "redis.log") as proc:
+        url = f"redis://127.0.0.1:{port}/0"
+        _wait_for_redis(url, proc)
+        yield url
+
+
+def _wait_for_redis(url: str, proc: subprocess.Popen, timeout: float = 20) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {proc.returncode}")
+        try:
+            if client.ping():
+                return
+        except redis.RedisError:
+            time.sleep(0.05)
+    raise TimeoutError(url)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> Iterator[str]:
+    """One Redis for the session; tests keep apart by key prefix (``unique_prefix``)."""
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+def unique_prefix() -> str:
+    import uuid
+
+    return f"t{uuid.uuid4().hex[:12]}"

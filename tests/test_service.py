@@ -95,7 +95,8 @@ def test_health_and_ready_report_the_loaded_bundle(client, bundle):
     assert client.get("/health").json() == {"status": "alive"}
     ready = client.get("/ready").json()
     scale = bundle.manifest.get("rating_scale") or {"min": 0.0, "max": 5.0}
-    assert ready == {"status": "ready", "bundle_version": bundle.version, "items": len(bundle.catalog["item_ids"]),
+    assert ready == {"status": "ready", "state_store": "ok", "bundle_version": bundle.version,
+                     "items": len(bundle.catalog["item_ids"]),
                      "rating_scale": {"min": scale["min"], "max": scale["max"]}}
 
 
@@ -444,7 +445,7 @@ def test_a_failed_log_write_is_neither_acknowledged_nor_applied(start, bundle):
     with start() as client:
         state = client.app.state.service
         items = client.get("/ready").json()["items"]
-        state.store.catalog.append = state.store.events.append = full_disk
+        state.store.catalog_log.append = state.store.events.append = full_disk
         for method, url, body in (("POST", "/admin/items", {"item_id": "lost"}), ("DELETE", "/admin/items/i3", None),
                                   ("POST", "/events", {"user_id": "u19", "item_id": "i3"})):
             with pytest.raises(OSError):
@@ -452,7 +453,7 @@ def test_a_failed_log_write_is_neither_acknowledged_nor_applied(start, bundle):
         assert client.get("/ready").json()["items"] == items
         assert_client_error(client.get("/similar-items/lost"), 404)
         assert client.get("/similar-items/i3").status_code == 200
-        del state.store.catalog.append, state.store.events.append
+        del state.store.catalog_log.append, state.store.events.append
         assert client.post("/events", json={"user_id": "u19", "item_id": "i4"}).json()["history_length"] == base + 1
 
 

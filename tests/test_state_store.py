@@ -1,7 +1,8 @@
-"""The durable online state: logs, snapshot + tail, bad records, caps.
+"""The online state stores: one behaviour suite run against each backend, then what is particular
+to each (the file backend's snapshot + tail, Redis's trimmed stream and outages).
 
-Written against the store's interface (append, state, tail, compact) so that a second backend can
-run the same behaviours; the service-level tests at the end go through HTTP.
+The behaviour tests take a ``make_store`` factory: calling it again gives a second store on the same
+state (a restart, or another replica of the same deployment).
 """
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import pytest
 from loguru import logger
 
 from service import store as store_module
-from service.state import catch_up
-from service.store import Event, FileStateStore
-from tests.servicekit import AUTH
+from service.store import Event, FileStateStore, StoreUnavailable
+from tests.servicekit import AUTH, unique_prefix
+
+ITEM = {"item_id": "new", "title": "", "genres": [], "year": None, "features": {}}
 
 
 @pytest.fixture
@@ -27,6 +29,28 @@ def warnings():
     logger.remove(sink)
 
 
+@pytest.fixture(params=["file", "redis"])
+def make_store(request, tmp_path):
+    """``make_store(cap=...)``: a store of the parametrised backend on this test's state."""
+    opened = []
+    prefix = unique_prefix()
+
+    def make(cap: int = 100, **kw):
+        if request.param == "file":
+            store = FileStateStore(tmp_path / "state", history_cap=cap, compact_after=kw.get("compact_after", 1000))
+        else:
+            from service.redis_store import RedisStateStore
+
+            store = RedisStateStore(request.getfixturevalue("redis_url"), cap, prefix, **kw)
+        opened.append(store)
+        return store
+
+    make.backend = request.param
+    yield make
+    for store in opened:
+        store.close()
+
+
 def open_store(path: Path, cap: int = 100, compact_after: int = 1000) -> FileStateStore:
     return FileStateStore(path, history_cap=cap, compact_after=compact_after)
 
@@ -36,28 +60,45 @@ def histories(store: FileStateStore) -> dict[str, tuple[int, list[Event]]]:
     return {u: (h.version, list(h.events)) for u, h in online.users.items()}
 
 
-def test_appended_state_survives_reopening(tmp_path):
-    s = open_store(tmp_path)
+# --------------------------------------------------------------------------- one behaviour, both backends
+def test_events_are_kept_in_order_and_versioned(make_store):
+    s = make_store()
     assert s.append_event("u1", Event("i1", 4.0, 10)) == 1
     assert s.append_event("u1", Event("i2", None, 11)) == 2
-    s.append_change("new", {"item_id": "new", "title": "", "genres": [], "year": None, "features": {}})
-    s.append_change("i3", None)
-    s.close()
-    again = open_store(tmp_path)
-    assert histories(again) == {"u1": (2, [Event("i1", 4.0, 10), Event("i2", None, 11)])}
-    assert again.state()[0].items == {"new": {"item_id": "new", "title": "", "genres": [], "year": None, "features": {}},
-                                      "i3": None}
+    assert s.append_event("u2", Event("i1", 1.5, 12)) == 1
+    assert s.history("u1") == (2, [Event("i1", 4.0, 10), Event("i2", None, 11)])
+    assert s.history("nobody") == (0, [])
+    assert make_store().history("u1") == s.history("u1")  # a restart, or another replica, sees the same
 
 
-def test_history_is_capped_but_its_version_keeps_counting(tmp_path):
-    s = open_store(tmp_path, cap=3)
+def test_history_is_capped_but_its_version_keeps_counting(make_store):
+    s = make_store(cap=3)
     for t in range(5):
         s.append_event("u1", Event(f"i{t}", None, t))
-    assert histories(s)["u1"] == (5, [Event(f"i{t}", None, t) for t in (2, 3, 4)])
-    s.close()
-    assert histories(open_store(tmp_path, cap=3))["u1"][0] == 5
+    assert s.history("u1") == (5, [Event(f"i{t}", None, t) for t in (2, 3, 4)])
+    assert make_store(cap=3).history("u1")[0] == 5
 
 
+def test_catalogue_changes_fold_and_stream_in_order(make_store):
+    s = make_store()
+    start_fold, start = s.catalog()
+    assert start_fold == {}
+    first = s.append_change("new", ITEM)
+    second = s.append_change("i3", None)
+    third = s.append_change("new", {**ITEM, "title": "renamed"})
+    assert start < first < second < third
+    assert s.changes_since(start) == [(first, "new", ITEM), (second, "i3", None), (third, "new", {**ITEM, "title": "renamed"})]
+    assert s.changes_since(second) == [(third, "new", {**ITEM, "title": "renamed"})]
+    assert s.changes_since(third) == []
+    other = make_store()
+    assert other.catalog() == ({"new": {**ITEM, "title": "renamed"}, "i3": None}, third)
+
+
+def test_a_healthy_store_says_so(make_store):
+    assert make_store().health() is None
+
+
+# --------------------------------------------------------------------------- file backend
 def test_bad_records_are_skipped_counted_and_never_guessed(tmp_path, warnings):
     (tmp_path / "events.jsonl").write_text("\n".join(json.dumps(r) for r in [
         {"user_id": "u1", "item_id": "i1", "rating": 4, "timestamp": 1},
@@ -73,7 +114,7 @@ def test_bad_records_are_skipped_counted_and_never_guessed(tmp_path, warnings):
     ]) + "\n")
     s = open_store(tmp_path)
     assert histories(s) == {"u1": (2, [Event("i1", 4.0, 1), Event("i4", None, 3)])}
-    assert s.state()[0].items == {"i6": None}
+    assert s.catalog()[0] == {"i6": None}
     text = "\n".join(warnings)
     assert "skipped 4 bad records" in text and "rating 'bad'" in text
     assert "skipped 2 bad records" in text and "unknown op 'delete'" in text
@@ -139,18 +180,41 @@ def test_a_new_log_file_is_made_durable_in_its_directory(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------- through the service
-def test_records_acknowledged_during_a_reload_are_caught_up(start, bundle_root):
-    """The new engine folds the state without the write lock, then applies what was written meanwhile."""
-    with start() as client:
+@pytest.fixture(params=["file", "redis"])
+def backend(request) -> dict[str, str]:
+    """Service settings for the parametrised backend."""
+    if request.param == "file":
+        return {"state_backend": "file"}
+    return {"state_backend": "redis", "redis_url": request.getfixturevalue("redis_url"), "redis_prefix": unique_prefix()}
+
+
+def test_changes_acknowledged_during_a_reload_are_applied_before_the_swap(start, bundle_root, backend):
+    """The new engine folds the catalogue without the lock, then applies what was written meanwhile."""
+    with start(**backend) as client:
         state = client.app.state.service
-        online, offsets = state.store.state()
+        items, position = state.store.catalog()
         engine = state.build(bundle_root)
-        engine.load_online(online)
-        assert client.post("/events", json={"user_id": "u3", "item_id": "i7"}).status_code == 200
+        engine.load_catalog(items)
         assert client.post("/admin/items", json={"item_id": "during", "genres": ["genre1"]}, headers=AUTH).status_code == 200
-        catch_up(engine, state.store.tail(offsets))
-        assert engine.history_version("u3") == state.engine.history_version("u3") == 1
+        assert client.delete("/admin/items/i5", headers=AUTH).status_code == 200
+        with state.follow_lock:
+            state._apply(engine, position)
         assert engine.require_item("during") == state.engine.require_item("during")
+        assert not engine.catalog.active[engine.catalog.row_of["i5"]]
+
+
+def test_events_and_catalogue_survive_a_restart(start, backend):
+    with start(**backend) as client:
+        assert client.post("/admin/items", json={"item_id": "kept", "genres": ["genre2"]}, headers=AUTH).status_code == 200
+        assert client.delete("/admin/items/i4", headers=AUTH).status_code == 200
+        for n in range(3):
+            assert client.post("/events", json={"user_id": "walk-in", "item_id": f"i{n}"}).status_code == 200
+        before = client.get("/recommend", params={"user_id": "walk-in", "k": 20}).json()["items"]
+    with start(**backend) as client:
+        assert client.get("/recommend", params={"user_id": "walk-in", "k": 20}).json()["items"] == before
+        assert client.get("/similar-items/kept").status_code == 200
+        assert client.get("/similar-items/i4").status_code == 404
+        assert client.post("/events", json={"user_id": "walk-in", "item_id": "kept"}).json()["history_length"] == 4
 
 
 def test_bad_records_in_the_logs_do_not_stop_start_up(start, tmp_path):
@@ -174,3 +238,31 @@ def test_restart_after_compaction_serves_the_same_state(start):
     with start(compact_after="5", history_cap="50") as client:
         assert client.get("/recommend", params={"user_id": "walk-in", "k": 20}).json()["items"] == before
         assert client.post("/events", json={"user_id": "walk-in", "item_id": "kept"}).json()["history_length"] == 13
+
+
+# --------------------------------------------------------------------------- redis backend
+def test_a_replica_whose_changes_were_trimmed_is_told_to_re_read_the_fold(redis_url):
+    from service.redis_store import RedisStateStore
+
+    s = RedisStateStore(redis_url, 10, unique_prefix())
+    first = s.append_change("a", {**ITEM, "item_id": "a"})
+    s.append_change("b", {**ITEM, "item_id": "b"})
+    s.client.xtrim(f"{s.p}:catalog", maxlen=0, approximate=False)  # as if it had been trimmed while a replica lagged
+    s.append_change("c", {**ITEM, "item_id": "c"})
+    with pytest.raises(LookupError, match="trimmed"):
+        s.changes_since(first)
+    fold, position = s.catalog()
+    assert sorted(fold) == ["a", "b", "c"] and s.changes_since(position) == []
+
+
+def test_an_unreachable_redis_is_a_clear_store_unavailable(tmp_path):
+    from service.redis_store import RedisStateStore
+
+    from tests.servicekit import free_port
+
+    s = RedisStateStore(f"redis://:hunter2@127.0.0.1:{free_port()}/0", 10, unique_prefix(), timeout_s=0.2)
+    with pytest.raises(StoreUnavailable, match="cannot record the event: redis at redis://\\*\\*\\*@127.0.0.1"):
+        s.append_event("u1", Event("i1", None, 1))
+    with pytest.raises(StoreUnavailable):
+        s.history("u1")  # skipped at once for a while after a failure: reads fall back to the bundle
+    assert "unavailable" in s.health() and "hunter2" not in s.health()

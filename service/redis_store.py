@@ -1,0 +1,154 @@
+"""Online state on Redis, shared by every replica and worker process (``RECSYS_STATE_BACKEND=redis``).
+
+Keys, all under ``prefix``:
+
+- ``events``: a stream of every acknowledged event (the record the trainer reads), approximately
+  trimmed to ``events_maxlen`` entries;
+- ``hist:{user}`` / ``ver:{user}``: the user's last ``history_cap`` events (a capped list) and how
+  many were ever recorded (the version that keys the user-vector cache on every replica);
+- ``catalog``: a stream of catalogue changes that every replica tails and applies in order, each
+  entry numbered by ``catalog:seq`` so that a replica notices a gap (entries trimmed before it read
+  them) and re-reads the fold;
+- ``items``: the fold of the catalogue stream (each changed item's latest state; ``""`` once removed),
+  kept in the same transaction as each change, so a replica that starts late reads it plus the
+  stream after its position: the stream can be trimmed (``catalog_maxlen``) without losing state.
+
+A write is acknowledged when its MULTI/EXEC returns, i.e. once Redis has applied it under its own
+durability setting: with ``appendfsync always`` the AOF is fsynced before Redis replies (nothing
+acknowledged is lost); with ``everysec`` up to a second of acknowledged writes can be lost if the
+Redis host loses power. The compose file runs Redis with AOF on a volume and ``appendfsync always``.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import orjson
+import redis
+
+from service.store import Change, Event, Position, StoreUnavailable
+
+RETRY_AFTER_S = 1.0  # after a failure, reads skip Redis (serving from the bundle) this long before trying again
+APPEND_CHANGE = """
+local seq = redis.call('INCR', KEYS[1])
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'item_id', ARGV[1], 'item', ARGV[2], 'seq', seq)
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+return id
+"""
+
+
+class RedisStateStore:
+    def __init__(self, url: str, history_cap: int, prefix: str = "recsys", events_maxlen: int = 10_000_000,
+                 catalog_maxlen: int = 100_000, timeout_s: float = 0.5):
+        self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                           health_check_interval=10)
+        self.url, self.history_cap = _without_password(url), history_cap
+        self.p, self.events_maxlen, self.catalog_maxlen = prefix, events_maxlen, catalog_maxlen
+        self._failed_at: float | None = None
+        self._failure = ""
+        self._append_change = self.client.register_script(APPEND_CHANGE)
+
+    # ------------------------------------------------------------------ events
+    def append_event(self, user_id: str, event: Event) -> int:
+        hist, ver = self._user_keys(user_id)
+        packed = orjson.dumps(list(event))
+        with self._call("record the event"):
+            pipe = self.client.pipeline(transaction=True)
+            pipe.xadd(f"{self.p}:events", {"user_id": user_id, "item_id": event.item_id,
+                                           "rating": "" if event.rating is None else repr(event.rating),
+                                           "timestamp": event.timestamp}, maxlen=self.events_maxlen, approximate=True)
+            pipe.rpush(hist, packed)
+            pipe.ltrim(hist, -self.history_cap, -1)
+            pipe.incr(ver)
+            return int(pipe.execute()[-1])
+
+    def history(self, user_id: str) -> tuple[int, list[Event]]:
+        """Read together (MULTI), so the version always describes the events returned."""
+        if self._failed_at is not None and time.monotonic() - self._failed_at < RETRY_AFTER_S:
+            raise StoreUnavailable(self._failure)
+        hist, ver = self._user_keys(user_id)
+        with self._call("read the history"):
+            pipe = self.client.pipeline(transaction=True)
+            pipe.get(ver)
+            pipe.lrange(hist, 0, -1)
+            version, packed = pipe.execute()
+        return int(version or 0), [Event(*orjson.loads(e)) for e in packed]
+
+    # ------------------------------------------------------------------ catalogue
+    def append_change(self, item_id: str, item: dict | None) -> Position:
+        """Numbered, streamed and folded in one script (atomic: concurrent writers cannot interleave
+        the number and the stream order)."""
+        body = orjson.dumps(item) if item is not None else b""
+        keys = [f"{self.p}:catalog:seq", f"{self.p}:catalog", f"{self.p}:items"]
+        with self._call("record the catalogue change"):
+            entry_id = self._append_change(keys=keys, args=[item_id, body, self.catalog_maxlen])
+        return _position(entry_id)
+
+    def catalog(self) -> tuple[dict[str, dict | None], Position]:
+        with self._call("read the catalogue"):
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hgetall(f"{self.p}:items")
+            pipe.xrevrange(f"{self.p}:catalog", count=1)
+            items, last = pipe.execute()
+        fold = {k.decode(): (orjson.loads(v) if v else None) for k, v in items.items()}
+        return fold, _position(last[0][0]) if last else (0, 0)
+
+    def changes_since(self, position: Position, wait_s: float = 0.0) -> list[Change]:
+        """Blocks up to ``wait_s`` (XREAD BLOCK) for changes after ``position``."""
+        block = int(wait_s * 1000) if wait_s > 0 else None
+        with self._call("read catalogue changes"):
+            reply = self.client.xread({f"{self.p}:catalog": "%d-%d" % position}, count=1000, block=block)
+        entries = reply[0][1] if reply else []
+        changes = [(_position(entry_id), f[b"item_id"].decode(), orjson.loads(f[b"item"]) if f[b"item"] else None, int(f[b"seq"]))
+                   for entry_id, f in entries]
+        if changes and position != (0, 0) and not self._contiguous(position, changes[0][3]):
+            raise LookupError(f"catalogue changes after {position} were trimmed from the stream")
+        return [c[:3] for c in changes]
+
+    def _contiguous(self, position: Position, first_seq: int) -> bool:
+        """Whether the entry at ``position`` is numbered ``first_seq - 1`` (nothing was trimmed in between)."""
+        before = self.client.xrange(f"{self.p}:catalog", "%d-%d" % position, "%d-%d" % position)
+        return bool(before) and int(before[0][1][b"seq"]) == first_seq - 1
+
+    # ------------------------------------------------------------------ health
+    def health(self) -> str | None:
+        try:
+            self.client.ping()
+        except redis.RedisError as err:
+            self._fail(err)
+            return self._failure
+        self._failed_at = None
+        return None
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _user_keys(self, user_id: str) -> tuple[str, str]:
+        return f"{self.p}:hist:{user_id}", f"{self.p}:ver:{user_id}"
+
+    @contextmanager
+    def _call(self, what: str) -> Iterator[None]:
+        """A Redis failure becomes ``StoreUnavailable`` with a message, remembered so reads skip Redis a while."""
+        try:
+            yield
+        except redis.RedisError as err:
+            self._fail(err)
+            raise StoreUnavailable(f"cannot {what}: {self._failure}") from err
+
+    def _fail(self, err: Exception) -> None:
+        self._failed_at = time.monotonic()
+        self._failure = f"redis at {self.url} unavailable ({type(err).__name__}: {err})"
+
+
+def _position(entry_id: bytes | str) -> Position:
+    ms, _, seq = (entry_id.decode() if isinstance(entry_id, bytes) else entry_id).partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _without_password(url: str) -> str:
+    """The URL as it may appear in logs and error messages."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.split("@", 1)[1]
+    return scheme + sep + rest
