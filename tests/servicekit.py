@@ -138,19 +138,22 @@ def redis_server(directory: Path, port: int | None = None) -> Iterator[str]:
     """A real redis-server on a loopback port with AOF on and fsynced per write (acknowledged = on disk), as
     compose runs it; yields its URL. Stopped by its pid; started again on the same directory and port, it
     reloads the AOF."""
-    if REDIS is None:
-        pytest.skip(reason="redis-server not installed (.ci/run installs it: apt-get install redis-server)")
     port = port or free_port()
-    directory.mkdir(parents=True, exist_ok=True)
-    cmd = [REDIS, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory), "--save", "",
-           "--appendonly", "yes", "--appendfsync", "always", "--daemonize", "no"]
-    with spawned(cmd, directory / "redis.log") as proc:
+    with spawned(redis_command(directory, port), directory / "redis.log") as proc:
         url = f"redis://127.0.0.1:{port}/0"
-        _wait_for_redis(url, proc)
+        wait_for_redis(url, proc)
         yield url
 
 
-def _wait_for_redis(url: str, proc: subprocess.Popen, timeout: float = 20) -> None:
+def redis_command(directory: Path, port: int) -> list[str]:
+    if REDIS is None:
+        pytest.skip(reason="redis-server not installed (.ci/run installs it: apt-get install redis-server)")
+    directory.mkdir(parents=True, exist_ok=True)
+    return [REDIS, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory), "--save", "",
+            "--appendonly", "yes", "--appendfsync", "always", "--daemonize", "no"]
+
+
+def wait_for_redis(url: str, proc: subprocess.Popen, timeout: float = 20) -> None:
     import redis
 
     client = redis.Redis.from_url(url, socket_timeout=1)
