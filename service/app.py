@@ -8,6 +8,7 @@ document, and the schemathesis test in CI checks that what is served matches it.
 from __future__ import annotations
 
 import hmac
+import os
 import sys
 from contextlib import asynccontextmanager
 from typing import Annotated
@@ -21,7 +22,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from loguru import logger
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from threadpoolctl import threadpool_limits
@@ -60,6 +61,7 @@ async def lifespan(app: FastAPI):
     logger.info("serving bundle {} ({} items)", state.engine.version, state.engine.searchable_items)
     yield
     state.close()
+    metrics.worker_exited(os.getpid())
 
 
 app = FastAPI(title="recsys", version="0.2.0", default_response_class=FastJSONResponse, lifespan=lifespan,
@@ -161,7 +163,7 @@ def ready(request: Request):
 @app.get("/metrics", response_class=PlainTextResponse, tags=["probes"],
          responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}, "description": "Prometheus text format"}})
 def prometheus_metrics():
-    return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return PlainTextResponse(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 # ----------------------------------------------------------------------------- recommendations

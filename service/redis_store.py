@@ -30,6 +30,7 @@ import redis
 from service.store import Change, Event, Position, StoreUnavailable
 
 RETRY_AFTER_S = 1.0  # after a failure, reads skip Redis (serving from the bundle) this long before trying again
+MAX_WAIT_S = 5.0  # the longest blocking read for catalogue changes
 APPEND_CHANGE = """
 local seq = redis.call('INCR', KEYS[1])
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'item_id', ARGV[1], 'item', ARGV[2], 'seq', seq)
@@ -43,6 +44,8 @@ class RedisStateStore:
                  catalog_maxlen: int = 100_000, timeout_s: float = 0.5):
         self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                            health_check_interval=10)
+        # blocking reads (XREAD BLOCK) wait longer than a command may take: their own connection and timeout
+        self.blocking = redis.Redis.from_url(url, socket_timeout=MAX_WAIT_S + timeout_s, socket_connect_timeout=timeout_s)
         self.url, self.history_cap = _without_password(url), history_cap
         self.p, self.events_maxlen, self.catalog_maxlen = prefix, events_maxlen, catalog_maxlen
         self._failed_at: float | None = None
@@ -95,10 +98,11 @@ class RedisStateStore:
         return fold, _position(last[0][0]) if last else (0, 0)
 
     def changes_since(self, position: Position, wait_s: float = 0.0) -> list[Change]:
-        """Blocks up to ``wait_s`` (XREAD BLOCK) for changes after ``position``."""
-        block = int(wait_s * 1000) if wait_s > 0 else None
-        with self._call("read catalogue changes"):
-            reply = self.client.xread({f"{self.p}:catalog": "%d-%d" % position}, count=1000, block=block)
+        """Blocks up to ``wait_s`` (XREAD BLOCK, at most ``MAX_WAIT_S``) for changes after ``position``."""
+        block = int(min(wait_s, MAX_WAIT_S) * 1000) if wait_s > 0 else None
+        client = self.blocking if block else self.client
+        with self._call("read catalogue changes", trips_breaker=not block):
+            reply = client.xread({f"{self.p}:catalog": "%d-%d" % position}, count=1000, block=block)
         entries = reply[0][1] if reply else []
         changes = [(_position(entry_id), f[b"item_id"].decode(), orjson.loads(f[b"item"]) if f[b"item"] else None, int(f[b"seq"]))
                    for entry_id, f in entries]
@@ -114,31 +118,37 @@ class RedisStateStore:
     # ------------------------------------------------------------------ health
     def health(self) -> str | None:
         try:
-            self.client.ping()
-        except redis.RedisError as err:
-            self._fail(err)
+            with self._call("ping"):
+                self.client.ping()
+        except StoreUnavailable:
             return self._failure
-        self._failed_at = None
         return None
 
     def close(self) -> None:
         self.client.close()
+        self.blocking.close()
 
     def _user_keys(self, user_id: str) -> tuple[str, str]:
         return f"{self.p}:hist:{user_id}", f"{self.p}:ver:{user_id}"
 
     @contextmanager
-    def _call(self, what: str) -> Iterator[None]:
-        """A Redis failure becomes ``StoreUnavailable`` with a message, remembered so reads skip Redis a while."""
+    def _call(self, what: str, trips_breaker: bool = True) -> Iterator[None]:
+        """A Redis failure becomes ``StoreUnavailable`` with a message and, for calls on the request path,
+        is remembered so that reads skip Redis for ``RETRY_AFTER_S``; a success forgets it. (The follower's
+        blocking reads do not trip it: a connection that broke under a long wait says little about the next
+        request's.)"""
         try:
             yield
         except redis.RedisError as err:
-            self._fail(err)
-            raise StoreUnavailable(f"cannot {what}: {self._failure}") from err
+            failure = self._describe(err)
+            if trips_breaker:
+                self._failed_at, self._failure = time.monotonic(), failure
+            raise StoreUnavailable(f"cannot {what}: {failure}") from err
+        if trips_breaker:
+            self._failed_at = None
 
-    def _fail(self, err: Exception) -> None:
-        self._failed_at = time.monotonic()
-        self._failure = f"redis at {self.url} unavailable ({type(err).__name__}: {err})"
+    def _describe(self, err: Exception) -> str:
+        return f"redis at {self.url} unavailable ({type(err).__name__}: {err})"
 
 
 def _position(entry_id: bytes | str) -> Position:

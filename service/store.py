@@ -16,6 +16,7 @@ service never asks which one it has, and tests/test_state_store.py runs one suit
 """
 from __future__ import annotations
 
+import fcntl
 import math
 import os
 import threading
@@ -198,6 +199,7 @@ class FileStateStore:
 
     def __init__(self, state_dir: Path, history_cap: int, compact_after: int):
         self.dir = state_dir
+        self._owner = _lock_dir(state_dir)
         self.events = DurableLog(state_dir / "events.jsonl")
         self.catalog_log = DurableLog(state_dir / "catalog.jsonl")
         self.lock = threading.Lock()
@@ -306,6 +308,7 @@ class FileStateStore:
     def close(self) -> None:
         self.events.close()
         self.catalog_log.close()
+        self._owner.close()  # releases the lock
 
 
 def _drop_torn_tail(path: Path) -> None:
@@ -327,6 +330,20 @@ def _drop_torn_tail(path: Path) -> None:
     with open(path, "r+b") as f:
         f.truncate(keep)
         os.fsync(f.fileno())
+
+
+def _lock_dir(state_dir: Path):
+    """Hold an exclusive lock on the directory for this store's life: a second process would append to the
+    same logs while folding only its own appends, so it is refused with the way out."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    owner = open(state_dir / ".lock", "a+")
+    try:
+        fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner.close()
+        raise OSError(f"{state_dir}: in use by another process; the file state backend serves one process "
+                      "(for several workers or replicas set RECSYS_STATE_BACKEND=redis)") from None
+    return owner
 
 
 def _fsync_dir(path: Path) -> None:

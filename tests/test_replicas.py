@@ -4,6 +4,7 @@ module and stopped by pid; the tests that kill or restart something bring it bac
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -203,3 +204,52 @@ def test_with_redis_down_writes_get_503_reads_keep_serving_and_it_recovers(clust
         while b.get("/similar-items/after-outage").status_code != 200:
             assert time.monotonic() - started < 5, "B's catalogue follower did not recover"
             time.sleep(0.05)
+
+
+def test_nginx_spreads_requests_over_both_replicas(cluster, tmp_path):
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if nginx is None:
+        pytest.skip(reason="nginx not installed (.ci/run installs it)")
+    edge = free_port()
+    text = (Path(__file__).resolve().parents[1] / "deploy" / "nginx.conf").read_text()
+    servers = "\n".join(f"        server {url.removeprefix('http://')};" for url in cluster.urls.values())
+    text = re.sub(r"^\s*server recommender:\d+[^\n]*$", servers, text, flags=re.M)
+    text = re.sub(r"listen \d+;", f"listen 127.0.0.1:{edge};", text)
+    text = text.replace("access_log /dev/stdout main;", f"access_log {tmp_path / 'access.log'} main;")
+    (tmp_path / "nginx.conf").write_text(text)
+    command = [nginx, "-c", str(tmp_path / "nginx.conf"), "-e", "stderr", "-g", f"daemon off; pid {tmp_path / 'nginx.pid'};"]
+    with spawned(command, tmp_path / "nginx.log") as proc, httpx.Client(base_url=f"http://127.0.0.1:{edge}", timeout=10) as lb:
+        wait_for(f"http://127.0.0.1:{edge}/health", 30, proc)
+        for n in range(3):
+            assert lb.post("/events", json={"user_id": "via-nginx", "item_id": f"i{n}"}).status_code == 200
+        for _ in range(40):  # whichever replica answers, it sees every event
+            assert not {"i0", "i1", "i2"} & set(ids(lb.get("/recommend", params={"user_id": "via-nginx", "k": 20})))
+    upstreams = re.findall(r"upstream=(\S+)", (tmp_path / "access.log").read_text())
+    assert {u.removeprefix("http://") for u in cluster.urls.values()} <= set(upstreams), set(upstreams)
+
+
+def test_worker_processes_share_state_and_their_metrics_add_up(cluster, tmp_path):
+    port = free_port()
+    env = {**os.environ, "RECSYS_BUNDLE_DIR": str(cluster.bundle), "RECSYS_STATE_BACKEND": "redis",
+           "RECSYS_REDIS_URL": cluster.redis_url, "RECSYS_REDIS_PREFIX": cluster.prefix, "RECSYS_LOG_LEVEL": "WARNING",
+           "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics")}
+    cmd = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"]
+    with spawned(cmd, tmp_path / "workers.log", env) as proc, httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+        wait_for(f"http://127.0.0.1:{port}/ready", 120, proc)
+        pids = set()
+        for n in range(60):
+            response = client.get("/recommend", params={"user_id": f"u{n % 20}", "k": 3}, headers={"Connection": "close"})
+            assert response.status_code == 200
+        for _ in range(10):  # every scrape, whichever worker answers it, counts all 60
+            text = client.get("/metrics", headers={"Connection": "close"}).text
+            count = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                        if line.startswith('recsys_requests_total{endpoint="/recommend",method="GET",status="200"}'))
+            assert count == 60, text[:2000]
+        pids = {f.name for f in (tmp_path / "metrics").glob("counter_*.db")}
+        assert len(pids) == 2, pids  # both workers served
+
+
+def test_several_workers_refuse_the_file_backend():
+    env = {**os.environ, "RECSYS_STATE_BACKEND": "file"}
+    run = subprocess.run([sys.executable, "-m", "service", "--workers", "2"], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "RECSYS_STATE_BACKEND=redis" in run.stderr

@@ -36,7 +36,9 @@ def make_store(request, tmp_path):
     prefix = unique_prefix()
 
     def make(cap: int = 100, **kw):
-        if request.param == "file":
+        if request.param == "file":  # one process owns the directory: the second store is a restart
+            for earlier in opened:
+                earlier.close()
             store = FileStateStore(tmp_path / "state", history_cap=cap, compact_after=kw.get("compact_after", 1000))
         else:
             from service.redis_store import RedisStateStore
@@ -48,7 +50,7 @@ def make_store(request, tmp_path):
     make.backend = request.param
     yield make
     for store in opened:
-        store.close()
+        store.close()  # closing twice is harmless
 
 
 def open_store(path: Path, cap: int = 100, compact_after: int = 1000) -> FileStateStore:
@@ -68,7 +70,8 @@ def test_events_are_kept_in_order_and_versioned(make_store):
     assert s.append_event("u2", Event("i1", 1.5, 12)) == 1
     assert s.history("u1") == (2, [Event("i1", 4.0, 10), Event("i2", None, 11)])
     assert s.history("nobody") == (0, [])
-    assert make_store().history("u1") == s.history("u1")  # a restart, or another replica, sees the same
+    expected = s.history("u1")
+    assert make_store().history("u1") == expected  # a restart, or another replica, sees the same
 
 
 def test_history_is_capped_but_its_version_keeps_counting(make_store):
@@ -76,7 +79,7 @@ def test_history_is_capped_but_its_version_keeps_counting(make_store):
     for t in range(5):
         s.append_event("u1", Event(f"i{t}", None, t))
     assert s.history("u1") == (5, [Event(f"i{t}", None, t) for t in (2, 3, 4)])
-    assert make_store(cap=3).history("u1")[0] == 5
+    assert make_store(cap=3).history("u1") == (5, [Event(f"i{t}", None, t) for t in (2, 3, 4)])
 
 
 def test_catalogue_changes_fold_and_stream_in_order(make_store):
@@ -90,7 +93,7 @@ def test_catalogue_changes_fold_and_stream_in_order(make_store):
     assert s.changes_since(start) == [(first, "new", ITEM), (second, "i3", None), (third, "new", {**ITEM, "title": "renamed"})]
     assert s.changes_since(second) == [(third, "new", {**ITEM, "title": "renamed"})]
     assert s.changes_since(third) == []
-    other = make_store()
+    other = make_store()  # opened after the changes: reads the fold
     assert other.catalog() == ({"new": {**ITEM, "title": "renamed"}, "i3": None}, third)
 
 
@@ -266,3 +269,11 @@ def test_an_unreachable_redis_is_a_clear_store_unavailable(tmp_path):
     with pytest.raises(StoreUnavailable):
         s.history("u1")  # skipped at once for a while after a failure: reads fall back to the bundle
     assert "unavailable" in s.health() and "hunter2" not in s.health()
+
+
+def test_a_second_process_cannot_take_the_file_backends_directory(tmp_path):
+    first = open_store(tmp_path)
+    with pytest.raises(OSError, match="in use by another process.*RECSYS_STATE_BACKEND=redis"):
+        open_store(tmp_path)
+    first.close()
+    open_store(tmp_path).close()  # free again once the owner closed it
