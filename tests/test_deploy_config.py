@@ -97,13 +97,15 @@ def test_prometheus_scrapes_the_recommender():
     assert config_file.is_file(), f"{sources[0]} is mounted but not in the repo"
 
     config = yaml.safe_load(config_file.read_text())
-    targets = {
-        (job.get("metrics_path", "/metrics"), target)
+    # every replica is a target: DNS service discovery on the compose service name (one A record per replica)
+    discovered = {
+        (job.get("metrics_path", "/metrics"), name, sd["port"])
         for job in config["scrape_configs"]
-        for static in job.get("static_configs", [])
-        for target in static["targets"]
+        for sd in job.get("dns_sd_configs", [])
+        for name in sd["names"]
+        if sd.get("type") == "A"
     }
-    assert ("/metrics", f"recommender:{_recommender_container_port()}") in targets
+    assert ("/metrics", "recommender", _recommender_container_port()) in discovered
     assert prometheus["depends_on"]["recommender"]["condition"] == "service_healthy"
 
 
@@ -125,7 +127,7 @@ def test_nginx_fronts_the_recommender_and_is_the_only_published_http_port():
     assert "ports" not in SERVICES["recommender"]  # clients go through the edge
     for directive in ("client_header_timeout", "client_body_timeout", "client_max_body_size"):
         assert re.search(rf"^\s*{directive} ", text, re.M), f"{directive} missing: slow clients must be cut off at the edge"
-    assert _option(SERVICES["recommender"]["command"], "--http") == "service.protocol:HeadDeadline"
+    assert SERVICES["recommender"]["command"][:3] == ["python", "-m", "service"]  # runs uvicorn with HeadDeadline
 
 
 def test_nginx_config_passes_nginx_t(tmp_path):
@@ -225,3 +227,14 @@ def test_locust_mix_is_mostly_known_user_recommendations(load_locustfile):
     known_users = names.count("recommend_known_user") + names.count("recommend_known_user_filtered")
     assert known_users > len(names) / 2
     assert {"recommend_cold_start", "post_event", "similar_items"} <= set(names)
+
+
+def test_replicas_share_state_on_redis_with_aof_on_a_volume():
+    redis, recommender = SERVICES["redis"], SERVICES["recommender"]
+    command = redis["command"]
+    assert _option(command, "--appendonly") == "yes" and _option(command, "--appendfsync") == "always"
+    assert [target for source, target in _mounts(redis) if _is_named_volume(source)] == ["/data"]
+    env = _environment(recommender)
+    assert env["RECSYS_STATE_BACKEND"] == "redis" and urlparse(env["RECSYS_REDIS_URL"]).hostname == "redis"
+    assert recommender["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert recommender["deploy"]["replicas"] >= 2 and int(_option(recommender["command"], "--workers")) >= 2
