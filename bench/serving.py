@@ -1,0 +1,179 @@
+"""Serving throughput side by side, with C load generators (wrk, hey) so the client is not the limit.
+
+In one run, on one bundle, against three servers started here one after the other:
+
+- ``bare``: FastAPI + uvicorn with one sync endpoint doing one hnswlib ``knn_query`` (k=10) and
+  orjson: the ceiling for a Python service on these cores (bench/bare_app.py);
+- ``service, 1 process, file state``: ``python -m service`` as ``make serve`` runs it;
+- ``service, 2 workers, Redis``: ``python -m service --workers 2`` over a local redis-server
+  (AOF, appendfsync always), as each compose replica runs.
+
+For each: saturation (``wrk -c16``, requests/s, median of ``--runs``), latency at a fixed 200
+requests/s (``hey -q 50 -c 4``, p50 / p99, median of the runs) over ``GET /recommend`` for users
+rotating through the bundle's users, and durable ``POST /events`` per second (``hey -c 16``) for
+the two service configurations. Writes the "serving" section of docs/benchmarks.md.
+
+    python -m bench.serving --bundle artifacts --runs 3
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from bench.report import machine, update_section
+from offline.bundle import read_bundle
+
+ROOT = Path(__file__).resolve().parents[1]
+WRK_USERS = """
+local users = {%s}
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format("GET", "/recommend?user_id=" .. users[(n %% #users) + 1] .. "&k=10")
+end
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server(cmd: list[str], env: dict, url: str, log: Path):
+    proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd} exited: {log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(url)
+            time.sleep(0.2)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def wrk(url: str, script: Path, seconds: int, connections: int = 16) -> float:
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url],
+                         capture_output=True, text=True, check=True).stdout
+    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+
+def hey(url: str, seconds: int, rate_per_worker: int | None, workers: int, body: str | None = None) -> dict[str, float]:
+    cmd = ["hey", "-z", f"{seconds}s", "-c", str(workers)]
+    if rate_per_worker:
+        cmd += ["-q", str(rate_per_worker)]
+    if body:
+        cmd += ["-m", "POST", "-T", "application/json", "-d", body]
+    out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout
+    pct = {int(p): float(v) * 1000 for p, v in re.findall(r"(\d+)%% in ([\d.]+) secs".replace("%%", "%"), out)}
+    codes = dict(re.findall(r"\[(\d+)\]\s+(\d+) responses", out))
+    bad = {c: n for c, n in codes.items() if c != "200"}
+    if bad:
+        raise RuntimeError(f"{url}: non-200 answers {bad}")
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50": pct[50], "p99": pct[99]}
+
+
+def measure(url: str, script: Path, runs: int, seconds: int, events: bool) -> dict[str, float]:
+    """Median over runs of saturation and fixed-rate latency (and event ingestion)."""
+    for _ in range(2):  # warm the user-vector cache and the connection paths
+        wrk(url, script, 3)
+    sat = [wrk(url, script, seconds) for _ in range(runs)]
+    lat = [hey(f"{url}/recommend?user_id=196&k=10", seconds, 50, 4) for _ in range(runs)]
+    out = {"saturation": float(np.median(sat)), "p50": float(np.median([r["p50"] for r in lat])),
+           "p99": float(np.median([r["p99"] for r in lat]))}
+    if events:
+        body = '{"user_id": "bench-events", "item_id": "%s"}'
+        ev = [hey(f"{url}/events", seconds, None, 16, body % "1")["rps"] for _ in range(runs)]
+        out["events"] = float(np.median(ev))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--seconds", type=int, default=10)
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args()
+    bundle = read_bundle(args.bundle)
+    users = bundle.catalog["user_ids"]
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        tmp = Path(tmp)
+        script = tmp / "users.lua"
+        script.write_text(WRK_USERS % ", ".join(f'"{u}"' for u in users))
+        base = {**os.environ, "RECSYS_BUNDLE_DIR": str(args.bundle.resolve()), "RECSYS_LOG_LEVEL": "WARNING"}
+        base.pop("RECSYS_ADMIN_TOKEN", None)
+        rows = {}
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        bare = [sys.executable, "-m", "uvicorn", "bench.bare_app:app", "--host", "127.0.0.1", "--port", str(port),
+                "--log-level", "warning"]
+        with server(bare, base, url, tmp / "bare.log"):
+            rows["bare FastAPI + hnswlib knn_query"] = measure(url, script, args.runs, args.seconds, events=False)
+        service = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
+        env = {**base, "RECSYS_STATE_BACKEND": "file", "RECSYS_STATE_DIR": str(tmp / "state")}
+        with server(service, env, url, tmp / "file.log"):
+            rows["service, 1 process, file state"] = measure(url, script, args.runs, args.seconds, events=True)
+        redis_port = free_port()
+        redis_cmd = ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(tmp), "--save", "",
+                     "--appendonly", "yes", "--appendfsync", "always"]
+        stack.enter_context(_redis(redis_cmd, tmp / "redis.log"))
+        env = {**base, "RECSYS_STATE_BACKEND": "redis", "RECSYS_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}
+        with server([*service, "--workers", "2"], env, url, tmp / "redis-workers.log"):
+            rows["service, 2 workers, Redis state"] = measure(url, script, args.runs, args.seconds, events=True)
+    write(rows, args)
+
+
+@contextmanager
+def _redis(cmd: list[str], log: Path):
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    time.sleep(0.5)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def write(rows: dict[str, dict[str, float]], args) -> None:
+    bare = rows["bare FastAPI + hnswlib knn_query"]["saturation"]
+    lines = [f"Machine: {machine()}; load generators on the same 2 cores (wrk 1 thread, hey). Bundle `{args.bundle}`. "
+             f"Median of {args.runs} runs of {args.seconds} s each.", "",
+             "| server | saturation, wrk -c16 (req/s) | vs bare | p50 at 200 req/s (ms) | p99 at 200 req/s (ms) | durable events/s (hey -c16) |",
+             "|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        events = f"{r['events']:,.0f}" if "events" in r else "-"
+        lines.append(f"| {name} | {r['saturation']:,.0f} | {r['saturation'] / bare:.0%} | {r['p50']:.2f} | {r['p99']:.2f} | {events} |")
+    body = "## Serving: bare endpoint vs the service (file state, one process) vs Redis state with 2 workers\n\n" + "\n".join(lines)
+    print(body)
+    if not args.no_write:
+        update_section("serving", body)
+
+
+if __name__ == "__main__":
+    main()
