@@ -120,37 +120,70 @@ def ranker_features(tables: RankerTables, history_items: np.ndarray, history_rat
     ``history_items`` / ``history_ratings``: the user's history, oldest first (may be empty);
     ``user_cat`` / ``user_num``: the user's rows of the bundle's ``user_cat`` / ``user_num``;
     ``candidates``: item rows in recall order (rank 0 = best); ``recall_scores``: their
-    two-tower inner products.
+    two-tower inner products. The same as ``candidate_features(tables, user_features(...), ...)``,
+    the split the service uses to compute the user's part once per history version.
     """
-    n = len(candidates)
+    user = user_features(tables, history_items, history_ratings, user_cat, user_num)
+    return candidate_features(tables, user, candidates, recall_scores)
+
+
+@dataclass(frozen=True)
+class UserFeatures:
+    """Everything in a request's features that depends on the user alone (history, demographics)."""
+
+    n_history: int
+    genres: np.ndarray  # recency-weighted genre taste
+    profile: np.ndarray  # unit mean vector of the history
+    log_pop: float
+    year: float
+    mean_rating: float
+    recent_vectors: np.ndarray  # [r, d] the recent items' vectors, newest first
+    recent_weights: np.ndarray  # [r] recency weights
+    neighbour_ids: np.ndarray  # sorted item rows that are neighbours of a recent item
+    neighbour_total: np.ndarray  # their recency-weighted summed neighbour weight
+    neighbour_best: np.ndarray  # their largest neighbour weight
+    demographics: np.ndarray
+
+
+def user_features(tables: RankerTables, history_items: np.ndarray, history_ratings: np.ndarray,
+                  user_cat: np.ndarray, user_num: np.ndarray) -> UserFeatures:
     history_items = np.asarray(history_items, np.int64)
     history_ratings = np.asarray(history_ratings, np.float32)
+    profile = _user_profile(tables, history_items, history_ratings)
+    recent = history_items[-RECENT:][::-1]  # newest first
+    weights = np.exp(-np.arange(len(recent)) / RECENCY_HALFLIFE).astype(np.float32)
+    ids, total, best = _neighbour_evidence(tables, recent, weights)
+    demographics = np.concatenate([np.asarray(user_num, np.float32), _one_hot(tables, user_cat)])
+    return UserFeatures(len(history_items), profile["genres"], profile["profile"], profile["log_pop"], profile["year"],
+                        profile["mean_rating"], tables.item_vectors[recent], weights, ids, total, best, demographics)
+
+
+def candidate_features(tables: RankerTables, user: UserFeatures, candidates: np.ndarray, recall_scores: np.ndarray) -> np.ndarray:
+    """The request's ``[n_candidates, F]`` features from the user's part and the candidates."""
+    n = len(candidates)
     scores = np.asarray(recall_scores, np.float32)
     cand_vecs = tables.item_vectors[candidates]
     static = tables.item_static[candidates]
     genres = tables.item_genres[candidates]
-    user = _user_profile(tables, history_items, history_ratings)
-    recent = history_items[-RECENT:][::-1]  # newest first
-    weights = np.exp(-np.arange(len(recent)) / RECENCY_HALFLIFE).astype(np.float32)
     fixed = np.column_stack([
         scores,
         np.log1p(np.arange(n)),
         scores - (scores.max() if n else 0.0),
         (scores - scores.mean()) / (scores.std() + 1e-6) if n else scores,
-        *_vector_similarities(tables, cand_vecs, recent, weights, user["profile"]),
-        *_neighbour_weights(tables, candidates, recent, weights),
-        genres @ user["genres"] / np.maximum(genres.sum(axis=1), 1.0),
+        *_vector_similarities(cand_vecs, user),
+        *_neighbour_weights(user, np.asarray(candidates, np.int64)),
+        genres @ user.genres / np.maximum(genres.sum(axis=1), 1.0),
         static[:, 0],
-        static[:, 0] - user["log_pop"],
+        static[:, 0] - user.log_pop,
         static[:, 1],
         static[:, 2],
         static[:, 3],
-        static[:, 2] - user["year"],
-        np.full(n, np.log1p(len(history_items))),
-        np.full(n, user["mean_rating"]),
+        static[:, 2] - user.year,
+        np.full(n, np.log1p(user.n_history)),
+        np.full(n, user.mean_rating),
     ])
-    demographics = np.concatenate([np.asarray(user_num, np.float32), _one_hot(tables, user_cat)])
-    return np.concatenate([fixed, genres, np.broadcast_to(demographics, (n, len(demographics)))], axis=1).astype(np.float32)
+    return np.concatenate([fixed, genres, np.broadcast_to(user.demographics, (n, len(user.demographics)))],
+                          axis=1).astype(np.float32)
 
 
 def _user_profile(tables: RankerTables, items: np.ndarray, ratings: np.ndarray) -> dict:
@@ -168,34 +201,44 @@ def _user_profile(tables: RankerTables, items: np.ndarray, ratings: np.ndarray) 
             "year": float(static[:, 2].mean()), "mean_rating": float(ratings.mean())}
 
 
-def _vector_similarities(tables: RankerTables, cand_vecs: np.ndarray, recent: np.ndarray, weights: np.ndarray,
-                         profile: np.ndarray) -> list[np.ndarray]:
+def _vector_similarities(cand_vecs: np.ndarray, user: UserFeatures) -> list[np.ndarray]:
     """Cosine to the newest item, max and recency-weighted mean over the recent ones, how many steps
     back the most similar recent item lies, and cosine to the mean of the whole history."""
     n = len(cand_vecs)
-    if not len(recent):
+    if not len(user.recent_weights):
         return [np.zeros(n, np.float32)] * 3 + [np.full(n, float(RECENT), np.float32), np.zeros(n, np.float32)]
-    sims = cand_vecs @ tables.item_vectors[recent].T  # [n, r], column 0 = newest
-    return [sims[:, 0], sims.max(axis=1), sims @ weights / weights.sum(), sims.argmax(axis=1).astype(np.float32),
-            cand_vecs @ profile]
+    sims = cand_vecs @ user.recent_vectors.T  # [n, r], column 0 = newest
+    w = user.recent_weights
+    return [sims[:, 0], sims.max(axis=1), sims @ w / w.sum(), sims.argmax(axis=1).astype(np.float32), cand_vecs @ user.profile]
 
 
-def _neighbour_weights(tables: RankerTables, candidates: np.ndarray, recent: np.ndarray, weights: np.ndarray) -> list[np.ndarray]:
-    """Item-item evidence from the train window: recency-weighted sum and max of the candidate's
-    neighbour weight from the recent items (a recency-weighted EASE / item-kNN score of the candidates)."""
-    n = len(candidates)
-    total, best = np.zeros(n, np.float64), np.zeros(n, np.float64)
-    if not len(recent) or not n:
-        return [total.astype(np.float32), best.astype(np.float32)]
+def _neighbour_evidence(tables: RankerTables, recent: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Item-item evidence from the train window, per item: the recency-weighted sum and the max of its
+    neighbour weight from the recent items (a recency-weighted EASE / item-kNN score), for the sorted
+    item rows that have any."""
+    if not len(recent):
+        return np.zeros(0, np.int64), np.zeros(0, np.float64), np.zeros(0, np.float64)
     neighbours = tables.item_neighbours[recent].ravel()
     sims = tables.item_neighbour_sims[recent]
-    order = np.argsort(candidates)
-    pos = np.clip(np.searchsorted(candidates, neighbours, sorter=order), 0, n - 1)
-    hit = candidates[order[pos]] == neighbours
-    slot = order[pos[hit]]
-    total += np.bincount(slot, weights=(weights[:, None] * sims).ravel()[hit], minlength=n)
-    np.maximum.at(best, slot, sims.ravel()[hit])
-    return [total.astype(np.float32), best.astype(np.float32)]
+    keep = neighbours >= 0  # -1 pads the neighbour lists
+    ids, slot = np.unique(neighbours[keep], return_inverse=True)
+    total = np.bincount(slot, weights=(weights[:, None] * sims).ravel()[keep], minlength=len(ids))
+    best = np.full(len(ids), -np.inf)
+    np.maximum.at(best, slot, sims.ravel()[keep].astype(np.float64))
+    return ids, total, best
+
+
+def _neighbour_weights(user: UserFeatures, candidates: np.ndarray) -> list[np.ndarray]:
+    """The candidates' neighbour evidence (0 for a candidate no recent item points at)."""
+    n = len(candidates)
+    total, best = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    if not len(user.neighbour_ids) or not n:
+        return [total, best]
+    pos = np.clip(np.searchsorted(user.neighbour_ids, candidates), 0, len(user.neighbour_ids) - 1)
+    hit = user.neighbour_ids[pos] == candidates
+    total[hit] = user.neighbour_total[pos[hit]]
+    best[hit] = np.maximum(user.neighbour_best[pos[hit]], 0.0)
+    return [total, best]
 
 
 def _one_hot(tables: RankerTables, user_cat: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ from loguru import logger
 
 from offline.bundle import Bundle
 from offline.features import FeatureSpec, encode_item_features, encode_user_features, single_history
-from offline.rank_features import RankerTables, ranker_features, readable_feature_names
+from offline.rank_features import RankerTables, UserFeatures, candidate_features, readable_feature_names, user_features
 from offline.ranker import load_ranker
 from service.metrics import DEGRADED, FALLBACKS, timed
 from service.schemas import Filters, ItemUpsert, RecommendRequest
@@ -83,6 +83,7 @@ class Engine:
     ranker: object | None
     history: Callable[[str], tuple[int, list[Event]]] = lambda user: (0, [])  # the state store's online history
     vector_cache: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)  # user -> (history version, vector)
+    feature_cache: dict[str, tuple] = field(default_factory=dict)  # user -> (version, ranker tables, UserFeatures)
     cache_size: int = 100_000
     explain_names: list[str] = field(default_factory=list)  # the ranker's features, named for people
     index_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -251,11 +252,22 @@ class Engine:
         if self.ranker is None or len(cands) == 0:
             return [(int(c), float(s), None, r, None, self._recall_reasons(ctx, catalog, int(c), float(s), r) if explain else None)
                     for r, (c, s) in enumerate(zip(cands[:k], scores[:k]))]
-        feats = ranker_features(catalog.ranker_tables, ctx.hist_items, ctx.hist_ratings, ctx.cat, ctx.num, cands, scores)
+        feats = candidate_features(catalog.ranker_tables, self._user_features(ctx, catalog.ranker_tables), cands, scores)
         rank_scores = self.ranker.score(feats)
         order = np.lexsort((np.arange(len(cands)), -rank_scores))[:k]
         return [(int(cands[i]), float(scores[i]), float(rank_scores[i]), int(i), None,
                  dict(zip(self.explain_names, feats[i].round(5).tolist())) if explain else None) for i in order]
+
+    def _user_features(self, ctx: UserContext, tables: RankerTables) -> UserFeatures:
+        """The user's part of the ranker features, cached like the user vector: valid for one history
+        version and one catalogue snapshot (an upsert can change a history item's vector)."""
+        key = ctx.cache_key
+        if key is not None and (hit := self.feature_cache.get(key)) is not None and hit[0] == ctx.version and hit[1] is tables:
+            return hit[2]
+        user = user_features(tables, ctx.hist_items, ctx.hist_ratings, ctx.cat, ctx.num)
+        if key is not None and (key in self.feature_cache or len(self.feature_cache) < self.cache_size):
+            self.feature_cache[key] = (ctx.version, tables, user)
+        return user
 
     def _recall_reasons(self, ctx: UserContext, catalog: Catalog, row: int, score: float, rank: int) -> dict:
         """Without a ranker the reason is the recall stage's: its score and rank, and the recent history

@@ -876,3 +876,27 @@ def test_concurrent_writes_under_query_load_end_in_the_acknowledged_state(start,
         check(client)
     with start() as client:  # what was acknowledged is what comes back
         check(client)
+
+
+def test_cached_user_features_answer_exactly_what_a_fresh_computation_does(start, bundle):
+    """The user's part of the ranker features is cached per history version and catalogue snapshot."""
+    def ranked(client):
+        items = client.post("/recommend", json={"user_id": "u3", "k": 10, "explain": True}).json()["items"]
+        return [(it["item_id"], it["ranking_score"], it["features"]) for it in items]
+
+    def fresh(client):
+        engine = client.app.state.service.engine
+        engine.feature_cache.clear()
+        engine.vector_cache.clear()
+        return ranked(client)
+
+    with start() as client:
+        first = ranked(client)
+        assert ranked(client) == first == fresh(client)  # the second answer came from the cache
+        newest = bundle.catalog["item_ids"][int(history(bundle, user_row(bundle, "u3"))[0][-1])]
+        genres = [g for g in bundle.catalog["genre_names"]][:1]
+        assert client.put("/admin/items", json={"item_id": newest, "genres": genres}, headers=AUTH).status_code == 200
+        after = ranked(client)  # a new catalogue snapshot: the cached entry is not reused
+        assert after == fresh(client)
+        assert client.post("/events", json={"user_id": "u3", "item_id": "i9"}).status_code == 200
+        assert ranked(client) == fresh(client)  # a new history version likewise
