@@ -206,14 +206,17 @@ def similar_items(item_id: str, engine: EngineDep, k: Annotated[int, Query(ge=1,
 
 # ----------------------------------------------------------------------------- online state
 @app.post("/events", response_model=EventResponse, responses=errors(400, 404, 408, 413, 422, 503), tags=["events"])
-def record_event(body: EventRequest, state: StateDep):
-    """Validated, fsynced to the event log, then applied: acknowledged means durable."""
+async def record_event(body: EventRequest, state: StateDep):
+    """Validated, durably recorded, then acknowledged. Recording waits on I/O (an fsync, or Redis's under
+    its own fsync policy), not on the CPU: it runs on its own pool of ``io_threads``, so that many events
+    are in flight at once (Redis commits concurrent writes together) while the CPU-bound recommendations
+    keep their few threads and no GIL convoy."""
     low, high = state.engine.rating_scale
     if body.rating is not None and not low <= body.rating <= high:
         raise RequestError(422, f"rating {body.rating} is outside the bundle's rating scale [{low:g}, {high:g}]")
     event = Event(str(body.item_id), None if body.rating is None else float(body.rating),
                   body.timestamp if body.timestamp is not None else now())
-    length = state.record_event(str(body.user_id), event)
+    length = await anyio.to_thread.run_sync(state.record_event, str(body.user_id), event, limiter=state.io_limiter)
     metrics.EVENTS.inc()  # counted once recorded
     return FastJSONResponse({"status": "recorded", "user_id": str(body.user_id), "history_length": length})
 

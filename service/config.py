@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     max_recent_items: int = Field(200, ge=1, description="most recent_items a cold-start request may send")
     worker_threads: int = Field(2, ge=1, description="threads running request handlers; CPU-bound work gains nothing "
                                 "from more threads than cores, and a GIL convoy of many threads costs throughput")
+    io_threads: int = Field(16, ge=1, description="threads recording events: they wait on fsync or Redis, not the CPU, "
+                            "and more of them in flight lets Redis commit them together")
     torch_threads: int = Field(1, ge=1, description="intra-op threads per tower call (requests already run in parallel)")
     index_threads: int = Field(1, ge=1, description="hnswlib threads per query")
     user_vector_cache: int = Field(100_000, ge=0, description="known users' vectors kept until their history changes")

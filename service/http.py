@@ -5,6 +5,8 @@ BaseHTTPMiddleware costs a task and a stream per request, a measurable share of 
 """
 from __future__ import annotations
 
+import itertools
+import os
 import re
 import time
 import uuid
@@ -138,7 +140,12 @@ class Observe:
             metrics.LATENCY.labels(endpoint).observe(time.perf_counter() - start)
 
 
+_IDS = itertools.count(1)
+_ID_PREFIX = f"{os.getpid():x}-{uuid.uuid4().hex[:6]}"
+
+
 def _request_id(given: bytes) -> str:
-    """The client's id when it is short printable ASCII (it is echoed in a header and the logs), else a new one."""
+    """The client's id when it is short printable ASCII (it is echoed in a header and the logs), else a new
+    one: process, start and a counter, unique without a uuid4 per request (a measurable share of ~1 ms)."""
     text = given.decode("latin-1")[:64]
-    return text if text and text.isascii() and text.isprintable() else uuid.uuid4().hex[:16]
+    return text if text and text.isascii() and text.isprintable() else f"{_ID_PREFIX}-{next(_IDS):x}"

@@ -16,6 +16,8 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import anyio
+
 from loguru import logger
 
 from offline.bundle import BundleError, read_bundle
@@ -41,6 +43,7 @@ class ServiceState:
     def __init__(self, settings: Settings, store: StateStore | None = None):
         self.settings = settings
         self.store = store or open_store(settings)
+        self.io_limiter = anyio.CapacityLimiter(settings.io_threads)
         self.follow_lock = threading.Lock()  # orders catalogue changes and engine swaps
         self.position: Position = (0, 0)  # the last change applied to ``engine``
         self.engine: Engine | None = None
