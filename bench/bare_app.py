@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import orjson
 from fastapi import FastAPI
 from fastapi.responses import Response
