@@ -240,15 +240,11 @@ def remove_item(item_id: str, state: StateDep):
 def reload_bundle(state: StateDep, body: ReloadRequest | None = None):
     """Load a bundle beside the live one and swap it in; on any failure (409) the old one keeps serving."""
     path = state.settings.bundle_dir / body.version if body and body.version else state.settings.bundle_dir
-    old = state.engine.version
     try:
-        engine = state.build(path)
+        old, new = state.reload(path)
     except (BundleError, OSError) as err:
-        logger.warning("reload failed, keeping {}: {}", old, err)
-        raise RequestError(409, f"reload failed, still serving {old}: {err}") from err
-    state.install(engine)
-    logger.info("reloaded: {} -> {}", old, engine.version)
-    return FastJSONResponse({"status": "reloaded", "previous_version": old, "bundle_version": engine.version})
+        raise RequestError(409, f"reload failed, still serving {state.engine.version}: {err}") from err
+    return FastJSONResponse({"status": "reloaded", "previous_version": old, "bundle_version": new})
 
 
 

@@ -14,6 +14,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RECSYS_", extra="ignore")
 
     bundle_dir: Path = Field(Path("artifacts"), description="bundle root (with a 'current' pointer) or a version directory")
+    bundle_poll_s: float = Field(0.0, ge=0, description="seconds between checks of the bundle root's 'current' pointer; "
+                                 "a new version is loaded and swapped in by itself (0: only POST /admin/reload)")
     state_backend: Literal["file", "redis"] = Field("file", description="where online state lives: 'file' (fsynced logs "
                                                     "in state_dir, one process) or 'redis' (shared by replicas and workers)")
     state_dir: Path | None = Field(None, description="file backend: event / catalogue logs; default <bundle_dir>/state")

@@ -25,6 +25,7 @@ FALLBACKS = Counter("recsys_fallbacks_total", "Recommendations served by a fallb
 IN_FLIGHT = Gauge("recsys_in_flight_requests", "Requests being processed", multiprocess_mode="livesum")
 BUNDLE = Gauge("recsys_bundle_info", "Loaded bundle version (value 1)", ["version"], multiprocess_mode="livemax")
 INDEX_ITEMS = Gauge("recsys_index_items", "Items searchable in the ANN index", multiprocess_mode="livemax")
+RELOADS = Counter("recsys_reloads_total", "Bundle reloads (admin route or bundle watcher) by result", ["result"])
 DEGRADED = Counter("recsys_degraded_total", "Work done without the state store (it could not be reached)", ["what"])
 EVENTS = Counter("recsys_events_total", "Interactions recorded through /events")
 

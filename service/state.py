@@ -20,7 +20,7 @@ import anyio
 
 from loguru import logger
 
-from offline.bundle import BundleError, read_bundle
+from offline.bundle import BundleError, read_bundle, resolve
 from service import metrics
 from service.config import Settings
 from service.engine import Engine, RequestError
@@ -47,12 +47,16 @@ class ServiceState:
         self.follow_lock = threading.Lock()  # orders catalogue changes and engine swaps
         self.position: Position = (0, 0)  # the last change applied to ``engine``
         self.engine: Engine | None = None
+        self.reload_lock = threading.Lock()  # one reload at a time (the admin route and the watcher)
         self._stop = threading.Event()
         self.install(self.build(settings.bundle_dir))
-        self._follower: threading.Thread | None = None
+        self._threads = []
         if settings.state_backend == "redis":
-            self._follower = threading.Thread(target=self._follow, name="catalog-follower", daemon=True)
-            self._follower.start()
+            self._threads.append(threading.Thread(target=self._follow, name="catalog-follower", daemon=True))
+        if settings.bundle_poll_s > 0:
+            self._threads.append(threading.Thread(target=self._watch_bundle, name="bundle-watcher", daemon=True))
+        for thread in self._threads:
+            thread.start()
 
     def build(self, path: Path) -> Engine:
         """Read and validate a bundle into a new engine, beside whatever is serving. Any failure is a
@@ -76,6 +80,41 @@ class ServiceState:
             position = self._apply(engine, position)
             self.engine, self.position = engine, position
         metrics.set_bundle(engine.version, engine.searchable_items)
+
+    def reload(self, path: Path) -> tuple[str, str]:
+        """Load the bundle at ``path`` beside the live one and swap it in; returns (old, new) versions.
+        On any failure the old bundle keeps serving, the failure is counted and logged, and it is raised."""
+        with self.reload_lock:
+            old = self.engine.version
+            try:
+                engine = self.build(path)
+                self.install(engine)
+            except (BundleError, OSError, StoreUnavailable) as err:
+                metrics.RELOADS.labels("failed").inc()
+                logger.warning("reload of {} failed, still serving {}: {}", path, old, err)
+                raise
+        metrics.RELOADS.labels("ok").inc()
+        logger.info("reloaded: {} -> {}", old, engine.version)
+        return old, engine.version
+
+    def _watch_bundle(self) -> None:
+        """Reload by itself when the bundle root's ``current`` names another version: a trainer on the shared
+        volume promotes, every replica follows within ``bundle_poll_s`` (Triton's poll mode). A version that
+        failed to load is not retried until ``current`` moves again."""
+        failed: Path | None = None
+        while not self._stop.wait(self.settings.bundle_poll_s):
+            try:
+                target = resolve(self.settings.bundle_dir)
+            except BundleError as err:
+                logger.warning("bundle watcher: {}", err)
+                continue
+            if target == self.engine.bundle.path or target == failed:
+                continue
+            try:
+                self.reload(self.settings.bundle_dir)
+                failed = None
+            except (BundleError, OSError, StoreUnavailable):
+                failed = target
 
     # ------------------------------------------------------------------ writes
     def record_event(self, user_id: str, event: Event) -> int:
@@ -147,6 +186,6 @@ class ServiceState:
 
     def close(self) -> None:
         self._stop.set()
-        if self._follower is not None:
-            self._follower.join(timeout=FOLLOW_WAIT_S + 1)
+        for thread in self._threads:
+            thread.join(timeout=FOLLOW_WAIT_S + 1)
         self.store.close()

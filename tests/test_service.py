@@ -900,3 +900,42 @@ def test_cached_user_features_answer_exactly_what_a_fresh_computation_does(start
         assert after == fresh(client)
         assert client.post("/events", json={"user_id": "u3", "item_id": "i9"}).status_code == 200
         assert ranked(client) == fresh(client)  # a new history version likewise
+
+
+def test_replicas_follow_current_by_themselves_and_keep_serving_through_a_bad_version(start, own_root):
+    """The bundle watcher: a promoted version is loaded within the poll interval; one that fails to load
+    is counted, logged and not retried, and the good bundle keeps serving."""
+    def reloads(client, result: str) -> float:
+        for family in text_string_to_metric_families(client.get("/metrics").text):
+            for sample in family.samples:
+                if sample.name == "recsys_reloads_total" and sample.labels["result"] == result:
+                    return sample.value
+        return 0.0
+
+    def wait_for_version(client, version: str) -> None:
+        deadline = time.monotonic() + 10
+        while client.get("/ready").json()["bundle_version"] != version:
+            assert time.monotonic() < deadline, f"{version} was not picked up"
+            time.sleep(0.05)
+
+    second_version(own_root, "v2")
+    broken = second_version(own_root, "v3-broken")
+    (broken / "item_index.bin").write_bytes(b"truncated")
+    with start(bundle_dir=own_root, bundle_poll_s="0.1") as client:
+        ok_before = reloads(client, "ok")
+        set_current(own_root, "v2")
+        wait_for_version(client, "v2")
+        assert reloads(client, "ok") == ok_before + 1
+        set_current(own_root, "v3-broken")
+        deadline = time.monotonic() + 10
+        while reloads(client, "failed") < 1:
+            assert time.monotonic() < deadline, "the failed load was not counted"
+            time.sleep(0.05)
+        time.sleep(0.5)  # several polls later: not retried, still serving v2
+        assert reloads(client, "failed") == 1
+        assert client.get("/ready").json()["bundle_version"] == "v2"
+        assert client.get("/recommend", params={"user_id": "u1"}).status_code == 200
+        set_current(own_root, "v2")  # moving current again (back to a good version) is followed
+        second_version(own_root, "v4")
+        set_current(own_root, "v4")
+        wait_for_version(client, "v4")
