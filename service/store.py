@@ -192,6 +192,9 @@ def read_valid(log: DurableLog, offset: int, parse) -> list[tuple[int, Any]]:
 class FileStateStore:
     """The embedded backend: ``state_dir`` holds the two logs and the snapshot; one process owns it.
 
+    Known limit: ``state()`` (for a snapshot) copies the whole fold under ``lock``, O(users x their
+    capped events), which briefly holds up reads of large states; deployments that large belong on Redis.
+
     The fold of both logs lives in memory (``history`` reads it, no I/O); a catalogue position is the
     catalogue log's offset just past a record. ``compact_after`` appended records trigger a snapshot
     on a background thread; a start-up that finds a long tail writes one at once.
@@ -202,7 +205,8 @@ class FileStateStore:
         self._owner = _lock_dir(state_dir)
         self.events = DurableLog(state_dir / "events.jsonl")
         self.catalog_log = DurableLog(state_dir / "catalog.jsonl")
-        self.lock = threading.Lock()
+        self.write_lock = threading.Lock()  # orders appends; held through the fsync
+        self.lock = threading.Lock()  # guards the fold; never held through I/O, so reads never wait for an fsync
         self.compact_after = compact_after
         self._compacting = threading.Lock()
         self.online, (events_at, catalog_at) = self._read_snapshot(history_cap)
@@ -220,10 +224,11 @@ class FileStateStore:
     # ------------------------------------------------------------------ the interface
     def append_event(self, user_id: str, event: Event) -> int:
         record = {"user_id": user_id, "item_id": event.item_id, "rating": event.rating, "timestamp": event.timestamp}
-        with self.lock:
-            end = self.events.append(record)
-            version = self.online.add_event(user_id, event)
-            self.offsets = (end, self.offsets[1])
+        with self.write_lock:
+            end = self.events.append(record)  # durable before anyone can read it
+            with self.lock:
+                version = self.online.add_event(user_id, event)
+                self.offsets = (end, self.offsets[1])
             self._count_append()
         return version
 
@@ -234,10 +239,11 @@ class FileStateStore:
 
     def append_change(self, item_id: str, item: dict | None) -> Position:
         record = {"op": "upsert", "item": item} if item is not None else {"op": "remove", "item_id": item_id}
-        with self.lock:
+        with self.write_lock:
             end = self.catalog_log.append(record)
-            self.online.add_change(item_id, item)
-            self.offsets = (self.offsets[0], end)
+            with self.lock:
+                self.online.add_change(item_id, item)
+                self.offsets = (self.offsets[0], end)
             self._count_append()
         return (end, 0)
 

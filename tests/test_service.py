@@ -922,17 +922,17 @@ def test_replicas_follow_current_by_themselves_and_keep_serving_through_a_bad_ve
     broken = second_version(own_root, "v3-broken")
     (broken / "item_index.bin").write_bytes(b"truncated")
     with start(bundle_dir=own_root, bundle_poll_s="0.1") as client:
-        ok_before = reloads(client, "ok")
+        ok_before, failed_before = reloads(client, "ok"), reloads(client, "failed")  # counters are process-wide
         set_current(own_root, "v2")
         wait_for_version(client, "v2")
         assert reloads(client, "ok") == ok_before + 1
         set_current(own_root, "v3-broken")
         deadline = time.monotonic() + 10
-        while reloads(client, "failed") < 1:
+        while reloads(client, "failed") < failed_before + 1:
             assert time.monotonic() < deadline, "the failed load was not counted"
             time.sleep(0.05)
         time.sleep(0.5)  # several polls later: not retried, still serving v2
-        assert reloads(client, "failed") == 1
+        assert reloads(client, "failed") == failed_before + 1
         assert client.get("/ready").json()["bundle_version"] == "v2"
         assert client.get("/recommend", params={"user_id": "u1"}).status_code == 200
         set_current(own_root, "v2")  # moving current again (back to a good version) is followed
