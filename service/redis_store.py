@@ -31,6 +31,15 @@ from service.store import Change, Event, Position, StoreUnavailable
 
 RETRY_AFTER_S = 1.0  # after a failure, reads skip Redis (serving from the bundle) this long before trying again
 MAX_WAIT_S = 5.0  # the longest blocking read for catalogue changes
+# One round trip per event (measured 0.31 ms in Python vs 0.36 for MULTI/EXEC): stream it, then keep it with
+# its stream id in the user's capped history (the id is Redis's, so it can only be added here), count it.
+APPEND_EVENT = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
+                      'user_id', ARGV[2], 'item_id', ARGV[3], 'rating', ARGV[4], 'timestamp', ARGV[5])
+redis.call('RPUSH', KEYS[2], ARGV[6] .. ',"' .. id .. '"]')
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[7]), -1)
+return redis.call('INCR', KEYS[3])
+"""
 APPEND_CHANGE = """
 local seq = redis.call('INCR', KEYS[1])
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'item_id', ARGV[1], 'item', ARGV[2], 'seq', seq)
@@ -51,22 +60,19 @@ class RedisStateStore:
         self._failed_at: float | None = None
         self._failure = ""
         self._append_change = self.client.register_script(APPEND_CHANGE)
+        self._append_event = self.client.register_script(APPEND_EVENT)
 
     # ------------------------------------------------------------------ events
     def append_event(self, user_id: str, event: Event) -> int:
         hist, ver = self._user_keys(user_id)
-        packed = orjson.dumps(list(event))
+        packed = orjson.dumps(list(event))[:-1]  # '["item",rating,ts' : the script appends the stream id
+        rating = "" if event.rating is None else repr(event.rating)
         with self._call("record the event"):
-            pipe = self.client.pipeline(transaction=True)
-            pipe.xadd(f"{self.p}:events", {"user_id": user_id, "item_id": event.item_id,
-                                           "rating": "" if event.rating is None else repr(event.rating),
-                                           "timestamp": event.timestamp}, maxlen=self.events_maxlen, approximate=True)
-            pipe.rpush(hist, packed)
-            pipe.ltrim(hist, -self.history_cap, -1)
-            pipe.incr(ver)
-            return int(pipe.execute()[-1])
+            return int(self._append_event(keys=[f"{self.p}:events", hist, ver],
+                                          args=[self.events_maxlen, user_id, event.item_id, rating, event.timestamp,
+                                                packed, self.history_cap]))
 
-    def history(self, user_id: str) -> tuple[int, list[Event]]:
+    def history(self, user_id: str, after: Position | None = None) -> tuple[int, list[Event]]:
         """Read together (MULTI), so the version always describes the events returned."""
         if self._failed_at is not None and time.monotonic() - self._failed_at < RETRY_AFTER_S:
             raise StoreUnavailable(self._failure)
@@ -76,7 +82,22 @@ class RedisStateStore:
             pipe.get(ver)
             pipe.lrange(hist, 0, -1)
             version, packed = pipe.execute()
-        return int(version or 0), [Event(*orjson.loads(e)) for e in packed]
+        events = (orjson.loads(e) for e in packed)  # [item, rating, ts, stream id]
+        return int(version or 0), [Event(*e[:3]) for e in events if after is None or _position(e[3]) > after]
+
+    def events_since(self, after: Position | None = None, batch: int = 10_000) -> list[tuple[Position, str, Event]]:
+        """The events stream after ``after``, read in batches (what a trainer reads)."""
+        out, start = [], "-" if after is None else "(%d-%d" % after
+        while True:
+            with self._call("read the events stream", trips_breaker=False):
+                entries = self.client.xrange(f"{self.p}:events", start, "+", count=batch)
+            for entry_id, f in entries:
+                rating = f[b"rating"].decode()
+                out.append((_position(entry_id), f[b"user_id"].decode(),
+                            Event(f[b"item_id"].decode(), float(rating) if rating else None, int(f[b"timestamp"]))))
+            if len(entries) < batch:
+                return out
+            start = "(" + entries[-1][0].decode()
 
     # ------------------------------------------------------------------ catalogue
     def append_change(self, item_id: str, item: dict | None) -> Position:
@@ -123,6 +144,10 @@ class RedisStateStore:
         except StoreUnavailable:
             return self._failure
         return None
+
+    @property
+    def source(self) -> str:
+        return f"redis:{self.url}#{self.p}"
 
     def close(self) -> None:
         self.client.close()

@@ -13,6 +13,7 @@ follower's lock, right before the swap.
 """
 from __future__ import annotations
 
+import functools
 import threading
 from pathlib import Path
 
@@ -67,8 +68,16 @@ class ServiceState:
             engine = Engine.from_bundle(bundle, self.settings.user_vector_cache)
         except Exception as err:
             raise BundleError(f"{bundle.path}: cannot serve this bundle ({type(err).__name__}: {err})") from err
-        engine.history = self.store.history
+        engine.history = functools.partial(self.store.history, after=self.watermark(bundle.manifest))
         return engine
+
+    def watermark(self, manifest: dict) -> Position | None:
+        """The last event position the bundle was trained on, when it was trained on this very store: the
+        online history then starts after it, so no event counts twice (in the bundle's history and online)."""
+        mark = manifest.get("events_watermark")
+        if not mark or mark.get("source") != self.store.source:
+            return None
+        return tuple(mark["position"])
 
     def install(self, engine: Engine) -> None:
         """Apply the catalogue to ``engine`` and make it the live one (see the module docstring).

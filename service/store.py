@@ -52,8 +52,14 @@ class StateStore(Protocol):
     def append_event(self, user_id: str, event: Event) -> int:
         """Durably record an event; returns the user's history version after it (events ever recorded)."""
 
-    def history(self, user_id: str) -> tuple[int, list[Event]]:
-        """The user's version and most recent online events (oldest first, at most ``history_cap``)."""
+    def history(self, user_id: str, after: Position | None = None) -> tuple[int, list[Event]]:
+        """The user's version and most recent online events (oldest first, at most ``history_cap``);
+        with ``after``, only the events recorded after that position (a bundle trained on the events up to
+        its watermark already holds the earlier ones in its history)."""
+
+    def events_since(self, after: Position | None = None) -> list[tuple[Position, str, Event]]:
+        """Every recorded event after ``after`` (all when None), in order, with its position: what a
+        trainer reads (``python -m offline train --events``); the last position is its watermark."""
 
     def append_change(self, item_id: str, item: dict | None) -> Position:
         """Durably record an upsert (``item``) or removal (``None``); returns its position."""
@@ -68,6 +74,11 @@ class StateStore(Protocol):
     def health(self) -> str | None:
         """None when the store answers, else why not."""
 
+    @property
+    def source(self) -> str:
+        """Which state this is (a directory, or a Redis server and prefix): a bundle's event watermark
+        applies only to the source its trainer read."""
+
     def close(self) -> None: ...
 
 
@@ -77,7 +88,7 @@ class UserHistory:
     keeps growing after the cap, so it versions the history for the user-vector cache."""
 
     version: int = 0
-    events: deque[Event] = field(default_factory=deque)
+    events: deque[tuple[Position, Event]] = field(default_factory=deque)  # (where it was recorded, event)
 
 
 @dataclass
@@ -89,9 +100,9 @@ class OnlineState:
     users: dict[str, UserHistory] = field(default_factory=dict)
     items: dict[str, dict | None] = field(default_factory=dict)
 
-    def add_event(self, user_id: str, event: Event) -> int:
+    def add_event(self, user_id: str, event: Event, position: Position) -> int:
         history = self.users.setdefault(user_id, UserHistory(events=deque(maxlen=self.history_cap)))
-        history.events.append(event)
+        history.events.append((position, event))
         history.version += 1
         return history.version
 
@@ -173,6 +184,30 @@ class DurableLog:
         self._file.close()
 
 
+def read_event_log(state_dir: Path, after: Position | None = None) -> list[tuple[Position, str, Event]]:
+    """The events in a file-backend state directory after ``after``, read without taking the directory
+    (a trainer reads it while the service appends; a torn last line is not read)."""
+    path = state_dir / "events.jsonl"
+    if not path.exists():
+        return []
+    with open(path, "rb") as f:
+        f.seek(after[0] if after else 0)
+        data = f.read()
+    data = data[: data.rfind(b"\n") + 1]
+    out, bad, end = [], 0, after[0] if after else 0
+    for line in data.splitlines(keepends=True):
+        end += len(line)
+        try:
+            user, event = parse_event(orjson.loads(line))
+        except (ValueError, AttributeError, orjson.JSONDecodeError):
+            bad += 1
+            continue
+        out.append(((end, 0), user, event))
+    if bad:
+        logger.warning("{}: skipped {} bad records", path, bad)
+    return out
+
+
 def read_valid(log: DurableLog, offset: int, parse) -> list[tuple[int, Any]]:
     """``(end offset, parsed record)`` for the records after ``offset`` that parse; the others are counted
     and logged (with their offsets) and skipped."""
@@ -214,8 +249,8 @@ class FileStateStore:
         events = read_valid(self.events, events_at, parse_event)
         for _, change in changes:
             self.online.add_change(*change)
-        for _, (user, event) in events:
-            self.online.add_event(user, event)
+        for end, (user, event) in events:
+            self.online.add_event(user, event, (end, 0))
         self.offsets = (self.events.size, self.catalog_log.size)
         self.since_snapshot = len(changes) + len(events)
         if self.since_snapshot >= compact_after:
@@ -227,15 +262,20 @@ class FileStateStore:
         with self.write_lock:
             end = self.events.append(record)  # durable before anyone can read it
             with self.lock:
-                version = self.online.add_event(user_id, event)
+                version = self.online.add_event(user_id, event, (end, 0))
                 self.offsets = (end, self.offsets[1])
             self._count_append()
         return version
 
-    def history(self, user_id: str) -> tuple[int, list[Event]]:
+    def history(self, user_id: str, after: Position | None = None) -> tuple[int, list[Event]]:
         with self.lock:
             h = self.online.users.get(user_id)
-            return (0, []) if h is None else (h.version, list(h.events))
+            if h is None:
+                return 0, []
+            return h.version, [e for at, e in h.events if after is None or at > after]
+
+    def events_since(self, after: Position | None = None) -> list[tuple[Position, str, Event]]:
+        return read_event_log(self.dir, after)
 
     def append_change(self, item_id: str, item: dict | None) -> Position:
         record = {"op": "upsert", "item": item} if item is not None else {"op": "remove", "item_id": item_id}
@@ -258,6 +298,10 @@ class FileStateStore:
     def health(self) -> str | None:
         return None
 
+    @property
+    def source(self) -> str:
+        return f"file:{self.dir.resolve()}"
+
     # ------------------------------------------------------------------ snapshot
     def state(self) -> tuple[OnlineState, tuple[int, int]]:
         """A copy of the fold and the (events, catalogue) log offsets it covers, taken under ``lock``."""
@@ -269,7 +313,7 @@ class FileStateStore:
         with self._compacting:
             state, offsets = self.state()
             body = {"offsets": list(offsets), "history_cap": state.history_cap, "items": state.items,
-                    "users": {u: [h.version, [list(e) for e in h.events]] for u, h in state.users.items()}}
+                    "users": {u: [h.version, [[*at, *e] for at, e in h.events]] for u, h in state.users.items()}}
             tmp = self.dir / f".{SNAPSHOT}.tmp"
             with open(tmp, "wb") as f:
                 f.write(orjson.dumps(body))
@@ -304,7 +348,8 @@ class FileStateStore:
             if offsets[0] > self.events.size or offsets[1] > self.catalog_log.size:
                 raise ValueError("offsets past the end of the logs (logs replaced?)")
             for user, (version, events) in body["users"].items():
-                state.users[user] = UserHistory(int(version), deque((Event(*e) for e in events), maxlen=history_cap))
+                pairs = (((int(e[0]), int(e[1])), Event(*e[2:])) for e in events)  # [offset, 0, item, rating, ts]
+                state.users[user] = UserHistory(int(version), deque(pairs, maxlen=history_cap))
             state.items = dict(body["items"])
         except (ValueError, KeyError, TypeError, orjson.JSONDecodeError) as err:
             logger.warning("{}: ignored ({}); replaying the logs from the start", path, err)

@@ -7,12 +7,14 @@ state (a restart, or another replica of the same deployment).
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 from loguru import logger
 
+from offline.bundle import resolve
 from service import store as store_module
 from service.store import Event, FileStateStore, StoreUnavailable
 from tests.servicekit import AUTH, unique_prefix
@@ -59,7 +61,7 @@ def open_store(path: Path, cap: int = 100, compact_after: int = 1000) -> FileSta
 
 def histories(store: FileStateStore) -> dict[str, tuple[int, list[Event]]]:
     online, _ = store.state()
-    return {u: (h.version, list(h.events)) for u, h in online.users.items()}
+    return {u: (h.version, [e for _, e in h.events]) for u, h in online.users.items()}
 
 
 # --------------------------------------------------------------------------- one behaviour, both backends
@@ -72,6 +74,22 @@ def test_events_are_kept_in_order_and_versioned(make_store):
     assert s.history("nobody") == (0, [])
     expected = s.history("u1")
     assert make_store().history("u1") == expected  # a restart, or another replica, sees the same
+
+
+def test_events_read_back_in_order_and_history_skips_what_a_watermark_covers(make_store):
+    s = make_store()
+    recorded = [("u1", Event("i1", 4.0, 10)), ("u2", Event("i2", None, 11)), ("u1", Event("i3", 2.5, 12))]
+    for user, event in recorded:
+        s.append_event(user, event)
+    logged = s.events_since()
+    assert [(user, event) for _, user, event in logged] == recorded
+    positions = [at for at, _, _ in logged]
+    assert positions == sorted(positions) and len(set(positions)) == 3
+    watermark = positions[1]  # a bundle trained on the first two events
+    assert s.events_since(watermark) == logged[2:]
+    assert s.history("u1", after=watermark) == (2, [Event("i3", 2.5, 12)])  # the version still counts both
+    assert s.history("u2", after=watermark) == (1, [])
+    assert make_store().history("u1", after=watermark) == (2, [Event("i3", 2.5, 12)])  # kept across restarts
 
 
 def test_history_is_capped_but_its_version_keeps_counting(make_store):
@@ -277,3 +295,25 @@ def test_a_second_process_cannot_take_the_file_backends_directory(tmp_path):
         open_store(tmp_path)
     first.close()
     open_store(tmp_path).close()  # free again once the owner closed it
+
+
+def test_a_bundle_trained_up_to_a_watermark_does_not_count_those_events_again(start, own_root, backend):
+    """Events up to the manifest's watermark (from this same store) are in the bundle's history: the online
+    history starts after them. A watermark from another store is ignored."""
+    vdir = own_root / "with-watermark"
+    shutil.copytree(resolve(own_root), vdir)
+    with start(bundle_dir=own_root, **backend) as client:
+        state = client.app.state.service
+        for item in ("i1", "i2"):
+            assert client.post("/events", json={"user_id": "walk-in", "item_id": item}).status_code == 200
+        watermark = state.store.events_since()[-1][0]
+        for source, answer in ((state.store.source + "-elsewhere", 200), (state.store.source, 404)):
+            manifest = json.loads((vdir / "manifest.json").read_text())
+            manifest["version"] = f"with-watermark-{answer}"
+            manifest["events_watermark"] = {"source": source, "position": list(watermark)}
+            (vdir / "manifest.json").write_text(json.dumps(manifest))
+            assert client.post("/admin/reload", json={"version": "with-watermark"}, headers=AUTH).status_code == 200
+            # 404: both events are (as if) in the bundle, which does not know this user: nothing online is left
+            assert client.get("/recommend", params={"user_id": "walk-in"}).status_code == answer
+        assert client.post("/events", json={"user_id": "walk-in", "item_id": "i3"}).status_code == 200
+        assert client.get("/recommend", params={"user_id": "walk-in"}).status_code == 200
