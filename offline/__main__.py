@@ -26,6 +26,9 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--valid-frac", type=float, default=0.1, help="share of each user's latest interactions for validation")
     g.add_argument("--test-frac", type=float, default=0.1, help="share of each user's latest interactions for test")
     g.add_argument("--seed", type=int, default=0, help="random seed for everything stochastic")
+    g.add_argument("--events", metavar="SOURCE", help="merge the events and catalogue changes the service recorded: "
+                   "a file-backend state directory (e.g. artifacts/state) or a Redis URL (redis://host:6379/0)")
+    g.add_argument("--events-redis-prefix", default="recsys", help="the service's RECSYS_REDIS_PREFIX (with a Redis URL)")
 
 
 def load_dataset(args: argparse.Namespace) -> Dataset:
@@ -39,8 +42,23 @@ def load_dataset(args: argparse.Namespace) -> Dataset:
         ds = synthetic.generate(n_users=n_users, n_items=n_items, seed=args.seed)
     else:
         ds = data.load_movielens(args.data_dir)
+    if getattr(args, "events", None):
+        ds = merge_logged_events(ds, args.events, args.events_redis_prefix)
     logger.info("{}: {} users, {} items, {} interactions", ds.name, ds.n_users, ds.n_items, len(ds.interactions))
     return ds
+
+
+def merge_logged_events(ds: Dataset, source: str, redis_prefix: str) -> Dataset:
+    """The dataset with what the service recorded at ``source`` merged in; an unreadable source is a DataError."""
+    from offline.data import DataError
+    from offline.events import merge_events, read_source
+    from service.store import StoreUnavailable
+
+    try:
+        logged = read_source(source, redis_prefix)
+    except (OSError, StoreUnavailable) as err:
+        raise DataError(source, f"cannot read it as --events ({err})") from err
+    return merge_events(ds, logged)[0]
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

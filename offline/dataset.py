@@ -92,6 +92,7 @@ class Dataset:
     users: FeatureTable
     items: ItemTable
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> rows skipped (reported, never silent)
+    events_watermark: dict | None = None  # {"source", "position"} of the last logged event merged in (offline/events.py)
 
     @property
     def n_users(self) -> int:

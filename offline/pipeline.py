@@ -197,4 +197,6 @@ def assemble_bundle(ds: Dataset, split: TemporalSplit, tables: TowerTables, mode
     }
     if ranker is not None:
         manifest["ranker"] = {"kind": ranker["kind"], "loss": ranker["loss"], "feature_names": ranker["feature_names"]}
+    if ds.events_watermark is not None:  # the service serves only the events after it on top of this bundle
+        manifest["events_watermark"] = ds.events_watermark
     return Bundle(manifest, catalog, arrays, model.user_tower, model.item_tower, index, ranker)

@@ -208,6 +208,23 @@ def read_event_log(state_dir: Path, after: Position | None = None) -> list[tuple
     return out
 
 
+def read_catalog_log(state_dir: Path) -> dict[str, dict | None]:
+    """The catalogue fold of a file-backend state directory (each changed item's latest state), read
+    without taking the directory."""
+    path = state_dir / "catalog.jsonl"
+    fold: dict[str, dict | None] = {}
+    if not path.exists():
+        return fold
+    data = path.read_bytes()
+    for line in data[: data.rfind(b"\n") + 1].splitlines():
+        try:
+            item_id, item = parse_change(orjson.loads(line))
+        except (ValueError, AttributeError, orjson.JSONDecodeError):
+            continue  # counted and logged by the service when it reads the same log
+        fold[item_id] = item
+    return fold
+
+
 def read_valid(log: DurableLog, offset: int, parse) -> list[tuple[int, Any]]:
     """``(end offset, parsed record)`` for the records after ``offset`` that parse; the others are counted
     and logged (with their offsets) and skipped."""

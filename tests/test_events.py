@@ -1,0 +1,84 @@
+"""Events recorded by the service merged back into training (offline/events.py), and the loop end to end:
+record through the API, train with ``--events``, serve the new bundle on the same state."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from offline.__main__ import main as offline_main
+from offline.bundle import read_bundle
+from offline.events import LoggedState, merge_events, read_source
+from offline.synthetic import generate
+from service.store import Event
+from tests.servicekit import AUTH
+
+FRESH = {"item_id": "fresh", "title": "Fresh", "genres": ["genre1"], "year": 2001, "features": {}}
+
+
+@pytest.fixture
+def small():
+    return generate(n_users=6, n_items=8, n_genres=3, interactions_per_user=4, seed=1)
+
+
+def test_merge_adds_new_users_and_items_and_drops_what_it_cannot_place(small):
+    first = small.interactions
+    dup = Event(small.item_ids[int(first.item[0])], float(first.rating[0]), int(first.timestamp[0]))
+    logged = LoggedState("file:/somewhere", [
+        ((10, 0), "newbie", Event("i0", 5.0, 2_000_000_000)),
+        ((20, 0), "u1", Event("fresh", None, 2_000_000_001)),  # no rating: the data's median
+        ((30, 0), "u1", Event("ghost", 4.0, 2_000_000_002)),  # never in the catalogue: skipped
+        ((40, 0), small.user_ids[int(first.user[0])], dup),  # already in the data: skipped
+    ], {"fresh": {**FRESH, "genres": ["genre1", "a genre this data lacks"]}, "i3": None})
+    merged, report = merge_events(small, logged)
+    assert (merged.n_users, merged.n_items) == (small.n_users + 1, small.n_items + 1)
+    assert merged.user_ids[-1] == "newbie" and merged.item_ids[-1] == "fresh" and "i3" in merged.item_ids
+    assert len(merged.interactions) == len(small.interactions) + 2
+    tail = merged.interactions.subset(np.arange(len(small.interactions), len(merged.interactions)))
+    assert tail.user.tolist() == [small.n_users, small.user_ids.index("u1")]
+    assert tail.item.tolist() == [0, small.n_items]
+    assert tail.rating.tolist() == [5.0, float(np.median(small.interactions.rating))]
+    assert report.skipped == {"event on an unknown item": 1, "duplicate event": 1}
+    items = merged.items
+    assert items.titles[-1] == "Fresh" and items.year[-1] == 2001
+    assert items.genres[-1].tolist() == [g == "genre1" for g in items.genre_names]
+    assert merged.users.categorical["gender"][-1] == 0 and np.isnan(merged.users.numeric["age"][-1])
+    assert merged.events_watermark == {"source": "file:/somewhere", "position": [40, 0]}
+    again, _ = merge_events(merged, logged)  # the same log merged twice adds nothing
+    assert len(again.interactions) == len(merged.interactions)
+
+
+def test_a_directory_that_is_not_a_state_directory_is_a_clear_error(tmp_path, capsys):
+    assert offline_main(["train", "--synthetic", "20x30", "--events", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read it as --events" in err and "not a state directory" in err and err.count("\n") == 1
+
+
+def test_recorded_events_train_into_the_next_bundle_and_are_not_counted_twice(start, own_root, tmp_path):
+    """A brand-new user and a new item go through the API; training with --events gives the user an id
+    embedding (no cold path) and the item a trained one; served on the same state, the events up to the
+    watermark live in the bundle's history and only later ones come from the store."""
+    state = tmp_path / "state"
+    with start(bundle_dir=own_root, state_dir=state) as client:
+        assert client.post("/admin/items", json=FRESH, headers=AUTH).status_code == 200
+        for item in ("fresh", "i3", "i5", "fresh", "i7"):
+            assert client.post("/events", json={"user_id": "newbie", "item_id": item, "rating": 5}).status_code == 200
+        for user in ("u1", "u2", "u3"):
+            assert client.post("/events", json={"user_id": user, "item_id": "fresh", "rating": 4}).status_code == 200
+    logged = read_source(str(state))
+    out = tmp_path / "retrained"
+    args = ["train", "--synthetic", "120x150", "--seed", "3", "--events", str(state), "--out", str(out),
+            "--skip-baselines", "--recall-epochs", "2", "--recall-dim", "16", "--recall-emb-dim", "16",
+            "--recall-hidden", "32", "--recall-history-len", "10", "--ranker-epochs", "1", "--ranker-losses", "lambdarank",
+            "--no-ranker-lambdamart", "--index-ef", "64", "--index-candidates", "50"]
+    assert offline_main(args) == 0
+    bundle = read_bundle(out)
+    assert bundle.manifest["events_watermark"] == {"source": logged.source, "position": list(logged.watermark)}
+    assert "newbie" in bundle.catalog["user_ids"]
+    assert bundle.catalog["item_ids"].index("fresh") < bundle.manifest["model_config"]["n_items"]  # an id embedding
+    with start(bundle_dir=out, state_dir=state) as client:
+        engine = client.app.state.service.engine
+        assert engine.online_history("newbie")[1] == []  # all five are in the bundle's history now
+        body = client.get("/recommend", params={"user_id": "newbie", "k": 5}).json()
+        assert body["fallback"] is None and not {"fresh", "i3", "i5", "i7"} & {it["item_id"] for it in body["items"]}
+        assert client.post("/events", json={"user_id": "newbie", "item_id": "i9"}).status_code == 200
+        assert [row for row, _ in engine.online_history("newbie")[1]] == [engine.catalog.row_of["i9"]]
