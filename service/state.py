@@ -151,7 +151,10 @@ class ServiceState:
     # ------------------------------------------------------------------ following the catalogue
     def catch_up(self, wait_s: float = 0.0) -> None:
         """Apply every change after ``position`` to the live engine (waiting up to ``wait_s`` for one)."""
-        changes = self.store.changes_since(self.position, wait_s) if wait_s else None
+        try:
+            changes = self.store.changes_since(self.position, wait_s) if wait_s else None
+        except LookupError:  # fell behind the trimmed stream: ``_apply`` re-reads the fold
+            changes = None
         with self.follow_lock:
             self.position = self._apply(self.engine, self.position, changes)
         metrics.INDEX_ITEMS.set(self.engine.searchable_items)
