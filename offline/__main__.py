@@ -88,6 +88,32 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"bundle written: {path}")
 
 
+def cmd_retrain(args: argparse.Namespace) -> None:
+    """Train a candidate on data + events, compare it with the incumbent on the freshest window, promote or keep."""
+    from offline.bundle import BundleError, resolve
+    from offline.data import DataError
+    from offline.pipeline import IndexConfig, run_training
+    from offline.ranker import RankerConfig
+    from offline.retrain import compare_and_promote
+    from offline.split import temporal_split
+    from offline.train_recall import RecallConfig
+
+    try:
+        incumbent = resolve(args.out)
+    except BundleError as err:
+        raise DataError(args.out, f"no incumbent bundle to compare with ({err}); run `train` first") from err
+    recall_cfg = RecallConfig(**options_of(args, RecallConfig, "recall_"), seed=args.seed)
+    index_cfg = IndexConfig(**options_of(args, IndexConfig, "index_"))
+    ranker_cfg = RankerConfig(**options_of(args, RankerConfig, "ranker_"), seed=args.seed)
+    ds = load_dataset(args)
+    candidate = run_training(ds, args.out, recall_cfg, index_cfg, args.valid_frac, args.test_frac,
+                             baselines=not args.skip_baselines, ranker_cfg=ranker_cfg, promote=False)
+    split = temporal_split(ds.interactions, ds.n_users, ds.n_items, args.valid_frac, args.test_frac)
+    decision = compare_and_promote(args.out, incumbent, candidate, ds, split, args.tolerance, index_cfg.candidates)
+    print(f"{'promoted' if decision.promote else 'kept'}: {candidate.name if decision.promote else incumbent.name} "
+          f"({decision.reason}); comparison in {args.out / 'reports' / candidate.name / 'retrain.md'}")
+
+
 def add_config_options(parser: argparse.ArgumentParser, cls: type, prefix: str, title: str) -> None:
     """One ``--prefix-name`` option per config field, typed, documented and (for an enumerated
     field) restricted to its choices from the dataclass, so a typo fails before any training."""
@@ -143,6 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(tr, IndexConfig, "index_", "HNSW index")
     add_config_options(tr, RankerConfig, "ranker_", "re-ranker (MLP with pairwise losses, LambdaMART comparison)")
     tr.set_defaults(func=cmd_train)
+    rt = sub.add_parser("retrain", help="train a candidate on data + recorded events and promote it only if it is not "
+                        "worse than the current bundle on the freshest window")
+    add_data_options(rt)
+    rt.add_argument("--out", type=Path, default=Path("artifacts"), help="bundle root whose 'current' is the incumbent")
+    rt.add_argument("--tolerance", type=float, default=0.005, help="promote unless NDCG@10 or Recall@20 is worse than "
+                    "the incumbent's by more than this (absolute)")
+    rt.add_argument("--skip-baselines", action="store_true", help="do not evaluate the baselines and peers (faster)")
+    add_config_options(rt, RecallConfig, "recall_", "two-tower recall model")
+    add_config_options(rt, IndexConfig, "index_", "HNSW index")
+    add_config_options(rt, RankerConfig, "ranker_", "re-ranker (MLP with pairwise losses, LambdaMART comparison)")
+    rt.set_defaults(func=cmd_retrain)
     return parser
 
 

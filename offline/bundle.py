@@ -68,8 +68,9 @@ class Bundle:
         return self.manifest["version"]
 
 
-def write_bundle(root: Path, bundle: Bundle) -> Path:
-    """Write ``bundle`` as a new version under ``root`` and point ``current`` at it."""
+def write_bundle(root: Path, bundle: Bundle, promote: bool = True) -> Path:
+    """Write ``bundle`` as a new version under ``root`` and point ``current`` at it (unless ``promote`` is
+    False: ``retrain`` moves ``current`` only after the candidate passed its comparison)."""
     root.mkdir(parents=True, exist_ok=True)
     version = bundle.manifest.get("version") or f"{time.strftime('%Y%m%d-%H%M%S')}-{bundle.manifest['data_fingerprint'][:8]}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=root))
@@ -96,7 +97,8 @@ def write_bundle(root: Path, bundle: Bundle) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    set_current(root, version)
+    if promote:
+        set_current(root, version)
     return final
 
 

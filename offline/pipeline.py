@@ -43,17 +43,17 @@ class IndexConfig:
 
 def run_training(ds: Dataset, out: Path, recall_cfg: RecallConfig, index_cfg: IndexConfig,
                  valid_frac: float = 0.1, test_frac: float = 0.1, baselines: bool = True, resume: bool = False,
-                 ranker_cfg: RankerConfig | None = None) -> Path:
+                 ranker_cfg: RankerConfig | None = None, promote: bool = True) -> Path:
     """Train every stage, evaluate against the peers, write the bundle and its report; returns the bundle path.
     On CPU the same data, seed and thread count give the same bundle metrics (deterministic torch
     kernels, seeded single-threaded index builds, seeded generators)."""
     with deterministic_torch(recall_cfg.threads):
         return _run_training(ds, out, recall_cfg, index_cfg, valid_frac, test_frac, baselines, resume,
-                             ranker_cfg or RankerConfig())
+                             ranker_cfg or RankerConfig(), promote)
 
 
 def _run_training(ds: Dataset, out: Path, recall_cfg: RecallConfig, index_cfg: IndexConfig, valid_frac: float,
-                  test_frac: float, baselines: bool, resume: bool, ranker_cfg: RankerConfig) -> Path:
+                  test_frac: float, baselines: bool, resume: bool, ranker_cfg: RankerConfig, promote: bool) -> Path:
     """The stages of ``run_training``, in order."""
     started = time.perf_counter()
     split = temporal_split(ds.interactions, ds.n_users, ds.n_items, valid_frac, test_frac)
@@ -80,7 +80,7 @@ def _run_training(ds: Dataset, out: Path, recall_cfg: RecallConfig, index_cfg: I
                "recall_history": history, "ranker": ranker_summary(ranking, comparison)}
     bundle = assemble_bundle(ds, split, tables, model, index, arrays, recall_cfg, index_cfg, ranker_cfg, metrics,
                              fingerprint, ranking.default_state)
-    path = write_bundle(out, bundle)
+    path = write_bundle(out, bundle, promote)
     extra = {"bundle": path.name, f"index_recall@{index_cfg.candidates}": index_recall,
              "two_tower_train_seconds": round(train_seconds, 1), **ranker_report(metrics["ranker"])}
     md = write_report(rows, out / "reports" / path.name, f"Evaluation on {ds.name} (test window)", extra)

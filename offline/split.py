@@ -32,7 +32,7 @@ class TemporalSplit:
     def history_before(self, name: str) -> list[np.ndarray]:
         """Each user's items, oldest first, from the windows that precede ``name``."""
         parts = {"valid": ["train"], "test": ["train", "valid"], "serve": ["train", "valid", "test"]}[name]
-        return user_sequences(_concat([self.window(p) for p in parts]), self.n_users)
+        return user_sequences(concat_windows([self.window(p) for p in parts]), self.n_users)
 
     def truth(self, name: str) -> sp.csr_matrix:
         """Relevance grades of the window's interactions, positives only."""
@@ -98,5 +98,5 @@ def grade_matrix(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tu
     return sp.csr_matrix((vals[first].astype(np.float32), (rows[first], cols[first])), shape=shape)
 
 
-def _concat(parts: list[Interactions]) -> Interactions:
+def concat_windows(parts: list[Interactions]) -> Interactions:
     return Interactions(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("user", "item", "rating", "timestamp")))

@@ -238,3 +238,14 @@ def test_replicas_share_state_on_redis_with_aof_on_a_volume():
     assert env["RECSYS_STATE_BACKEND"] == "redis" and urlparse(env["RECSYS_REDIS_URL"]).hostname == "redis"
     assert recommender["depends_on"]["redis"]["condition"] == "service_healthy"
     assert recommender["deploy"]["replicas"] >= 2 and int(_option(recommender["command"], "--workers")) >= 2
+
+
+def test_retrain_job_reads_the_replicas_events_and_writes_the_bundle_root_they_watch():
+    retrain, recommender = SERVICES["retrain"], SERVICES["recommender"]
+    script = " ".join(retrain["command"])
+    assert "python -m offline retrain" in script
+    assert re.search(r"--events (\S+)", script).group(1) == _environment(recommender)["RECSYS_REDIS_URL"]
+    out = re.search(r"--out ([^\s;]+)", script).group(1)
+    assert out == _environment(recommender)["RECSYS_BUNDLE_DIR"]
+    assert ("artifacts", out) in _mounts(retrain) and ("artifacts", out) in _mounts(recommender)
+    assert float(_environment(recommender)["RECSYS_BUNDLE_POLL_S"]) > 0  # the replicas follow what it promotes

@@ -2,16 +2,24 @@
 record through the API, train with ``--events``, serve the new bundle on the same state."""
 from __future__ import annotations
 
+import json
+import time
+
 import numpy as np
 import pytest
 
 from offline.__main__ import main as offline_main
 from offline.bundle import read_bundle
 from offline.events import LoggedState, merge_events, read_source
+from offline.retrain import gate
 from offline.synthetic import generate
+from service.schemas import RecommendRequest
 from service.store import Event
 from tests.servicekit import AUTH
 
+TINY = ["--synthetic", "120x150", "--seed", "3", "--skip-baselines", "--recall-epochs", "2", "--recall-dim", "16",
+        "--recall-emb-dim", "16", "--recall-hidden", "32", "--recall-history-len", "10", "--ranker-epochs", "1",
+        "--ranker-losses", "lambdarank", "--no-ranker-lambdamart", "--index-ef", "64", "--index-candidates", "50"]
 FRESH = {"item_id": "fresh", "title": "Fresh", "genres": ["genre1"], "year": 2001, "features": {}}
 
 
@@ -66,11 +74,7 @@ def test_recorded_events_train_into_the_next_bundle_and_are_not_counted_twice(st
             assert client.post("/events", json={"user_id": user, "item_id": "fresh", "rating": 4}).status_code == 200
     logged = read_source(str(state))
     out = tmp_path / "retrained"
-    args = ["train", "--synthetic", "120x150", "--seed", "3", "--events", str(state), "--out", str(out),
-            "--skip-baselines", "--recall-epochs", "2", "--recall-dim", "16", "--recall-emb-dim", "16",
-            "--recall-hidden", "32", "--recall-history-len", "10", "--ranker-epochs", "1", "--ranker-losses", "lambdarank",
-            "--no-ranker-lambdamart", "--index-ef", "64", "--index-candidates", "50"]
-    assert offline_main(args) == 0
+    assert offline_main(["train", *TINY, "--events", str(state), "--out", str(out)]) == 0
     bundle = read_bundle(out)
     assert bundle.manifest["events_watermark"] == {"source": logged.source, "position": list(logged.watermark)}
     assert "newbie" in bundle.catalog["user_ids"]
@@ -82,3 +86,40 @@ def test_recorded_events_train_into_the_next_bundle_and_are_not_counted_twice(st
         assert body["fallback"] is None and not {"fresh", "i3", "i5", "i7"} & {it["item_id"] for it in body["items"]}
         assert client.post("/events", json={"user_id": "newbie", "item_id": "i9"}).status_code == 200
         assert [row for row, _ in engine.online_history("newbie")[1]] == [engine.catalog.row_of["i9"]]
+
+
+def test_retrain_promotes_the_replicas_follow_and_events_during_it_are_neither_lost_nor_doubled(start, own_root, tmp_path):
+    state = tmp_path / "state"
+    with start(bundle_dir=own_root, state_dir=state, bundle_poll_s="0.1") as client:
+        assert client.post("/admin/items", json=FRESH, headers=AUTH).status_code == 200
+        for item in ("fresh", "i3", "i5"):
+            assert client.post("/events", json={"user_id": "newbie", "item_id": item, "rating": 5}).status_code == 200
+        incumbent = client.get("/ready").json()["bundle_version"]
+        assert offline_main(["retrain", *TINY, "--events", str(state), "--out", str(own_root), "--tolerance", "1"]) == 0
+        report = json.loads(next((own_root / "reports").glob("*/retrain.json")).read_text())
+        assert report["promoted"] and report["incumbent"] == incumbent and set(report["scores"]) == {"incumbent", "candidate"}
+        assert all(0 <= s["ndcg@10"] <= 1 and s["users"] > 0 for s in report["scores"].values())
+        assert client.post("/events", json={"user_id": "newbie", "item_id": "i9"}).status_code == 200  # after the watermark
+        deadline = time.monotonic() + 10
+        while client.get("/ready").json()["bundle_version"] != report["candidate"]:  # the replica reloads by itself
+            assert time.monotonic() < deadline, "the promoted bundle was not picked up"
+            time.sleep(0.05)
+        engine = client.app.state.service.engine
+        assert "newbie" in engine.user_row and engine.catalog.row_of["fresh"] < engine.model_items
+        assert [row for row, _ in engine.online_history("newbie")[1]] == [engine.catalog.row_of["i9"]]  # not doubled
+        history = engine.resolve_user(RecommendRequest(user_id="newbie")).hist_items.tolist()
+        rows = [engine.catalog.row_of[i] for i in ("fresh", "i3", "i5", "i9")]
+        assert history == rows  # the three in the bundle, then the one after the watermark: none lost
+    # a candidate held to an impossible bar is written but not promoted, and the report says why
+    assert offline_main(["retrain", *TINY, "--seed", "4", "--out", str(own_root), "--tolerance", "-1"]) == 0
+    kept = json.loads(max((own_root / "reports").glob("*/retrain.json"), key=lambda p: p.stat().st_mtime).read_text())
+    assert not kept["promoted"] and "candidate worse" in kept["reason"]
+    assert (own_root / "current").read_text().strip() == report["candidate"]
+
+
+def test_the_gate_promotes_unless_a_metric_drops_beyond_the_tolerance():
+    incumbent = {"ndcg@10": 0.150, "recall@20": 0.280}
+    assert gate({"ndcg@10": 0.146, "recall@20": 0.290}, incumbent, 0.005).promote  # within tolerance
+    worse = gate({"ndcg@10": 0.144, "recall@20": 0.290}, incumbent, 0.005)
+    assert not worse.promote and "ndcg@10 0.1440 < 0.1500" in worse.reason
+    assert not gate({"ndcg@10": 0.160, "recall@20": 0.270}, incumbent, 0.005).promote

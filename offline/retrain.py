@@ -1,0 +1,111 @@
+"""``python -m offline retrain``: train a candidate on the data plus the recorded events, score it and the
+incumbent (what ``current`` names) on the same freshest window, and promote the candidate only if it is
+not worse beyond a tolerance.
+
+Both bundles are scored through the serving code path (``service.engine.Engine``), so the comparison is
+of what would be served: each user's history before the window (train + valid, with ratings) is handed to
+the engine as the user's online history, over a bundle whose own stored histories are set aside (they
+include the window). The freshest window is each user's latest ``test_frac`` of interactions, which the
+candidate's training holds out (temporal split); the incumbent may have seen part of it, which can only
+favour the incumbent, never the candidate.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from loguru import logger
+
+from offline.bundle import read_bundle, set_current
+from offline.dataset import Dataset
+from offline.evaluate import evaluate_per_user
+from offline.metrics import summarize
+from offline.split import TemporalSplit, concat_windows
+from service.engine import Engine, RequestError
+from service.schemas import RecommendRequest
+from service.store import Event
+
+GATED = ("ndcg@10", "recall@20")
+
+
+@dataclass
+class Decision:
+    promote: bool
+    reason: str
+
+
+def gate(candidate: dict[str, float], incumbent: dict[str, float], tolerance: float) -> Decision:
+    """Promote unless the candidate is worse than the incumbent by more than ``tolerance`` on a gated metric."""
+    worse = [f"{m} {candidate[m]:.4f} < {incumbent[m]:.4f} - {tolerance:g}" for m in GATED
+             if candidate[m] < incumbent[m] - tolerance]
+    if worse:
+        return Decision(False, "candidate worse: " + "; ".join(worse))
+    return Decision(True, "candidate not worse beyond the tolerance on " + ", ".join(GATED))
+
+
+class ServedBundle:
+    """A bundle as the service serves it, answering the evaluation's ``recommend(users, histories, k)``."""
+
+    def __init__(self, path: Path, ds: Dataset, split: TemporalSplit, candidates: int):
+        bundle = read_bundle(path)
+        n_users = len(bundle.catalog["user_ids"])
+        bundle.arrays.update(history_offsets=np.zeros(n_users + 1, np.int64), history_items=np.zeros(0, np.int64),
+                             history_ratings=np.zeros(0, np.float32), history_timestamps=np.zeros(0, np.int64))
+        self.engine = Engine.from_bundle(bundle, cache_size=0)
+        self.engine.history = self._history
+        self.ds, self.candidates, self.version = ds, candidates, bundle.version
+        self._events = _histories_before_test(ds, split)
+
+    def _history(self, raw_user: str, after=None) -> tuple[int, list[Event]]:
+        events = self._events.get(raw_user, [])
+        return len(events), events
+
+    def recommend(self, users: np.ndarray, histories: list[np.ndarray], k: int) -> np.ndarray:
+        out = np.full((len(users), k), -1, np.int64)
+        for n, user in enumerate(users):
+            try:
+                served = self.engine.recommend(RecommendRequest(user_id=self.ds.user_ids[user], k=k), self.candidates)
+            except RequestError:  # a user with no history before the window that this bundle never saw
+                continue
+            rows = [self.ds.item_row(it["item_id"]) for it in served["items"]]
+            out[n, : len(rows)] = [-1 if r is None else r for r in rows]
+        return out
+
+
+def _histories_before_test(ds: Dataset, split: TemporalSplit) -> dict[str, list[Event]]:
+    """Each user's train + valid interactions, oldest first, as the events a service would hold."""
+    inter = concat_windows([split.train, split.valid]).sorted_by_user_time()
+    out: dict[str, list[Event]] = {}
+    for user, item, rating, ts in zip(inter.user.tolist(), inter.item.tolist(), inter.rating.tolist(), inter.timestamp.tolist()):
+        out.setdefault(ds.user_ids[user], []).append(Event(ds.item_ids[item], rating, ts))
+    return out
+
+
+def served_metrics(path: Path, ds: Dataset, split: TemporalSplit, candidates: int) -> dict[str, float]:
+    per_user, _ = evaluate_per_user(ServedBundle(path, ds, split, candidates), split, "test", ks=(10, 20))
+    summary = summarize(per_user)
+    return {m: float(summary[m]) for m in (*GATED, "recall@10", "ndcg@20")} | {"users": int(np.sum(~np.isnan(per_user["recall@20"])))}
+
+
+def compare_and_promote(root: Path, incumbent: Path, candidate: Path, ds: Dataset, split: TemporalSplit,
+                        tolerance: float, candidates: int) -> Decision:
+    """Score both, decide, move ``current`` only on promotion, and write the comparison into the report."""
+    scores = {"incumbent": served_metrics(incumbent, ds, split, candidates),
+              "candidate": served_metrics(candidate, ds, split, candidates)}
+    decision = gate(scores["candidate"], scores["incumbent"], tolerance)
+    if decision.promote:
+        set_current(root, candidate.name)
+    report = {"incumbent": incumbent.name, "candidate": candidate.name, "window": "each user's latest test_frac",
+              "tolerance": tolerance, "scores": scores, "promoted": decision.promote, "reason": decision.reason}
+    out = root / "reports" / candidate.name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "retrain.json").write_text(json.dumps(report, indent=2))
+    rows = "\n".join(f"| {name} ({path.name}) | {s['recall@20']:.4f} | {s['ndcg@10']:.4f} | {s['users']} |"
+                     for name, path, s in (("incumbent", incumbent, scores["incumbent"]), ("candidate", candidate, scores["candidate"])))
+    (out / "retrain.md").write_text(f"# Retrain: {'promoted' if decision.promote else 'kept the incumbent'}\n\n"
+                                    f"| bundle | Recall@20 | NDCG@10 | users |\n|---|---|---|---|\n{rows}\n\n{decision.reason}\n")
+    logger.info("retrain: {} ({})", "promoted " + candidate.name if decision.promote else "kept " + incumbent.name, decision.reason)
+    return decision
+
