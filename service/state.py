@@ -50,7 +50,11 @@ class ServiceState:
         self.engine: Engine | None = None
         self.reload_lock = threading.Lock()  # one reload at a time (the admin route and the watcher)
         self._stop = threading.Event()
-        self.install(self.build(settings.bundle_dir))
+        try:
+            self.install(self.build(settings.bundle_dir))
+        except BaseException:
+            self.store.close()  # a failed start must not keep the state directory locked
+            raise
         self._threads = []
         if settings.state_backend == "redis":
             self._threads.append(threading.Thread(target=self._follow, name="catalog-follower", daemon=True))
@@ -66,9 +70,9 @@ class ServiceState:
         bundle = read_bundle(path, index_threads=self.settings.index_threads)
         try:
             engine = Engine.from_bundle(bundle, self.settings.user_vector_cache)
+            engine.history = functools.partial(self.store.history, after=self.watermark(bundle.manifest))
         except Exception as err:
             raise BundleError(f"{bundle.path}: cannot serve this bundle ({type(err).__name__}: {err})") from err
-        engine.history = functools.partial(self.store.history, after=self.watermark(bundle.manifest))
         return engine
 
     def watermark(self, manifest: dict) -> Position | None:

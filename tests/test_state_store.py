@@ -317,3 +317,12 @@ def test_a_bundle_trained_up_to_a_watermark_does_not_count_those_events_again(st
             assert client.get("/recommend", params={"user_id": "walk-in"}).status_code == answer
         assert client.post("/events", json={"user_id": "walk-in", "item_id": "i3"}).status_code == 200
         assert client.get("/recommend", params={"user_id": "walk-in"}).status_code == 200
+
+
+def test_a_failed_start_releases_the_state_directory(start, tmp_path):
+    empty = tmp_path / "no-bundle"
+    empty.mkdir()
+    with pytest.raises(RuntimeError, match="cannot start"):
+        with start(bundle_dir=empty, state_dir=tmp_path / "state"):
+            pass
+    open_store(tmp_path / "state").close()  # not left locked by the failed start
