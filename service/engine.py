@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -54,6 +55,45 @@ class Catalog:
     @property
     def vectors(self) -> np.ndarray:
         return self.arrays["item_vectors"]
+
+    @cached_property
+    def n_active(self) -> int:
+        """Counted once per snapshot (snapshots are immutable), not once per request."""
+        return int(self.active.sum())
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """The items a request may return. With filters, a full mask (a filter's cost grows with the catalogue
+    anyway); without, only the rows to skip (the user's seen items): an unfiltered request then does no
+    O(n_items) work, whatever the catalogue's size. Removed items are skipped through the catalogue."""
+
+    mask: np.ndarray | None = None
+    excluded: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def full(self, catalog: Catalog) -> np.ndarray:
+        """A mask over the catalogue (for exact scoring and the popularity fallback)."""
+        if self.mask is not None:
+            return self.mask
+        mask = catalog.active.copy()
+        mask[self.excluded[self.excluded < len(mask)]] = False
+        return mask
+
+    def count(self, catalog: Catalog) -> int:
+        if self.mask is not None:
+            return int(self.mask.sum())
+        excluded = self.excluded[self.excluded < len(catalog.active)]
+        return catalog.n_active - int(catalog.active[excluded].sum())
+
+    def keep(self, labels: np.ndarray, catalog: Catalog) -> np.ndarray:
+        """Which search results may be returned (a label past the mask is an item added since: not allowed)."""
+        bound = self.mask if self.mask is not None else catalog.active
+        keep = np.zeros(len(labels), bool)
+        inside = labels < len(bound)
+        keep[inside] = bound[labels[inside]] & catalog.active[labels[inside]]
+        if self.mask is None and len(self.excluded):
+            keep &= ~np.isin(labels, self.excluded)
+        return keep
 
 
 @dataclass
@@ -127,7 +167,7 @@ class Engine:
         with timed("features", timings):
             ctx = self.resolve_user(req)
             catalog = self.catalog
-            allowed = self.allowed_mask(catalog, req.filters, ctx.hist_items if req.exclude_seen else None)
+            allowed = self.allowed(catalog, req.filters, ctx.hist_items if req.exclude_seen else None)
         if ctx.empty:
             FALLBACKS.labels("popularity").inc()
             return self._response(ctx, catalog, self.popular(catalog, allowed, req.k), "popularity", timings, req.explain)
@@ -199,13 +239,12 @@ class Engine:
             self.vector_cache[ctx.cache_key] = (ctx.version, vec)
         return vec
 
-    def allowed_mask(self, catalog: Catalog, filters: Filters | None, seen: np.ndarray | None) -> np.ndarray:
+    def allowed(self, catalog: Catalog, filters: Filters | None, seen: np.ndarray | None) -> Allowed:
         """Items that may be returned: active, passing the filters, not already seen."""
-        allowed = catalog.active.copy()
-        if seen is not None and len(seen):
-            allowed[seen[seen < len(allowed)]] = False
+        excluded = np.unique(seen) if seen is not None and len(seen) else np.zeros(0, np.int64)
         if filters is None:
-            return allowed
+            return Allowed(excluded=excluded)
+        allowed = Allowed(excluded=excluded).full(catalog)
         genres = catalog.arrays["item_genres"] > 0
         if filters.genres_any:
             allowed &= genres[:, self._genre_cols(filters.genres_any)].any(axis=1)
@@ -216,33 +255,32 @@ class Engine:
             allowed &= np.nan_to_num(year, nan=-1e9) >= filters.year_min
         if filters.year_max is not None:
             allowed &= np.nan_to_num(year, nan=1e9) <= filters.year_max
-        return allowed
+        return Allowed(mask=allowed)
 
-    def search(self, vec: np.ndarray, depth: int, allowed: np.ndarray) -> tuple[Catalog, np.ndarray, np.ndarray]:
+    def search(self, vec: np.ndarray, depth: int, allowed: Allowed) -> tuple[Catalog, np.ndarray, np.ndarray]:
         """Top-``depth`` allowed items by inner product: HNSW with over-fetch, or exact when few are allowed.
 
         hnswlib's own filter raises when fewer than k survive, so we over-fetch and filter here,
         growing the fetch until enough survive or the whole index was read.
         """
-        n_allowed = int(allowed.sum())
+        catalog = self.catalog
+        n_allowed = allowed.count(catalog)
         depth = min(depth, n_allowed)
         if depth == 0:
-            return self.catalog, np.zeros(0, np.int64), np.zeros(0, np.float32)
+            return catalog, np.zeros(0, np.int64), np.zeros(0, np.float32)
         if n_allowed <= depth * EXACT_SEARCH_FACTOR:
-            return self.catalog, *self._exact(self.catalog, vec, allowed, depth)
-        fetch = depth + (len(allowed) - n_allowed)
+            return catalog, *self._exact(catalog, vec, allowed.full(catalog), depth)
+        fetch = depth + (catalog.n_active - n_allowed)  # enough to survive the skipped ones among the nearest
         while True:
             with self.index_lock:
                 catalog, index = self.catalog, self.bundle.index
-                searchable = index.get_current_count() - int((~catalog.active).sum())
+                searchable = catalog.n_active
                 try:
                     labels, dists = index.knn_query(vec[None], k=min(fetch, searchable))
                 except RuntimeError:  # hnswlib found fewer than k (deleted items): score exactly instead
-                    return catalog, *self._exact(catalog, vec, allowed, depth)
+                    return catalog, *self._exact(catalog, vec, allowed.full(catalog), depth)
             labels, dists = labels[0].astype(np.int64), dists[0]
-            inside = labels < len(allowed)  # an item added after ``allowed`` was computed is not allowed
-            labels, dists = labels[inside], dists[inside]
-            keep = allowed[labels]
+            keep = allowed.keep(labels, catalog)
             if keep.sum() >= depth or fetch >= searchable:
                 return catalog, labels[keep][:depth], (1.0 - dists[keep][:depth]).astype(np.float32)
             fetch = min(fetch * 4, searchable)
@@ -280,17 +318,15 @@ class Engine:
             out.update(nearest_history_item=catalog.ids[int(recent[j])], nearest_history_similarity=round(float(sims[j]), 5))
         return out
 
-    def popular(self, catalog: Catalog, allowed: np.ndarray, k: int):
-        pop = np.where(allowed, catalog.arrays["popularity"], -np.inf)
+    def popular(self, catalog: Catalog, allowed: Allowed, k: int):
+        pop = np.where(allowed.full(catalog), catalog.arrays["popularity"], -np.inf)
         order = np.lexsort((np.arange(len(pop)), -pop))[:k]
         return [(int(i), None, None, None, float(pop[i]), None) for i in order if np.isfinite(pop[i])]
 
     def similar_items(self, raw_item: str, k: int) -> dict:
         catalog = self.catalog
         row = self.require_item(raw_item, catalog)
-        allowed = catalog.active.copy()
-        allowed[row] = False
-        catalog, cands, scores = self.search(catalog.vectors[row], k, allowed)
+        catalog, cands, scores = self.search(catalog.vectors[row], k, Allowed(excluded=np.array([row])))
         return {"item_id": raw_item, "bundle_version": self.version,
                 "items": [self._item(catalog, int(c), float(s), None, r) for r, (c, s) in enumerate(zip(cands, scores))]}
 
@@ -408,7 +444,7 @@ class Engine:
 
     @property
     def searchable_items(self) -> int:
-        return int(self.catalog.active.sum())
+        return self.catalog.n_active
 
     # ---------------------------------------------------------------- helpers
     def _response(self, ctx, catalog, ranked, fallback, timings, explain) -> dict:

@@ -939,3 +939,25 @@ def test_replicas_follow_current_by_themselves_and_keep_serving_through_a_bad_ve
         second_version(own_root, "v4")
         set_current(own_root, "v4")
         wait_for_version(client, "v4")
+
+
+def test_unfiltered_search_skips_seen_and_removed_items_without_a_catalogue_mask(start, bundle, eager):
+    """No filter: the engine skips only the user's seen rows and removed items while searching (no
+    per-request mask over the catalogue), and still returns the brute-force top-k of what is left."""
+    vectors = bundle.arrays["item_vectors"]
+    with start() as client:
+        engine = client.app.state.service.engine
+        for user in ("u4", "u11", "u23"):
+            row = user_row(bundle, user)
+            items, ratings = history(bundle, row)
+            vec = eager_user_vector(bundle, eager, row, items, ratings)
+            left = np.array(sorted(set(range(len(vectors))) - set(items.tolist())))
+            top = left[np.argsort(-(vectors[left] @ vec))]
+            removed = bundle.catalog["item_ids"][int(top[0])]  # the best unseen item goes away
+            assert client.delete(f"/admin/items/{removed}", headers=AUTH).status_code == 200
+            allowed = engine.allowed(engine.catalog, None, items)
+            assert allowed.mask is None  # the unfiltered path, not a mask
+            response = client.post("/recommend", json={"user_id": user, "k": 10, "candidates": 10})
+            got = set(ids(response))
+            assert removed not in got and not got & item_ids_of(bundle, items)
+            assert len(got & item_ids_of(bundle, top[1:11])) >= 9  # HNSW is approximate; nearly exact here
