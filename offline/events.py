@@ -57,9 +57,10 @@ def read_source(source: str, redis_prefix: str = "recsys") -> LoggedState:
         from service.redis_store import RedisStateStore
 
         store = RedisStateStore(source, history_cap=1, prefix=redis_prefix)
-        try:
+        try:  # events first: every item an event names was added before it, so the later fold holds it
+            events = store.events_since()
             items, _ = store.catalog()
-            return LoggedState(store.source, store.events_since(), items)
+            return LoggedState(store.source, events, items)
         finally:
             store.close()
     directory = Path(source)

@@ -18,6 +18,7 @@ from functools import cached_property
 import numpy as np
 import torch
 from loguru import logger
+from pydantic import ValidationError
 
 from offline.bundle import Bundle
 from offline.features import FeatureSpec, encode_item_features, encode_user_features, single_history
@@ -346,8 +347,13 @@ class Engine:
     def load_catalog(self, items: dict[str, dict | None]) -> None:
         """Apply a store's catalogue fold to a new engine: every upsert in one batch, then the removals.
         Changes that no longer apply to this bundle (a genre it lacks...) are counted and logged, not fatal."""
-        upserts = [ItemUpsert.model_validate(item) for item in items.values() if item is not None]
-        skipped = []
+        upserts, skipped = [], []
+        for item_id, item in items.items():
+            if item is not None:
+                try:
+                    upserts.append(ItemUpsert.model_validate(item))
+                except ValidationError as err:  # an entry this version cannot read: skipped, not fatal
+                    skipped.append(f"{item_id}: {err.error_count()} invalid fields")
         if upserts:
             try:
                 self.commit_upsert(self.prepare_upsert(upserts))

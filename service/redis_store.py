@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 from contextlib import contextmanager
 
 import orjson
@@ -127,13 +128,14 @@ class RedisStateStore:
         entries = reply[0][1] if reply else []
         changes = [(_position(entry_id), f[b"item_id"].decode(), orjson.loads(f[b"item"]) if f[b"item"] else None, int(f[b"seq"]))
                    for entry_id, f in entries]
-        if changes and position != (0, 0) and not self._contiguous(position, changes[0][3]):
+        if changes and position != (0, 0) and not self._contiguous(position, changes[0][3], trips_breaker=not block):
             raise LookupError(f"catalogue changes after {position} were trimmed from the stream")
         return [c[:3] for c in changes]
 
-    def _contiguous(self, position: Position, first_seq: int) -> bool:
+    def _contiguous(self, position: Position, first_seq: int, trips_breaker: bool) -> bool:
         """Whether the entry at ``position`` is numbered ``first_seq - 1`` (nothing was trimmed in between)."""
-        before = self.client.xrange(f"{self.p}:catalog", "%d-%d" % position, "%d-%d" % position)
+        with self._call("read catalogue changes", trips_breaker):
+            before = self.client.xrange(f"{self.p}:catalog", "%d-%d" % position, "%d-%d" % position)
         return bool(before) and int(before[0][1][b"seq"]) == first_seq - 1
 
     # ------------------------------------------------------------------ health
@@ -166,8 +168,8 @@ class RedisStateStore:
             yield
         except redis.RedisError as err:
             failure = self._describe(err)
-            if trips_breaker:
-                self._failed_at, self._failure = time.monotonic(), failure
+            if trips_breaker and isinstance(err, (redis.ConnectionError, redis.TimeoutError)):
+                self._failed_at, self._failure = time.monotonic(), failure  # a reply (OOM...) is not an outage
             raise StoreUnavailable(f"cannot {what}: {failure}") from err
         if trips_breaker:
             self._failed_at = None
@@ -182,8 +184,9 @@ def _position(entry_id: bytes | str) -> Position:
 
 
 def _without_password(url: str) -> str:
-    """The URL as it may appear in logs and error messages."""
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest:
-        rest = "***@" + rest.split("@", 1)[1]
-    return scheme + sep + rest
+    """The URL as it may appear in logs, error bodies and manifests: scheme, host, port and path only (a
+    password can sit in the user part, even after an '@' of its own, or in the query string)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"

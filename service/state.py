@@ -20,6 +20,7 @@ from pathlib import Path
 import anyio
 
 from loguru import logger
+from pydantic import ValidationError
 
 from offline.bundle import BundleError, read_bundle, resolve
 from service import metrics
@@ -113,21 +114,22 @@ class ServiceState:
     def _watch_bundle(self) -> None:
         """Reload by itself when the bundle root's ``current`` names another version: a trainer on the shared
         volume promotes, every replica follows within ``bundle_poll_s`` (Triton's poll mode). A version that
-        failed to load is not retried until ``current`` moves again."""
-        failed: Path | None = None
+        is broken is not retried until ``current`` moves again; a store outage or an I/O error during the load
+        is retried at the next poll. Nothing stops the watcher but ``close``."""
+        broken: Path | None = None
         while not self._stop.wait(self.settings.bundle_poll_s):
             try:
                 target = resolve(self.settings.bundle_dir)
-            except BundleError as err:
-                logger.warning("bundle watcher: {}", err)
-                continue
-            if target == self.engine.bundle.path or target == failed:
-                continue
-            try:
+                if target in (self.engine.bundle.path, broken):
+                    continue
                 self.reload(self.settings.bundle_dir)
-                failed = None
-            except (BundleError, OSError, StoreUnavailable):
-                failed = target
+                broken = None
+            except BundleError:
+                broken = target if "target" in locals() else None
+            except (OSError, StoreUnavailable) as err:  # a blip: the next poll tries again
+                logger.warning("bundle watcher: {}", err)
+            except Exception:
+                logger.opt(exception=True).error("bundle watcher: unexpected failure; retrying at the next poll")
 
     # ------------------------------------------------------------------ writes
     def record_event(self, user_id: str, event: Event) -> int:
@@ -143,14 +145,22 @@ class ServiceState:
         change = self.engine.prepare_upsert(items)
         for item in items:
             self.store.append_change(str(item.item_id), item.model_dump())
-        self.catch_up()
+        self._catch_up_after_write()
         return {"item_id": change.raws[-1], "status": change.status[-1]}
 
     def remove_item(self, item_id: str) -> dict:
         self.engine.require_item(item_id)  # a 404 is not recorded
         self.store.append_change(item_id, None)
-        self.catch_up()
+        self._catch_up_after_write()
         return {"item_id": item_id, "status": "removed"}
+
+    def _catch_up_after_write(self) -> None:
+        """Apply the change just recorded (read-your-writes). It is durable already: if the store cannot be
+        read back right now, the change is still acknowledged, and the follower applies it when it can."""
+        try:
+            self.catch_up()
+        except StoreUnavailable as err:
+            logger.warning("recorded, but not yet applied here ({}); the catalogue follower will apply it", err)
 
     # ------------------------------------------------------------------ following the catalogue
     def catch_up(self, wait_s: float = 0.0) -> None:
@@ -179,8 +189,9 @@ class ServiceState:
                 continue
             try:
                 engine.apply_change(item_id, item)
-            except RequestError as err:
-                logger.warning("catalogue change {} for {} skipped on bundle {}: {}", at, item_id, engine.version, err.message)
+            except (RequestError, ValidationError) as err:  # e.g. a genre this bundle lacks, an entry edited by hand
+                logger.warning("catalogue change {} for {} skipped on bundle {}: {}", at, item_id, engine.version,
+                               getattr(err, "message", err))
             position = at
         return position
 

@@ -154,16 +154,40 @@ class DurableLog:
         if created:  # the new directory entry must survive a power loss too, not only the bytes
             _fsync_dir(path.parent)
 
+        self.acked = self._file.tell()  # the end of the last record known to be on disk
+
+
     @property
     def size(self) -> int:
-        return self._file.tell()
+        return self.acked
 
     def append(self, record: dict) -> int:
-        """Write, flush and fsync one record; returns the offset just past it."""
-        self._file.write(orjson.dumps(record) + b"\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        return self._file.tell()
+        """Write, flush and fsync one record; returns the offset just past it. If any step fails, the file is
+        cut back to the last acknowledged record before ``StoreUnavailable`` is raised: a failed write must
+        not surface later (a buffered flush, a retry's duplicate) or be read back by ``read_from``."""
+        try:
+            self._file.write(orjson.dumps(record) + b"\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as err:
+            self._cut_back()
+            raise StoreUnavailable(f"{self.path}: cannot write ({err.strerror or err})") from err
+        self.acked = self._file.tell()
+        return self.acked
+
+    def _cut_back(self) -> None:
+        """Drop whatever the failed append left in the buffer or the file, then reopen for appending."""
+        try:
+            self._file.close()  # may retry the buffered bytes and fail again: they are cut below either way
+        except OSError:
+            pass
+        with open(self.path, "r+b") as f:
+            f.truncate(self.acked)
+            try:
+                os.fsync(f.fileno())
+            except OSError:  # the cut is in the page cache; a torn tail after a crash is cut at the next open
+                pass
+        self._file = open(self.path, "ab")
 
     def read_from(self, offset: int) -> list[tuple[int, Any]]:
         """``(offset just past the line, record)`` for each complete line after ``offset``; an unreadable
@@ -258,6 +282,7 @@ class FileStateStore:
         self.events = DurableLog(state_dir / "events.jsonl")
         self.catalog_log = DurableLog(state_dir / "catalog.jsonl")
         self.write_lock = threading.Lock()  # orders appends; held through the fsync
+        self.failure: str | None = None
         self.lock = threading.Lock()  # guards the fold; never held through I/O, so reads never wait for an fsync
         self.compact_after = compact_after
         self._compacting = threading.Lock()
@@ -277,7 +302,7 @@ class FileStateStore:
     def append_event(self, user_id: str, event: Event) -> int:
         record = {"user_id": user_id, "item_id": event.item_id, "rating": event.rating, "timestamp": event.timestamp}
         with self.write_lock:
-            end = self.events.append(record)  # durable before anyone can read it
+            end = self._append(self.events, record)  # durable before anyone can read it
             with self.lock:
                 version = self.online.add_event(user_id, event, (end, 0))
                 self.offsets = (end, self.offsets[1])
@@ -297,7 +322,7 @@ class FileStateStore:
     def append_change(self, item_id: str, item: dict | None) -> Position:
         record = {"op": "upsert", "item": item} if item is not None else {"op": "remove", "item_id": item_id}
         with self.write_lock:
-            end = self.catalog_log.append(record)
+            end = self._append(self.catalog_log, record)
             with self.lock:
                 self.online.add_change(item_id, item)
                 self.offsets = (self.offsets[0], end)
@@ -313,7 +338,18 @@ class FileStateStore:
         return [((end, 0), item_id, item) for end, (item_id, item) in read_valid(self.catalog_log, position[0], parse_change)]
 
     def health(self) -> str | None:
-        return None
+        """Why the latest append failed, until one succeeds."""
+        return self.failure
+
+    def _append(self, log: DurableLog, record: dict) -> int:
+        """``log.append`` under ``write_lock``, remembering a failure for ``health``."""
+        try:
+            end = log.append(record)
+        except StoreUnavailable as err:
+            self.failure = str(err)
+            raise
+        self.failure = None
+        return end
 
     @property
     def source(self) -> str:

@@ -7,6 +7,7 @@ A "restart" is leaving and re-entering ``TestClient(app)`` with the same state d
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import threading
@@ -436,25 +437,33 @@ def test_catalogue_add_replace_remove_survive_restart(start, bundle, eager):
         assert client.get(f"/similar-items/{top}").status_code == 200
 
 
-def test_a_failed_log_write_is_neither_acknowledged_nor_applied(start, bundle):
-    """Disk full: the write errors, and the live state stays what the log says (a restart would agree)."""
-    def full_disk(record):
+def test_a_failed_log_write_is_neither_acknowledged_nor_applied_nor_written_later(start, bundle, monkeypatch, tmp_path):
+    """Disk full at fsync: 503, nothing applied, /ready degraded, and the failed records are cut from the logs
+    (a buffered write must not surface with the next successful append, nor a retry become a duplicate)."""
+    real_fsync = os.fsync
+
+    def full_disk(fd):
         raise OSError(28, "No space left on device")
 
     base = len(history(bundle, user_row(bundle, "u19"))[0])
     with start() as client:
-        state = client.app.state.service
         items = client.get("/ready").json()["items"]
-        state.store.catalog_log.append = state.store.events.append = full_disk
+        monkeypatch.setattr(os, "fsync", full_disk)
         for method, url, body in (("POST", "/admin/items", {"item_id": "lost"}), ("DELETE", "/admin/items/i3", None),
                                   ("POST", "/events", {"user_id": "u19", "item_id": "i3"})):
-            with pytest.raises(OSError):
-                client.request(method, url, json=body, headers=AUTH)
+            response = client.request(method, url, json=body, headers=AUTH)
+            assert response.status_code == 503 and "nothing was recorded" in response.json()["error"], response.text
+        ready = client.get("/ready").json()
+        assert ready["status"] == "degraded" and "No space left" in ready["state_store"]
+        monkeypatch.setattr(os, "fsync", real_fsync)
         assert client.get("/ready").json()["items"] == items
         assert_client_error(client.get("/similar-items/lost"), 404)
         assert client.get("/similar-items/i3").status_code == 200
-        del state.store.catalog_log.append, state.store.events.append
         assert client.post("/events", json={"user_id": "u19", "item_id": "i4"}).json()["history_length"] == base + 1
+        assert client.get("/ready").json()["status"] == "ready"
+    logged = [json.loads(line) for line in (tmp_path / "state" / "events.jsonl").read_text().splitlines()]
+    assert [(r["user_id"], r["item_id"]) for r in logged] == [("u19", "i4")]
+    assert (tmp_path / "state" / "catalog.jsonl").read_text() == ""
 
 
 def test_events_on_items_added_online(start):
