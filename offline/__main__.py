@@ -94,6 +94,7 @@ def cmd_retrain(args: argparse.Namespace) -> None:
     from offline.data import DataError
     from offline.pipeline import IndexConfig, run_training
     from offline.ranker import RankerConfig
+    from offline.events import read_source
     from offline.retrain import compare_and_promote
     from offline.split import temporal_split
     from offline.train_recall import RecallConfig
@@ -109,7 +110,8 @@ def cmd_retrain(args: argparse.Namespace) -> None:
     candidate = run_training(ds, args.out, recall_cfg, index_cfg, args.valid_frac, args.test_frac,
                              baselines=not args.skip_baselines, ranker_cfg=ranker_cfg, promote=False)
     split = temporal_split(ds.interactions, ds.n_users, ds.n_items, args.valid_frac, args.test_frac)
-    decision = compare_and_promote(args.out, incumbent, candidate, ds, split, args.tolerance, index_cfg.candidates)
+    catalog = read_source(args.events, args.events_redis_prefix).items if args.events else {}
+    decision = compare_and_promote(args.out, incumbent, candidate, ds, split, args.tolerance, index_cfg.candidates, catalog)
     print(f"{'promoted' if decision.promote else 'kept'}: {candidate.name if decision.promote else incumbent.name} "
           f"({decision.reason}); comparison in {args.out / 'reports' / candidate.name / 'retrain.md'}")
 

@@ -26,7 +26,7 @@ import numpy as np
 from loguru import logger
 
 from offline.dataset import Dataset, FeatureTable, Interactions, ItemTable
-from service.store import Event, Position, read_catalog_log, read_event_log
+from service.store import Event, Position, read_catalog_log, read_event_log, store_id
 
 
 @dataclass
@@ -66,7 +66,7 @@ def read_source(source: str, redis_prefix: str = "recsys") -> LoggedState:
     directory = Path(source)
     if not (directory / "events.jsonl").exists() and not (directory / "catalog.jsonl").exists():
         raise FileNotFoundError(f"{directory}: no events.jsonl or catalog.jsonl (not a state directory)")
-    return LoggedState(f"file:{directory.resolve()}", read_event_log(directory), read_catalog_log(directory))
+    return LoggedState(f"file:{store_id(directory)}", read_event_log(directory), read_catalog_log(directory))
 
 
 def merge_events(ds: Dataset, logged: LoggedState) -> tuple[Dataset, MergeReport]:

@@ -48,12 +48,13 @@ def gate(candidate: dict[str, float], incumbent: dict[str, float], tolerance: fl
 class ServedBundle:
     """A bundle as the service serves it, answering the evaluation's ``recommend(users, histories, k)``."""
 
-    def __init__(self, path: Path, ds: Dataset, split: TemporalSplit, candidates: int):
+    def __init__(self, path: Path, ds: Dataset, split: TemporalSplit, candidates: int, catalog: dict[str, dict | None]):
         bundle = read_bundle(path)
         n_users = len(bundle.catalog["user_ids"])
         bundle.arrays.update(history_offsets=np.zeros(n_users + 1, np.int64), history_items=np.zeros(0, np.int64),
                              history_ratings=np.zeros(0, np.float32), history_timestamps=np.zeros(0, np.int64))
         self.engine = Engine.from_bundle(bundle, cache_size=0)
+        self.engine.load_catalog(catalog)  # as a replica on that store would serve it: online items included
         self.engine.history = self._history
         self.ds, self.candidates, self.version = ds, candidates, bundle.version
         self._events = _histories_before_test(ds, split)
@@ -83,17 +84,19 @@ def _histories_before_test(ds: Dataset, split: TemporalSplit) -> dict[str, list[
     return out
 
 
-def served_metrics(path: Path, ds: Dataset, split: TemporalSplit, candidates: int) -> dict[str, float]:
-    per_user, _ = evaluate_per_user(ServedBundle(path, ds, split, candidates), split, "test", ks=(10, 20))
+def served_metrics(path: Path, ds: Dataset, split: TemporalSplit, candidates: int,
+                   catalog: dict[str, dict | None]) -> dict[str, float]:
+    per_user, _ = evaluate_per_user(ServedBundle(path, ds, split, candidates, catalog), split, "test", ks=(10, 20))
     summary = summarize(per_user)
     return {m: float(summary[m]) for m in (*GATED, "recall@10", "ndcg@20")} | {"users": int(np.sum(~np.isnan(per_user["recall@20"])))}
 
 
 def compare_and_promote(root: Path, incumbent: Path, candidate: Path, ds: Dataset, split: TemporalSplit,
-                        tolerance: float, candidates: int) -> Decision:
-    """Score both, decide, move ``current`` only on promotion, and write the comparison into the report."""
-    scores = {"incumbent": served_metrics(incumbent, ds, split, candidates),
-              "candidate": served_metrics(candidate, ds, split, candidates)}
+                        tolerance: float, candidates: int, catalog: dict[str, dict | None]) -> Decision:
+    """Score both (each with the store's catalogue changes applied, as served), decide, move ``current`` only
+    on promotion, and write the comparison into the report."""
+    scores = {"incumbent": served_metrics(incumbent, ds, split, candidates, catalog),
+              "candidate": served_metrics(candidate, ds, split, candidates, catalog)}
     decision = gate(scores["candidate"], scores["incumbent"], tolerance)
     if decision.promote:
         set_current(root, candidate.name)

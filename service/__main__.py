@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,9 +27,10 @@ def main(argv: list[str] | None = None) -> int:
             print("error: --workers > 1 needs RECSYS_STATE_BACKEND=redis: the file backend's state belongs to one process",
                   file=sys.stderr)
             return 2
-        metrics_dir = os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="recsys-metrics-"))
-        shutil.rmtree(metrics_dir, ignore_errors=True)  # counts from an earlier run must not add up into this one
-        os.makedirs(metrics_dir)
+        metrics_dir = Path(os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="recsys-metrics-")))
+        metrics_dir.mkdir(parents=True, exist_ok=True)
+        for stale in metrics_dir.glob("*.db"):  # counts from an earlier run must not add up into this one
+            stale.unlink()  # (only prometheus_client's files: the directory may be shared, e.g. /tmp)
     import uvicorn  # after the environment is set: the workers inherit it
 
     uvicorn.run("service.app:app", host=args.host, port=args.port, workers=args.workers,

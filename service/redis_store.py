@@ -21,6 +21,7 @@ Redis host loses power. The compose file runs Redis with AOF on a volume and ``a
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 from contextlib import contextmanager
@@ -60,6 +61,7 @@ class RedisStateStore:
         self.p, self.events_maxlen, self.catalog_maxlen = prefix, events_maxlen, catalog_maxlen
         self._failed_at: float | None = None
         self._failure = ""
+        self._source: str | None = None
         self._append_change = self.client.register_script(APPEND_CHANGE)
         self._append_event = self.client.register_script(APPEND_EVENT)
 
@@ -149,7 +151,13 @@ class RedisStateStore:
 
     @property
     def source(self) -> str:
-        return f"redis:{self.url}#{self.p}"
+        """This deployment's identity, made once in Redis (``SET NX``) and cached: a watermark names it, so a
+        flushed or replaced Redis, or another spelling of the same URL, is judged by what it holds."""
+        if self._source is None:
+            with self._call("read the store id"):
+                self.client.set(f"{self.p}:store-id", uuid.uuid4().hex, nx=True)
+                self._source = f"redis:{self.client.get(f'{self.p}:store-id').decode()}"
+        return self._source
 
     def close(self) -> None:
         self.client.close()

@@ -71,9 +71,13 @@ class ServiceState:
         bundle = read_bundle(path, index_threads=self.settings.index_threads)
         try:
             engine = Engine.from_bundle(bundle, self.settings.user_vector_cache)
-            engine.history = functools.partial(self.store.history, after=self.watermark(bundle.manifest))
+            engine.rating_scale  # noqa: B018  (a malformed scale is the bundle's fault: refuse it here, not per event)
+            after = self.watermark(bundle.manifest)
+        except StoreUnavailable:
+            raise  # the store, not the bundle: a reload retries later
         except Exception as err:
             raise BundleError(f"{bundle.path}: cannot serve this bundle ({type(err).__name__}: {err})") from err
+        engine.history = functools.partial(self.store.history, after=after)
         return engine
 
     def watermark(self, manifest: dict) -> Position | None:

@@ -20,6 +20,7 @@ import fcntl
 import math
 import os
 import threading
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,6 +209,22 @@ class DurableLog:
         self._file.close()
 
 
+def store_id(state_dir: Path) -> str:
+    """This state's identity, made once and kept in the directory: a watermark names it, so a directory
+    wiped and recreated at the same path (offsets starting over) is another store, not the same one."""
+    path = state_dir / "store-id"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as f:
+        f.write(uuid.uuid4().hex)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(state_dir)
+    return path.read_text().strip()
+
+
 def read_event_log(state_dir: Path, after: Position | None = None) -> list[tuple[Position, str, Event]]:
     """The events in a file-backend state directory after ``after``, read without taking the directory
     (a trainer reads it while the service appends; a torn last line is not read)."""
@@ -279,6 +296,7 @@ class FileStateStore:
     def __init__(self, state_dir: Path, history_cap: int, compact_after: int):
         self.dir = state_dir
         self._owner = _lock_dir(state_dir)
+        self.id = store_id(state_dir)
         self.events = DurableLog(state_dir / "events.jsonl")
         self.catalog_log = DurableLog(state_dir / "catalog.jsonl")
         self.write_lock = threading.Lock()  # orders appends; held through the fsync
@@ -353,7 +371,7 @@ class FileStateStore:
 
     @property
     def source(self) -> str:
-        return f"file:{self.dir.resolve()}"
+        return f"file:{self.id}"
 
     # ------------------------------------------------------------------ snapshot
     def state(self) -> tuple[OnlineState, tuple[int, int]]:

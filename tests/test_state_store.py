@@ -194,7 +194,7 @@ def test_a_new_log_file_is_made_durable_in_its_directory(tmp_path, monkeypatch):
     synced: list[Path] = []
     monkeypatch.setattr(store_module, "_fsync_dir", lambda p: synced.append(Path(p)))
     open_store(tmp_path / "fresh").close()
-    assert synced == [tmp_path / "fresh", tmp_path / "fresh"]  # events.jsonl, then catalog.jsonl
+    assert synced == [tmp_path / "fresh"] * 3  # store-id, events.jsonl, catalog.jsonl
     synced.clear()
     open_store(tmp_path / "fresh").close()
     assert synced == []
@@ -327,3 +327,13 @@ def test_a_failed_start_releases_the_state_directory(start, tmp_path):
         with start(bundle_dir=empty, state_dir=tmp_path / "state"):
             pass
     open_store(tmp_path / "state").close()  # not left locked by the failed start
+
+
+def test_a_state_directory_recreated_at_the_same_path_is_another_store(tmp_path):
+    """Offsets start over in a new directory: a watermark from the old one must not apply to it."""
+    first = open_store(tmp_path / "s")
+    source = first.source
+    first.close()
+    assert open_store(tmp_path / "s").source == source  # the same directory, reopened: the same store
+    shutil.rmtree(tmp_path / "s")
+    assert open_store(tmp_path / "s").source != source
