@@ -106,8 +106,11 @@ def set_current(root: Path, version: str) -> None:
     """Point ``root/current`` at ``version`` atomically."""
     if not (root / version / "manifest.json").exists():
         raise BundleError(f"{root / version}: no such bundle version")
-    tmp = root / f".{CURRENT}.tmp"
-    tmp.write_text(version + "\n")
+    tmp = root / f".{CURRENT}.{os.getpid()}.tmp"  # two trainers promoting at once must not share a temp file
+    with open(tmp, "w") as f:
+        f.write(version + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, root / CURRENT)
 
 

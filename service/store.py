@@ -428,9 +428,10 @@ class FileStateStore:
         return state, offsets
 
     def close(self) -> None:
-        self.events.close()
-        self.catalog_log.close()
-        self._owner.close()  # releases the lock
+        with self._compacting:  # a snapshot being written finishes before the directory is released
+            self.events.close()
+            self.catalog_log.close()
+            self._owner.close()  # releases the lock
 
 
 def _drop_torn_tail(path: Path) -> None:
