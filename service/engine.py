@@ -381,11 +381,17 @@ class Engine:
                 skipped.append(f"{item.item_id}: {err.message}")
         return skipped or [first_error.message]
 
+    def check_upsert(self, items: list[ItemUpsert]) -> list[str]:
+        """Refuse items this bundle cannot encode (an unknown genre or feature) before anything is recorded;
+        returns what each change will be, "added" or "replaced"."""
+        for item in items:
+            self._encode_item(item)
+        return ["replaced" if str(item.item_id) in self.catalog.row_of else "added" for item in items]
+
     def prepare_upsert(self, items: list[ItemUpsert]) -> "Upsert":
-        """Validate items and compute their rows of every array, touching nothing live: the app writes the
-        change to its log between this and ``commit_upsert`` (under its write lock, so the catalogue cannot
-        move in between), and a failed write leaves the live catalogue as it was. One tower call and one
-        copy of each array for the whole batch, so replaying a large catalogue log costs one rebuild."""
+        """Validate items and compute their rows of every array, touching nothing live (``commit_upsert``
+        makes it live). One tower call and one copy of each array for the whole batch, so applying a large
+        catalogue fold costs one rebuild."""
         catalog = self.catalog
         raws = [str(it.item_id) for it in items]
         assigned: dict[str, int] = {}
@@ -413,8 +419,7 @@ class Engine:
         active = _set_rows(catalog.active, row_array, True, False, n)
         updated = self._with_ranker_tables(replace(catalog, ids=ids, titles=titles, arrays=arrays, active=active,
                                                    row_of={**catalog.row_of, **dict(zip(raws, rows))}))
-        status = ["replaced" if r < len(catalog.ids) else "added" for r in rows]
-        return Upsert(raws, row_array, vecs, updated, status)
+        return Upsert(row_array, vecs, updated)
 
     def _encode_item(self, item: ItemUpsert) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         genre_row = np.zeros(self.spec.n_genres, bool)
@@ -422,7 +427,7 @@ class Engine:
         _check_features(item.features, self.spec.item_categorical, self.spec.item_numeric, "item")
         return encode_item_features(self.spec, self.bundle.catalog.get("item_vocab", {}), genre_row, item.year, item.features)
 
-    def commit_upsert(self, change: "Upsert") -> dict:
+    def commit_upsert(self, change: "Upsert") -> None:
         """Put prepared items into the index and swap in their catalogue, together under ``index_lock``."""
         with self.index_lock:
             index = self.bundle.index
@@ -434,7 +439,6 @@ class Engine:
                     index.unmark_deleted(int(row))
             index.add_items(change.vectors, change.rows)
             self.catalog = change.catalog
-        return {"item_id": change.raws[-1], "status": change.status[-1]}
 
     def remove_item(self, raw: str) -> dict:
         catalog = self.catalog
@@ -501,11 +505,9 @@ class Engine:
 class Upsert:
     """Validated catalogue changes, computed but not yet live (one batch, one rebuild)."""
 
-    raws: list[str]
     rows: np.ndarray
     vectors: np.ndarray
     catalog: Catalog
-    status: list[str]  # "added" or "replaced", per item
 
 
 def _is_item_array(name: str, value: np.ndarray, n_items: int) -> bool:

@@ -144,13 +144,13 @@ class ServiceState:
         return engine.history_length(user_id, version)
 
     def upsert_items(self, items: list[ItemUpsert]) -> dict:
-        """Validated and encoded first (a bad item is refused before anything is written), then recorded,
-        then applied in store order together with whatever other replicas changed before it."""
-        change = self.engine.prepare_upsert(items)
+        """Checked first (a bad item is refused before anything is recorded), then recorded, then applied in
+        store order together with whatever other replicas changed before it."""
+        status = self.engine.check_upsert(items)
         for item in items:
             self.store.append_change(str(item.item_id), item.model_dump())
         self._catch_up_after_write()
-        return {"item_id": change.raws[-1], "status": change.status[-1]}
+        return {"item_id": str(items[-1].item_id), "status": status[-1]}
 
     def remove_item(self, item_id: str) -> dict:
         self.engine.require_item(item_id)  # a 404 is not recorded

@@ -165,7 +165,7 @@ class DurableLog:
     def append(self, record: dict) -> int:
         """Write, flush and fsync one record; returns the offset just past it. If any step fails, the file is
         cut back to the last acknowledged record before ``StoreUnavailable`` is raised: a failed write must
-        not surface later (a buffered flush, a retry's duplicate) or be read back by ``read_from``."""
+        not surface later (a buffered flush, a retry's duplicate) or be read back by ``read_valid``."""
         try:
             self._file.write(orjson.dumps(record) + b"\n")
             self._file.flush()
@@ -190,21 +190,6 @@ class DurableLog:
                 pass
         self._file = open(self.path, "ab")
 
-    def read_from(self, offset: int) -> list[tuple[int, Any]]:
-        """``(offset just past the line, record)`` for each complete line after ``offset``; an unreadable
-        line is ``None`` (a torn write is cut at open, so it was never acknowledged)."""
-        with open(self.path, "rb") as f:
-            f.seek(offset)
-            data = f.read()
-        out, end = [], offset
-        for line in data.splitlines(keepends=True):
-            end += len(line)
-            try:
-                out.append((end, orjson.loads(line)))
-            except orjson.JSONDecodeError:
-                out.append((end, None))
-        return out
-
     def close(self) -> None:
         self._file.close()
 
@@ -226,59 +211,36 @@ def store_id(state_dir: Path) -> str:
 
 
 def read_event_log(state_dir: Path, after: Position | None = None) -> list[tuple[Position, str, Event]]:
-    """The events in a file-backend state directory after ``after``, read without taking the directory
-    (a trainer reads it while the service appends; a torn last line is not read)."""
-    path = state_dir / "events.jsonl"
-    if not path.exists():
-        return []
-    with open(path, "rb") as f:
-        f.seek(after[0] if after else 0)
-        data = f.read()
-    data = data[: data.rfind(b"\n") + 1]
-    out, bad, end = [], 0, after[0] if after else 0
-    for line in data.splitlines(keepends=True):
-        end += len(line)
-        try:
-            user, event = parse_event(orjson.loads(line))
-        except (ValueError, AttributeError, orjson.JSONDecodeError):
-            bad += 1
-            continue
-        out.append(((end, 0), user, event))
-    if bad:
-        logger.warning("{}: skipped {} bad records", path, bad)
-    return out
+    """The events in a file-backend state directory after ``after``, with their positions; read without
+    taking the directory (a trainer reads it while the service appends)."""
+    return [((end, 0), user, event)
+            for end, (user, event) in read_valid(state_dir / "events.jsonl", after[0] if after else 0, parse_event)]
 
 
 def read_catalog_log(state_dir: Path) -> dict[str, dict | None]:
     """The catalogue fold of a file-backend state directory (each changed item's latest state), read
     without taking the directory."""
-    path = state_dir / "catalog.jsonl"
-    fold: dict[str, dict | None] = {}
+    return {item_id: item for _, (item_id, item) in read_valid(state_dir / "catalog.jsonl", 0, parse_change)}
+
+
+def read_valid(path: Path, offset: int, parse) -> list[tuple[int, Any]]:
+    """``(offset just past the line, parsed record)`` for each complete line after ``offset`` that parses; the
+    others are counted and logged (with their offsets) and skipped. A line still being appended (no newline
+    yet) is not read: it is not acknowledged."""
     if not path.exists():
-        return fold
-    data = path.read_bytes()
-    for line in data[: data.rfind(b"\n") + 1].splitlines():
+        return []
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    out, bad, end = [], [], offset
+    for line in data[: data.rfind(b"\n") + 1].splitlines(keepends=True):
+        end += len(line)
         try:
-            item_id, item = parse_change(orjson.loads(line))
-        except (ValueError, AttributeError, orjson.JSONDecodeError):
-            continue  # counted and logged by the service when it reads the same log
-        fold[item_id] = item
-    return fold
-
-
-def read_valid(log: DurableLog, offset: int, parse) -> list[tuple[int, Any]]:
-    """``(end offset, parsed record)`` for the records after ``offset`` that parse; the others are counted
-    and logged (with their offsets) and skipped."""
-    out, bad = [], []
-    for end, record in log.read_from(offset):
-        try:
-            if record is None:
-                raise ValueError("unreadable JSON")
-            out.append((end, parse(record)))
-        except (ValueError, AttributeError) as err:  # AttributeError: a record that is not an object
+            out.append((end, parse(orjson.loads(line))))
+        except (ValueError, AttributeError) as err:  # JSONDecodeError is a ValueError; AttributeError: not an object
             bad.append(f"record ending at byte {end}: {err}")
     if bad:
-        logger.warning("{}: skipped {} bad records (first: {})", log.path, len(bad), "; ".join(bad[:3]))
+        logger.warning("{}: skipped {} bad records (first: {})", path, len(bad), "; ".join(bad[:3]))
     return out
 
 
@@ -305,8 +267,8 @@ class FileStateStore:
         self.compact_after = compact_after
         self._compacting = threading.Lock()
         self.online, (events_at, catalog_at) = self._read_snapshot(history_cap)
-        changes = read_valid(self.catalog_log, catalog_at, parse_change)
-        events = read_valid(self.events, events_at, parse_event)
+        changes = read_valid(self.catalog_log.path, catalog_at, parse_change)
+        events = read_valid(self.events.path, events_at, parse_event)
         for _, change in changes:
             self.online.add_change(*change)
         for end, (user, event) in events:
@@ -353,7 +315,7 @@ class FileStateStore:
 
     def changes_since(self, position: Position, wait_s: float = 0.0) -> list[Change]:
         """No waiting: in one process every change is appended by the caller itself."""
-        return [((end, 0), item_id, item) for end, (item_id, item) in read_valid(self.catalog_log, position[0], parse_change)]
+        return [((end, 0), item_id, item) for end, (item_id, item) in read_valid(self.catalog_log.path, position[0], parse_change)]
 
     def health(self) -> str | None:
         """Why the latest append failed, until one succeeds."""
