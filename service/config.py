@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.filters import EXACT_LIMIT
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RECSYS_", extra="ignore")
@@ -41,6 +43,9 @@ class Settings(BaseSettings):
                             "and more of them in flight lets Redis commit them together")
     torch_threads: int = Field(1, ge=1, description="intra-op threads per tower call (requests already run in parallel)")
     index_threads: int = Field(1, ge=1, description="hnswlib threads per query")
+    filter_exact_limit: int = Field(EXACT_LIMIT, ge=0, description="a filtered request whose year slices (per genre, binary "
+                                    "searched) hold at most this many items scores them all exactly; a broader one "
+                                    "searches HNSW and over-fetches (docs/benchmarks.md, 'Catalogue scale')")
     user_vector_cache: int = Field(100_000, ge=0, description="known users' vectors kept until their history changes")
     history_cap: int = Field(1000, ge=1, description="online events kept per user for serving (the tower window and "
                              "the seen set for exclusion); the event log keeps every event")

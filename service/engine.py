@@ -24,11 +24,15 @@ from offline.bundle import Bundle
 from offline.features import FeatureSpec, encode_item_features, encode_user_features, single_history
 from offline.rank_features import RankerTables, UserFeatures, candidate_features, readable_feature_names, user_features
 from offline.ranker import load_ranker
+from service.filters import EXACT_LIMIT, FilterIndex, RowFilter, top_k
 from service.metrics import DEGRADED, FALLBACKS, timed
 from service.schemas import Filters, ItemUpsert, RecommendRequest
 from service.store import Event, StoreUnavailable
 
 EXACT_SEARCH_FACTOR = 2  # below depth * this many allowed items, scoring them all beats over-fetching
+NOTHING = np.zeros(0, np.int64)
+FETCH_GROWTH = 4  # an over-fetch that did not fill the list asks for this many times more
+FETCH_MARGIN = 1.25  # a filtered over-fetch asks for this much more than the admitted share predicts
 # Item arrays a newly added item cannot take from its features: it has no interactions yet, so no
 # popularity and no co-occurrence neighbours (-1 is the padding of ``item_neighbours``).
 NEW_ITEM_DEFAULTS = {"popularity": 0.0, "item_neighbours": -1, "item_neighbour_sims": 0.0}
@@ -51,7 +55,20 @@ class Catalog:
     titles: list[str]
     arrays: dict[str, np.ndarray]  # item_vectors, item_genres, item_year, popularity, ... (bundle item arrays)
     active: np.ndarray  # bool: False once removed
-    ranker_tables: object | None = None
+    ranker_tables: RankerTables | None
+    filters: FilterIndex
+    by_popularity: np.ndarray  # rows, most popular first (ties by row)
+
+    @classmethod
+    def build(cls, ids: list[str], row_of: dict[str, int], titles: list[str], arrays: dict[str, np.ndarray],
+              active: np.ndarray, ranked_with: dict[str, np.ndarray] | None) -> "Catalog":
+        """A snapshot with what requests read precomputed (ranker tables, filter index, popularity order): this
+        costs O(n_items log n_items) once per bundle load or catalogue upsert, so that no request pays it (a
+        removal only flips ``active`` and keeps them). ``ranked_with``: the bundle's arrays when a ranker is
+        served (its user-side columns come from the bundle, the item-side ones from this catalogue)."""
+        tables = None if ranked_with is None else RankerTables.from_arrays({**ranked_with, **arrays})
+        return cls(ids, row_of, titles, arrays, active, tables, FilterIndex.build(arrays["item_genres"], arrays["item_year"]),
+                   np.argsort(-arrays["popularity"], kind="stable"))
 
     @property
     def vectors(self) -> np.ndarray:
@@ -62,39 +79,63 @@ class Catalog:
         """Counted once per snapshot (snapshots are immutable), not once per request."""
         return int(self.active.sum())
 
+    def live(self, rows: np.ndarray, excluded: np.ndarray) -> np.ndarray:
+        """``rows`` less removed items, rows past this snapshot and ``excluded`` (O(len(rows)))."""
+        rows = rows[rows < len(self.active)]
+        rows = rows[self.active[rows]]
+        return rows[~_in_sorted(rows, excluded)]
+
 
 @dataclass(frozen=True)
 class Allowed:
-    """The items a request may return. With filters, a full mask (a filter's cost grows with the catalogue
-    anyway); without, only the rows to skip (the user's seen items): an unfiltered request then does no
-    O(n_items) work, whatever the catalogue's size. Removed items are skipped through the catalogue."""
+    """The items a request may return, never as a mask over the catalogue, so that no request pays
+    O(n_items) for it: the user's seen rows to skip (removed items are skipped through the catalogue), and
+    with a filter either every admitted row (a narrow filter: its year slices held at most the engine's
+    ``exact_limit`` rows) or the filter itself, checked on each search result (a broad one), with ``bound``,
+    the rows of its year slices: at least as many as it admits."""
 
-    mask: np.ndarray | None = None
-    excluded: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-
-    def full(self, catalog: Catalog) -> np.ndarray:
-        """A mask over the catalogue (for exact scoring and the popularity fallback)."""
-        if self.mask is not None:
-            return self.mask
-        mask = catalog.active.copy()
-        mask[self.excluded[self.excluded < len(mask)]] = False
-        return mask
+    excluded: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # sorted, unique
+    rows: np.ndarray | None = None
+    rule: RowFilter | None = None
+    bound: int = 0
 
     def count(self, catalog: Catalog) -> int:
-        if self.mask is not None:
-            return int(self.mask.sum())
+        """How many items may be returned: exact, except for a broad filter (an upper bound)."""
+        if self.rows is not None:
+            return len(self.rows)
         excluded = self.excluded[self.excluded < len(catalog.active)]
-        return catalog.n_active - int(catalog.active[excluded].sum())
+        unseen = catalog.n_active - int(catalog.active[excluded].sum())
+        return unseen if self.rule is None else min(unseen, self.bound)
+
+    def first_fetch(self, catalog: Catalog, depth: int) -> int:
+        """How many nearest items to read so that ``depth`` of them are likely allowed: the skipped ones on top
+        of ``depth`` unfiltered, ``depth`` over the admitted share (an upper bound, so a margin) with a filter."""
+        if self.rule is None:
+            return depth + (catalog.n_active - self.count(catalog))
+        share = self.bound / max(len(catalog.active), 1)
+        return math.ceil(FETCH_MARGIN * depth / share) + len(self.excluded)
 
     def keep(self, labels: np.ndarray, catalog: Catalog) -> np.ndarray:
-        """Which search results may be returned (a label past the mask is an item added since: not allowed)."""
-        bound = self.mask if self.mask is not None else catalog.active
+        """Which search results may be returned (a label past the catalogue is an item added since: not allowed)."""
         keep = np.zeros(len(labels), bool)
-        inside = labels < len(bound)
-        keep[inside] = bound[labels[inside]] & catalog.active[labels[inside]]
-        if self.mask is None and len(self.excluded):
-            keep &= ~np.isin(labels, self.excluded)
+        inside = labels < len(catalog.active)
+        keep[inside] = catalog.active[labels[inside]]
+        keep &= ~_in_sorted(labels, self.excluded)
+        if self.rule is not None:
+            keep[keep] = self.rule.admits(catalog.filters, labels[keep])
         return keep
+
+    def every_row(self, catalog: Catalog) -> np.ndarray:
+        """Every allowed row of ``catalog`` (which may be newer than the request's), listed: O(admitted) for a
+        narrow filter; O(n_items) otherwise, which only exact scoring needs when HNSW cannot answer (a tiny or
+        nearly exhausted index, or a broad filter that admits far fewer rows than its bound)."""
+        if self.rows is not None:  # listed without the seen rows already: only removals since are left to drop
+            return catalog.live(self.rows, NOTHING)
+        if self.rule is not None:
+            rows = self.rule.admitted(catalog.filters, self.rule.slices(catalog.filters))
+        else:
+            rows = np.arange(len(catalog.active))
+        return catalog.live(rows, self.excluded)
 
 
 @dataclass
@@ -126,22 +167,22 @@ class Engine:
     vector_cache: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)  # user -> (history version, vector)
     feature_cache: dict[str, tuple] = field(default_factory=dict)  # user -> (version, ranker tables, UserFeatures)
     cache_size: int = 100_000
+    exact_limit: int = EXACT_LIMIT  # filters whose year slices hold at most this many rows are scored exactly
     explain_names: list[str] = field(default_factory=list)  # the ranker's features, named for people
     index_lock: threading.Lock = field(default_factory=threading.Lock)
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_bundle(cls, bundle: Bundle, cache_size: int = 100_000) -> "Engine":
+    def from_bundle(cls, bundle: Bundle, cache_size: int = 100_000, exact_limit: int = EXACT_LIMIT) -> "Engine":
         a, cat = bundle.arrays, bundle.catalog
         n = len(cat["item_ids"])
         item_arrays = {k: v for k, v in a.items() if _is_item_array(k, v, n)}
-        catalog = Catalog(list(cat["item_ids"]), {r: i for i, r in enumerate(cat["item_ids"])}, list(cat["titles"]),
-                          item_arrays, np.ones(n, bool))
         ranker = load_ranker(bundle.ranker) if bundle.ranker is not None else None
+        catalog = Catalog.build(list(cat["item_ids"]), {r: i for i, r in enumerate(cat["item_ids"])}, list(cat["titles"]),
+                                item_arrays, np.ones(n, bool), a if ranker is not None else None)
         engine = cls(bundle, catalog, FeatureSpec(**bundle.manifest["feature_spec"]),
                      {r: i for i, r in enumerate(cat["user_ids"])}, {g: j for j, g in enumerate(cat["genre_names"])},
-                     ranker, cache_size=cache_size)
-        engine.catalog = engine._with_ranker_tables(catalog)
+                     ranker, cache_size=cache_size, exact_limit=exact_limit)
         if ranker is not None:
             engine.explain_names = readable_feature_names(ranker.feature_names, engine.spec, cat["genre_names"], cat["user_vocab"])
         return engine
@@ -241,37 +282,35 @@ class Engine:
         return vec
 
     def allowed(self, catalog: Catalog, filters: Filters | None, seen: np.ndarray | None) -> Allowed:
-        """Items that may be returned: active, passing the filters, not already seen."""
+        """Items that may be returned: active, passing the filters, not already seen. A filter's year slices
+        are sized by binary search first; only when they hold at most ``exact_limit`` rows are those rows read."""
         excluded = np.unique(seen) if seen is not None and len(seen) else np.zeros(0, np.int64)
-        if filters is None:
-            return Allowed(excluded=excluded)
-        allowed = Allowed(excluded=excluded).full(catalog)
-        genres = catalog.arrays["item_genres"] > 0
-        if filters.genres_any:
-            allowed &= genres[:, self._genre_cols(filters.genres_any)].any(axis=1)
-        if filters.genres_none:
-            allowed &= ~genres[:, self._genre_cols(filters.genres_none)].any(axis=1)
-        year = catalog.arrays["item_year"]
-        if filters.year_min is not None:
-            allowed &= np.nan_to_num(year, nan=-1e9) >= filters.year_min
-        if filters.year_max is not None:
-            allowed &= np.nan_to_num(year, nan=1e9) <= filters.year_max
-        return Allowed(mask=allowed)
+        rule = RowFilter.of(filters, self._genre_cols)
+        if rule is None:
+            return Allowed(excluded)
+        slices = rule.slices(catalog.filters)
+        bound = sum(len(rows) for _, rows in slices)
+        if bound > self.exact_limit:
+            return Allowed(excluded, rule=rule, bound=bound)
+        return Allowed(excluded, rows=catalog.live(rule.admitted(catalog.filters, slices), excluded))
 
     def search(self, vec: np.ndarray, depth: int, allowed: Allowed) -> tuple[Catalog, np.ndarray, np.ndarray]:
-        """Top-``depth`` allowed items by inner product: HNSW with over-fetch, or exact when few are allowed.
+        """Top-``depth`` allowed items by inner product: exact over a narrow filter's rows (or a tiny catalogue),
+        else HNSW with over-fetch, checking each result.
 
-        hnswlib's own filter raises when fewer than k survive, so we over-fetch and filter here,
-        growing the fetch until enough survive or the whole index was read.
+        hnswlib's own filter raises when fewer than k survive and calls back into Python per visited node, so
+        we over-fetch and check here, growing the fetch until enough survive. A broad filter that still leaves
+        the list short after two growths admits far fewer rows than its bound: its rows are then listed and
+        scored exactly.
         """
         catalog = self.catalog
         n_allowed = allowed.count(catalog)
         depth = min(depth, n_allowed)
         if depth == 0:
             return catalog, np.zeros(0, np.int64), np.zeros(0, np.float32)
-        if n_allowed <= depth * EXACT_SEARCH_FACTOR:
-            return catalog, *self._exact(catalog, vec, allowed.full(catalog), depth)
-        fetch = depth + (catalog.n_active - n_allowed)  # enough to survive the skipped ones among the nearest
+        if allowed.rows is not None or (allowed.rule is None and n_allowed <= depth * EXACT_SEARCH_FACTOR):
+            return catalog, *self._exact(catalog, vec, allowed.every_row(catalog), depth)
+        first = fetch = allowed.first_fetch(catalog, depth)
         while True:
             with self.index_lock:
                 catalog, index = self.catalog, self.bundle.index
@@ -279,12 +318,14 @@ class Engine:
                 try:
                     labels, dists = index.knn_query(vec[None], k=min(fetch, searchable))
                 except RuntimeError:  # hnswlib found fewer than k (deleted items): score exactly instead
-                    return catalog, *self._exact(catalog, vec, allowed.full(catalog), depth)
+                    return catalog, *self._exact(catalog, vec, allowed.every_row(catalog), depth)
             labels, dists = labels[0].astype(np.int64), dists[0]
             keep = allowed.keep(labels, catalog)
             if keep.sum() >= depth or fetch >= searchable:
                 return catalog, labels[keep][:depth], (1.0 - dists[keep][:depth]).astype(np.float32)
-            fetch = min(fetch * 4, searchable)
+            if allowed.rule is not None and fetch >= first * FETCH_GROWTH**2:
+                return catalog, *self._exact(catalog, vec, allowed.every_row(catalog), depth)
+            fetch = min(fetch * FETCH_GROWTH, searchable)
 
     def rerank(self, ctx: UserContext, catalog: Catalog, cands: np.ndarray, scores: np.ndarray, k: int, explain: bool):
         """Ranker scores for the candidates (recall order when the bundle has no ranker); top-k."""
@@ -320,9 +361,16 @@ class Engine:
         return out
 
     def popular(self, catalog: Catalog, allowed: Allowed, k: int):
-        pop = np.where(allowed.full(catalog), catalog.arrays["popularity"], -np.inf)
-        order = np.lexsort((np.arange(len(pop)), -pop))[:k]
-        return [(int(i), None, None, None, float(pop[i]), None) for i in order if np.isfinite(pop[i])]
+        """The ``k`` most popular allowed items: the top of a narrow filter's rows, or the first allowed ones in
+        the snapshot's popularity order, read in growing chunks: about ``k`` over the admitted share (more only
+        for a broad filter that admits far fewer rows than its bound)."""
+        pop = catalog.arrays["popularity"]
+        if allowed.rows is not None:
+            rows = top_k(allowed.rows, pop[allowed.rows], k)[0]
+        else:
+            rows = _first_kept(catalog.by_popularity, lambda chunk: allowed.keep(chunk, catalog), k,
+                               allowed.first_fetch(catalog, k))
+        return [(int(i), None, None, None, float(pop[i]), None) for i in rows]
 
     def similar_items(self, raw_item: str, k: int) -> dict:
         catalog = self.catalog
@@ -417,8 +465,8 @@ class Engine:
             else:
                 titles[row] = item.title or titles[row]
         active = _set_rows(catalog.active, row_array, True, False, n)
-        updated = self._with_ranker_tables(replace(catalog, ids=ids, titles=titles, arrays=arrays, active=active,
-                                                   row_of={**catalog.row_of, **dict(zip(raws, rows))}))
+        updated = Catalog.build(ids, {**catalog.row_of, **dict(zip(raws, rows))}, titles, arrays, active,
+                                self.bundle.arrays if self.ranker is not None else None)
         return Upsert(row_array, vecs, updated)
 
     def _encode_item(self, item: ItemUpsert) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -487,18 +535,9 @@ class Engine:
             raise RequestError(422, f"unknown genres {unknown}; known: {sorted(self.genre_col)}")
         return [self.genre_col[g] for g in names]
 
-    def _exact(self, catalog: Catalog, vec: np.ndarray, allowed: np.ndarray, depth: int):
-        n = min(len(allowed), len(catalog.active))
-        rows = np.flatnonzero(allowed[:n] & catalog.active[:n])  # ``allowed`` may predate a removal
-        scores = catalog.vectors[rows] @ vec
-        order = np.lexsort((rows, -scores))[:depth]
-        return rows[order], scores[order].astype(np.float32)
-
-    def _with_ranker_tables(self, catalog: Catalog) -> Catalog:
-        if self.ranker is None:
-            return catalog
-        # user-side columns (user_cat sizes) come from the bundle; item-side ones from the live catalogue
-        return replace(catalog, ranker_tables=RankerTables.from_arrays({**self.bundle.arrays, **catalog.arrays}))
+    def _exact(self, catalog: Catalog, vec: np.ndarray, rows: np.ndarray, depth: int):
+        top, scores = top_k(rows, np.take(catalog.vectors, rows, axis=0) @ vec, depth)  # take: half fancy indexing's time
+        return top, scores.astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -508,6 +547,25 @@ class Upsert:
     rows: np.ndarray
     vectors: np.ndarray
     catalog: Catalog
+
+
+def _in_sorted(values: np.ndarray, sorted_unique: np.ndarray) -> np.ndarray:
+    """Whether each of ``values`` is in ``sorted_unique``: O(len(values) log len(sorted_unique))."""
+    if not len(sorted_unique):
+        return np.zeros(len(values), bool)
+    at = np.minimum(np.searchsorted(sorted_unique, values), len(sorted_unique) - 1)
+    return sorted_unique[at] == values
+
+
+def _first_kept(order: np.ndarray, keep: Callable[[np.ndarray], np.ndarray], k: int, size: int) -> np.ndarray:
+    """The first ``k`` entries of ``order`` that ``keep`` accepts, read in chunks growing from ``size``."""
+    found: list[np.ndarray] = []
+    start = 0
+    while start < len(order) and sum(len(f) for f in found) < k:
+        chunk = order[start : start + size]
+        found.append(chunk[keep(chunk)])
+        start, size = start + size, size * FETCH_GROWTH
+    return np.concatenate(found)[:k] if found else np.zeros(0, np.int64)
 
 
 def _is_item_array(name: str, value: np.ndarray, n_items: int) -> bool:

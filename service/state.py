@@ -70,7 +70,7 @@ class ServiceState:
         so start-up refuses with a message and a reload answers 409, never 500."""
         bundle = read_bundle(path, index_threads=self.settings.index_threads)
         try:
-            engine = Engine.from_bundle(bundle, self.settings.user_vector_cache)
+            engine = Engine.from_bundle(bundle, self.settings.user_vector_cache, self.settings.filter_exact_limit)
             engine.rating_scale  # noqa: B018  (a malformed scale is the bundle's fault: refuse it here, not per event)
             after = self.watermark(bundle.manifest)
         except StoreUnavailable:

@@ -965,7 +965,7 @@ def test_unfiltered_search_skips_seen_and_removed_items_without_a_catalogue_mask
             removed = bundle.catalog["item_ids"][int(top[0])]  # the best unseen item goes away
             assert client.delete(f"/admin/items/{removed}", headers=AUTH).status_code == 200
             allowed = engine.allowed(engine.catalog, None, items)
-            assert allowed.mask is None  # the unfiltered path, not a mask
+            assert allowed.rows is None and allowed.rule is None  # the unfiltered path: nothing listed or checked
             response = client.post("/recommend", json={"user_id": user, "k": 10, "candidates": 10})
             got = set(ids(response))
             assert removed not in got and not got & item_ids_of(bundle, items)
