@@ -26,9 +26,23 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--valid-frac", type=float, default=0.1, help="share of each user's latest interactions for validation")
     g.add_argument("--test-frac", type=float, default=0.1, help="share of each user's latest interactions for test")
     g.add_argument("--seed", type=int, default=0, help="random seed for everything stochastic")
+    g.add_argument("--eval-users", type=count, default=20_000, help="users scored per window (validation, test, index "
+                   "check): a seeded sample of this many when more have a positive there; 0 = all. Full ranking "
+                   "costs users x items, so a fixed sample keeps evaluation linear in the data")
     g.add_argument("--events", metavar="SOURCE", help="merge the events and catalogue changes the service recorded: "
                    "a file-backend state directory (e.g. artifacts/state) or a Redis URL (redis://host:6379/0)")
     g.add_argument("--events-redis-prefix", default="recsys", help="the service's RECSYS_REDIS_PREFIX (with a Redis URL)")
+
+
+def count(value: str) -> int:
+    """An argparse ``type`` for a whole number >= 0 (argparse words the error after the flag)."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= 0")
+    return number
 
 
 def load_dataset(args: argparse.Namespace) -> Dataset:
@@ -67,37 +81,43 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from offline.split import temporal_split
 
     ds = load_dataset(args)
-    split = temporal_split(ds.interactions, ds.n_users, ds.n_items, args.valid_frac, args.test_frac)
+    split = temporal_split(ds.interactions, ds.n_users, ds.n_items, args.valid_frac, args.test_frac, args.eval_users)
     rows, _ = report_rows(baseline_models(split), split, "test")
     md = write_report(rows, args.out, f"Evaluation on {ds.name} (test window)", {"data": ds.name})
     print(md.read_text())
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    """Train every stage and write a bundle under --out."""
+    """Train every stage and write a bundle under --out. Under ``torchrun`` the processes train the
+    two-tower model together and rank 0 alone goes on to write the bundle."""
+    from offline.distributed import distributed_session
     from offline.pipeline import IndexConfig, run_training
     from offline.ranker import RankerConfig
-    from offline.train_recall import RecallConfig
+    from offline.train_recall import RecallConfig, resolve_device
 
     recall_cfg = RecallConfig(**options_of(args, RecallConfig, "recall_"), seed=args.seed)
     index_cfg = IndexConfig(**options_of(args, IndexConfig, "index_"))
     ranker_cfg = RankerConfig(**options_of(args, RankerConfig, "ranker_"), seed=args.seed)
     ds = load_dataset(args)  # after the configs: an inconsistent option fails before the data loads
-    path = run_training(ds, args.out, recall_cfg, index_cfg, args.valid_frac, args.test_frac,
-                        baselines=not args.skip_baselines, resume=args.resume, ranker_cfg=ranker_cfg)
-    print(f"bundle written: {path}")
+    with distributed_session(resolve_device(recall_cfg.device)):
+        path = run_training(ds, args.out, recall_cfg, index_cfg, args.valid_frac, args.test_frac,
+                            baselines=not args.skip_baselines, resume=args.resume, ranker_cfg=ranker_cfg,
+                            eval_users=args.eval_users)
+    if path is not None:
+        print(f"bundle written: {path}")
 
 
 def cmd_retrain(args: argparse.Namespace) -> None:
     """Train a candidate on data + events, compare it with the incumbent on the freshest window, promote or keep."""
     from offline.bundle import BundleError, resolve
     from offline.data import DataError
+    from offline.distributed import distributed_session
     from offline.pipeline import IndexConfig, run_training
     from offline.ranker import RankerConfig
     from offline.events import read_source
     from offline.retrain import compare_and_promote
     from offline.split import temporal_split
-    from offline.train_recall import RecallConfig
+    from offline.train_recall import RecallConfig, resolve_device
 
     try:
         incumbent = resolve(args.out)
@@ -107,9 +127,13 @@ def cmd_retrain(args: argparse.Namespace) -> None:
     index_cfg = IndexConfig(**options_of(args, IndexConfig, "index_"))
     ranker_cfg = RankerConfig(**options_of(args, RankerConfig, "ranker_"), seed=args.seed)
     ds = load_dataset(args)
-    candidate = run_training(ds, args.out, recall_cfg, index_cfg, args.valid_frac, args.test_frac,
-                             baselines=not args.skip_baselines, ranker_cfg=ranker_cfg, promote=False)
-    split = temporal_split(ds.interactions, ds.n_users, ds.n_items, args.valid_frac, args.test_frac)
+    with distributed_session(resolve_device(recall_cfg.device)):
+        candidate = run_training(ds, args.out, recall_cfg, index_cfg, args.valid_frac, args.test_frac,
+                                 baselines=not args.skip_baselines, ranker_cfg=ranker_cfg, promote=False,
+                                 eval_users=args.eval_users)
+    if candidate is None:  # a torchrun rank other than 0: it helped train, rank 0 compares
+        return
+    split = temporal_split(ds.interactions, ds.n_users, ds.n_items, args.valid_frac, args.test_frac, args.eval_users)
     catalog = read_source(args.events, args.events_redis_prefix).items if args.events else {}
     decision = compare_and_promote(args.out, incumbent, candidate, ds, split, args.tolerance, index_cfg.candidates, catalog)
     print(f"{'promoted' if decision.promote else 'kept'}: {candidate.name if decision.promote else incumbent.name} "

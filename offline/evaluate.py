@@ -56,7 +56,7 @@ def summary_of(per_user: dict[str, np.ndarray], topk: np.ndarray, n_items: int) 
 def evaluate_per_user(model, split: TemporalSplit, window: str, ks: Sequence[int] = KS):
     """Per-user metric arrays (for bootstrap intervals) and the top-k lists they came from."""
     truth = split.truth(window)
-    users = np.flatnonzero(np.diff(truth.indptr) > 0)
+    users = split.eval_users(window)
     histories = split.history_before(window)
     hist = [histories[u] for u in users]
     if isinstance(model, ScoringRecommender):

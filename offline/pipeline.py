@@ -24,10 +24,15 @@ from offline.evaluate import baseline_models, paired_bootstrap, report_rows, tun
 from offline.rank_features import RankerTables, ranker_arrays
 from offline.ranker import RankerConfig
 from offline.split import TemporalSplit, temporal_split
+from offline.stages import stage
 from offline.train_ranker import RERANKED, RankContext, RankingResult, rerankers, train_rankers
+from offline.distributed import world
 from offline.train_recall import (RecallConfig, TowerTables, TwoTowerRecommender, build_index, deterministic_torch,
-                                  train_two_tower)
+                                  exact_topk, train_two_tower)
 from offline.two_tower import TwoTower
+
+
+EVAL_USERS = 20_000  # users scored per window by default: full ranking costs users x items
 
 
 @dataclass
@@ -43,47 +48,60 @@ class IndexConfig:
 
 def run_training(ds: Dataset, out: Path, recall_cfg: RecallConfig, index_cfg: IndexConfig,
                  valid_frac: float = 0.1, test_frac: float = 0.1, baselines: bool = True, resume: bool = False,
-                 ranker_cfg: RankerConfig | None = None, promote: bool = True) -> Path:
+                 ranker_cfg: RankerConfig | None = None, promote: bool = True, eval_users: int = EVAL_USERS) -> Path | None:
     """Train every stage, evaluate against the peers, write the bundle and its report; returns the bundle path.
+    Under torchrun (offline/distributed.py) every rank trains the two-tower model and rank 0 alone
+    goes on and returns the path; the other ranks return None after training.
     On CPU the same data, seed and thread count give the same bundle metrics (deterministic torch
-    kernels, seeded single-threaded index builds, seeded generators)."""
+    kernels, seeded single-threaded index builds, seeded generators). ``eval_users``: validation,
+    the index check and the report score a seeded sample of that many users (0 = all)."""
     with deterministic_torch(recall_cfg.threads):
         return _run_training(ds, out, recall_cfg, index_cfg, valid_frac, test_frac, baselines, resume,
-                             ranker_cfg or RankerConfig(), promote)
+                             ranker_cfg or RankerConfig(), promote, eval_users)
 
 
 def _run_training(ds: Dataset, out: Path, recall_cfg: RecallConfig, index_cfg: IndexConfig, valid_frac: float,
-                  test_frac: float, baselines: bool, resume: bool, ranker_cfg: RankerConfig, promote: bool) -> Path:
-    """The stages of ``run_training``, in order."""
+                  test_frac: float, baselines: bool, resume: bool, ranker_cfg: RankerConfig, promote: bool,
+                  eval_users: int) -> Path | None:
+    """The stages of ``run_training``, in order, each timed and its peak memory recorded (offline/stages.py)."""
     started = time.perf_counter()
-    split = temporal_split(ds.interactions, ds.n_users, ds.n_items, valid_frac, test_frac)
+    with stage("split"):
+        split = temporal_split(ds.interactions, ds.n_users, ds.n_items, valid_frac, test_frac, eval_users)
     fingerprint = dataset_fingerprint(ds)
     run_dir = out / "runs" / fingerprint[:12]
-    model, tables, history = train_two_tower(ds, split, recall_cfg, run_dir, resume=resume)
+    with stage("two-tower"):
+        model, tables, history = train_two_tower(ds, split, recall_cfg, run_dir, resume=resume)
+    if not world().is_main:
+        return None
     train_seconds = time.perf_counter() - started
-    item_vectors = tables.item_vectors(model)
-    index = build_index(item_vectors, index_cfg.m, index_cfg.ef_construction, index_cfg.ef,
-                        threads=index_cfg.build_threads, seed=recall_cfg.seed)
-    index_recall = index_recall_at_depth(index, item_vectors, tables, model, split, index_cfg.candidates)
+    with stage("index build"):
+        item_vectors = tables.item_vectors(model)
+        index = build_index(item_vectors, index_cfg.m, index_cfg.ef_construction, index_cfg.ef,
+                            threads=index_cfg.build_threads, seed=recall_cfg.seed)
+    with stage("index recall check"):
+        index_recall = index_recall_at_depth(index, item_vectors, tables, model, split, index_cfg.candidates)
     logger.info("HNSW recall@{} vs exact: {:.4f}", index_cfg.candidates, index_recall)
-    arrays = bundle_arrays(ds, split, tables, item_vectors)
+    with stage("item statistics"):
+        arrays = bundle_arrays(ds, split, tables, item_vectors)
     recall_hnsw = TwoTowerRecommender(model, tables, index)
     ctx = RankContext(recall_hnsw, RankerTables.from_arrays(arrays), arrays, index_cfg.candidates)
     ranking = train_rankers(ctx, split, ranker_cfg)
-    models = (baseline_models(split) + peer_models(split)) if baselines else []
-    models += [(TwoTowerRecommender(model, tables), asdict(recall_cfg)), (recall_hnsw, asdict(index_cfg))]
-    models += rerankers(ctx, ranking)
-    rows, per_user = report_rows(models, split, "test")
-    comparison = rerank_comparison(per_user)
+    with stage("evaluation"):
+        models = (baseline_models(split) + peer_models(split)) if baselines else []
+        models += [(TwoTowerRecommender(model, tables), asdict(recall_cfg)), (recall_hnsw, asdict(index_cfg))]
+        models += rerankers(ctx, ranking)
+        rows, per_user = report_rows(models, split, "test")
+        comparison = rerank_comparison(per_user)
     metrics = {"test": {r["model"]: {k: v for k, v in r.items() if k not in ("model", "params")} for r in rows},
                f"index_recall@{index_cfg.candidates}": index_recall, "train_seconds": train_seconds,
                "recall_history": history, "ranker": ranker_summary(ranking, comparison)}
     bundle = assemble_bundle(ds, split, tables, model, index, arrays, recall_cfg, index_cfg, ranker_cfg, metrics,
                              fingerprint, ranking.default_state)
-    path = write_bundle(out, bundle, promote)
-    extra = {"bundle": path.name, f"index_recall@{index_cfg.candidates}": index_recall,
-             "two_tower_train_seconds": round(train_seconds, 1), **ranker_report(metrics["ranker"])}
-    md = write_report(rows, out / "reports" / path.name, f"Evaluation on {ds.name} (test window)", extra)
+    with stage("export"):
+        path = write_bundle(out, bundle, promote)
+        extra = {"bundle": path.name, f"index_recall@{index_cfg.candidates}": index_recall,
+                 "two_tower_train_seconds": round(train_seconds, 1), **ranker_report(metrics["ranker"])}
+        md = write_report(rows, out / "reports" / path.name, f"Evaluation on {ds.name} (test window)", extra)
     logger.info("bundle {} written; report {}", path, md)
     return path
 
@@ -140,12 +158,16 @@ def peer_models(split: TemporalSplit) -> list:
 
 
 def index_recall_at_depth(index: hnswlib.Index, item_vectors: np.ndarray, tables: TowerTables, model: TwoTower,
-                          split: TemporalSplit, depth: int) -> float:
-    """Share of the exact top-``depth`` items the index returns, over every user's serving vector."""
+                          split: TemporalSplit, depth: int, seed: int = 0) -> float:
+    """Share of the exact top-``depth`` items the index returns, over the serving vectors of every
+    user (or a seeded sample of ``split.max_eval_users`` of them)."""
     users = np.arange(split.n_users)
-    user_vecs = tables.user_vectors(model, users, split.history_before("serve"))
+    if split.max_eval_users and len(users) > split.max_eval_users:
+        users = np.sort(np.random.default_rng(seed).choice(users, split.max_eval_users, replace=False))
+    serving = split.history_before("serve")
+    user_vecs = tables.user_vectors(model, users, [serving[u] for u in users])
     depth = min(depth, len(item_vectors))
-    exact = np.argsort(-(user_vecs @ item_vectors.T), axis=1)[:, :depth]
+    exact = exact_topk(user_vecs, item_vectors, depth, [np.zeros(0, np.int64)] * len(users))
     approx, _ = index.knn_query(user_vecs, k=depth)
     hits = [len(np.intersect1d(a, e)) for a, e in zip(approx, exact)]
     return float(np.sum(hits) / (len(users) * depth))

@@ -25,6 +25,7 @@ class TemporalSplit:
     valid: Interactions
     test: Interactions
     implicit: bool  # all ratings equal: every interaction is a positive of grade 1
+    max_eval_users: int = 0  # 0: every user with a positive is scored; else a seeded sample of this many
 
     def window(self, name: str) -> Interactions:
         return {"train": self.train, "valid": self.valid, "test": self.test}[name]
@@ -33,6 +34,16 @@ class TemporalSplit:
         """Each user's items, oldest first, from the windows that precede ``name``."""
         parts = {"valid": ["train"], "test": ["train", "valid"], "serve": ["train", "valid", "test"]}[name]
         return user_sequences(concat_windows([self.window(p) for p in parts]), self.n_users)
+
+    def eval_users(self, name: str, seed: int = 0) -> np.ndarray:
+        """The user rows a window is scored on, ascending: those with a positive in it, or a seeded
+        uniform sample of ``max_eval_users`` of them. Full ranking costs ``users x items``; a fixed
+        sample keeps validation and evaluation linear in the catalogue (the metrics become means
+        over a random sample of users, with the sampling error of any mean over that many users)."""
+        users = np.flatnonzero(np.diff(self.truth(name).indptr) > 0)
+        if self.max_eval_users and len(users) > self.max_eval_users:
+            users = np.sort(np.random.default_rng(seed).choice(users, self.max_eval_users, replace=False))
+        return users
 
     def truth(self, name: str) -> sp.csr_matrix:
         """Relevance grades of the window's interactions, positives only."""
@@ -43,7 +54,8 @@ class TemporalSplit:
 
 
 def temporal_split(
-    interactions: Interactions, n_users: int, n_items: int, valid_frac: float = 0.1, test_frac: float = 0.1
+    interactions: Interactions, n_users: int, n_items: int, valid_frac: float = 0.1, test_frac: float = 0.1,
+    max_eval_users: int = 0,
 ) -> TemporalSplit:
     """Deterministic per-user holdout of the most recent interactions.
 
@@ -63,7 +75,8 @@ def temporal_split(
     is_valid = ~is_test & (from_end <= n_test + n_valid)
     implicit = bool(np.all(inter.rating == inter.rating[0])) if len(inter) else True
     return TemporalSplit(
-        n_users, n_items, inter.subset(~is_test & ~is_valid), inter.subset(is_valid), inter.subset(is_test), implicit
+        n_users, n_items, inter.subset(~is_test & ~is_valid), inter.subset(is_valid), inter.subset(is_test), implicit,
+        max_eval_users,
     )
 
 

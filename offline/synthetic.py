@@ -23,8 +23,13 @@ def generate(
     pool_size: int = 300,
     popularity_skew: float = 1.0,
     seed: int = 0,
+    chunk: int = 20_000,
 ) -> Dataset:
-    """A Dataset whose interactions follow ``softmax(user_factor(t) . item_factor + pop_bias)``."""
+    """A Dataset whose interactions follow ``softmax(user_factor(t) . item_factor + pop_bias)``.
+
+    Vectorised over ``chunk`` users at a time, so 100k users x 100k items x 10M interactions take
+    seconds and memory ``chunk x pool_size``: the scaling benchmark generates its data with it.
+    """
     rng = np.random.default_rng(seed)
     item_f = _unit(rng.normal(size=(n_items, dim)))
     genre_f = _unit(rng.normal(size=(n_genres, dim)))
@@ -32,23 +37,12 @@ def generate(
     pop_bias = -popularity_skew * np.log1p(rng.permutation(n_items)).astype(np.float64)
     user_start = _unit(rng.normal(size=(n_users, dim)))
     user_end = _unit(user_start + 0.7 * rng.normal(size=(n_users, dim)))
-    per_user = np.minimum(rng.poisson(interactions_per_user, n_users) + 5, min(pool_size, n_items) // 2)
-    users, items, ratings, times = [], [], [], []
+    pool_size = min(pool_size, n_items)
+    per_user = np.minimum(rng.poisson(interactions_per_user, n_users) + 5, pool_size // 2)
     pop_p = np.exp(pop_bias - pop_bias.max())
-    pop_p /= pop_p.sum()
-    for u in range(n_users):
-        pool = rng.choice(n_items, size=min(pool_size, n_items), replace=False, p=pop_p)
-        chosen, affinity = _sample_history(rng, pool, item_f, user_start[u], user_end[u], int(per_user[u]))
-        users.append(np.full(len(chosen), u))
-        items.append(chosen)
-        ratings.append(np.clip(np.round(2.4 + 3 * affinity + rng.normal(0, 0.7, len(chosen))), 1, 5))
-        times.append(1_000_000 + u * 10 + np.sort(rng.choice(10_000_000, len(chosen), replace=False)))
-    inter = Interactions(
-        np.concatenate(users).astype(np.int64),
-        np.concatenate(items).astype(np.int64),
-        np.concatenate(ratings).astype(np.float32),
-        np.concatenate(times).astype(np.int64),
-    )
+    parts = [_user_block(rng, np.arange(s, min(s + chunk, n_users)), per_user, pool_size, pop_p, item_f,
+                         user_start, user_end) for s in range(0, n_users, chunk)]
+    inter = Interactions(*(np.concatenate([p[f] for p in parts]) for f in range(4)))
     return Dataset(
         name=f"synthetic-{n_users}x{n_items}",
         interactions=inter,
@@ -65,6 +59,69 @@ def generate(
     )
 
 
+def _user_block(rng, users, per_user, pool_size, pop_p, item_f, start, end) -> tuple[np.ndarray, ...]:
+    """``(user, item, rating, timestamp)`` of a block of users: each draws a popularity-biased pool of
+    distinct items, then picks its items from the pool segment by segment, later segments favouring
+    the drifted taste (Gumbel top-k of ``4 * affinity``), oldest first."""
+    pool = _popular_pools(rng, len(users), pool_size, pop_p)  # [U, P]
+    counts = per_user[users]
+    seg_counts = counts[:, None] // _SEGMENTS + (np.arange(_SEGMENTS)[None, :] < counts[:, None] % _SEGMENTS)  # [U, S]
+    taken = np.zeros(pool.shape, bool)
+    picks, affs = [], []
+    for seg in range(_SEGMENTS):
+        w = seg / max(_SEGMENTS - 1, 1)
+        taste = _unit((1 - w) * start[users] + w * end[users])
+        aff = np.einsum("upd,ud->up", item_f[pool], taste)
+        logits = np.where(taken, -np.inf, 4.0 * aff + rng.gumbel(size=pool.shape))
+        order = np.argsort(-logits, axis=1, kind="stable")[:, : seg_counts[:, seg].max(initial=0)]
+        chosen = np.arange(order.shape[1])[None, :] < seg_counts[:, seg, None]
+        rows, cols = np.nonzero(chosen)
+        taken[rows, order[rows, cols]] = True
+        picks.append(np.where(chosen, np.take_along_axis(pool, order, 1), -1))
+        affs.append(np.take_along_axis(aff, order, 1))
+    items, aff = np.concatenate(picks, 1), np.concatenate(affs, 1)
+    keep = items >= 0  # row-major: each user's picks stay in segment order
+    user = np.broadcast_to(users[:, None], items.shape)[keep]
+    ratings = np.clip(np.round(2.4 + 3 * aff[keep] + rng.normal(0, 0.7, int(keep.sum()))), 1, 5)
+    times = _distinct_times(rng, counts)
+    return user.astype(np.int64), items[keep].astype(np.int64), ratings.astype(np.float32), times + 1_000_000 + user * 10
+
+
+def _popular_pools(rng, n_users: int, size: int, pop_p: np.ndarray) -> np.ndarray:
+    """``[n_users, size]`` distinct items per row, drawn in proportion to ``pop_p`` without replacement
+    (successive draws, a repeat rejected): rounds of draws with replacement, each row keeping its first
+    ``size`` distinct items, so the cost is ``n_users x size`` whatever the catalogue (no per-user
+    pass over every item)."""
+    n_items = len(pop_p)
+    if size >= n_items:
+        return np.tile(np.arange(n_items), (n_users, 1))
+    cdf = np.cumsum(pop_p) / pop_p.sum()
+    pools = np.zeros((n_users, size), np.int64)
+    todo, draws = np.arange(n_users), 2 * size
+    while len(todo):
+        sample = np.minimum(np.searchsorted(cdf, rng.random((len(todo), draws)), side="right"), n_items - 1)
+        order = np.argsort(sample, axis=1, kind="stable")
+        ordered = np.take_along_axis(sample, order, 1)
+        first = np.ones(sample.shape, bool)
+        first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+        distinct = np.zeros(sample.shape, bool)
+        np.put_along_axis(distinct, order, first, 1)  # first occurrence of each item, in draw order
+        done = distinct.sum(1) >= size
+        keep = np.argsort(~distinct[done], axis=1, kind="stable")[:, :size]
+        pools[todo[done]] = np.take_along_axis(sample[done], keep, 1)
+        todo, draws = todo[~done], 2 * draws
+    return pools
+
+
+def _distinct_times(rng, counts: np.ndarray) -> np.ndarray:
+    """Per user ``counts[u]`` distinct increasing offsets in ``[0, 10_000_000)``, users concatenated."""
+    user = np.repeat(np.arange(len(counts)), counts)
+    raw = rng.integers(0, 10_000_000 - counts.max(initial=0), len(user))
+    raw = raw[np.lexsort((raw, user))]
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    return raw + np.arange(len(user)) - np.repeat(starts, counts)
+
+
 def item_vectors(n_items: int, dim: int, intrinsic_dim: int = 16, n_clusters: int = 256, seed: int = 0) -> np.ndarray:
     """Clustered unit vectors (float32) for ANN benchmarks at 1M+ scale, without interactions.
 
@@ -78,24 +135,6 @@ def item_vectors(n_items: int, dim: int, intrinsic_dim: int = 16, n_clusters: in
     basis = rng.normal(size=(intrinsic_dim, dim)).astype(np.float32) / np.sqrt(intrinsic_dim)
     vectors = latent @ basis + 0.05 * rng.normal(size=(n_items, dim)).astype(np.float32)
     return _unit(vectors).astype(np.float32)
-
-
-def _sample_history(rng, pool, item_f, start, end, n) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct items from ``pool``, later segments favouring the user's drifted taste."""
-    chosen: list[int] = []
-    affinity: list[float] = []
-    taken = np.zeros(len(pool), dtype=bool)
-    for seg, count in enumerate(np.array_split(np.arange(n), _SEGMENTS)):
-        w = seg / max(_SEGMENTS - 1, 1)
-        taste = _unit((1 - w) * start + w * end)
-        aff = item_f[pool] @ taste
-        logits = 4.0 * aff + rng.gumbel(size=len(pool))
-        logits[taken] = -np.inf
-        pick = np.argsort(-logits)[: len(count)]
-        taken[pick] = True
-        chosen.extend(pool[pick].tolist())
-        affinity.extend(aff[pick].tolist())
-    return np.array(chosen, dtype=np.int64), np.array(affinity)
 
 
 def _genres_from_factors(item_f: np.ndarray, genre_f: np.ndarray, rng) -> np.ndarray:

@@ -21,11 +21,11 @@ import numpy as np
 from loguru import logger
 
 from offline.evaluate import paired_bootstrap
-from offline.metrics import topk_items
 from offline.rank_features import RankerTables, feature_names, ranker_features
 from offline.ranker import Queries, Ranker, RankerConfig, fit_lambdamart, fit_mlp, load_ranker
-from offline.split import TemporalSplit, history_matrix
-from offline.train_recall import TwoTowerRecommender, hnsw_topk
+from offline.split import TemporalSplit
+from offline.stages import stage
+from offline.train_recall import TwoTowerRecommender, exact_topk, hnsw_topk
 
 RERANKED = "two-tower + "  # report name prefix of a re-ranked model: "two-tower + lambdarank"
 
@@ -49,7 +49,7 @@ class RankContext:
         if self.recall.index is not None:
             items = hnsw_topk(self.recall.index, user_vecs, self.depth, histories)
         else:
-            items = topk_items(user_vecs @ self.recall.item_vectors.T, self.depth, history_matrix(histories, len(self.recall.item_vectors)))
+            items = exact_topk(user_vecs, self.recall.item_vectors, self.depth, histories)
         scores = np.einsum("ud,ukd->uk", user_vecs, self.recall.item_vectors[np.maximum(items, 0)])
         return items, np.where(items >= 0, scores, -np.inf).astype(np.float32)
 
@@ -85,10 +85,14 @@ class RerankRecommender:
         return out
 
 
-def build_queries(ctx: RankContext, split: TemporalSplit, window: str, list_len: int) -> Queries:
-    """One query per user with a positive in ``window``: candidates from the history before it, graded labels."""
+def build_queries(ctx: RankContext, split: TemporalSplit, window: str, list_len: int, max_queries: int = 0,
+                  seed: int = 0) -> Queries:
+    """One query per user with a positive in ``window`` (a seeded sample of ``max_queries`` of them when
+    set): candidates from the history before it, graded labels."""
     truth = split.truth(window)
     users = np.flatnonzero(np.diff(truth.indptr) > 0)
+    if max_queries and len(users) > max_queries:
+        users = np.sort(np.random.default_rng(seed).choice(users, max_queries, replace=False))
     histories = split.history_before(window)
     hist = [histories[u] for u in users]
     items, scores = ctx.candidates(users, hist)
@@ -120,7 +124,8 @@ class RankingResult:
 def train_rankers(ctx: RankContext, split: TemporalSplit, cfg: RankerConfig) -> RankingResult:
     """Build the valid-window queries, train every configured ranker, choose the default on validation."""
     started = time.perf_counter()
-    queries = build_queries(ctx, split, "valid", cfg.max_list_len)
+    with stage("ranker queries"):
+        queries = build_queries(ctx, split, "valid", cfg.max_list_len, cfg.max_queries, cfg.seed)
     build_seconds = time.perf_counter() - started
     order = np.random.default_rng(cfg.seed).permutation(len(queries.users))
     n_valid = int(round(cfg.valid_share * len(order)))
@@ -129,10 +134,11 @@ def train_rankers(ctx: RankContext, split: TemporalSplit, cfg: RankerConfig) -> 
     logger.info("ranker queries: {} train ({} usable), {} valid; recall-order valid ndcg@10 {:.4f} (built in {:.1f}s)",
                 len(train.users), len(train.trainable()), len(valid.users), recall_ndcg, build_seconds)
     names = ctx.feature_names
-    states = {name: fit_mlp(train, valid, name, cfg, names) for name in cfg.loss_names()}
-    if cfg.lambdamart:
-        states.update(_lambdamart(train, valid, cfg, names))
-    default, challenges = choose_default(states, valid, cfg.default)
+    with stage("ranker training"):
+        states = {name: fit_mlp(train, valid, name, cfg, names) for name in cfg.loss_names()}
+        if cfg.lambdamart:
+            states.update(_lambdamart(train, valid, cfg, names))
+        default, challenges = choose_default(states, valid, cfg.default)
     seconds = {"build_queries": build_seconds, **{n: s["metrics"]["seconds"] for n, s in states.items()},
                "total": time.perf_counter() - started}
     return RankingResult(states, default, recall_ndcg, challenges, seconds)

@@ -4,6 +4,11 @@ Examples are next-item predictions: for each event in a user's train window, the
 the events before it, so the model learns what the service does at request time (recent
 history -> next item). Get batch, forward, loss, backward, clip, step; evaluate validation
 Recall@K by full ranking every epoch; keep the best weights; stop when it stops improving.
+
+Under ``torchrun`` (offline/distributed.py) every rank runs this loop on its share of each global
+batch; the in-batch softmax sees the whole global batch and rank 0 alone validates and checkpoints.
+Batches are built ahead on a background thread (offline/batches.py); hard negatives are mined on
+the training device by exact search over a bounded pool of current item vectors.
 """
 from __future__ import annotations
 
@@ -17,16 +22,19 @@ from pathlib import Path
 
 import hnswlib
 import numpy as np
-import scipy.sparse as sp
 import torch
 from loguru import logger
+from torch import nn
 from tqdm import tqdm
 
+from offline.batches import Batch, Shards, epoch_batches, prefetch
 from offline.config import ConfigError, check_choices, config_option
 from offline.dataset import Dataset
+from offline.distributed import broadcast_flag, gather_batch, mean_over_ranks, rank_device, world, wrap_ddp
 from offline.features import FeatureSpec, build_spec, history_windows, item_feature_matrices, user_feature_matrices
 from offline.metrics import ranking_metrics, summarize, topk_items
 from offline.split import TemporalSplit, history_matrix, relevance
+from offline.stages import stage
 from offline.two_tower import TwoTower, bpr_loss, sampled_softmax_loss
 
 LOSSES = ("softmax", "bpr")
@@ -42,11 +50,16 @@ class RecallConfig:
     loss: str = config_option("softmax", "softmax (in-batch InfoNCE with log-Q correction) or bpr", choices=LOSSES)
     temperature: float = config_option(0.1, "softmax temperature")
     uniform_negatives: int = config_option(0, "extra negatives per batch drawn uniformly (shared by all rows)")
-    hard_negatives: int = config_option(10, "per-user negatives mined from an HNSW index over current item vectors (0 = off)")
+    hard_negatives: int = config_option(10, "per-example negatives: the items scoring highest against the user vector "
+                                        "among the hard-negative pool, the user's positives excluded (0 = off)")
     hard_mix: float = config_option(0.5, "share of hard-negative slots that are hard; the rest are uniform random")
-    hard_refresh_steps: int = config_option(50, "rebuild the hard-negative index every N steps")
+    hard_refresh_steps: int = config_option(50, "recompute the hard-negative pool's item vectors every N steps")
+    hard_pool: int = config_option(8192, "items hard negatives are mined among (exact scores + top-k on the training "
+                                   "device): every item when the catalogue is no larger, else a seeded random sample "
+                                   "redrawn at each refresh, so mining cost does not grow with the catalogue")
     positives_only: bool = config_option(False, "train only on rating>=4 targets (history keeps every event)")
-    batch_size: int = config_option(512, "examples per step (also the in-batch negatives)")
+    batch_size: int = config_option(512, "examples per optimizer step over all processes (the in-batch negatives); "
+                                    "under torchrun each of N processes takes 1/N of it")
     epochs: int = config_option(40, "maximum epochs (early stopping usually ends sooner)")
     lr: float = config_option(3e-3, "AdamW peak learning rate")
     weight_decay: float = config_option(1e-5, "AdamW weight decay")
@@ -60,8 +73,8 @@ class RecallConfig:
     device: str = config_option("auto", "auto picks CUDA when present (bf16 autocast on CUDA)", choices=DEVICES)
     threads: int = config_option(0, "torch CPU threads (0 = torch's default for this machine); set explicitly because "
                                  "a different thread count can change float sums, so a seed reproduces only at one count")
-    hard_index_threads: int = config_option(1, "threads that build the hard-negative HNSW index; more than 1 is faster "
-                                            "but the graph, and so the mined negatives, then depend on thread scheduling")
+    log_steps: int = config_option(50, "write the training loss to TensorBoard every N steps (reading it waits for "
+                                   "the device, so not every step)")
     seed: int = config_option(0, "random seed")
 
     def __post_init__(self) -> None:
@@ -70,6 +83,9 @@ class RecallConfig:
         if self.hard_negatives and self.uniform_negatives:
             raise ConfigError("use either --recall-uniform-negatives or --recall-hard-negatives (whose random share "
                               "is set by --recall-hard-mix), not both")
+        if self.hard_negatives > self.hard_pool:
+            raise ConfigError(f"argument --recall-hard-pool: {self.hard_pool} items cannot hold "
+                              f"{self.hard_negatives} hard negatives (--recall-hard-negatives)")
 
 
 class TwoTowerRecommender:
@@ -87,10 +103,19 @@ class TwoTowerRecommender:
 
     def recommend(self, users: np.ndarray, histories: list[np.ndarray], k: int) -> np.ndarray:
         uv = self.user_vectors(users, histories)
-        exclude = history_matrix(histories, len(self.item_vectors))
         if self.index is None:
-            return topk_items(uv @ self.item_vectors.T, k, exclude)
+            return exact_topk(uv, self.item_vectors, k, histories)
         return hnsw_topk(self.index, uv, k, histories)
+
+
+def exact_topk(user_vecs: np.ndarray, item_vectors: np.ndarray, k: int, histories: list[np.ndarray],
+               max_cells: int = 1 << 24) -> np.ndarray:
+    """Exact inner-product top-k, each user's history excluded, in user blocks of at most
+    ``max_cells`` scores: memory stays bounded whatever the number of users and items."""
+    step = max(1, max_cells // max(len(item_vectors), 1))
+    out = [topk_items(user_vecs[s : s + step] @ item_vectors.T, k, history_matrix(histories[s : s + step], len(item_vectors)))
+           for s in range(0, len(user_vecs), step)]
+    return np.concatenate(out) if out else np.zeros((0, k), np.int64)
 
 
 def hnsw_topk(index: hnswlib.Index, user_vecs: np.ndarray, k: int, histories: list[np.ndarray]) -> np.ndarray:
@@ -156,7 +181,13 @@ class TowerTables:
         return torch.cat(parts).float().cpu().numpy()
 
     @torch.no_grad()
-    def user_vectors(self, model: TwoTower, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
+    def user_vectors(self, model: TwoTower, users: np.ndarray, histories: list[np.ndarray], batch: int = 4096) -> np.ndarray:
+        """Serving vectors of ``users`` given their histories, in batches (a tower call's activations
+        grow with ``users x history_len x emb_dim``)."""
+        parts = [self._user_vectors(model, users[s : s + batch], histories[s : s + batch]) for s in range(0, len(users), batch)]
+        return np.concatenate(parts) if parts else np.zeros((0, model.config["dim"]), np.float32)
+
+    def _user_vectors(self, model: TwoTower, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
         model.eval()
         flat = np.concatenate(histories) if histories else np.zeros(0, np.int64)
         parts = [self.history_ratings(u, h) for u, h in zip(users, histories)]
@@ -221,43 +252,88 @@ def training_examples(split: TemporalSplit, positives_only: bool) -> dict[str, n
     }
 
 
+@dataclass
+class DeviceTables:
+    """The towers' feature tables as tensors on the training device: a batch carries only rows and
+    ids, and the negatives mined on the device look their features up there (no host round trip)."""
 
-def mine_hard_negatives(
-    index: hnswlib.Index,
-    user_vecs: np.ndarray,
-    users: np.ndarray,
-    positives: sp.csr_matrix,
-    n: int,
-    mix: float,
-    rng: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray]:
-    """``[B, n]`` negatives: nearest items to each user vector that are not the user's positives,
-    each slot replaced by a uniform random non-positive item with probability ``1 - mix``.
-    Returns the item rows and a mask of the slots that are hard (mined) rather than random."""
-    n_items = index.get_current_count()
-    labels, _ = index.knn_query(user_vecs, k=min(n_items, 4 * n + 10))
-    labels = labels.astype(np.int64)
-    is_pos = np.asarray(positives[np.repeat(users, labels.shape[1]), labels.ravel()]).reshape(labels.shape) > 0
-    order = np.argsort(is_pos, axis=1, kind="stable")  # non-positives first, nearest first
-    hard = np.take_along_axis(labels, order, axis=1)[:, :n]
-    hard_ok = ~np.take_along_axis(is_pos, order, axis=1)[:, :n]
-    out = np.where((rng.random(hard.shape) < mix) & hard_ok, hard, -1)
-    is_hard = out >= 0
-    for _ in range(100):  # rejection-sample the random slots until none is a positive
-        rows, cols = np.nonzero(out < 0)
-        if not len(rows):
-            break
-        draw = rng.integers(0, n_items, len(rows))
-        ok = np.asarray(positives[users[rows], draw]).ravel() == 0
-        out[rows[ok], cols[ok]] = draw[ok]
-    still = out < 0  # a user whose positives cover almost everything: keep the mined item
-    return np.where(still, hard, out), is_hard | still
+    user_cat: torch.Tensor
+    user_num: torch.Tensor
+    item_genres: torch.Tensor
+    item_dense: torch.Tensor
+    item_cat: torch.Tensor
+
+    @classmethod
+    def of(cls, tables: TowerTables) -> "DeviceTables":
+        return cls(*(tables._t(x) for x in (tables.user_cat, tables.user_num, tables.item_genres, tables.item_dense,
+                                             tables.item_cat)))
+
+    def user_inputs(self, batch: Batch) -> list[torch.Tensor]:
+        return [batch.user_ids, self.user_cat[batch.users], self.user_num[batch.users], batch.hist_items,
+                batch.hist_ratings]
+
+    def item_inputs(self, rows: torch.Tensor, ids: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Item tower inputs of ``rows``; ``ids`` (row + 1, 0 = dropped) default to the rows' own."""
+        return [rows + 1 if ids is None else ids, self.item_genres[rows], self.item_dense[rows], self.item_cat[rows]]
+
+
+@dataclass
+class HardPool:
+    """The items hard negatives are mined among, with their vectors as of the last refresh."""
+
+    items: torch.Tensor  # [P] item rows, ascending
+    vectors: torch.Tensor  # [P, d] float32, no gradient
+    column: torch.Tensor  # [n_items] each item's column in the pool; P for an item outside it
+
+    @classmethod
+    @torch.no_grad()
+    def refresh(cls, model: TwoTower, tables: DeviceTables, size: int, seed: int, step: int,
+                chunk: int = 8192) -> "HardPool":
+        """Current vectors of ``size`` items: all of them when the catalogue is no larger (MovieLens:
+        mining among every item), else a sample seeded by (seed, step), so every rank draws the same."""
+        n_items, device = len(tables.item_genres), tables.item_genres.device
+        if n_items <= size:
+            items = torch.arange(n_items, device=device)
+        else:
+            items = torch.from_numpy(np.sort(np.random.default_rng([seed, step]).choice(n_items, size, replace=False)))
+            items = items.to(device)
+        vectors = torch.cat([model.item_tower(*tables.item_inputs(items[s : s + chunk]))
+                             for s in range(0, len(items), chunk)]).float()
+        return cls.of(items, vectors, n_items)
+
+    @classmethod
+    def of(cls, items: torch.Tensor, vectors: torch.Tensor, n_items: int) -> "HardPool":
+        """The pool of ``items`` (rows of a catalogue of ``n_items``) with their ``vectors``."""
+        column = torch.full((n_items,), len(items), dtype=torch.long, device=items.device)
+        column[items] = torch.arange(len(items), device=items.device)
+        return cls(items, vectors, column)
+
+
+def mine_hard_negatives(user_vecs: torch.Tensor, pool: HardPool, positive_rows: torch.Tensor,
+                        positive_items: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, n]`` pool items scoring highest against each row's vector, best first, with the row's
+    positives (the ``(positive_rows, positive_items)`` pairs) excluded: an exact ``B x pool`` matrix
+    product and top-k on the vectors' device, no host round trip. Returns the items and a mask
+    that is False where the pool held fewer than ``n`` non-positives for the row."""
+    scores = user_vecs.detach().float() @ pool.vectors.T
+    blocked = torch.zeros(len(scores), len(pool.items) + 1, dtype=torch.bool, device=scores.device)
+    blocked[positive_rows, pool.column[positive_items]] = True  # a positive outside the pool hits the spare column
+    top, at = scores.masked_fill(blocked[:, :-1], float("-inf")).topk(n, dim=1)
+    return pool.items[at], top > float("-inf")
+
+
+def mix_negatives(hard: torch.Tensor, found: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each slot takes the batch's random non-positive draw when the slot is a random one or mining
+    found nothing, else the mined item (also the last resort when the random draw failed).
+    Returns the items and the mask of slots holding a mined item."""
+    take_random = (batch.slot_random | ~found) & batch.random_ok
+    return torch.where(take_random, batch.random_rows, hard), ~take_random
 
 
 def evaluate_recall(model: TwoTower, tables: TowerTables, split: TemporalSplit, window: str, k: int) -> dict[str, float]:
     """Full-ranking metrics on ``window`` (history = everything before it)."""
     truth = split.truth(window)
-    users = np.flatnonzero(np.diff(truth.indptr) > 0)
+    users = split.eval_users(window)
     histories = split.history_before(window)
     rec = TwoTowerRecommender(model, tables)
     topk = rec.recommend(users, [histories[u] for u in users], k)
@@ -272,102 +348,177 @@ def train_two_tower(ds: Dataset, split: TemporalSplit, cfg: RecallConfig, run_di
 
 
 def _fit_two_tower(ds: Dataset, split: TemporalSplit, cfg: RecallConfig, run_dir: Path, resume: bool):
-    """The training loop of ``train_two_tower``."""
+    """The training loop of ``train_two_tower``, on this rank's share of every global batch; every
+    rank runs the same epochs (rank 0's early-stopping decision is broadcast)."""
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = rank_device(resolve_device(cfg.device))
     tables = TowerTables.build(ds, cfg.history_len, device)
     spec = tables.spec
     model = TwoTower(ds.n_users, ds.n_items, spec.n_genres, spec.n_item_dense, spec.item_cat_sizes,
                      spec.user_cat_sizes, len(spec.user_numeric), cfg.history_len, cfg.emb_dim, cfg.dim, cfg.hidden).to(device)
-    ex = training_examples(split, cfg.positives_only)
-    steps_per_epoch = max(1, len(ex["target"]) // cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.warmup_steps, total))
-    item_freq = np.bincount(ex["target"], minlength=ds.n_items) + 1.0
-    log_q = torch.tensor(np.log(cfg.batch_size * item_freq / item_freq.sum()), dtype=torch.float32, device=device)
-    uniform_log_q = math.log(max(cfg.uniform_negatives, 1) / ds.n_items)
-    positives = history_matrix(split.history_before("valid"), ds.n_items)
-    state = {"epoch": 0, "step": 0, "best": -1.0, "best_state": None, "bad_epochs": 0, "history": []}
-    ckpt = run_dir / "checkpoint.pt"
-    if resume and ckpt.exists():
-        state = load_checkpoint(ckpt, model, opt, sched)
-        logger.info("resumed from {} at epoch {}", ckpt, state["epoch"])
-    writer = _tensorboard(run_dir)
-    rng = np.random.default_rng(cfg.seed + state["epoch"])
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    index = None
-    for epoch in range(state["epoch"], cfg.epochs):
-        model.train()
-        perm = rng.permutation(len(ex["target"]))
-        t0 = time.perf_counter()
-        losses = []
-        for b in tqdm(range(steps_per_epoch), desc=f"epoch {epoch}", leave=False, mininterval=2):
-            idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            users, targets = ex["user"][idx], ex["target"][idx]
-            hist_items, hist_ratings = history_windows(ex["seq_items"], ex["seq_ratings"], ex["start"][idx], ex["end"][idx], cfg.history_len)
-            hist_ratings = np.where(rng.random(hist_ratings.shape) < cfg.rating_dropout, 0, hist_ratings)
-            if cfg.hard_negatives and (index is None or state["step"] % cfg.hard_refresh_steps == 0):
-                index = build_index(tables.item_vectors(model), m=16, ef_construction=100, ef=100,
-                                    threads=cfg.hard_index_threads, seed=cfg.seed)
-                model.train()
-            with amp:
-                u = model.user_tower(*tables.user_inputs(users, hist_items, hist_ratings, cfg.id_dropout, rng))
-                v = model.item_tower(*tables.item_inputs(targets, cfg.id_dropout, rng))
-                neg, neg_ids, neg_log_q = negatives(model, tables, cfg, u, users, positives, index, rng, uniform_log_q)
-                pos_ids = torch.as_tensor(targets, device=device)
-                if cfg.loss == "softmax":
-                    loss = sampled_softmax_loss(u, v, pos_ids, log_q[pos_ids], cfg.temperature, neg, neg_ids, neg_log_q)
-                else:
-                    loss = bpr_loss(u, v, pos_ids, neg, neg_ids)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-            opt.step()
-            sched.step()
-            state["step"] += 1
-            losses.append(loss.item())
-            writer.add_scalar("train/loss", losses[-1], state["step"])
-            writer.add_scalar("train/lr", sched.get_last_lr()[0], state["step"])
-        valid = evaluate_recall(model, tables, split, "valid", cfg.eval_k)
+    run = _Trainer(cfg, model, tables, split, run_dir)
+    if resume:
+        run.resume()
+    for epoch in range(run.state["epoch"], cfg.epochs):
+        started = time.perf_counter()
+        with stage("two-tower epoch"):
+            loss = mean_over_ranks(run.train_epoch(epoch))
+        stop = world().is_main and run.end_epoch(epoch, loss, started)
+        if broadcast_flag(stop, device):
+            break
+    return run.finish()
+
+
+class TrainingForward(nn.Module):
+    """A step's forward in one call: the user tower, the item tower on the targets and the extra
+    negatives. DDP all-reduces the gradients once per forward + backward of the module it wraps,
+    and the user tower reads the item tower's id embedding: the towers called through separate
+    wrappers would reduce that shared weight's gradient twice, so the whole step is this module."""
+
+    def __init__(self, model: TwoTower, tables: DeviceTables, cfg: RecallConfig):
+        super().__init__()
+        self.model, self.tables, self.cfg = model, tables, cfg
+
+    def forward(self, batch: Batch, pool: HardPool | None) -> tuple[torch.Tensor | None, ...]:
+        """``(user vectors, target vectors, negative vectors, negative ids, negative log-Q)``."""
+        u = self.model.user_tower(*self.tables.user_inputs(batch))
+        v = self.model.item_tower(*self.tables.item_inputs(batch.targets, batch.target_ids))
+        return (u, v, *negatives(self.model, self.tables, self.cfg, u, batch, pool))
+
+
+def negatives(model: TwoTower, tables: DeviceTables, cfg: RecallConfig, u: torch.Tensor, batch: Batch,
+              pool: HardPool | None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Extra negatives for the batch: uniform shared ones, or hard per-row ones; ``(vecs, ids, log_q)``."""
+    n_items = len(tables.item_genres)
+    if cfg.hard_negatives:
+        hard, found = mine_hard_negatives(u, pool, batch.positive_rows, batch.positive_items, cfg.hard_negatives)
+        rows, is_hard = mix_negatives(hard, found, batch)
+        vecs = model.item_tower(*tables.item_inputs(rows.reshape(-1))).view(*rows.shape, -1)
+        # Mined items are not a sampling distribution: no correction. Random slots: log of the
+        # expected count of an item among a row's random slots.
+        random_log_q = math.log(max(cfg.hard_negatives * (1 - cfg.hard_mix), 1e-6) / n_items)
+        return vecs, rows, torch.where(is_hard, 0.0, random_log_q)
+    if cfg.uniform_negatives:
+        vecs = model.item_tower(*tables.item_inputs(batch.random_rows))
+        log_q = torch.full((cfg.uniform_negatives,), math.log(cfg.uniform_negatives / n_items), device=u.device)
+        return vecs, batch.random_rows, log_q
+    return None, None, None
+
+
+def global_batch_loss(cfg: RecallConfig, u: torch.Tensor, v: torch.Tensor, targets: torch.Tensor, log_q: torch.Tensor,
+                      neg: torch.Tensor | None = None, neg_ids: torch.Tensor | None = None,
+                      neg_log_q: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss of this rank's rows with every rank's targets as in-batch negatives (gathered, their
+    gradients sent back to the rank that computed them): the mean over ranks equals the loss one
+    process computes on the whole global batch. ``log_q``: per item, ``in_batch_log_q``."""
+    columns, ids, first_row = gather_batch(v, targets)
+    if cfg.loss == "softmax":
+        return sampled_softmax_loss(u, columns, ids, log_q[ids], cfg.temperature, neg, neg_ids, neg_log_q, first_row)
+    return bpr_loss(u, columns, ids, neg, neg_ids, first_row)
+
+
+def in_batch_log_q(targets: np.ndarray, n_items: int, global_batch: int, device: torch.device) -> torch.Tensor:
+    """Per item, log of its expected count among a global batch's targets (add-one smoothed
+    frequency x global batch size): the softmax's columns are the global batch, and every rank
+    holds all the examples, so every rank computes the same global counts."""
+    freq = np.bincount(targets, minlength=n_items) + 1.0
+    return torch.tensor(np.log(global_batch * freq / freq.sum()), dtype=torch.float32, device=device)
+
+
+class _Trainer:
+    """One rank's training run: batches, optimiser and schedule, mining pool, and the state a
+    checkpoint keeps. Rank 0 alone validates, logs to TensorBoard and writes checkpoints."""
+
+    def __init__(self, cfg: RecallConfig, model: TwoTower, tables: TowerTables, split: TemporalSplit, run_dir: Path):
+        if cfg.hard_negatives > split.n_items:
+            raise ConfigError(f"argument --recall-hard-negatives: {cfg.hard_negatives} is more than the catalogue's "
+                              f"{split.n_items} items")
+        self.cfg, self.model, self.tables, self.split, self.device = cfg, model, tables, split, tables.device
+        self.ex = training_examples(split, cfg.positives_only)
+        self.positives = history_matrix(split.history_before("valid"), split.n_items)
+        self.shards = Shards.plan(len(self.ex["target"]), cfg.batch_size, world())
+        self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        total = self.shards.steps * cfg.epochs
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: warmup_cosine(s, cfg.warmup_steps, total))
+        self.log_q = in_batch_log_q(self.ex["target"], split.n_items, self.shards.global_batch, self.device)
+        self.device_tables = DeviceTables.of(tables)
+        self.forward = wrap_ddp(TrainingForward(model, self.device_tables, cfg), self.device)
+        self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" \
+            else torch.autocast("cpu", enabled=False)
+        self.pool: HardPool | None = None
+        self.state = {"epoch": 0, "step": 0, "best": -1.0, "best_state": None, "bad_epochs": 0, "history": []}
+        self.ckpt = run_dir / "checkpoint.pt"
+        self.writer = _tensorboard(run_dir) if world().is_main else None
+
+    def resume(self) -> None:
+        """Continue from the run's checkpoint, when there is one (every rank reads rank 0's file)."""
+        if self.ckpt.exists():
+            self.state = load_checkpoint(self.ckpt, self.model, self.opt, self.sched)
+            logger.info("resumed from {} at epoch {}", self.ckpt, self.state["epoch"])
+
+    def train_epoch(self, epoch: int) -> torch.Tensor:
+        """One pass over this rank's shard of ``epoch``, batches built ahead on a background thread.
+        Returns the mean loss as a device tensor: nothing here waits for the device."""
+        self.forward.train()
+        batches = epoch_batches(self.ex, self.positives, self.cfg, self.split.n_items, self.shards, epoch)
+        if self.device.type == "cuda":
+            batches = (batch.pin() for batch in batches)
+        total = torch.zeros((), device=self.device)
+        for batch in tqdm(prefetch(batches), total=self.shards.steps, desc=f"epoch {epoch}", leave=False, mininterval=2,
+                          disable=not world().is_main):
+            total += self.step(batch.to(self.device))
+        return total / self.shards.steps
+
+    def step(self, batch: Batch) -> torch.Tensor:
+        """Forward, loss, backward, clip, optimiser and schedule steps; the detached loss."""
+        cfg, state = self.cfg, self.state
+        if cfg.hard_negatives and (self.pool is None or state["step"] % cfg.hard_refresh_steps == 0):
+            self.pool = HardPool.refresh(self.model, self.device_tables, cfg.hard_pool, cfg.seed, state["step"])
+        with self.amp:
+            u, v, neg, neg_ids, neg_log_q = self.forward(batch, self.pool)
+            loss = global_batch_loss(cfg, u, v, batch.targets, self.log_q, neg, neg_ids, neg_log_q)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm)
+        self.opt.step()
+        self.sched.step()
+        state["step"] += 1
+        if self.writer is not None and state["step"] % cfg.log_steps == 0:
+            self.writer.add_scalar("train/loss", loss.item(), state["step"])
+            self.writer.add_scalar("train/lr", self.sched.get_last_lr()[0], state["step"])
+        return loss.detach()
+
+    def end_epoch(self, epoch: int, loss: float, started: float) -> bool:
+        """Rank 0 after an epoch: validation Recall@K, best weights, checkpoint; True to stop early."""
+        cfg, state = self.cfg, self.state
+        trained = time.perf_counter() - started
+        with stage("validation"):
+            valid = evaluate_recall(self.model, self.tables, self.split, "valid", cfg.eval_k)
         key = f"recall@{cfg.eval_k}"
-        writer.add_scalar(f"valid/{key}", valid[key], epoch)
-        state["history"].append({"epoch": epoch, "loss": float(np.mean(losses)), **valid, "seconds": time.perf_counter() - t0})
-        logger.info("epoch {} loss {:.4f} valid {} {:.4f} ndcg@10 {:.4f} ({:.1f}s)", epoch, np.mean(losses), key,
-                    valid[key], valid["ndcg@10"], time.perf_counter() - t0)
+        self.writer.add_scalar(f"valid/{key}", valid[key], epoch)
+        seconds = time.perf_counter() - started
+        state["history"].append({"epoch": epoch, "loss": loss, **valid, "seconds": seconds, "train_seconds": trained})
+        logger.info("epoch {} loss {:.4f} valid {} {:.4f} ndcg@10 {:.4f} ({:.1f}s, of which training {:.1f}s)", epoch,
+                    loss, key, valid[key], valid["ndcg@10"], seconds, trained)
         if valid[key] > state["best"]:
-            state.update(best=valid[key], bad_epochs=0, best_state={k: t.detach().clone() for k, t in model.state_dict().items()})
+            state.update(best=valid[key], bad_epochs=0, best_state={k: t.detach().clone() for k, t in self.model.state_dict().items()})
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
-        save_checkpoint(ckpt, model, opt, sched, state, cfg)
+        save_checkpoint(self.ckpt, self.model, self.opt, self.sched, state, cfg)
         if state["bad_epochs"] >= cfg.patience:
             logger.info("early stop: no improvement for {} epochs", cfg.patience)
-            break
-    writer.close()
-    if state["best_state"] is not None:
-        model.load_state_dict(state["best_state"])
-    model.eval()
-    return model, tables, state["history"]
+            return True
+        return False
 
-
-def negatives(model, tables, cfg, u, users, positives, index, rng, uniform_log_q):
-    """Extra negatives for the batch: uniform shared ones, or hard per-user ones; ``(vecs, ids, log_q)``."""
-    device = u.device
-    if cfg.hard_negatives and index is not None:
-        rows, is_hard = mine_hard_negatives(index, u.detach().float().cpu().numpy(), users, positives, cfg.hard_negatives,
-                                            cfg.hard_mix, rng)
-        vecs = model.item_tower(*tables.item_inputs(rows.ravel())).view(len(users), cfg.hard_negatives, -1)
-        # Mined items are not a sampling distribution: no correction. Random slots: log of the
-        # expected count of an item among a row's random slots.
-        random_log_q = math.log(max(cfg.hard_negatives * (1 - cfg.hard_mix), 1e-6) / len(tables.item_genres))
-        log_q = torch.as_tensor(np.where(is_hard, 0.0, random_log_q), dtype=torch.float32, device=device)
-        return vecs, torch.as_tensor(rows, device=device), log_q
-    if cfg.uniform_negatives:
-        rows = rng.integers(0, len(tables.item_genres), cfg.uniform_negatives)
-        vecs = model.item_tower(*tables.item_inputs(rows))
-        return vecs, torch.as_tensor(rows, device=device), torch.full((len(rows),), uniform_log_q, device=device)
-    return None, None, None
+    def finish(self) -> tuple[TwoTower, TowerTables, list[dict]]:
+        """The best epoch's weights (rank 0; the other ranks' are their last), tables and history."""
+        if self.writer is not None:
+            self.writer.close()
+        if self.state["best_state"] is not None:
+            self.model.load_state_dict(self.state["best_state"])
+        self.model.eval()
+        return self.model, self.tables, self.state["history"]
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:

@@ -96,42 +96,53 @@ def sampled_softmax_loss(
     neg: torch.Tensor | None = None,
     neg_ids: torch.Tensor | None = None,
     neg_log_q: torch.Tensor | None = None,
+    first_row: int = 0,
 ) -> torch.Tensor:
     """InfoNCE over in-batch negatives with log-Q correction (Yi et al., RecSys 2019).
 
-    ``user``, ``pos``: ``[B, d]``; ``log_q[j]``: log of how often item ``pos_ids[j]`` is expected
-    in a batch (its sampling probability times B), subtracted from every logit of that column,
-    the positive's included, so popular items are not over-penalised as negatives.
+    ``pos``: ``[C, d]``, the batch's positives, which are every row's in-batch negatives; ``user``:
+    ``[B, d]`` rows whose own positive is column ``first_row + i`` (B = C and 0 on one process; with
+    several, the columns are the global batch gathered from every rank and the rows this rank's
+    share). ``log_q[j]``: log of how often item ``pos_ids[j]`` is expected in a (global) batch (its
+    sampling probability times C), subtracted from every logit of that column, the positive's
+    included, so popular items are not over-penalised as negatives.
     ``neg``: optional extra negatives, ``[M, d]`` shared by all rows or ``[B, H, d]`` per row,
     with ids (for masking accidental hits) and their own log-Q. Columns holding the row's own
-    positive item (other than the diagonal) are masked out.
+    positive item (other than its own column) are masked out.
     """
+    own = first_row + torch.arange(len(user), device=user.device)
+    row_ids = pos_ids[own]
     logits = user @ pos.T / temperature - log_q[None, :]
-    same = pos_ids[None, :] == pos_ids[:, None]
-    logits = logits.masked_fill(same & ~torch.eye(len(pos_ids), dtype=torch.bool, device=user.device), float("-inf"))
+    columns = torch.arange(len(pos_ids), device=user.device)
+    same = pos_ids[None, :] == row_ids[:, None]
+    logits = logits.masked_fill(same & (columns[None, :] != own[:, None]), float("-inf"))
     parts = [logits]
     if neg is not None:
         if neg.dim() == 2:
             extra = user @ neg.T / temperature - neg_log_q[None, :]
-            extra = extra.masked_fill(neg_ids[None, :] == pos_ids[:, None], float("-inf"))
+            extra = extra.masked_fill(neg_ids[None, :] == row_ids[:, None], float("-inf"))
         else:
             extra = (user.unsqueeze(1) * neg).sum(-1) / temperature - neg_log_q
-            extra = extra.masked_fill(neg_ids == pos_ids[:, None], float("-inf"))
+            extra = extra.masked_fill(neg_ids == row_ids[:, None], float("-inf"))
         parts.append(extra)
     all_logits = torch.cat(parts, dim=1).float()
-    return F.cross_entropy(all_logits, torch.arange(len(pos_ids), device=user.device))
+    return F.cross_entropy(all_logits, own)
 
 
 def bpr_loss(
-    user: torch.Tensor, pos: torch.Tensor, pos_ids: torch.Tensor, neg: torch.Tensor | None = None, neg_ids: torch.Tensor | None = None
+    user: torch.Tensor, pos: torch.Tensor, pos_ids: torch.Tensor, neg: torch.Tensor | None = None,
+    neg_ids: torch.Tensor | None = None, first_row: int = 0,
 ) -> torch.Tensor:
-    """Bayesian personalised ranking: ``-log sigmoid(s_pos - s_neg)`` over in-batch (+ extra) negatives."""
-    pos_score = (user * pos).sum(-1, keepdim=True)
+    """Bayesian personalised ranking: ``-log sigmoid(s_pos - s_neg)`` over in-batch (+ extra) negatives.
+    Rows and columns as in ``sampled_softmax_loss``; the mean is over this rank's pairs."""
+    own = first_row + torch.arange(len(user), device=user.device)
+    row_ids = pos_ids[own]
+    pos_score = (user * pos[own]).sum(-1, keepdim=True)
     neg_scores = [user @ pos.T]
-    masks = [pos_ids[None, :] != pos_ids[:, None]]
+    masks = [pos_ids[None, :] != row_ids[:, None]]
     if neg is not None:
         neg_scores.append(user @ neg.T if neg.dim() == 2 else (user.unsqueeze(1) * neg).sum(-1))
-        masks.append((neg_ids[None, :] if neg.dim() == 2 else neg_ids) != pos_ids[:, None])
+        masks.append((neg_ids[None, :] if neg.dim() == 2 else neg_ids) != row_ids[:, None])
     scores, mask = torch.cat(neg_scores, 1).float(), torch.cat(masks, 1)
     losses = -F.logsigmoid(pos_score.float() - scores)
     return (losses * mask).sum() / mask.sum().clamp(min=1)

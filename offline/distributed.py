@@ -1,0 +1,120 @@
+"""torch.distributed for two-tower training: ``torchrun --nproc-per-node N -m offline train ...``.
+
+torchrun starts N copies of the command with RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/PORT
+in their environment; ``distributed_session`` joins them into one process group (gloo on CPU,
+NCCL on CUDA). Every rank loads the whole dataset and trains on its shard of each step's global
+batch; DDP all-reduces the gradients, ``gather_batch`` hands every rank the whole global batch as
+in-batch negatives, and rank 0 alone validates, decides early stopping (``broadcast_flag``) and
+goes on to the index, ranker, evaluation and bundle. Without torchrun nothing here starts a group
+and every helper is the identity of a one-process world.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def world() -> World:
+    """The current process group's view, or a one-process world when none was started."""
+    if not dist.is_initialized():
+        return World()
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+@contextmanager
+def distributed_session(device: torch.device) -> Iterator[World]:
+    """Join torchrun's process group for the block when torchrun started this process (WORLD_SIZE
+    in the environment): NCCL when training on CUDA, each rank on GPU LOCAL_RANK; gloo on CPU. A
+    plain ``python -m offline train`` has no WORLD_SIZE and stays a single process with no group."""
+    if "WORLD_SIZE" not in os.environ:
+        yield world()
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield world()
+    finally:
+        dist.destroy_process_group()
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """The device this rank trains on: its own GPU (LOCAL_RANK) on CUDA."""
+    return torch.device("cuda", world().local_rank) if device.type == "cuda" else device
+
+
+def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module`` under DistributedDataParallel when there are several ranks (gradients all-reduced
+    and averaged in backward), else itself."""
+    if world().size == 1:
+        return module
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+class _GatherRows(torch.autograd.Function):
+    """Every rank's rows, concatenated in rank order. Backward sums the gradient every rank's loss
+    sends to each row and keeps this rank's slice: a loss over the gathered rows trains each rank's
+    own rows as one process holding the whole batch would."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        parts = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, rows.contiguous())
+        ctx.n_rows = len(rows)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        total = grad.contiguous().clone()
+        dist.all_reduce(total)
+        start = dist.get_rank() * ctx.n_rows
+        return total[start : start + ctx.n_rows]
+
+
+def gather_batch(vectors: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The global batch's ``(vectors, ids)`` (vectors with gradients flowing back to their rank)
+    and the column of this rank's first row in it. Every rank must pass the same number of rows."""
+    w = world()
+    if w.size == 1:
+        return vectors, ids, 0
+    all_ids = [torch.empty_like(ids) for _ in range(w.size)]
+    dist.all_gather(all_ids, ids.contiguous())
+    return _GatherRows.apply(vectors), torch.cat(all_ids), w.rank * len(vectors)
+
+
+def broadcast_flag(flag: bool, device: torch.device) -> bool:
+    """Rank 0's ``flag`` on every rank (e.g. rank 0's early-stopping decision)."""
+    if world().size == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())
+
+
+def mean_over_ranks(value: torch.Tensor) -> float:
+    """The mean of a scalar tensor over the ranks (one collective; a host sync, so call it rarely)."""
+    if world().size > 1:
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        value /= world().size
+    return float(value)
