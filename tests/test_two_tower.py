@@ -24,9 +24,11 @@ from offline.batches import hard_negative_draws
 from offline.train_recall import (
     HardPool,
     RecallConfig,
+    TowerOptimizer,
     TowerTables,
     TwoTowerRecommender,
     build_index,
+    clip_gradients,
     hnsw_topk,
     mine_hard_negatives,
     mix_negatives,
@@ -264,6 +266,39 @@ def test_warmup_is_linear_then_peaks_at_one_and_cosine_ends_at_five_percent():
     assert warmup_cosine(total + 50, warmup, total) == pytest.approx(0.05)
     decay = [warmup_cosine(s, warmup, total) for s in range(warmup, total + 1)]
     assert all(a >= b for a, b in zip(decay, decay[1:]))
+
+
+def _embedding_grads(sparse: bool) -> tuple[torch.nn.Embedding, torch.nn.Linear]:
+    torch.manual_seed(0)
+    emb, head = torch.nn.Embedding(6, 3, sparse=sparse), torch.nn.Linear(3, 1)
+    head(emb(torch.tensor([1, 4, 4, 2]))).sum().backward()  # row 4 looked up twice
+    return emb, head
+
+
+def test_clipping_sparse_gradients_equals_clipping_the_dense_ones():
+    dense_emb, dense_head = _embedding_grads(sparse=False)
+    sparse_emb, sparse_head = _embedding_grads(sparse=True)
+    torch.nn.utils.clip_grad_norm_([*dense_emb.parameters(), *dense_head.parameters()], 0.5)
+    clip_gradients([*sparse_emb.parameters(), *sparse_head.parameters()], 0.5)
+    assert torch.allclose(sparse_emb.weight.grad.to_dense(), dense_emb.weight.grad)
+    assert torch.allclose(sparse_head.weight.grad, dense_head.weight.grad)
+    total = torch.cat([dense_emb.weight.grad.flatten(), dense_head.weight.grad.flatten(), dense_head.bias.grad])
+    assert total.norm().item() == pytest.approx(0.5, rel=1e-4)  # it was above 0.5, so it was scaled down to it
+
+
+def test_sparse_id_tables_move_only_the_rows_the_batch_looked_up(small_model):
+    model = small_model.train()
+    cfg = RecallConfig(warmup_steps=1)
+    opt = TowerOptimizer(model, cfg, total_steps=10, sparse_tables=True)
+    before = model.item_tower.id_emb.weight.detach().clone()
+    vectors = model.item_tower(torch.tensor([2, 5]), torch.zeros(2, 3), torch.zeros(2, 2), torch.zeros(2, 1, dtype=torch.long))
+    opt.zero_grad()
+    vectors.sum().backward()
+    assert model.item_tower.id_emb.weight.grad.is_sparse
+    opt.step()
+    moved = (model.item_tower.id_emb.weight.detach() != before).any(dim=1)
+    assert moved.nonzero().flatten().tolist() == [2, 5]
+    assert opt.lr() == pytest.approx(cfg.lr * warmup_cosine(1, 1, 10))
 
 
 # ---------------------------------------------------------------------------------------------
