@@ -130,9 +130,11 @@ def history_windows(
     idx = ends[:, None] - history_len + np.arange(history_len)[None, :]
     valid = idx >= starts[:, None]
     safe = np.clip(idx, 0, max(len(items) - 1, 0))
-    hist_items = np.where(valid, items[safe] + 1, 0) if len(items) else np.zeros(idx.shape, np.int64)
-    codes = np.clip(np.rint(np.nan_to_num(ratings)), 0, 5).astype(np.int64) if len(ratings) else ratings.astype(np.int64)
-    hist_ratings = np.where(valid, codes[safe], 0) if len(items) else np.zeros(idx.shape, np.int64)
+    if not len(items):
+        return np.zeros(idx.shape, np.int64), np.zeros(idx.shape, np.int64)
+    hist_items = np.where(valid, items[safe] + 1, 0)
+    codes = np.clip(np.rint(np.nan_to_num(ratings[safe])), 0, 5)  # only the gathered entries: training calls this
+    hist_ratings = np.where(valid, codes, 0)  # every step with every train event in ``ratings``
     return hist_items.astype(np.int64), hist_ratings.astype(np.int64)
 
 
