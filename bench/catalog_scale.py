@@ -76,7 +76,8 @@ def build_bundle(root: Path, args) -> dict[str, float]:
     seconds["index"] = time.perf_counter() - started - sum(seconds.values())
     arrays = bundle_arrays(ds, split, tables, vectors)
     ranker_cfg = RankerConfig(losses="lambdarank", lambdamart=False, epochs=3, max_queries=1000, seed=args.seed)
-    ctx = RankContext(TwoTowerRecommender(model, tables, index), RankerTables.from_arrays(arrays), arrays, index_cfg.candidates)
+    ctx = RankContext(TwoTowerRecommender(model, tables, index), RankerTables.from_arrays(arrays), arrays, index_cfg.candidates,
+                      index_cfg.item_item_candidates)
     ranker = train_rankers(ctx, split, ranker_cfg).default_state
     seconds["arrays + ranker"] = time.perf_counter() - started - sum(seconds.values())
     metrics = {"note": f"synthetic catalogue-scale bundle (bench/catalog_scale.py), two-tower epochs: {args.epochs}"}

@@ -1,4 +1,5 @@
-"""Non-neural peers: popularity, item-kNN (cosine) and EASE (plain and recency-weighted).
+"""Non-neural peers: popularity, item-kNN (cosine), EASE (plain and recency-weighted), the
+sequence-aware item-item model SeqKNN and a blend of recency-weighted EASE with SeqKNN.
 
 They answer the same interface as the two-tower model (``score(users, histories)``), so the
 evaluation, exclusion of seen items and reporting are one mechanism for all of them.
@@ -85,6 +86,101 @@ def recency_weights(length: int, halflife: float | None) -> np.ndarray:
     if halflife is None:
         return np.ones(length, dtype=np.float32)
     return np.exp(-np.arange(length - 1, -1, -1) / halflife).astype(np.float32)
+
+
+class SeqKNN(ScoringRecommender):
+    """Sequence-aware item-item neighbours: two items are similar when they sit close together in
+    users' time-ordered sequences (``sequence_neighbours``); a user's items vote for their
+    neighbours, newer items louder (``recency_halflife``, as in recency-weighted EASE)."""
+
+    name = "seqknn"
+
+    def __init__(self, split: TemporalSplit, window: int = 20, decay: float = 5.0, backward: float = 0.5,
+                 recency_halflife: float = 10.0, neighbours: int = 200):
+        nbrs, sims = sequence_neighbours(split.history_before("valid"), split.n_items, window, decay, backward, neighbours)
+        self.sim = neighbour_matrix(nbrs, sims)
+        self.recency_halflife = recency_halflife
+
+    def score(self, users, histories):
+        weights = [recency_weights(len(h), self.recency_halflife) for h in histories]
+        return (history_matrix(histories, self.sim.shape[0], weights) @ self.sim).toarray()
+
+
+class Blend(ScoringRecommender):
+    """``weight * a + (1 - weight) * b`` on scores scaled per user to a maximum of 1, so two models
+    whose raw scores live on different scales contribute in the proportion ``weight`` says."""
+
+    def __init__(self, a: ScoringRecommender, b: ScoringRecommender, weight: float, name: str | None = None):
+        self.a, self.b, self.weight = a, b, weight
+        self.name = name or f"{a.name} + {b.name}"
+
+    def score(self, users, histories):
+        return self.weight * _max_scaled(self.a.score(users, histories)) + \
+            (1 - self.weight) * _max_scaled(self.b.score(users, histories))
+
+
+def _max_scaled(scores: np.ndarray) -> np.ndarray:
+    top = np.abs(scores).max(axis=1, keepdims=True)
+    return scores / np.where(top > 0, top, 1.0)
+
+
+def sequence_neighbours(sequences: list[np.ndarray], n_items: int, window: int, decay: float, backward: float,
+                        k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` neighbours per item (``[n_items, k]`` rows, -1 padding, and their similarities).
+
+    A pair ``(i, j)`` with ``j`` following ``i`` by ``d <= window`` steps in a sequence adds
+    ``exp(-(d - 1) / decay)`` to ``S[i, j]`` and ``backward`` times that to ``S[j, i]`` (the next
+    item is what a recommender predicts, so order counts). ``S`` is then normalised like cosine,
+    ``S[i, j] / sqrt(n_i n_j)`` with ``n`` the item counts, so popular items do not neighbour
+    everything. Cost: ``2 x window`` pairs per interaction, built one offset at a time.
+    """
+    seqs = [np.asarray(s, np.int64) for s in sequences if len(s) > 1]
+    flat = np.concatenate(seqs) if seqs else np.zeros(0, np.int64)
+    remaining = np.concatenate([np.arange(len(s) - 1, -1, -1) for s in seqs]) if seqs else flat  # steps to the end
+    sim = sp.csr_matrix((n_items, n_items), dtype=np.float64)
+    for d in range(1, window + 1):
+        at = np.flatnonzero(remaining >= d)
+        if not len(at):
+            break
+        a, b, w = flat[at], flat[at + d], np.exp(-(d - 1) / decay)
+        rows, cols = np.concatenate([a, b]), np.concatenate([b, a])
+        vals = np.concatenate([np.full(len(at), w), np.full(len(at), backward * w)])
+        sim = sim + sp.csr_matrix((vals, (rows, cols)), shape=(n_items, n_items))
+    sim.setdiag(0.0)
+    sim.eliminate_zeros()
+    norms = 1.0 / np.sqrt(np.maximum(np.bincount(flat, minlength=n_items), 1))
+    sim = sp.diags(norms) @ sim @ sp.diags(norms)
+    return top_per_row(sim.tocsr(), k)
+
+
+def top_per_row(matrix: sp.csr_matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``k`` largest positive entries as ``([n, k]`` columns (-1 padding)``, [n, k]`` values``),
+    descending, ties to the lower column."""
+    nbrs = np.full((matrix.shape[0], k), -1, np.int64)
+    sims = np.zeros((matrix.shape[0], k), np.float32)
+    for row in range(matrix.shape[0]):
+        lo, hi = matrix.indptr[row], matrix.indptr[row + 1]
+        cols, vals = row_top(matrix.indices[lo:hi], matrix.data[lo:hi], k)
+        nbrs[row, : len(cols)], sims[row, : len(cols)] = cols, vals
+    return nbrs, sims
+
+
+def row_top(cols: np.ndarray, vals: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` largest positive ``vals`` with their ``cols``, descending (ties: lower column first);
+    a partial selection, then a sort of the ``k`` chosen only."""
+    if len(vals) > k:
+        chosen = np.argpartition(-vals, k - 1)[:k]
+        cols, vals = cols[chosen], vals[chosen]
+    order = np.lexsort((cols, -vals))
+    cols, vals = cols[order], vals[order]
+    return cols[vals > 0], vals[vals > 0]
+
+
+def neighbour_matrix(nbrs: np.ndarray, sims: np.ndarray) -> sp.csr_matrix:
+    """The sparse ``[n_items, n_items]`` matrix of a neighbour table (padding dropped)."""
+    rows = np.repeat(np.arange(len(nbrs)), nbrs.shape[1])
+    keep = nbrs.ravel() >= 0
+    return sp.csr_matrix((sims.ravel()[keep], (rows[keep], nbrs.ravel()[keep])), shape=(len(nbrs), len(nbrs)))
 
 
 class ALS(ScoringRecommender):

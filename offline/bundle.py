@@ -33,7 +33,7 @@ import hnswlib
 import numpy as np
 import torch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the ranker's features gained from_item_item (multi-channel candidates)
 CURRENT = "current"
 FILES = ("user_tower.pt2", "item_tower.pt2", "item_index.bin", "arrays.npz", "catalog.json")
 REQUIRED_ARRAYS = (

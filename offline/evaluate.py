@@ -14,11 +14,12 @@ from typing import Protocol
 import numpy as np
 from loguru import logger
 
-from offline.baselines import EASE, ItemKNN, Popularity, ScoringRecommender
+from offline.baselines import EASE, Blend, ItemKNN, Popularity, ScoringRecommender, SeqKNN
 from offline.metrics import catalogue_coverage, ranking_metrics, summarize, topk_items
 from offline.split import TemporalSplit, history_matrix
 
 KS = (10, 20)
+BLEND = "ease-recency + seqknn"
 REPORT_COLUMNS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20", "graded_ndcg@10", "hit@10", "mrr@10", "map@10")
 
 
@@ -93,14 +94,24 @@ def tune(name: str, build: Callable[..., ScoringRecommender], grid: list[dict], 
 
 
 def baseline_models(split: TemporalSplit) -> list[tuple[ScoringRecommender, dict]]:
-    """Popularity, item-kNN and EASE (plain and recency-weighted), each tuned on valid."""
+    """Popularity, item-kNN, EASE (plain and recency-weighted), SeqKNN and the blend of
+    recency-weighted EASE with SeqKNN, each tuned on valid (the blend's weight with its two parts'
+    chosen parameters)."""
     models = [(Popularity(split), {})]
     models.append(tune("item-knn", lambda **p: ItemKNN(split, **p), [{"neighbours": n} for n in (50, 100, 200)], split))
     ease_grid = [{"l2": l2} for l2 in (50.0, 100.0, 200.0, 500.0, 1000.0)]
     ease, ease_params = tune("ease", lambda **p: EASE(split, **p), ease_grid, split)
     models.append((ease, ease_params))
     recency_grid = [{"l2": ease_params["l2"], "recency_halflife": h} for h in (2.0, 5.0, 10.0, 20.0, 50.0)]
-    models.append(tune("ease-recency", lambda **p: EASE(split, **p), recency_grid, split))
+    ease_recency, recency_params = tune("ease-recency", lambda **p: EASE(split, **p), recency_grid, split)
+    models.append((ease_recency, recency_params))
+    seq_grid = [{"window": w, "decay": d, "backward": b, "recency_halflife": h}
+                for w in (10, 50) for d in (2.0, 10.0) for b in (0.25, 1.0) for h in (5.0, 20.0)]
+    seqknn, seq_params = tune("seqknn", lambda **p: SeqKNN(split, **p), seq_grid, split)
+    models.append((seqknn, seq_params))
+    blend_grid = [{"weight": w} for w in (0.25, 0.5, 0.75)]
+    blend, blend_params = tune(BLEND, lambda weight: Blend(ease_recency, seqknn, weight, BLEND), blend_grid, split)
+    models.append((blend, {**blend_params, "ease-recency": recency_params, "seqknn": seq_params}))
     return models
 
 

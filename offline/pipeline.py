@@ -20,12 +20,12 @@ from offline.bundle import Bundle, write_bundle
 from offline.config import config_option
 from offline.data import dataset_fingerprint
 from offline.dataset import Dataset, Interactions
-from offline.evaluate import baseline_models, paired_bootstrap, report_rows, tune, write_report
+from offline.evaluate import BLEND, baseline_models, evaluate, paired_bootstrap, report_rows, tune, write_report
 from offline.rank_features import RankerTables, ranker_arrays
 from offline.ranker import RankerConfig
 from offline.split import TemporalSplit, temporal_split
 from offline.stages import stage
-from offline.train_ranker import RERANKED, RankContext, RankingResult, rerankers, train_rankers
+from offline.train_ranker import RERANKED, MergedCandidates, RankContext, RankingResult, rerankers, train_rankers
 from offline.distributed import world
 from offline.train_recall import (RecallConfig, TowerTables, TwoTowerRecommender, build_index, deterministic_torch,
                                   exact_topk, train_two_tower)
@@ -41,6 +41,11 @@ class IndexConfig:
     ef_construction: int = config_option(200, "HNSW build-time beam width")
     ef: int = config_option(256, "HNSW query-time beam width (>= candidates for full recall)")
     candidates: int = config_option(200, "recall depth handed to the re-ranker; index recall is reported at it")
+    item_item_candidates: int = config_option(0, "items the item-item channel (the recent items' neighbours, by "
+                                              "recency-weighted neighbour weight) adds to the two-tower's candidates "
+                                              "before re-ranking, those the tower missed; 0 = two-tower only (on "
+                                              "MovieLens 100 raised the candidate ceiling but not the re-ranked "
+                                              "metrics: docs/evaluation.md)")
     build_threads: int = config_option(1, "threads that insert items into the exported index; more than 1 is faster on "
                                        "a big catalogue, but the graph then depends on thread scheduling and two runs "
                                        "with the same seed can export different indexes and metrics")
@@ -84,7 +89,8 @@ def _run_training(ds: Dataset, out: Path, recall_cfg: RecallConfig, index_cfg: I
     with stage("item statistics"):
         arrays = bundle_arrays(ds, split, tables, item_vectors)
     recall_hnsw = TwoTowerRecommender(model, tables, index)
-    ctx = RankContext(recall_hnsw, RankerTables.from_arrays(arrays), arrays, index_cfg.candidates)
+    ctx = RankContext(recall_hnsw, RankerTables.from_arrays(arrays), arrays, index_cfg.candidates,
+                      index_cfg.item_item_candidates)
     ranking = train_rankers(ctx, split, ranker_cfg)
     with stage("evaluation"):
         models = (baseline_models(split) + peer_models(split)) if baselines else []
@@ -92,7 +98,9 @@ def _run_training(ds: Dataset, out: Path, recall_cfg: RecallConfig, index_cfg: I
         models += rerankers(ctx, ranking)
         rows, per_user = report_rows(models, split, "test")
         comparison = rerank_comparison(per_user)
+        ceiling = candidate_ceiling(ceiling_sources(ctx, models), split)
     metrics = {"test": {r["model"]: {k: v for k, v in r.items() if k not in ("model", "params")} for r in rows},
+               "candidate_ceiling": ceiling,
                f"index_recall@{index_cfg.candidates}": index_recall, "train_seconds": train_seconds,
                "recall_history": history, "ranker": ranker_summary(ranking, comparison)}
     bundle = assemble_bundle(ds, split, tables, model, index, arrays, recall_cfg, index_cfg, ranker_cfg, metrics,
@@ -100,13 +108,15 @@ def _run_training(ds: Dataset, out: Path, recall_cfg: RecallConfig, index_cfg: I
     with stage("export"):
         path = write_bundle(out, bundle, promote)
         extra = {"bundle": path.name, f"index_recall@{index_cfg.candidates}": index_recall,
+                 "candidate ceiling (test recall of each candidate source's list)": {n: round(v, 4) for n, v in ceiling.items()},
                  "two_tower_train_seconds": round(train_seconds, 1), **ranker_report(metrics["ranker"])}
         md = write_report(rows, out / "reports" / path.name, f"Evaluation on {ds.name} (test window)", extra)
     logger.info("bundle {} written; report {}", path, md)
     return path
 
 
-def rerank_comparison(per_user: dict[str, dict[str, np.ndarray]], references: tuple[str, ...] = ("two-tower (hnsw)", "ease-recency"),
+def rerank_comparison(per_user: dict[str, dict[str, np.ndarray]],
+                      references: tuple[str, ...] = ("two-tower (hnsw)", "ease-recency", BLEND),
                       metric: str = "ndcg@10") -> dict:
     """Per re-ranker: its per-user test ``metric`` minus each reference model's (the recall order it
     re-ranks, and the strongest peer when the baselines ran) on the same users, with a 95% paired
@@ -117,6 +127,25 @@ def rerank_comparison(per_user: dict[str, dict[str, np.ndarray]], references: tu
         out[name] = {ref: paired_bootstrap(values[name], values[ref]) for ref in references if ref in values}
         logger.info("{} test {} minus: {}", name, metric,
                     {r: f"{c['mean']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}]" for r, c in out[name].items()})
+    return out
+
+
+def ceiling_sources(ctx: RankContext, models: list[tuple[object, dict]]) -> list[tuple[object, int]]:
+    """The candidate lists worth comparing, each with its length: the two-tower at the served depth
+    and at the merged list's length (the same budget as the merge), the merged list the re-ranker
+    sees, and the strongest classical peers at the served depth when they ran."""
+    merged = ctx.depth + ctx.extra
+    sources = [(ctx.recall, ctx.depth)]
+    if ctx.extra:
+        sources += [(ctx.recall, merged), (MergedCandidates(ctx), merged)]
+    return sources + [(m, ctx.depth) for m, _ in models if m.name in ("ease-recency", "seqknn", BLEND)]
+
+
+def candidate_ceiling(sources: list[tuple[object, int]], split: TemporalSplit) -> dict[str, float]:
+    """Per candidate source, the test recall of its top ``depth`` items: the most any re-ranker of
+    those candidates can find (a positive outside them is lost before ranking)."""
+    out = {f"{m.name} @{depth}": evaluate(m, split, "test", ks=(depth,))[f"recall@{depth}"] for m, depth in sources}
+    logger.info("candidate ceiling (test recall): {}", {n: round(v, 4) for n, v in out.items()})
     return out
 
 

@@ -13,12 +13,13 @@ raw; the ranker standardises them with statistics it stores itself.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 
-from offline.baselines import ease_weights
+from offline.baselines import ease_weights, row_top
 from offline.dataset import Interactions
 
 RECENT = 20  # history items the similarity and neighbour features look at, newest first
@@ -31,7 +32,7 @@ EASE_L2 = 500.0  # EASE ridge strength for the neighbour weights (chosen on the 
 EASE_MAX_ITEMS = 5_000  # above this the dense n x n inverse is too heavy: cosine neighbours instead
 
 FEATURE_NAMES = [
-    "recall_score", "recall_log_rank", "recall_score_gap", "recall_score_z",
+    "recall_score", "recall_log_rank", "recall_score_gap", "recall_score_z", "from_item_item",
     "sim_last", "sim_max_recent", "sim_mean_recent", "sim_argmax_age", "sim_profile",
     "neighbour_recent", "neighbour_max_recent",
     "genre_affinity", "item_log_popularity", "popularity_vs_user", "item_avg_rating",
@@ -114,17 +115,19 @@ def readable_feature_names(names: list[str], spec, genre_names: list[str], user_
 
 def ranker_features(tables: RankerTables, history_items: np.ndarray, history_ratings: np.ndarray,
                     user_cat: np.ndarray, user_num: np.ndarray,
-                    candidates: np.ndarray, recall_scores: np.ndarray) -> np.ndarray:
+                    candidates: np.ndarray, recall_scores: np.ndarray, n_tower: int | None = None) -> np.ndarray:
     """``[n_candidates, F]`` float32 features of one request.
 
     ``history_items`` / ``history_ratings``: the user's history, oldest first (may be empty);
     ``user_cat`` / ``user_num``: the user's rows of the bundle's ``user_cat`` / ``user_num``;
-    ``candidates``: item rows in recall order (rank 0 = best); ``recall_scores``: their
-    two-tower inner products. The same as ``candidate_features(tables, user_features(...), ...)``,
-    the split the service uses to compute the user's part once per history version.
+    ``candidates``: item rows in recall order (rank 0 = best), the first ``n_tower`` (default:
+    all) from the two-tower and the rest from the item-item channel (``merge_candidates``);
+    ``recall_scores``: their two-tower inner products. The same as
+    ``candidate_features(tables, user_features(...), ...)``, the split the service uses to compute
+    the user's part once per history version.
     """
     user = user_features(tables, history_items, history_ratings, user_cat, user_num)
-    return candidate_features(tables, user, candidates, recall_scores)
+    return candidate_features(tables, user, candidates, recall_scores, n_tower)
 
 
 @dataclass(frozen=True)
@@ -158,9 +161,12 @@ def user_features(tables: RankerTables, history_items: np.ndarray, history_ratin
                         profile["mean_rating"], tables.item_vectors[recent], weights, ids, total, best, demographics)
 
 
-def candidate_features(tables: RankerTables, user: UserFeatures, candidates: np.ndarray, recall_scores: np.ndarray) -> np.ndarray:
-    """The request's ``[n_candidates, F]`` features from the user's part and the candidates."""
+def candidate_features(tables: RankerTables, user: UserFeatures, candidates: np.ndarray, recall_scores: np.ndarray,
+                       n_tower: int | None = None) -> np.ndarray:
+    """The request's ``[n_candidates, F]`` features from the user's part and the candidates (the
+    first ``n_tower`` from the two-tower, default all; the rest from the item-item channel)."""
     n = len(candidates)
+    n_tower = n if n_tower is None else n_tower
     scores = np.asarray(recall_scores, np.float32)
     cand_vecs = tables.item_vectors[candidates]
     static = tables.item_static[candidates]
@@ -170,6 +176,7 @@ def candidate_features(tables: RankerTables, user: UserFeatures, candidates: np.
         np.log1p(np.arange(n)),
         scores - (scores.max() if n else 0.0),
         (scores - scores.mean()) / (scores.std() + 1e-6) if n else scores,
+        np.arange(n) >= n_tower,
         *_vector_similarities(cand_vecs, user),
         *_neighbour_weights(user, np.asarray(candidates, np.int64)),
         genres @ user.genres / np.maximum(genres.sum(axis=1), 1.0),
@@ -184,6 +191,31 @@ def candidate_features(tables: RankerTables, user: UserFeatures, candidates: np.
     ])
     return np.concatenate([fixed, genres, np.broadcast_to(user.demographics, (n, len(user.demographics)))],
                           axis=1).astype(np.float32)
+
+
+def merge_candidates(user: UserFeatures, items: np.ndarray, scores: np.ndarray, user_vector: np.ndarray,
+                     item_vectors: np.ndarray, extra: int,
+                     admit: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
+    """Multi-channel recall: the two-tower's candidates, then up to ``extra`` items of the item-item
+    channel that the two-tower missed.
+
+    The item-item channel ranks the recent items' neighbours by their recency-weighted summed
+    neighbour weight (``UserFeatures.neighbour_total``: a recency-weighted EASE score over the
+    bundle's neighbour lists, ties to the lower row); ``admit`` says which of them the request may
+    return (not seen, passing its filters). It finds what a user's last few items imply next, which
+    the tower's single vector blurs. Added items get their two-tower score (inner product with
+    ``user_vector``) so every candidate's score features mean one thing. Returns the merged items and
+    scores and how many came from the two-tower. The offline evaluation and the service both call it.
+    """
+    n_tower = len(items)
+    if extra <= 0 or not len(user.neighbour_ids):
+        return items, scores, n_tower
+    ids, total = user.neighbour_ids, user.neighbour_total
+    fresh = (total > 0) & ~np.isin(ids, items)
+    fresh[fresh] = admit(ids[fresh])
+    new, _ = row_top(ids[fresh], total[fresh], extra)
+    new_scores = (item_vectors[new] @ user_vector).astype(np.float32)
+    return np.concatenate([items, new]).astype(np.int64), np.concatenate([scores, new_scores]), n_tower
 
 
 def _user_profile(tables: RankerTables, items: np.ndarray, ratings: np.ndarray) -> dict:
@@ -298,21 +330,10 @@ def cooccurrence_neighbours(train: Interactions, n_items: int, k: int,
         for row in range(end - start):
             lo, hi = block.indptr[row], block.indptr[row + 1]
             cols, vals = block.indices[lo:hi], block.data[lo:hi] / norms[start + row] / norms[block.indices[lo:hi]]
-            top = _row_top(cols[cols != start + row], vals[cols != start + row], k)
+            top = row_top(cols[cols != start + row], vals[cols != start + row], k)
             nbrs[start + row, : len(top[0])], sims[start + row, : len(top[0])] = top
         start = end
     return nbrs, sims
-
-
-def _row_top(cols: np.ndarray, vals: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` largest positive ``vals`` with their ``cols``, descending (ties: lower column first);
-    a partial selection, then a sort of the ``k`` chosen only."""
-    if len(vals) > k:
-        chosen = np.argpartition(-vals, k - 1)[:k]
-        cols, vals = cols[chosen], vals[chosen]
-    order = np.lexsort((cols, -vals))
-    cols, vals = cols[order], vals[order]
-    return cols[vals > 0], vals[vals > 0]
 
 
 def _binary(train: Interactions, n_items: int) -> sp.csr_matrix:

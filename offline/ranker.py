@@ -44,7 +44,8 @@ class RankerConfig:
     hidden: int = config_option(64, "MLP hidden width")
     layers: int = config_option(2, "MLP hidden layers")
     dropout: float = config_option(0.1, "MLP dropout")
-    max_list_len: int = config_option(200, "training lists are capped to the top-N candidates in recall order")
+    max_list_len: int = config_option(200, "training lists take the two-tower's top N candidates (the item-item "
+                                      "channel's are added after them)")
     max_queries: int = config_option(20_000, "training queries (users) sampled from the window, seeded (0 = every user): "
                                      "their features take queries x list length x features floats")
     batch_queries: int = config_option(32, "queries per optimisation step")

@@ -4,7 +4,8 @@ Windows, per user by time: train | valid | test.
 - The two-tower trains on train (and early-stops on valid).
 - The ranker's queries come from the valid window, which the two-tower never trained on:
   candidates are the two-tower's top-``depth`` items for the history before valid (train),
-  that history excluded, found through the HNSW index exactly as the service finds them;
+  that history excluded, found through the HNSW index exactly as the service finds them, then
+  up to ``extra`` items of the item-item channel (``rank_features.merge_candidates``);
   labels are the graded relevance of the valid window (rating 4 -> 1, 5 -> 2, else 0; an item
   not interacted with -> 0). A seeded share of those users is held out for early stopping
   and for choosing the default ranker.
@@ -15,13 +16,14 @@ Item statistics in the features (popularity, average rating, co-occurrence) use 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 from loguru import logger
 
 from offline.evaluate import paired_bootstrap
-from offline.rank_features import RankerTables, feature_names, ranker_features
+from offline.rank_features import RankerTables, candidate_features, feature_names, merge_candidates, user_features
 from offline.ranker import Queries, Ranker, RankerConfig, fit_lambdamart, fit_mlp, load_ranker
 from offline.split import TemporalSplit
 from offline.stages import stage
@@ -32,29 +34,33 @@ RERANKED = "two-tower + "  # report name prefix of a re-ranked model: "two-tower
 
 @dataclass
 class RankContext:
-    """What building one user's features needs: the recall model, and the bundle's tables and arrays."""
+    """What building one user's request needs: the recall model, and the bundle's tables and arrays."""
 
     recall: TwoTowerRecommender
     tables: RankerTables
     arrays: dict[str, np.ndarray]  # the bundle's arrays: user rows and time-ordered histories, as the service reads them
-    depth: int  # candidates per request
+    depth: int  # two-tower candidates per request
+    extra: int = 0  # item-item candidates added to them (``merge_candidates``)
 
     @property
     def feature_names(self) -> list[str]:
         return feature_names(self.tables, self.arrays["user_num"].shape[1])
 
-    def candidates(self, users: np.ndarray, histories: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """``(items [U, depth], scores [U, depth])`` from the recall stage, history excluded, -1 / -inf padding."""
+    def candidates(self, users: np.ndarray, histories: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(items [U, depth], scores [U, depth], user vectors [U, d])`` from the two-tower, history
+        excluded, -1 / -inf padding."""
         user_vecs = self.recall.user_vectors(users, histories)
         if self.recall.index is not None:
             items = hnsw_topk(self.recall.index, user_vecs, self.depth, histories)
         else:
             items = exact_topk(user_vecs, self.recall.item_vectors, self.depth, histories)
         scores = np.einsum("ud,ukd->uk", user_vecs, self.recall.item_vectors[np.maximum(items, 0)])
-        return items, np.where(items >= 0, scores, -np.inf).astype(np.float32)
+        return items, np.where(items >= 0, scores, -np.inf).astype(np.float32), user_vecs
 
-    def features(self, user: int, history: np.ndarray, items: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        """``ranker_features`` for one user, exactly the call the service makes.
+    def request(self, user: int, history: np.ndarray, items: np.ndarray, scores: np.ndarray,
+                user_vec: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One user's merged candidates, their two-tower scores and their features: exactly the
+        service's calls (``user_features``, ``merge_candidates``, ``candidate_features``).
 
         The windows are consecutive in time, so the history before any window is a prefix of the
         user's full sequence in the bundle: its ratings are read from the same arrays the service
@@ -64,45 +70,70 @@ class RankContext:
         start = a["history_offsets"][user]
         if not np.array_equal(a["history_items"][start : start + n], history):
             raise ValueError(f"user row {user}: history is not a prefix of the user's time-ordered history")
-        return ranker_features(self.tables, history, a["history_ratings"][start : start + n], a["user_cat"][user],
-                               a["user_num"][user], items, scores)
+        features = user_features(self.tables, history, a["history_ratings"][start : start + n], a["user_cat"][user],
+                                 a["user_num"][user])
+        items, scores, n_tower = merge_candidates(features, items, scores, user_vec, self.tables.item_vectors, self.extra,
+                                                  admit=lambda ids: ~np.isin(ids, history))
+        return items, scores, candidate_features(self.tables, features, items, scores, n_tower)
+
+
+class MergedCandidates:
+    """The candidate list a re-ranker sees (two-tower, then item-item), in merged order: the
+    evaluation interface for the candidate ceiling."""
+
+    def __init__(self, ctx: RankContext, name: str = "two-tower + item-item (merged)"):
+        self.ctx, self.name = ctx, name
+
+    def recommend(self, users: np.ndarray, histories: list[np.ndarray], k: int) -> np.ndarray:
+        return _requests(self.ctx, users, histories, k, lambda feats: -np.arange(len(feats), dtype=np.float64))
 
 
 class RerankRecommender:
-    """Recall top-``depth`` -> features -> ranker score -> top-k: the evaluation interface for a re-ranker."""
+    """Recall (merged) -> features -> ranker score -> top-k: the evaluation interface for a re-ranker."""
 
     def __init__(self, ctx: RankContext, ranker: Ranker, name: str):
         self.ctx, self.ranker, self.name = ctx, ranker, name
 
     def recommend(self, users: np.ndarray, histories: list[np.ndarray], k: int) -> np.ndarray:
-        items, scores = self.ctx.candidates(users, histories)
-        out = np.full((len(users), k), -1, dtype=np.int64)
-        for i, (user, history) in enumerate(zip(users, histories)):
-            real = items[i] >= 0
-            ranked = self.ranker.score(self.ctx.features(int(user), history, items[i][real], scores[i][real]))
-            top = items[i][real][np.argsort(-ranked, kind="stable")[:k]]
-            out[i, : len(top)] = top
-        return out
+        return _requests(self.ctx, users, histories, k, self.ranker.score)
+
+
+def _requests(ctx: RankContext, users: np.ndarray, histories: list[np.ndarray], k: int,
+              score: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Top-``k`` of each user's merged candidates by ``score(features)`` (ties: merged order)."""
+    items, scores, user_vecs = ctx.candidates(users, histories)
+    out = np.full((len(users), k), -1, dtype=np.int64)
+    for i, (user, history) in enumerate(zip(users, histories)):
+        real = items[i] >= 0
+        merged, _, feats = ctx.request(int(user), history, items[i][real], scores[i][real], user_vecs[i])
+        top = merged[np.argsort(-score(feats), kind="stable")[:k]]
+        out[i, : len(top)] = top
+    return out
 
 
 def build_queries(ctx: RankContext, split: TemporalSplit, window: str, list_len: int, max_queries: int = 0,
                   seed: int = 0) -> Queries:
     """One query per user with a positive in ``window`` (a seeded sample of ``max_queries`` of them when
-    set): candidates from the history before it, graded labels."""
+    set): the two-tower's top ``list_len`` for the history before it merged with the item-item channel's,
+    graded labels."""
     truth = split.truth(window)
     users = np.flatnonzero(np.diff(truth.indptr) > 0)
     if max_queries and len(users) > max_queries:
         users = np.sort(np.random.default_rng(seed).choice(users, max_queries, replace=False))
     histories = split.history_before(window)
     hist = [histories[u] for u in users]
-    items, scores = ctx.candidates(users, hist)
-    items, scores = items[:, :list_len], scores[:, :list_len]
+    tower_items, tower_scores, user_vecs = ctx.candidates(users, hist)
+    tower_items, tower_scores = tower_items[:, :list_len], tower_scores[:, :list_len]
+    width = tower_items.shape[1] + ctx.extra
+    items = np.full((len(users), width), -1, np.int64)
+    features = np.zeros((len(users), width, len(ctx.feature_names)), np.float32)
+    for i, (user, history) in enumerate(zip(users, hist)):
+        real = tower_items[i] >= 0
+        merged, _, feats = ctx.request(int(user), history, tower_items[i][real], tower_scores[i][real], user_vecs[i])
+        items[i, : len(merged)], features[i, : len(merged)] = merged, feats
     mask = items >= 0
     rows = truth[users]
     labels = np.where(mask, rows[np.arange(len(users))[:, None], np.maximum(items, 0)].toarray(), 0.0).astype(np.float32)
-    features = np.zeros((*items.shape, len(ctx.feature_names)), np.float32)
-    for i, (user, history) in enumerate(zip(users, hist)):
-        features[i, mask[i]] = ctx.features(int(user), history, items[i][mask[i]], scores[i][mask[i]])
     return Queries(users, items, features, labels, mask, rows)
 
 

@@ -33,7 +33,8 @@ class Settings(BaseSettings):
     log_diagnose: bool = Field(False, description="tracebacks show local variable values: for debugging only, since "
                                "locals can hold request bodies and secrets")
     max_k: int = Field(100, ge=1, description="largest k a client may ask for")
-    default_candidates: int = Field(200, ge=1, description="ANN recall depth handed to the re-ranker")
+    default_candidates: int | None = Field(None, ge=1, description="ANN recall depth handed to the re-ranker; unset: the "
+                                           "depth the bundle was trained and evaluated with (its index.candidates)")
     max_candidates: int = Field(1000, ge=1, description="largest candidate depth a client may ask for")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="requests with larger bodies get 413")
     max_recent_items: int = Field(200, ge=1, description="most recent_items a cold-start request may send")
@@ -57,7 +58,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":
-        if self.default_candidates > self.max_candidates:
+        if self.default_candidates is not None and self.default_candidates > self.max_candidates:
             raise ValueError("default_candidates must be <= max_candidates")
         if self.admin_token is not None and len(self.admin_token.get_secret_value()) < 8:
             raise ValueError("admin_token must be at least 8 characters")

@@ -22,7 +22,8 @@ from pydantic import ValidationError
 
 from offline.bundle import Bundle
 from offline.features import FeatureSpec, encode_item_features, encode_user_features, single_history
-from offline.rank_features import RankerTables, UserFeatures, candidate_features, readable_feature_names, user_features
+from offline.rank_features import (RankerTables, UserFeatures, candidate_features, merge_candidates, readable_feature_names,
+                                   user_features)
 from offline.ranker import load_ranker
 from service.filters import EXACT_LIMIT, FilterIndex, RowFilter, top_k
 from service.metrics import DEGRADED, FALLBACKS, timed
@@ -31,6 +32,7 @@ from service.store import Event, StoreUnavailable
 
 EXACT_SEARCH_FACTOR = 2  # below depth * this many allowed items, scoring them all beats over-fetching
 NOTHING = np.zeros(0, np.int64)
+TOWER, ITEM_ITEM = "two-tower", "item-item"  # a recommended item's candidate source
 FETCH_GROWTH = 4  # an over-fetch that did not fill the list asks for this many times more
 FETCH_MARGIN = 1.25  # a filtered over-fetch asks for this much more than the admitted share predicts
 # Item arrays a newly added item cannot take from its features: it has no interactions yet, so no
@@ -125,6 +127,13 @@ class Allowed:
             keep[keep] = self.rule.admits(catalog.filters, labels[keep])
         return keep
 
+    def admits(self, rows: np.ndarray, catalog: Catalog) -> np.ndarray:
+        """Which of ``rows`` (item rows from anywhere, e.g. neighbour lists) may be returned."""
+        keep = self.keep(rows, catalog)
+        if self.rows is not None:  # a narrow filter, listed: membership is the filter
+            keep &= np.isin(rows, self.rows)
+        return keep
+
     def every_row(self, catalog: Catalog) -> np.ndarray:
         """Every allowed row of ``catalog`` (which may be newer than the request's), listed: O(admitted) for a
         narrow filter; O(n_items) otherwise, which only exact scoring needs when HNSW cannot answer (a tiny or
@@ -169,6 +178,7 @@ class Engine:
     cache_size: int = 100_000
     exact_limit: int = EXACT_LIMIT  # filters whose year slices hold at most this many rows are scored exactly
     explain_names: list[str] = field(default_factory=list)  # the ranker's features, named for people
+    item_item_candidates: int = 0  # the item-item channel's share of the ranker's candidates (the bundle's setting)
     index_lock: threading.Lock = field(default_factory=threading.Lock)
 
     # ---------------------------------------------------------------- construction
@@ -182,7 +192,8 @@ class Engine:
                                 item_arrays, np.ones(n, bool), a if ranker is not None else None)
         engine = cls(bundle, catalog, FeatureSpec(**bundle.manifest["feature_spec"]),
                      {r: i for i, r in enumerate(cat["user_ids"])}, {g: j for j, g in enumerate(cat["genre_names"])},
-                     ranker, cache_size=cache_size, exact_limit=exact_limit)
+                     ranker, cache_size=cache_size, exact_limit=exact_limit,
+                     item_item_candidates=int(bundle.manifest["params"]["index"].get("item_item_candidates", 0)))
         if ranker is not None:
             engine.explain_names = readable_feature_names(ranker.feature_names, engine.spec, cat["genre_names"], cat["user_vocab"])
         return engine
@@ -199,12 +210,19 @@ class Engine:
         return float(scale["min"]), float(scale["max"])
 
     @property
+    def bundle_candidates(self) -> int:
+        """The two-tower depth the bundle's ranker was trained and evaluated on."""
+        return int(self.bundle.manifest["params"]["index"]["candidates"])
+
+    @property
     def model_items(self) -> int:
         """Items the towers were trained on: rows below this have an id embedding, later ones do not."""
         return int(self.bundle.manifest["model_config"]["n_items"])
 
     # ---------------------------------------------------------------- recommend
-    def recommend(self, req: RecommendRequest, default_candidates: int) -> dict:
+    def recommend(self, req: RecommendRequest, default_candidates: int | None = None) -> dict:
+        """Recall (two-tower, then the item-item channel), re-rank, top-k. The two-tower's depth is the
+        request's ``candidates``, else ``default_candidates`` (the operator's setting), else the bundle's own."""
         timings: dict[str, float] = {}
         with timed("features", timings):
             ctx = self.resolve_user(req)
@@ -216,10 +234,10 @@ class Engine:
         with timed("user_encoding", timings):
             vec = self.user_vector(ctx)
         with timed("ann_search", timings):
-            depth = max(req.candidates or default_candidates, req.k)
+            depth = max(req.candidates or default_candidates or self.bundle_candidates, req.k)
             catalog, cands, scores = self.search(vec, depth, allowed)
         with timed("rerank", timings):
-            ranked = self.rerank(ctx, catalog, cands, scores, req.k, req.explain)
+            ranked = self.rerank(ctx, catalog, cands, scores, req.k, req.explain, vec, allowed)
         return self._response(ctx, catalog, ranked, None, timings, req.explain)
 
     def resolve_user(self, req: RecommendRequest) -> UserContext:
@@ -327,16 +345,23 @@ class Engine:
                 return catalog, *self._exact(catalog, vec, allowed.every_row(catalog), depth)
             fetch = min(fetch * FETCH_GROWTH, searchable)
 
-    def rerank(self, ctx: UserContext, catalog: Catalog, cands: np.ndarray, scores: np.ndarray, k: int, explain: bool):
-        """Ranker scores for the candidates (recall order when the bundle has no ranker); top-k."""
+    def rerank(self, ctx: UserContext, catalog: Catalog, cands: np.ndarray, scores: np.ndarray, k: int, explain: bool,
+               vec: np.ndarray, allowed: Allowed):
+        """Ranker scores for the two-tower's candidates merged with the item-item channel's (as the bundle
+        was evaluated); top-k. Recall order when the bundle has no ranker."""
         if self.ranker is None or len(cands) == 0:
-            return [(int(c), float(s), None, r, None, self._recall_reasons(ctx, catalog, int(c), float(s), r) if explain else None)
-                    for r, (c, s) in enumerate(zip(cands[:k], scores[:k]))]
-        feats = candidate_features(catalog.ranker_tables, self._user_features(ctx, catalog.ranker_tables), cands, scores)
+            return [(int(c), float(s), None, r, None, self._recall_reasons(ctx, catalog, int(c), float(s), r) if explain else None,
+                     TOWER) for r, (c, s) in enumerate(zip(cands[:k], scores[:k]))]
+        tables = catalog.ranker_tables
+        user = self._user_features(ctx, tables)
+        cands, scores, n_tower = merge_candidates(user, cands, scores, vec, tables.item_vectors, self.item_item_candidates,
+                                                  admit=lambda ids: allowed.admits(ids, catalog))
+        feats = candidate_features(tables, user, cands, scores, n_tower)
         rank_scores = self.ranker.score(feats)
         order = np.lexsort((np.arange(len(cands)), -rank_scores))[:k]
         return [(int(cands[i]), float(scores[i]), float(rank_scores[i]), int(i), None,
-                 dict(zip(self.explain_names, feats[i].round(5).tolist())) if explain else None) for i in order]
+                 dict(zip(self.explain_names, feats[i].round(5).tolist())) if explain else None,
+                 TOWER if i < n_tower else ITEM_ITEM) for i in order]
 
     def _user_features(self, ctx: UserContext, tables: RankerTables) -> UserFeatures:
         """The user's part of the ranker features, cached like the user vector: valid for one history
@@ -370,7 +395,7 @@ class Engine:
         else:
             rows = _first_kept(catalog.by_popularity, lambda chunk: allowed.keep(chunk, catalog), k,
                                allowed.first_fetch(catalog, k))
-        return [(int(i), None, None, None, float(pop[i]), None) for i in rows]
+        return [(int(i), None, None, None, float(pop[i]), None, None) for i in rows]
 
     def similar_items(self, raw_item: str, k: int) -> dict:
         catalog = self.catalog
@@ -506,18 +531,19 @@ class Engine:
 
     # ---------------------------------------------------------------- helpers
     def _response(self, ctx, catalog, ranked, fallback, timings, explain) -> dict:
-        items = [self._item(catalog, *entry[:5], entry[5] if explain else None) for entry in ranked]
+        items = [self._item(catalog, *entry[:5], entry[5] if explain else None, entry[6]) for entry in ranked]
         return {"user_id": ctx.raw_id, "items": items, "bundle_version": self.version, "fallback": fallback,
                 "timings_ms": timings}
 
-    def _item(self, catalog: Catalog, row: int, recall_score, ranking_score, recall_rank, popularity=None, features=None) -> dict:
+    def _item(self, catalog: Catalog, row: int, recall_score, ranking_score, recall_rank, popularity=None, features=None,
+              source=None) -> dict:
         year = catalog.arrays["item_year"][row]
         genres = catalog.arrays["item_genres"][row]
         names = self.bundle.catalog["genre_names"]
         out = {"item_id": catalog.ids[row], "title": catalog.titles[row],
                "genres": [names[j] for j in np.flatnonzero(genres)], "year": None if np.isnan(year) else int(year),
                "recall_score": recall_score, "recall_rank": recall_rank, "ranking_score": ranking_score,
-               "popularity": popularity}
+               "popularity": popularity, "source": source}
         if features is not None:
             out["features"] = features
         return out

@@ -118,6 +118,9 @@ class RecommendedItem(BaseModel):
     recall_rank: int | None = Field(description="0-based position in the recall order; null for a fallback")
     ranking_score: float | None = Field(description="re-ranker score; null without a re-ranker or for a fallback")
     popularity: float | None = Field(None, description="interaction count; set only by the popularity fallback")
+    source: str | None = Field(None, description="candidate source: 'two-tower' (ANN over the user vector) or "
+                               "'item-item' (neighbours of the recent items, added where the two-tower missed them); "
+                               "null for a fallback")
     features: dict[str, float | str | int | None] | None = Field(None, description="with explain=true: why this item")
 
 

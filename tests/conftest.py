@@ -29,6 +29,6 @@ def tiny_dataset():
 def bundle_root(tmp_path_factory, tiny_dataset) -> Path:
     """A real bundle written by the offline pipeline (two short epochs: fast, not good)."""
     root = tmp_path_factory.mktemp("artifacts")
-    run_training(tiny_dataset, root, RecallConfig(**TINY_RECALL), IndexConfig(m=8, ef_construction=50, ef=64, candidates=50),
+    run_training(tiny_dataset, root, RecallConfig(**TINY_RECALL), IndexConfig(m=8, ef_construction=50, ef=64, candidates=50, item_item_candidates=100),
                  baselines=False, ranker_cfg=RankerConfig(**TINY_RANKER))
     return root

@@ -1,6 +1,7 @@
 """Re-ranker: delta NDCG, pair masks, losses by hand, features by hand, bundle round trip, a planted signal."""
 import itertools
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -315,14 +316,16 @@ def test_bundle_ranker_scores_the_served_features(bundle_root, tiny_dataset):
 
 def test_training_features_equal_serving_features(bundle_root, tiny_dataset):
     """The trainer's histories (before valid, before test) are prefixes of the served ones, and its
-    features are the service's call on the bundle's arrays, value for value."""
+    merged candidates and features are the service's calls on the bundle's arrays, value for value."""
+    from offline.rank_features import candidate_features, merge_candidates, user_features
     from offline.split import temporal_split
     from offline.train_ranker import RankContext
 
     a = read_bundle(bundle_root).arrays
     tables = RankerTables.from_arrays(a)
-    ctx = RankContext(None, tables, a, depth=30)
+    ctx = RankContext(None, tables, a, depth=30, extra=10)
     split = temporal_split(tiny_dataset.interactions, tiny_dataset.n_users, tiny_dataset.n_items)
+    user_vec = a["item_vectors"][:3].mean(axis=0)
     for window in ("valid", "test"):
         histories = split.history_before(window)
         for user in (0, 7, 33):
@@ -330,12 +333,36 @@ def test_training_features_equal_serving_features(bundle_root, tiny_dataset):
             lo = a["history_offsets"][user]
             cands = np.setdiff1d(np.arange(len(a["item_vectors"])), history)[:30]
             scores = np.linspace(1, 0, 30, dtype=np.float32)
-            served = ranker_features(tables, a["history_items"][lo : lo + len(history)],
-                                     a["history_ratings"][lo : lo + len(history)], a["user_cat"][user], a["user_num"][user],
-                                     cands, scores)
-            assert np.array_equal(ctx.features(user, history, cands, scores), served)
+            served_user = user_features(tables, a["history_items"][lo : lo + len(history)],
+                                        a["history_ratings"][lo : lo + len(history)], a["user_cat"][user], a["user_num"][user])
+            items, item_scores, n_tower = merge_candidates(served_user, cands, scores, user_vec, tables.item_vectors, 10,
+                                                           admit=lambda ids: ~np.isin(ids, history))
+            served = candidate_features(tables, served_user, items, item_scores, n_tower)
+            offline_items, offline_scores, offline_features = ctx.request(user, history, cands, scores, user_vec)
+            assert np.array_equal(offline_items, items) and np.array_equal(offline_scores, item_scores)
+            assert np.array_equal(offline_features, served)
     with pytest.raises(ValueError, match="not a prefix"):
-        ctx.features(0, histories[0][::-1], cands, scores)
+        ctx.request(0, histories[0][::-1], cands, scores, user_vec)
+
+
+def test_merged_candidates_append_the_channels_best_unseen_admitted_items_with_their_tower_scores():
+    from offline.rank_features import merge_candidates
+
+    vectors = np.eye(6, 2, dtype=np.float32) + 0.5  # row i: [1.5, 0.5] for i=0, [0.5, 1.5] for i=1, else [0.5, 0.5]
+    user = SimpleNamespace(neighbour_ids=np.array([0, 1, 2, 3, 4, 5]), neighbour_total=np.array([9.0, 0.0, 3.0, 5.0, 3.0, 7.0]))
+    tower, tower_scores = np.array([5]), np.array([0.9], np.float32)
+    admit = lambda ids: ids != 0  # noqa: E731  (item 0 is seen, say)
+    items, scores, n_tower = merge_candidates(user, tower, tower_scores, np.array([1.0, 0.0], np.float32), vectors, 2, admit)
+    # 0 not admitted, 5 already from the tower, 1 has no evidence; 3 (5.0) then 2 (3.0, the tie with 4 goes to the lower row)
+    assert items.tolist() == [5, 3, 2] and n_tower == 1
+    assert scores.tolist() == pytest.approx([0.9, 0.5, 0.5])
+    assert merge_candidates(user, tower, tower_scores, np.zeros(2, np.float32), vectors, 0, admit)[0].tolist() == [5]
+    f32 = np.float32
+    tables = RankerTables(vectors, np.zeros((6, 2), f32), np.full(6, np.nan, f32), np.ones(6, f32), np.full(6, np.nan, f32),
+                          np.full((6, 1), -1), np.zeros((6, 1), f32), np.zeros(0, np.int64))
+    features = ranker_features(tables, np.zeros(0, np.int64), np.zeros(0, f32), np.zeros(0, np.int64), np.zeros(0, f32),
+                               items, scores, n_tower)
+    assert features[:, FEATURE_NAMES.index("from_item_item")].tolist() == [0.0, 1.0, 1.0]
 
 
 def test_report_compares_rerankers_with_the_recall_order(bundle_root):
