@@ -23,7 +23,7 @@ from offline.dataset import Dataset, Interactions
 from offline.evaluate import BLEND, baseline_models, evaluate, paired_bootstrap, report_rows, tune, write_report
 from offline.rank_features import RankerTables, ranker_arrays
 from offline.ranker import RankerConfig
-from offline.split import TemporalSplit, temporal_split
+from offline.split import TemporalSplit, seeded_sample, temporal_split
 from offline.stages import stage
 from offline.train_ranker import RERANKED, MergedCandidates, RankContext, RankingResult, rerankers, train_rankers
 from offline.distributed import world
@@ -190,9 +190,7 @@ def index_recall_at_depth(index: hnswlib.Index, item_vectors: np.ndarray, tables
                           split: TemporalSplit, depth: int, seed: int = 0) -> float:
     """Share of the exact top-``depth`` items the index returns, over the serving vectors of every
     user (or a seeded sample of ``split.max_eval_users`` of them)."""
-    users = np.arange(split.n_users)
-    if split.max_eval_users and len(users) > split.max_eval_users:
-        users = np.sort(np.random.default_rng(seed).choice(users, split.max_eval_users, replace=False))
+    users = seeded_sample(np.arange(split.n_users), split.max_eval_users, seed)
     serving = split.history_before("serve")
     user_vecs = tables.user_vectors(model, users, [serving[u] for u in users])
     depth = min(depth, len(item_vectors))

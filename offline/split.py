@@ -40,10 +40,7 @@ class TemporalSplit:
         uniform sample of ``max_eval_users`` of them. Full ranking costs ``users x items``; a fixed
         sample keeps validation and evaluation linear in the catalogue (the metrics become means
         over a random sample of users, with the sampling error of any mean over that many users)."""
-        users = np.flatnonzero(np.diff(self.truth(name).indptr) > 0)
-        if self.max_eval_users and len(users) > self.max_eval_users:
-            users = np.sort(np.random.default_rng(seed).choice(users, self.max_eval_users, replace=False))
-        return users
+        return seeded_sample(np.flatnonzero(np.diff(self.truth(name).indptr) > 0), self.max_eval_users, seed)
 
     def truth(self, name: str) -> sp.csr_matrix:
         """Relevance grades of the window's interactions, positives only."""
@@ -78,6 +75,14 @@ def temporal_split(
         n_users, n_items, inter.subset(~is_test & ~is_valid), inter.subset(is_valid), inter.subset(is_test), implicit,
         max_eval_users,
     )
+
+
+def seeded_sample(rows: np.ndarray, limit: int, seed: int = 0) -> np.ndarray:
+    """``rows`` when ``limit`` is 0 or not below their number, else a seeded uniform sample of
+    ``limit`` of them, ascending: the same rows on every run with the same seed."""
+    if not limit or len(rows) <= limit:
+        return rows
+    return np.sort(np.random.default_rng(seed).choice(rows, limit, replace=False))
 
 
 def relevance(ratings: np.ndarray, implicit: bool) -> np.ndarray:

@@ -25,7 +25,7 @@ from loguru import logger
 from offline.evaluate import paired_bootstrap
 from offline.rank_features import RankerTables, candidate_features, feature_names, merge_candidates, user_features
 from offline.ranker import Queries, Ranker, RankerConfig, fit_lambdamart, fit_mlp, load_ranker
-from offline.split import TemporalSplit
+from offline.split import TemporalSplit, seeded_sample
 from offline.stages import stage
 from offline.train_recall import TwoTowerRecommender, exact_topk, hnsw_topk
 
@@ -117,9 +117,7 @@ def build_queries(ctx: RankContext, split: TemporalSplit, window: str, list_len:
     set): the two-tower's top ``list_len`` for the history before it merged with the item-item channel's,
     graded labels."""
     truth = split.truth(window)
-    users = np.flatnonzero(np.diff(truth.indptr) > 0)
-    if max_queries and len(users) > max_queries:
-        users = np.sort(np.random.default_rng(seed).choice(users, max_queries, replace=False))
+    users = seeded_sample(np.flatnonzero(np.diff(truth.indptr) > 0), max_queries, seed)
     histories = split.history_before(window)
     hist = [histories[u] for u in users]
     tower_items, tower_scores, user_vecs = ctx.candidates(users, hist)
