@@ -128,7 +128,7 @@ def queries(engine: Engine, n: int, seed: int) -> list[Query]:
     users = np.random.default_rng(seed).choice(list(engine.user_row), n, replace=False)
     out = []
     for user in users:
-        ctx = engine.resolve_user(RecommendRequest(user_id=str(user)))
+        ctx = engine.resolve_user(str(user))
         out.append(Query(engine.user_vector(ctx), ctx.hist_items))
     return out
 

@@ -1,4 +1,4 @@
-"""``python -m offline``: the offline entry point (data inspection, evaluation, training)."""
+"""``python -m offline``: the offline entry point (evaluation, training, retraining, batch recommendations)."""
 from __future__ import annotations
 
 import argparse
@@ -140,6 +140,47 @@ def cmd_retrain(args: argparse.Namespace) -> None:
           f"({decision.reason}); comparison in {args.out / 'reports' / candidate.name / 'retrain.md'}")
 
 
+def cmd_recommend(args: argparse.Namespace) -> None:
+    """Top-K for many users from a bundle, through the service's engine, into a CSV or Parquet file."""
+    from pydantic import ValidationError
+
+    from offline.recommend import FORMATS, load_engine, read_users, recommend_rows, write
+    from service.engine import RequestError
+    from service.schemas import Filters, RecommendOptions
+
+    if args.out.suffix not in FORMATS:
+        raise ConfigError(f"--out {args.out}: the file name must end in {' or '.join(FORMATS)}")
+    try:
+        chosen = {"genres_any": args.genres_any, "genres_none": args.genres_none, "year_min": args.year_min,
+                  "year_max": args.year_max}
+        filters = Filters(**chosen) if any(v is not None for v in chosen.values()) else None
+        opts = RecommendOptions(k=args.k, candidates=args.candidates, exclude_seen=not args.include_seen, filters=filters)
+    except ValidationError as err:
+        raise ConfigError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())) from err
+    engine = load_engine(args.bundle, args.events, args.events_redis_prefix)
+    users = read_users(args.users, engine)
+    try:
+        written, failed = write(recommend_rows(engine, users, opts, args.batch_size, progress=not args.quiet), args.out)
+    except RequestError as err:  # an option the bundle cannot honour (a genre it lacks)
+        raise ConfigError(err.message) from err
+    print(f"{args.out}: top-{args.k} for {written} users (bundle {engine.version})")
+    if failed:
+        shown = "; ".join(f"{r['user_id']}: {r['error']}" for r in failed[:5])
+        print(f"{len(failed)} users not written ({shown}{'; ...' if len(failed) > 5 else ''})", file=sys.stderr)
+
+
+def comma_list(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def positive(value: str) -> int:
+    """An argparse ``type`` for a whole number >= 1."""
+    number = count(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= 1")
+    return number
+
+
 def add_config_options(parser: argparse.ArgumentParser, cls: type, prefix: str, title: str) -> None:
     """One ``--prefix-name`` option per config field, typed, documented and (for an enumerated
     field) restricted to its choices from the dataclass, so a typo fails before any training."""
@@ -206,6 +247,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(rt, IndexConfig, "index_", "HNSW index")
     add_config_options(rt, RankerConfig, "ranker_", "re-ranker (MLP with pairwise losses, LambdaMART comparison)")
     rt.set_defaults(func=cmd_retrain)
+    rc = sub.add_parser("recommend", help="write the top-K for many users from a bundle (CSV or Parquet), answered by "
+                        "the service's own engine, in batches")
+    rc.add_argument("--bundle", type=Path, default=Path("artifacts"), help="bundle root (its 'current') or a version directory")
+    rc.add_argument("--users", required=True, metavar="FILE|all", help="'all' (every user in the bundle), or a file with "
+                    "one user id per line, or a CSV with a user_id column")
+    rc.add_argument("--k", type=positive, default=10, help="items per user")
+    rc.add_argument("--out", type=Path, required=True, metavar="FILE.csv|FILE.parquet",
+                    help="one row per user and item: user_id, rank, item_id, title, score, recall_score, recall_rank, source")
+    rc.add_argument("--candidates", type=positive, help="two-tower recall depth (default: the bundle's)")
+    rc.add_argument("--include-seen", action="store_true", help="keep items the user already interacted with")
+    rc.add_argument("--genres-any", type=comma_list, metavar="A,B", help="keep items with at least one of these genres")
+    rc.add_argument("--genres-none", type=comma_list, metavar="A,B", help="drop items with any of these genres")
+    rc.add_argument("--year-min", type=int)
+    rc.add_argument("--year-max", type=int)
+    rc.add_argument("--batch-size", type=positive, default=1000, help="users per engine pass")
+    rc.add_argument("--events", metavar="SOURCE", help="apply the events and catalogue changes the service recorded "
+                    "(a state directory or a Redis URL), as a replica does at start-up")
+    rc.add_argument("--events-redis-prefix", default="recsys", help="the service's RECSYS_REDIS_PREFIX (with a Redis URL)")
+    rc.add_argument("--quiet", action="store_true", help="no progress bar")
+    rc.set_defaults(func=cmd_recommend)
     return parser
 
 

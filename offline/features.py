@@ -139,7 +139,7 @@ def history_windows(
 
 
 def single_history(items: np.ndarray, ratings: np.ndarray, history_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """One user's window from their full time-ordered history (the serving call)."""
+    """One user's window from their full time-ordered history (the service batches ``history_windows`` itself)."""
     n = np.array([len(items)])
     return history_windows(np.asarray(items, np.int64), np.asarray(ratings, np.float32), np.zeros(1, np.int64), n, history_len)
 

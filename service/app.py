@@ -11,6 +11,7 @@ import hmac
 import os
 import sys
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated
 
 import anyio
@@ -19,7 +20,8 @@ import torch
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import FileResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from loguru import logger
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -33,8 +35,9 @@ from service.config import Settings, get_settings
 from service.engine import Engine, RequestError, now
 from service.http import BodyLimit, FastJSONResponse, Observe, allowed_methods, error, errors, validation_summary
 from service.schemas import (
-    MAX_ID_CHARS, YEAR_RANGE, EventRequest, EventResponse, Filters, HealthResponse, ItemChangeResponse, ItemUpsert,
-    ReadyResponse, RecommendRequest, RecommendResponse, ReloadRequest, ReloadResponse, SimilarItemsResponse,
+    MAX_ID_CHARS, YEAR_RANGE, BatchRecommendRequest, BatchRecommendResponse, BundleInfo, EventRequest, EventResponse,
+    Filters, HealthResponse, ItemChangeResponse, ItemUpsert, ReadyResponse, RecommendOptions, RecommendRequest,
+    RecommendResponse, ReloadRequest, ReloadResponse, SimilarItemsResponse,
 )
 from service.state import ServiceState
 from service.store import Event, StoreUnavailable
@@ -69,6 +72,7 @@ app = FastAPI(title="recsys", version="0.2.0", default_response_class=FastJSONRe
                           "Every error answers `{\"error\": message}`.")
 app.add_middleware(BodyLimit)  # added first, so it runs inside ``Observe`` and its 413s / 408s are counted
 app.add_middleware(Observe)
+STATIC = Path(__file__).parent / "static"
 bearer = HTTPBearer(auto_error=False, description="RECSYS_ADMIN_TOKEN; admin routes answer 403 when it is not set")
 
 
@@ -187,13 +191,33 @@ def recommend_get(engine: EngineDep, user_id: Annotated[str, Query(min_length=1,
 @app.post("/recommend", response_model=RecommendResponse, responses=errors(400, 404, 408, 413, 422), tags=["recommend"])
 def recommend_post(body: RecommendRequest, engine: EngineDep):
     settings = get_settings()
+    check_options(body, settings)
+    if body.recent_items is not None and len(body.recent_items) > settings.max_recent_items:
+        raise RequestError(422, f"recent_items may hold at most {settings.max_recent_items} ids")
+    return FastJSONResponse(engine.recommend(body, settings.default_candidates))
+
+
+@app.post("/recommend/batch", response_model=BatchRecommendResponse, responses=errors(400, 408, 413, 422), tags=["recommend"])
+def recommend_batch(body: BatchRecommendRequest, engine: EngineDep):
+    """Known users by id, answered together: one tower call, one batched ANN query, one ranker pass. Each result
+    is what ``/recommend`` would answer for that user with these options; a user it would refuse (an unknown
+    id: 404) gets that error and status in its place, and the rest of the batch is still answered."""
+    settings = get_settings()
+    check_options(body, settings)
+    if len(body.user_ids) > settings.max_batch_users:
+        raise RequestError(422, f"user_ids may hold at most {settings.max_batch_users} ids (RECSYS_MAX_BATCH_USERS)")
+    answer = engine.recommend_batch(body.user_ids, body, settings.default_candidates, metrics.BATCH_STAGE)
+    failed = sum(result.get("error") is not None for result in answer["results"])
+    metrics.BATCH_USERS.labels("answered").inc(len(answer["results"]) - failed)
+    metrics.BATCH_USERS.labels("error").inc(failed)
+    return FastJSONResponse(answer)
+
+
+def check_options(body: RecommendOptions, settings: Settings) -> None:
     if body.k > settings.max_k:
         raise RequestError(422, f"k must be <= {settings.max_k}")
     if body.candidates is not None and body.candidates > settings.max_candidates:
         raise RequestError(422, f"candidates must be <= {settings.max_candidates}")
-    if body.recent_items is not None and len(body.recent_items) > settings.max_recent_items:
-        raise RequestError(422, f"recent_items may hold at most {settings.max_recent_items} ids")
-    return FastJSONResponse(engine.recommend(body, settings.default_candidates))
 
 
 @app.get("/similar-items/{item_id:path}", response_model=SimilarItemsResponse, responses=errors(404, 422), tags=["recommend"])
@@ -202,6 +226,23 @@ def similar_items(item_id: str, engine: EngineDep, k: Annotated[int, Query(ge=1,
     if k > get_settings().max_k:
         raise RequestError(422, f"k must be <= {get_settings().max_k}")
     return FastJSONResponse(engine.similar_items(item_id, k))
+
+
+@app.get("/info", response_model=BundleInfo, tags=["recommend"])
+def info(state: StateDep):
+    """What this replica serves: the bundle, its catalogue's genres and years, a few known users (the web page's
+    form is built from it)."""
+    return FastJSONResponse(state.engine.info())
+
+
+# ----------------------------------------------------------------------------- web page
+@app.get("/", include_in_schema=False)
+def page():
+    """The web page (service/static): no build step, it calls the JSON routes above."""
+    return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
 
 # ----------------------------------------------------------------------------- online state
@@ -265,10 +306,14 @@ def apply_limits(schema: dict, settings: Settings) -> None:
             if branch.get("type") in ("integer", "array"):
                 branch[key] = value
 
-    body = schema["components"]["schemas"]["RecommendRequest"]["properties"]
-    limit(body["k"], "maximum", settings.max_k)
-    limit(body["candidates"], "maximum", settings.max_candidates)
-    limit(body["recent_items"], "maxItems", settings.max_recent_items)
+    for name in ("RecommendRequest", "BatchRecommendRequest"):
+        body = schema["components"]["schemas"][name]["properties"]
+        limit(body["k"], "maximum", settings.max_k)
+        limit(body["candidates"], "maximum", settings.max_candidates)
+    limit(schema["components"]["schemas"]["RecommendRequest"]["properties"]["recent_items"], "maxItems",
+          settings.max_recent_items)
+    limit(schema["components"]["schemas"]["BatchRecommendRequest"]["properties"]["user_ids"], "maxItems",
+          settings.max_batch_users)
     for path in ("/recommend", "/similar-items/{item_id}"):
         for param in schema["paths"][path]["get"]["parameters"]:
             if param["name"] in ("k", "candidates"):

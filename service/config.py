@@ -37,6 +37,8 @@ class Settings(BaseSettings):
                                            "depth the bundle was trained and evaluated with (its index.candidates)")
     max_candidates: int = Field(1000, ge=1, description="largest candidate depth a client may ask for")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="requests with larger bodies get 413")
+    max_batch_users: int = Field(1000, ge=1, le=100_000, description="most user_ids one /recommend/batch call may send "
+                                 "(a batch holds a worker thread for its whole run: about 1 ms per user)")
     max_recent_items: int = Field(200, ge=1, description="most recent_items a cold-start request may send")
     worker_threads: int = Field(2, ge=1, description="threads running request handlers; CPU-bound work gains nothing "
                                 "from more threads than cores, and a GIL convoy of many threads costs throughput")

@@ -11,29 +11,31 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
 import torch
 from loguru import logger
+from prometheus_client import Histogram
 from pydantic import ValidationError
 
 from offline.bundle import Bundle
-from offline.features import FeatureSpec, encode_item_features, encode_user_features, single_history
+from offline.features import FeatureSpec, encode_item_features, encode_user_features, history_windows
 from offline.rank_features import (RankerTables, UserFeatures, candidate_features, merge_candidates, readable_feature_names,
                                    user_features)
 from offline.ranker import load_ranker
 from service.filters import EXACT_LIMIT, FilterIndex, RowFilter, top_k
-from service.metrics import DEGRADED, FALLBACKS, timed
-from service.schemas import Filters, ItemUpsert, RecommendRequest
+from service.metrics import DEGRADED, FALLBACKS, STAGE, timed
+from service.schemas import Filters, ItemUpsert, RecommendOptions, RecommendRequest
 from service.store import Event, StoreUnavailable
 
 EXACT_SEARCH_FACTOR = 2  # below depth * this many allowed items, scoring them all beats over-fetching
 NOTHING = np.zeros(0, np.int64)
 TOWER, ITEM_ITEM = "two-tower", "item-item"  # a recommended item's candidate source
 FETCH_GROWTH = 4  # an over-fetch that did not fill the list asks for this many times more
+TRACE_HISTORY = 50  # history items a traced response shows
 FETCH_MARGIN = 1.25  # a filtered over-fetch asks for this much more than the admitted share predicts
 # Item arrays a newly added item cannot take from its features: it has no interactions yet, so no
 # popularity and no co-occurrence neighbours (-1 is the padding of ``item_neighbours``).
@@ -155,6 +157,7 @@ class UserContext:
     num: np.ndarray
     hist_items: np.ndarray  # item rows, oldest first
     hist_ratings: np.ndarray
+    hist_times: np.ndarray  # epoch seconds, float; NaN for items sent as recent_items
     cache_key: str | None = None
     version: int = 0  # the online history's version (events ever recorded for this user)
     known_features: bool = True
@@ -202,6 +205,18 @@ class Engine:
     def version(self) -> str:
         return self.bundle.version
 
+    def info(self, example_users: int = 20) -> dict:
+        """What the engine serves (``GET /info``)."""
+        years = self.catalog.arrays["item_year"]
+        known = years[np.isfinite(years)]
+        low, high = self.rating_scale
+        return {"bundle_version": self.version, "items": self.searchable_items, "users": len(self.user_row),
+                "genres": list(self.bundle.catalog["genre_names"]),
+                "years": {"min": int(known.min()) if len(known) else None, "max": int(known.max()) if len(known) else None},
+                "rating_scale": {"min": low, "max": high}, "candidates": self.bundle_candidates,
+                "item_item_candidates": self.item_item_candidates, "ranker": None if self.ranker is None else self.ranker.kind,
+                "example_users": list(self.bundle.catalog["user_ids"][:example_users])}
+
     @property
     def rating_scale(self) -> tuple[float, float]:
         """The ratings the model was trained on, ``(min, max)``; events are validated against it. Bundles
@@ -221,53 +236,91 @@ class Engine:
 
     # ---------------------------------------------------------------- recommend
     def recommend(self, req: RecommendRequest, default_candidates: int | None = None) -> dict:
-        """Recall (two-tower, then the item-item channel), re-rank, top-k. The two-tower's depth is the
-        request's ``candidates``, else ``default_candidates`` (the operator's setting), else the bundle's own."""
-        timings: dict[str, float] = {}
-        with timed("features", timings):
-            ctx = self.resolve_user(req)
-            catalog = self.catalog
-            allowed = self.allowed(catalog, req.filters, ctx.hist_items if req.exclude_seen else None)
-        if ctx.empty:
-            FALLBACKS.labels("popularity").inc()
-            return self._response(ctx, catalog, self.popular(catalog, allowed, req.k), "popularity", timings, req.explain)
-        with timed("user_encoding", timings):
-            vec = self.user_vector(ctx)
-        with timed("ann_search", timings):
-            depth = max(req.candidates or default_candidates or self.bundle_candidates, req.k)
-            catalog, cands, scores = self.search(vec, depth, allowed)
-        with timed("rerank", timings):
-            ranked = self.rerank(ctx, catalog, cands, scores, req.k, req.explain, vec, allowed)
-        return self._response(ctx, catalog, ranked, None, timings, req.explain)
+        """One user through ``recommend_users``: a single request is a batch of one, so both routes, and the
+        offline ``recommend`` command, answer a user with the same code."""
+        (answer,), timings = self.recommend_users([(req.user_id, req.features, req.recent_items)], req, default_candidates)
+        if isinstance(answer, RequestError):
+            raise answer
+        return {**answer, "bundle_version": self.version, "timings_ms": timings}
 
-    def resolve_user(self, req: RecommendRequest) -> UserContext:
+    def recommend_batch(self, user_ids: Sequence[str | int], opts: RecommendOptions, default_candidates: int | None = None,
+                        histogram: Histogram = STAGE) -> dict:
+        """Known users by id in one ``recommend_users`` pass; a user a single request would refuse gets its
+        error and status in its place (the body of ``POST /recommend/batch``, and the offline command's rows)."""
+        answers, timings = self.recommend_users([(user, None, None) for user in user_ids], opts, default_candidates, histogram)
+        results = [{"user_id": str(user), "items": None, "error": a.message, "status": a.status} if isinstance(a, RequestError)
+                   else {**a, "error": None, "status": None} for user, a in zip(user_ids, answers)]
+        return {"results": results, "bundle_version": self.version, "timings_ms": timings}
+
+    def recommend_users(self, users: Sequence[tuple], opts: RecommendOptions, default_candidates: int | None = None,
+                        histogram: Histogram = STAGE) -> tuple[list[dict | RequestError], dict[str, float]]:
+        """Recall (two-tower, then the item-item channel), re-rank, top-k for each ``(user_id, features,
+        recent_items)``, each stage once for them all: one tower call, one batched ANN query, one ranker pass.
+        A user that cannot be answered (an unknown id) gets the ``RequestError`` a single request would raise,
+        in its place; a bad option (an unknown genre) fails the call. The two-tower's depth is the request's
+        ``candidates``, else ``default_candidates`` (the operator's setting), else the bundle's own."""
+        timings: dict[str, float] = {}
+        answers: list = [None] * len(users)
+        with timed("features", timings, histogram):
+            catalog = self.catalog
+            RowFilter.of(opts.filters, self._genre_cols)  # an unknown genre fails the request, not each user
+            live = []
+            for i, user in enumerate(users):
+                try:
+                    ctx = self.resolve_user(*user)
+                except RequestError as err:
+                    answers[i] = err
+                    continue
+                live.append((i, ctx, self.allowed(catalog, opts.filters, ctx.hist_items if opts.exclude_seen else None)))
+        for i, ctx, allowed in live:
+            if ctx.empty:
+                FALLBACKS.labels("popularity").inc()
+                answers[i] = self._response(ctx, catalog, self.popular(catalog, allowed, opts.k), "popularity", opts)
+        warm = [entry for entry in live if not entry[1].empty]
+        if warm:
+            rows, ctxs, alloweds = zip(*warm)
+            with timed("user_encoding", timings, histogram):
+                vecs = self.user_vectors(ctxs)
+            with timed("ann_search", timings, histogram):
+                depth = max(opts.candidates or default_candidates or self.bundle_candidates, opts.k)
+                found = self.search_many(vecs, depth, alloweds)
+            with timed("rerank", timings, histogram):
+                ranked = self.rerank_many(ctxs, found, vecs, alloweds, opts)
+            for i, ctx, (catalog, _, _), (entries, cands) in zip(rows, ctxs, found, ranked):
+                answers[i] = self._response(ctx, catalog, entries, None, opts, cands)
+        return answers, timings
+
+    def resolve_user(self, user_id: str | int | None, features: dict | None = None,
+                     recent_items: list | None = None) -> UserContext:
         """A known user (stored features + bundle history + online events) or a cold one."""
-        raw = None if req.user_id is None else str(req.user_id)
+        raw = None if user_id is None else str(user_id)
         version, online = self.online_history(raw)
-        recent = self._item_rows(req.recent_items or [])
-        extra_items = np.array([r for r, _ in online] + recent, np.int64)
-        extra_ratings = np.array([rating for _, rating in online] + [0.0] * len(recent), np.float32)
+        recent = self._item_rows(recent_items or [])
+        extra_items = np.array([r for r, _, _ in online] + recent, np.int64)
+        extra_ratings = np.array([rating for _, rating, _ in online] + [0.0] * len(recent), np.float32)
+        extra_times = np.array([t for _, _, t in online] + [np.nan] * len(recent), np.float64)
         row = self.user_row.get(raw) if raw is not None else None
         if row is not None:
             a = self.bundle.arrays
             lo, hi = a["history_offsets"][row], a["history_offsets"][row + 1]
             items = np.concatenate([a["history_items"][lo:hi], extra_items])
             ratings = np.concatenate([a["history_ratings"][lo:hi], extra_ratings])
+            times = np.concatenate([a["history_timestamps"][lo:hi], extra_times])
             key = raw if not recent else None  # recent_items make the request one-off: no caching
-            return UserContext(raw, row + 1, a["user_cat"][row], a["user_num"][row], items, ratings, key, version)
-        if raw is not None and not online and req.features is None and not recent:
+            return UserContext(raw, row + 1, a["user_cat"][row], a["user_num"][row], items, ratings, times, key, version)
+        if raw is not None and not online and features is None and not recent:
             raise RequestError(404, f"unknown user_id '{raw}': send features and/or recent_items for a new user")
-        features = req.features or {}
+        features = features or {}
         _check_features(features, self.spec.user_categorical, self.spec.user_numeric, "user")
         cat, num = encode_user_features(self.spec, self.bundle.catalog["user_vocab"], features)
-        key = raw if raw is not None and not recent and req.features is None else None
+        key = raw if raw is not None and not recent and not features else None
         known = any(v is not None for v in features.values())
-        return UserContext(raw, 0, cat[0], num[0], extra_items, extra_ratings, key, version, known_features=known)
+        return UserContext(raw, 0, cat[0], num[0], extra_items, extra_ratings, extra_times, key, version, known_features=known)
 
-    def online_history(self, raw: str | None) -> tuple[int, list[tuple[int, float]]]:
-        """The user's history version and online events as ``(item row, rating)``. An event on an item this
-        bundle does not know (added online after it, then never replayed here) is skipped. If the store
-        cannot be reached the user is served from the bundle alone, and the degradation is counted."""
+    def online_history(self, raw: str | None) -> tuple[int, list[tuple[int, float, int]]]:
+        """The user's history version and online events as ``(item row, rating, timestamp)``. An event on an
+        item this bundle does not know (added online after it, then never replayed here) is skipped. If the
+        store cannot be reached the user is served from the bundle alone, and the degradation is counted."""
         if raw is None:
             return 0, []
         try:
@@ -276,28 +329,48 @@ class Engine:
             DEGRADED.labels("history").inc()
             return 0, []
         row_of = self.catalog.row_of
-        rows = [(row_of[e.item_id], e.rating if e.rating is not None else 0.0) for e in events if e.item_id in row_of]
-        return version, rows
+        return version, [(row_of[e.item_id], e.rating if e.rating is not None else 0.0, e.timestamp)
+                         for e in events if e.item_id in row_of]
 
     def user_vector(self, ctx: UserContext) -> np.ndarray:
-        """Run the exported user tower; known users' vectors are cached until their history changes.
+        return self.user_vectors([ctx])[0]
+
+    def user_vectors(self, ctxs: Sequence[UserContext]) -> np.ndarray:
+        """Run the exported user tower once over every context that misses the cache; known users' vectors
+        are cached until their history changes.
 
         A cache entry carries the history version it was computed from: a request that read the history
         just before an event may store its vector after the event, and the version tells that it is stale.
         Items added online have no id embedding, so the tower's window skips them (they still count as seen).
         """
-        if ctx.cache_key is not None and (hit := self.vector_cache.get(ctx.cache_key)) is not None and hit[0] == ctx.version:
-            return hit[1]
-        known = ctx.hist_items < self.model_items
-        hist_items, hist_ratings = single_history(ctx.hist_items[known], ctx.hist_ratings[known], self.spec.history_len)
+        out = np.empty((len(ctxs), self.catalog.vectors.shape[1]), np.float32)
+        todo = []
+        for j, ctx in enumerate(ctxs):
+            hit = self.vector_cache.get(ctx.cache_key) if ctx.cache_key is not None else None
+            if hit is not None and hit[0] == ctx.version:
+                out[j] = hit[1]
+            else:
+                todo.append(j)
+        if not todo:
+            return out
+        known = [ctxs[j].hist_items < self.model_items for j in todo]
+        ends = np.cumsum([int(m.sum()) for m in known])
+        hist_items, hist_ratings = history_windows(
+            np.concatenate([ctxs[j].hist_items[m] for j, m in zip(todo, known)]).astype(np.int64),
+            np.concatenate([ctxs[j].hist_ratings[m] for j, m in zip(todo, known)]).astype(np.float32),
+            np.concatenate([[0], ends[:-1]]), ends, self.spec.history_len)
         with torch.inference_mode():
-            vec = self.bundle.user_tower(
-                torch.tensor([ctx.id_input]), torch.from_numpy(ctx.cat[None].astype(np.int64)),
-                torch.from_numpy(ctx.num[None].astype(np.float32)), torch.from_numpy(hist_items), torch.from_numpy(hist_ratings),
-            )[0].numpy()
-        if ctx.cache_key is not None and (ctx.cache_key in self.vector_cache or len(self.vector_cache) < self.cache_size):
-            self.vector_cache[ctx.cache_key] = (ctx.version, vec)
-        return vec
+            vecs = self.bundle.user_tower(
+                torch.tensor([ctxs[j].id_input for j in todo]), torch.from_numpy(np.stack([ctxs[j].cat for j in todo]).astype(np.int64)),
+                torch.from_numpy(np.stack([ctxs[j].num for j in todo]).astype(np.float32)), torch.from_numpy(hist_items),
+                torch.from_numpy(hist_ratings),
+            ).numpy()
+        for j, vec in zip(todo, vecs):
+            out[j] = vec
+            key = ctxs[j].cache_key
+            if key is not None and (key in self.vector_cache or len(self.vector_cache) < self.cache_size):
+                self.vector_cache[key] = (ctxs[j].version, out[j].copy())  # a copy: not a view holding the whole batch
+        return out
 
     def allowed(self, catalog: Catalog, filters: Filters | None, seen: np.ndarray | None) -> Allowed:
         """Items that may be returned: active, passing the filters, not already seen. A filter's year slices
@@ -313,55 +386,89 @@ class Engine:
         return Allowed(excluded, rows=catalog.live(rule.admitted(catalog.filters, slices), excluded))
 
     def search(self, vec: np.ndarray, depth: int, allowed: Allowed) -> tuple[Catalog, np.ndarray, np.ndarray]:
-        """Top-``depth`` allowed items by inner product: exact over a narrow filter's rows (or a tiny catalogue),
-        else HNSW with over-fetch, checking each result.
+        return self.search_many(vec[None], depth, [allowed])[0]
+
+    def search_many(self, vecs: np.ndarray, depth: int, alloweds: Sequence[Allowed]) -> list[tuple[Catalog, np.ndarray, np.ndarray]]:
+        """Each user's top-``depth`` allowed items by inner product: exact over a narrow filter's rows (or a tiny
+        catalogue), else HNSW with over-fetch, checking each result; the HNSW users in one batched query.
 
         hnswlib's own filter raises when fewer than k survive and calls back into Python per visited node, so
         we over-fetch and check here, growing the fetch until enough survive. A broad filter that still leaves
         the list short after two growths admits far fewer rows than its bound: its rows are then listed and
-        scored exactly.
+        scored exactly. A batched query reads as deep as its widest fetch (hnswlib's beam is max(ef, k)), so
+        sharing a batch can only add true neighbours to a user's list, never remove one.
         """
         catalog = self.catalog
-        n_allowed = allowed.count(catalog)
-        depth = min(depth, n_allowed)
-        if depth == 0:
-            return catalog, np.zeros(0, np.int64), np.zeros(0, np.float32)
-        if allowed.rows is not None or (allowed.rule is None and n_allowed <= depth * EXACT_SEARCH_FACTOR):
-            return catalog, *self._exact(catalog, vec, allowed.every_row(catalog), depth)
-        first = fetch = allowed.first_fetch(catalog, depth)
-        while True:
+        out: list = [None] * len(alloweds)
+        pending: dict[int, tuple[int, int, int]] = {}  # user -> (depth, first fetch, fetch)
+        for u, allowed in enumerate(alloweds):
+            n_allowed = allowed.count(catalog)
+            wanted = min(depth, n_allowed)
+            if wanted == 0:
+                out[u] = (catalog, NOTHING, np.zeros(0, np.float32))
+            elif allowed.rows is not None or (allowed.rule is None and n_allowed <= wanted * EXACT_SEARCH_FACTOR):
+                out[u] = (catalog, *self._exact(catalog, vecs[u], allowed.every_row(catalog), wanted))
+            else:
+                first = allowed.first_fetch(catalog, wanted)
+                pending[u] = (wanted, first, first)
+        while pending:
+            users = list(pending)
             with self.index_lock:
                 catalog, index = self.catalog, self.bundle.index
                 searchable = catalog.n_active
+                k = min(max(pending[u][2] for u in users), searchable)
                 try:
-                    labels, dists = index.knn_query(vec[None], k=min(fetch, searchable))
+                    labels, dists = index.knn_query(vecs[users], k=k)
                 except RuntimeError:  # hnswlib found fewer than k (deleted items): score exactly instead
-                    return catalog, *self._exact(catalog, vec, allowed.every_row(catalog), depth)
-            labels, dists = labels[0].astype(np.int64), dists[0]
-            keep = allowed.keep(labels, catalog)
-            if keep.sum() >= depth or fetch >= searchable:
-                return catalog, labels[keep][:depth], (1.0 - dists[keep][:depth]).astype(np.float32)
-            if allowed.rule is not None and fetch >= first * FETCH_GROWTH**2:
-                return catalog, *self._exact(catalog, vec, allowed.every_row(catalog), depth)
-            fetch = min(fetch * FETCH_GROWTH, searchable)
+                    labels = dists = None
+            retry = {}
+            for j, u in enumerate(users):
+                wanted, first, fetch = pending[u]
+                if labels is None:
+                    out[u] = (catalog, *self._exact(catalog, vecs[u], alloweds[u].every_row(catalog), wanted))
+                    continue
+                found, dist = labels[j].astype(np.int64), dists[j]
+                keep = alloweds[u].keep(found, catalog)
+                if keep.sum() >= wanted or k >= searchable:
+                    out[u] = (catalog, found[keep][:wanted], (1.0 - dist[keep][:wanted]).astype(np.float32))
+                elif alloweds[u].rule is not None and fetch >= first * FETCH_GROWTH**2:
+                    out[u] = (catalog, *self._exact(catalog, vecs[u], alloweds[u].every_row(catalog), wanted))
+                else:
+                    retry[u] = (wanted, first, min(max(fetch, k) * FETCH_GROWTH, searchable))
+            pending = retry
+        return out
 
-    def rerank(self, ctx: UserContext, catalog: Catalog, cands: np.ndarray, scores: np.ndarray, k: int, explain: bool,
-               vec: np.ndarray, allowed: Allowed):
-        """Ranker scores for the two-tower's candidates merged with the item-item channel's (as the bundle
-        was evaluated); top-k. Recall order when the bundle has no ranker."""
-        if self.ranker is None or len(cands) == 0:
-            return [(int(c), float(s), None, r, None, self._recall_reasons(ctx, catalog, int(c), float(s), r) if explain else None,
-                     TOWER) for r, (c, s) in enumerate(zip(cands[:k], scores[:k]))]
-        tables = catalog.ranker_tables
-        user = self._user_features(ctx, tables)
-        cands, scores, n_tower = merge_candidates(user, cands, scores, vec, tables.item_vectors, self.item_item_candidates,
-                                                  admit=lambda ids: allowed.admits(ids, catalog))
-        feats = candidate_features(tables, user, cands, scores, n_tower)
-        rank_scores = self.ranker.score(feats)
-        order = np.lexsort((np.arange(len(cands)), -rank_scores))[:k]
-        return [(int(cands[i]), float(scores[i]), float(rank_scores[i]), int(i), None,
-                 dict(zip(self.explain_names, feats[i].round(5).tolist())) if explain else None,
-                 TOWER if i < n_tower else ITEM_ITEM) for i in order]
+    def rerank_many(self, ctxs: Sequence[UserContext], found: Sequence[tuple], vecs: np.ndarray,
+                    alloweds: Sequence[Allowed], opts: RecommendOptions) -> list[tuple[list, "Candidates"]]:
+        """Each user's two-tower candidates merged with the item-item channel's (as the bundle was evaluated),
+        their features stacked and scored in one ranker pass; top-k per user. Recall order without a ranker."""
+        lists = []
+        for ctx, (catalog, cands, scores), vec, allowed in zip(ctxs, found, vecs, alloweds):
+            if self.ranker is None or not len(cands):
+                lists.append(Candidates(cands, scores, len(cands)))
+                continue
+            tables = catalog.ranker_tables
+            user = self._user_features(ctx, tables)
+            cands, scores, n_tower = merge_candidates(user, cands, scores, vec, tables.item_vectors, self.item_item_candidates,
+                                                      admit=lambda ids, a=allowed, c=catalog: a.admits(ids, c))
+            lists.append(Candidates(cands, scores, n_tower, candidate_features(tables, user, cands, scores, n_tower)))
+        scored = [c for c in lists if c.features is not None]
+        if scored:
+            ranking = self.ranker.score(np.concatenate([c.features for c in scored]))
+            for c, part in zip(scored, np.split(ranking, np.cumsum([len(c.items) for c in scored])[:-1])):
+                c.ranking = part
+        return [(self._entries(ctx, catalog, c, opts), c) for ctx, (catalog, _, _), c in zip(ctxs, found, lists)]
+
+    def _entries(self, ctx: UserContext, catalog: Catalog, c: "Candidates", opts: RecommendOptions) -> list[tuple]:
+        """The top-k as ``(row, recall score, ranking score, recall rank, popularity, reasons, source)``."""
+        c.top = c.order(opts.k)
+        if c.ranking is None:
+            return [(int(c.items[i]), float(c.recall[i]), None, int(i), None,
+                     self._recall_reasons(ctx, catalog, int(c.items[i]), float(c.recall[i]), int(i)) if opts.explain else None,
+                     c.source(i)) for i in c.top]
+        return [(int(c.items[i]), float(c.recall[i]), float(c.ranking[i]), int(i), None,
+                 dict(zip(self.explain_names, c.features[i].round(5).tolist())) if opts.explain else None,
+                 c.source(i)) for i in c.top]
 
     def _user_features(self, ctx: UserContext, tables: RankerTables) -> UserFeatures:
         """The user's part of the ranker features, cached like the user vector: valid for one history
@@ -530,10 +637,23 @@ class Engine:
         return self.catalog.n_active
 
     # ---------------------------------------------------------------- helpers
-    def _response(self, ctx, catalog, ranked, fallback, timings, explain) -> dict:
-        items = [self._item(catalog, *entry[:5], entry[5] if explain else None, entry[6]) for entry in ranked]
-        return {"user_id": ctx.raw_id, "items": items, "bundle_version": self.version, "fallback": fallback,
-                "timings_ms": timings}
+    def _response(self, ctx: UserContext, catalog: Catalog, ranked: list[tuple], fallback: str | None,
+                  opts: RecommendOptions, cands: "Candidates | None" = None) -> dict:
+        out = {"user_id": ctx.raw_id, "fallback": fallback,
+               "items": [self._item(catalog, *entry[:5], entry[5] if opts.explain else None, entry[6]) for entry in ranked]}
+        if opts.trace:
+            out["trace"] = {"history": self._history(ctx, catalog), "history_length": len(ctx.hist_items),
+                            "candidates": [] if cands is None else cands.trace(catalog)}
+        return out
+
+    def _history(self, ctx: UserContext, catalog: Catalog) -> list[dict]:
+        """The most recent ``TRACE_HISTORY`` interactions, most recent first (items sent as recent_items have
+        no time and no rating)."""
+        recent = np.arange(len(ctx.hist_items))[::-1][:TRACE_HISTORY]
+        return [{"item_id": catalog.ids[row], "title": catalog.titles[row],
+                 "rating": None if np.isnan(ctx.hist_times[i]) else float(ctx.hist_ratings[i]),
+                 "timestamp": None if np.isnan(ctx.hist_times[i]) else int(ctx.hist_times[i])}
+                for i, row in zip(recent, ctx.hist_items[recent].tolist())]
 
     def _item(self, catalog: Catalog, row: int, recall_score, ranking_score, recall_rank, popularity=None, features=None,
               source=None) -> dict:
@@ -573,6 +693,35 @@ class Upsert:
     rows: np.ndarray
     vectors: np.ndarray
     catalog: Catalog
+
+
+@dataclass
+class Candidates:
+    """One user's candidates as the re-ranker saw them: the two-tower's in recall order, then the item-item
+    channel's (``n_tower`` splits them); ``top`` indexes the returned ones, best first."""
+
+    items: np.ndarray
+    recall: np.ndarray
+    n_tower: int
+    features: np.ndarray | None = None
+    ranking: np.ndarray | None = None
+    top: np.ndarray = field(default_factory=lambda: NOTHING)
+
+    def order(self, k: int) -> np.ndarray:
+        """The first ``k`` by ranking score (ties: recall order), or in recall order without a ranker."""
+        if self.ranking is None:
+            return np.arange(min(k, len(self.items)))
+        return np.lexsort((np.arange(len(self.items)), -self.ranking))[:k]
+
+    def source(self, i: int) -> str:
+        return TOWER if i < self.n_tower else ITEM_ITEM
+
+    def trace(self, catalog: Catalog) -> list[dict]:
+        rank = {int(i): r for r, i in enumerate(self.top)}
+        return [{"item_id": catalog.ids[row], "title": catalog.titles[row], "recall_score": float(self.recall[i]),
+                 "recall_rank": i, "source": self.source(i),
+                 "ranking_score": None if self.ranking is None else float(self.ranking[i]), "rank": rank.get(i)}
+                for i, row in enumerate(self.items.tolist())]
 
 
 def _in_sorted(values: np.ndarray, sorted_unique: np.ndarray) -> np.ndarray:

@@ -21,6 +21,9 @@ _STAGE_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0
 REQUESTS = Counter("recsys_requests_total", "HTTP requests by endpoint and status", ["endpoint", "method", "status"])
 LATENCY = Histogram("recsys_request_seconds", "HTTP request latency by endpoint", ["endpoint"], buckets=_LATENCY_BUCKETS)
 STAGE = Histogram("recsys_stage_seconds", "Time per /recommend stage", ["stage"], buckets=_STAGE_BUCKETS)
+BATCH_STAGE = Histogram("recsys_batch_stage_seconds", "Time per /recommend/batch stage, for the whole batch", ["stage"],
+                        buckets=_LATENCY_BUCKETS)
+BATCH_USERS = Counter("recsys_batch_users_total", "Users answered through /recommend/batch, by outcome", ["outcome"])
 FALLBACKS = Counter("recsys_fallbacks_total", "Recommendations served by a fallback", ["kind"])
 IN_FLIGHT = Gauge("recsys_in_flight_requests", "Requests being processed", multiprocess_mode="livesum")
 BUNDLE = Gauge("recsys_bundle_info", "Loaded bundle version (value 1)", ["version"], multiprocess_mode="livemax")
@@ -31,14 +34,14 @@ EVENTS = Counter("recsys_events_total", "Interactions recorded through /events")
 
 
 @contextmanager
-def timed(stage: str, timings: dict[str, float]) -> Iterator[None]:
-    """Time a stage into both the Prometheus histogram and the response's timings (ms)."""
+def timed(stage: str, timings: dict[str, float], histogram: Histogram = STAGE) -> Iterator[None]:
+    """Time a stage into both a Prometheus histogram (a single request's or a batch's) and the response's timings (ms)."""
     start = time.perf_counter()
     try:
         yield
     finally:
         elapsed = time.perf_counter() - start
-        STAGE.labels(stage).observe(elapsed)
+        histogram.labels(stage).observe(elapsed)
         timings[stage] = round(elapsed * 1000, 3)
 
 

@@ -64,7 +64,20 @@ class Filters(Strict):
         return self
 
 
-class RecommendRequest(Strict):
+class RecommendOptions(Strict):
+    """What a recommendation request asks for, for one user or for a batch of users alike."""
+
+    k: Annotated[StrictInt, Field(ge=1, le=10_000)] = Field(10, description="items to return (at most the max_k setting)")
+    candidates: Annotated[StrictInt, Field(ge=1, le=100_000)] | None = Field(
+        None, description="ANN recall depth (default from settings; at most the max_candidates setting)")
+    exclude_seen: StrictBool = True
+    filters: Filters | None = None
+    explain: StrictBool = False
+    trace: StrictBool = Field(False, description="also return the user's recent history and every candidate the "
+                              "re-ranker scored, in recall order (what the web page shows)")
+
+
+class RecommendRequest(RecommendOptions):
     """A known user by id, or a user the model never saw by features and recent item ids."""
 
     user_id: RawId | None = None
@@ -72,12 +85,13 @@ class RecommendRequest(Strict):
         None, description="for a new user: feature name -> value; numbers outside the training range are clipped to it")
     recent_items: Annotated[list[RawId], Field(max_length=MAX_LIST)] | None = Field(
         None, description="oldest first; the last one is the most recent")
-    k: Annotated[StrictInt, Field(ge=1, le=10_000)] = Field(10, description="items to return (at most the max_k setting)")
-    candidates: Annotated[StrictInt, Field(ge=1, le=100_000)] | None = Field(
-        None, description="ANN recall depth (default from settings; at most the max_candidates setting)")
-    exclude_seen: StrictBool = True
-    filters: Filters | None = None
-    explain: StrictBool = False
+
+
+class BatchRecommendRequest(RecommendOptions):
+    """Known users by id, each answered as a single ``/recommend`` would be (same options for all)."""
+
+    user_ids: Annotated[list[RawId], Field(min_length=1, max_length=100_000)] = Field(
+        description="at most the max_batch_users setting; an id may repeat")
 
 
 class EventRequest(Strict):
@@ -124,12 +138,53 @@ class RecommendedItem(BaseModel):
     features: dict[str, float | str | int | None] | None = Field(None, description="with explain=true: why this item")
 
 
+class HistoryItem(BaseModel):
+    item_id: str
+    title: str
+    rating: float | None = Field(description="null for an event without a rating or an item sent in recent_items")
+    timestamp: int | None = Field(description="epoch seconds; null for an item sent in recent_items")
+
+
+class Candidate(BaseModel):
+    item_id: str
+    title: str
+    recall_score: float
+    recall_rank: int = Field(description="0-based position in the recall order (the two-tower's, then the item-item channel's)")
+    source: str
+    ranking_score: float | None = Field(description="re-ranker score; null without a re-ranker")
+    rank: int | None = Field(description="0-based position in the returned items; null when not returned")
+
+
+class Trace(BaseModel):
+    history: list[HistoryItem] = Field(description="the most recent interactions, most recent first (at most 50)")
+    history_length: int
+    candidates: list[Candidate]
+
+
 class RecommendResponse(BaseModel):
     user_id: str | None
     items: list[RecommendedItem]
     bundle_version: str
     fallback: Literal["popularity"] | None
     timings_ms: dict[str, float]
+    trace: Trace | None = Field(None, description="with trace=true")
+
+
+class UserResult(BaseModel):
+    """One user's answer in a batch: items as for /recommend, or the error a single request would get."""
+
+    user_id: str
+    items: list[RecommendedItem] | None = None
+    fallback: Literal["popularity"] | None = None
+    trace: Trace | None = None
+    error: str | None = Field(None, description="why this user has no items (the batch still succeeds)")
+    status: int | None = Field(None, description="the HTTP status a single /recommend would have answered")
+
+
+class BatchRecommendResponse(BaseModel):
+    results: list[UserResult] = Field(description="one per requested user id, in request order")
+    bundle_version: str
+    timings_ms: dict[str, float] = Field(description="per stage, for the whole batch")
 
 
 class SimilarItemsResponse(BaseModel):
@@ -170,3 +225,16 @@ class ReadyResponse(BaseModel):
     bundle_version: str
     items: int
     rating_scale: RatingScale = Field(description="the ratings /events accepts: the range the model was trained on")
+
+
+class BundleInfo(BaseModel):
+    bundle_version: str
+    items: int
+    users: int
+    genres: list[str]
+    years: dict[str, int | None]
+    rating_scale: RatingScale
+    candidates: int = Field(description="the two-tower depth the bundle's re-ranker was evaluated on")
+    item_item_candidates: int
+    ranker: str | None
+    example_users: list[str] = Field(description="a few known user ids (the bundle's first ones)")

@@ -85,7 +85,7 @@ def test_recorded_events_train_into_the_next_bundle_and_are_not_counted_twice(st
         body = client.get("/recommend", params={"user_id": "newbie", "k": 5}).json()
         assert body["fallback"] is None and not {"fresh", "i3", "i5", "i7"} & {it["item_id"] for it in body["items"]}
         assert client.post("/events", json={"user_id": "newbie", "item_id": "i9"}).status_code == 200
-        assert [row for row, _ in engine.online_history("newbie")[1]] == [engine.catalog.row_of["i9"]]
+        assert [row for row, _, _ in engine.online_history("newbie")[1]] == [engine.catalog.row_of["i9"]]
 
 
 def test_retrain_promotes_the_replicas_follow_and_events_during_it_are_neither_lost_nor_doubled(start, own_root, tmp_path):
@@ -106,8 +106,8 @@ def test_retrain_promotes_the_replicas_follow_and_events_during_it_are_neither_l
             time.sleep(0.05)
         engine = client.app.state.service.engine
         assert "newbie" in engine.user_row and engine.catalog.row_of["fresh"] < engine.model_items
-        assert [row for row, _ in engine.online_history("newbie")[1]] == [engine.catalog.row_of["i9"]]  # not doubled
-        history = engine.resolve_user(RecommendRequest(user_id="newbie")).hist_items.tolist()
+        assert [row for row, _, _ in engine.online_history("newbie")[1]] == [engine.catalog.row_of["i9"]]  # not doubled
+        history = engine.resolve_user("newbie").hist_items.tolist()
         rows = [engine.catalog.row_of[i] for i in ("fresh", "i3", "i5", "i9")]
         assert history == rows  # the three in the bundle, then the one after the watermark: none lost
     # a candidate held to an impossible bar is written but not promoted, and the report says why

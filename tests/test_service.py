@@ -345,7 +345,7 @@ def test_a_vector_computed_before_an_event_is_not_served_after_it(start, bundle,
     items, ratings = history(bundle, row)
     with start() as client:
         engine = client.app.state.service.engine
-        in_flight = engine.resolve_user(RecommendRequest(user_id="u18"))  # read before the event...
+        in_flight = engine.resolve_user("u18")  # read before the event...
         assert client.post("/events", json={"user_id": "u18", "item_id": "i40", "rating": 2}).status_code == 200
         engine.user_vector(in_flight)  # ...cached after it
         after = client.get("/recommend", params={"user_id": "u18", "k": 5})
