@@ -315,6 +315,9 @@ def _lgb_name(name: str) -> str:
 # --------------------------------------------------------------------------- serving
 
 
+BLOCK = 2048  # rows per matmul block when scoring
+
+
 class Ranker:
     """A loaded re-ranker: ``score(features [n, F]) -> [n]``, higher is better."""
 
@@ -344,7 +347,14 @@ class MLPRanker(Ranker):
         self.biases = [_np(sd[f"{name}.bias"]) for name in linear]
 
     def score(self, features: np.ndarray) -> np.ndarray:
-        x = (np.asarray(features, np.float32) - self.mean) * self.inv_std
+        """Scored in blocks of ``BLOCK`` rows, so that a batch's intermediates stay in cache (one pass over the
+        250k candidates of a 943-user batch took twice as long as blocks of 2048)."""
+        features = np.asarray(features, np.float32)
+        return np.concatenate([self._score(features[i : i + BLOCK]) for i in range(0, len(features), BLOCK)] or
+                              [np.zeros(0, np.float32)])
+
+    def _score(self, features: np.ndarray) -> np.ndarray:
+        x = (features - self.mean) * self.inv_std
         for w, b in zip(self.weights[:-1], self.biases[:-1]):
             x = np.maximum(x @ w + b, 0.0)
         return (x @ self.weights[-1] + self.biases[-1]).ravel()
