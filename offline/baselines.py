@@ -125,32 +125,49 @@ def _max_scaled(scores: np.ndarray) -> np.ndarray:
 
 
 def sequence_neighbours(sequences: list[np.ndarray], n_items: int, window: int, decay: float, backward: float,
-                        k: int) -> tuple[np.ndarray, np.ndarray]:
+                        k: int, max_pairs: int = 1 << 24) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` neighbours per item (``[n_items, k]`` rows, -1 padding, and their similarities).
 
     A pair ``(i, j)`` with ``j`` following ``i`` by ``d <= window`` steps in a sequence adds
     ``exp(-(d - 1) / decay)`` to ``S[i, j]`` and ``backward`` times that to ``S[j, i]`` (the next
     item is what a recommender predicts, so order counts). ``S`` is then normalised like cosine,
     ``S[i, j] / sqrt(n_i n_j)`` with ``n`` the item counts, so popular items do not neighbour
-    everything. Cost: ``2 x window`` pairs per interaction, built one offset at a time.
+    everything. Cost: ``2 x window`` pairs per interaction, summed for a block of item rows at a time
+    (at most about ``max_pairs`` pairs each): memory stays bounded whatever the data's size.
     """
     seqs = [np.asarray(s, np.int64) for s in sequences if len(s) > 1]
     flat = np.concatenate(seqs) if seqs else np.zeros(0, np.int64)
     remaining = np.concatenate([np.arange(len(s) - 1, -1, -1) for s in seqs]) if seqs else flat  # steps to the end
-    sim = sp.csr_matrix((n_items, n_items), dtype=np.float64)
+    counts = np.bincount(flat, minlength=n_items)
+    norms = 1.0 / np.sqrt(np.maximum(counts, 1))
+    bound = counts * 2 * window  # pairs an item's row can receive
+    nbrs = np.full((n_items, k), -1, np.int64)
+    sims = np.zeros((n_items, k), np.float32)
+    start = 0
+    while start < n_items:
+        end = start + max(1, int(np.searchsorted(np.cumsum(bound[start:]), max_pairs, side="right")))
+        block = _sequence_block(flat, remaining, start, end, n_items, window, decay, backward)
+        block = (sp.diags(norms[start:end]) @ block @ sp.diags(norms)).tocsr()
+        nbrs[start:end], sims[start:end] = top_per_row(block, k)
+        start = end
+    return nbrs, sims
+
+
+def _sequence_block(flat: np.ndarray, remaining: np.ndarray, start: int, end: int, n_items: int, window: int,
+                    decay: float, backward: float) -> sp.csr_matrix:
+    """Rows ``start:end`` of the raw pair sums ``S`` (self pairs, an item repeated in a sequence, dropped)."""
+    rows, cols, vals = [], [], []
     for d in range(1, window + 1):
         at = np.flatnonzero(remaining >= d)
         if not len(at):
             break
         a, b, w = flat[at], flat[at + d], np.exp(-(d - 1) / decay)
-        rows, cols = np.concatenate([a, b]), np.concatenate([b, a])
-        vals = np.concatenate([np.full(len(at), w), np.full(len(at), backward * w)])
-        sim = sim + sp.csr_matrix((vals, (rows, cols)), shape=(n_items, n_items))
-    sim.setdiag(0.0)
-    sim.eliminate_zeros()
-    norms = 1.0 / np.sqrt(np.maximum(np.bincount(flat, minlength=n_items), 1))
-    sim = sp.diags(norms) @ sim @ sp.diags(norms)
-    return top_per_row(sim.tocsr(), k)
+        for src, dst, weight in ((a, b, w), (b, a, backward * w)):
+            keep = (src >= start) & (src < end) & (src != dst)
+            rows.append(src[keep] - start), cols.append(dst[keep]), vals.append(np.full(int(keep.sum()), weight))
+    if not rows:
+        return sp.csr_matrix((end - start, n_items))
+    return sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(end - start, n_items))
 
 
 def top_per_row(matrix: sp.csr_matrix, k: int) -> tuple[np.ndarray, np.ndarray]:

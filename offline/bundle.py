@@ -33,13 +33,13 @@ import hnswlib
 import numpy as np
 import torch
 
-SCHEMA_VERSION = 2  # 2: the ranker's features gained from_item_item (multi-channel candidates)
+SCHEMA_VERSION = 3  # 2: the ranker's features gained from_item_item (multi-channel candidates); 3: sequence neighbours
 CURRENT = "current"
 FILES = ("user_tower.pt2", "item_tower.pt2", "item_index.bin", "arrays.npz", "catalog.json")
 REQUIRED_ARRAYS = (
     "item_vectors", "user_cat", "user_num", "item_genres", "item_dense", "item_cat", "item_year",
     "history_offsets", "history_items", "history_ratings", "history_timestamps", "popularity",
-    "item_avg_rating", "item_neighbours", "item_neighbour_sims",
+    "item_avg_rating", "item_neighbours", "item_neighbour_sims", "item_seq_neighbours", "item_seq_neighbour_sims",
 )
 REQUIRED_MANIFEST = ("schema_version", "version", "created_at", "data_fingerprint", "params", "metrics",
                      "model_config", "feature_spec", "index", "files")

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from offline.baselines import ease_weights, row_top
+from offline.baselines import ease_weights, row_top, sequence_neighbours
 from offline.dataset import Interactions
+from offline.split import user_sequences
 
 RECENT = 20  # history items the similarity and neighbour features look at, newest first
 RECENCY_HALFLIFE = 5.0  # weight exp(-position_from_end / h): recent items carry most of the signal
@@ -30,11 +31,15 @@ ONE_HOT_MAX = 32  # user categorical columns with at most this many codes are on
 NEIGHBOURS = 50  # item neighbours kept per item in the bundle
 EASE_L2 = 500.0  # EASE ridge strength for the neighbour weights (chosen on the ranker's validation users)
 EASE_MAX_ITEMS = 5_000  # above this the dense n x n inverse is too heavy: cosine neighbours instead
+# Sequence neighbours (SeqKNN's, offline/baselines.py): pairs at most SEQ_WINDOW steps apart in a user's sequence,
+# weight exp(-(d - 1) / SEQ_DECAY), both directions alike; near the best SeqKNN settings on MovieLens validation
+# (window 50, decay 10, backward 1) at a window that keeps the pair count at 2 x 20 per interaction.
+SEQ_WINDOW, SEQ_DECAY, SEQ_BACKWARD = 20, 10.0, 1.0
 
 FEATURE_NAMES = [
     "recall_score", "recall_log_rank", "recall_score_gap", "recall_score_z", "from_item_item",
     "sim_last", "sim_max_recent", "sim_mean_recent", "sim_argmax_age", "sim_profile",
-    "neighbour_recent", "neighbour_max_recent",
+    "neighbour_recent", "neighbour_max_recent", "seq_recent", "seq_max_recent",
     "genre_affinity", "item_log_popularity", "popularity_vs_user", "item_avg_rating",
     "item_year", "item_year_missing", "year_vs_user",
     "history_log_len", "user_mean_rating",
@@ -52,6 +57,8 @@ class RankerTables:
     item_avg_rating: np.ndarray  # [n_items] float32 train-window mean rating, NaN when never rated
     item_neighbours: np.ndarray  # [n_items, K] int64 item neighbours (train window), -1 padding
     item_neighbour_sims: np.ndarray  # [n_items, K] float32 their weights (EASE, or cosine for big catalogues)
+    item_seq_neighbours: np.ndarray  # [n_items, K] int64 sequence neighbours (train window), -1 padding
+    item_seq_neighbour_sims: np.ndarray  # [n_items, K] float32 their weights
     user_cat_sizes: np.ndarray  # [C] int64 codes per user categorical column (0 = unknown)
 
     def __post_init__(self) -> None:
@@ -83,6 +90,8 @@ class RankerTables:
             item_avg_rating=arrays["item_avg_rating"].astype(np.float32, copy=False),
             item_neighbours=arrays["item_neighbours"].astype(np.int64, copy=False),
             item_neighbour_sims=arrays["item_neighbour_sims"].astype(np.float32, copy=False),
+            item_seq_neighbours=arrays["item_seq_neighbours"].astype(np.int64, copy=False),
+            item_seq_neighbour_sims=arrays["item_seq_neighbour_sims"].astype(np.float32, copy=False),
             user_cat_sizes=sizes.astype(np.int64),
         )
 
@@ -145,6 +154,9 @@ class UserFeatures:
     neighbour_ids: np.ndarray  # sorted item rows that are neighbours of a recent item
     neighbour_total: np.ndarray  # their recency-weighted summed neighbour weight
     neighbour_best: np.ndarray  # their largest neighbour weight
+    seq_ids: np.ndarray  # the same from the sequence neighbour lists
+    seq_total: np.ndarray
+    seq_best: np.ndarray
     demographics: np.ndarray
 
 
@@ -155,10 +167,11 @@ def user_features(tables: RankerTables, history_items: np.ndarray, history_ratin
     profile = _user_profile(tables, history_items, history_ratings)
     recent = history_items[-RECENT:][::-1]  # newest first
     weights = np.exp(-np.arange(len(recent)) / RECENCY_HALFLIFE).astype(np.float32)
-    ids, total, best = _neighbour_evidence(tables, recent, weights)
+    ease = _neighbour_evidence(tables.item_neighbours, tables.item_neighbour_sims, recent, weights)
+    seq = _neighbour_evidence(tables.item_seq_neighbours, tables.item_seq_neighbour_sims, recent, weights)
     demographics = np.concatenate([np.asarray(user_num, np.float32), _one_hot(tables, user_cat)])
     return UserFeatures(len(history_items), profile["genres"], profile["profile"], profile["log_pop"], profile["year"],
-                        profile["mean_rating"], tables.item_vectors[recent], weights, ids, total, best, demographics)
+                        profile["mean_rating"], tables.item_vectors[recent], weights, *ease, *seq, demographics)
 
 
 def candidate_features(tables: RankerTables, user: UserFeatures, candidates: np.ndarray, recall_scores: np.ndarray,
@@ -178,7 +191,8 @@ def candidate_features(tables: RankerTables, user: UserFeatures, candidates: np.
         (scores - scores.mean()) / (scores.std() + 1e-6) if n else scores,
         np.arange(n) >= n_tower,
         *_vector_similarities(cand_vecs, user),
-        *_neighbour_weights(user, np.asarray(candidates, np.int64)),
+        *_neighbour_weights(user.neighbour_ids, user.neighbour_total, user.neighbour_best, np.asarray(candidates, np.int64)),
+        *_neighbour_weights(user.seq_ids, user.seq_total, user.seq_best, np.asarray(candidates, np.int64)),
         genres @ user.genres / np.maximum(genres.sum(axis=1), 1.0),
         static[:, 0],
         static[:, 0] - user.log_pop,
@@ -199,23 +213,35 @@ def merge_candidates(user: UserFeatures, items: np.ndarray, scores: np.ndarray, 
     """Multi-channel recall: the two-tower's candidates, then up to ``extra`` items of the item-item
     channel that the two-tower missed.
 
-    The item-item channel ranks the recent items' neighbours by their recency-weighted summed
-    neighbour weight (``UserFeatures.neighbour_total``: a recency-weighted EASE score over the
-    bundle's neighbour lists, ties to the lower row); ``admit`` says which of them the request may
-    return (not seen, passing its filters). It finds what a user's last few items imply next, which
-    the tower's single vector blurs. Added items get their two-tower score (inner product with
+    The item-item channel ranks the recent items' neighbours by ``channel_evidence`` (recency-weighted
+    EASE and sequence-neighbour scores blended; ties to the lower row); ``admit`` says which of them the
+    request may return (not seen, passing its filters). It finds what a user's last few items imply
+    next, which the tower's single vector blurs. Added items get their two-tower score (inner product with
     ``user_vector``) so every candidate's score features mean one thing. Returns the merged items and
     scores and how many came from the two-tower. The offline evaluation and the service both call it.
     """
     n_tower = len(items)
-    if extra <= 0 or not len(user.neighbour_ids):
+    if extra <= 0:
         return items, scores, n_tower
-    ids, total = user.neighbour_ids, user.neighbour_total
+    ids, total = channel_evidence(user)
     fresh = (total > 0) & ~np.isin(ids, items)
     fresh[fresh] = admit(ids[fresh])
     new, _ = row_top(ids[fresh], total[fresh], extra)
     new_scores = (item_vectors[new] @ user_vector).astype(np.float32)
     return np.concatenate([items, new]).astype(np.int64), np.concatenate([scores, new_scores]), n_tower
+
+
+def channel_evidence(user: UserFeatures) -> tuple[np.ndarray, np.ndarray]:
+    """The item-item channel's score of every item a recent item points at (sorted rows): the recency-weighted
+    EASE and sequence-neighbour evidence, each scaled to a maximum of 1, averaged, as the strongest peer
+    (recency-weighted EASE + SeqKNN) blends them."""
+    ids = np.union1d(user.neighbour_ids, user.seq_ids)
+    score = np.zeros(len(ids))
+    for own, total in ((user.neighbour_ids, user.neighbour_total), (user.seq_ids, user.seq_total)):
+        top = float(total.max()) if len(total) else 0.0
+        if top > 0:
+            score[np.searchsorted(ids, own)] += 0.5 * total / top
+    return ids, score
 
 
 def _user_profile(tables: RankerTables, items: np.ndarray, ratings: np.ndarray) -> dict:
@@ -244,14 +270,15 @@ def _vector_similarities(cand_vecs: np.ndarray, user: UserFeatures) -> list[np.n
     return [sims[:, 0], sims.max(axis=1), sims @ w / w.sum(), sims.argmax(axis=1).astype(np.float32), cand_vecs @ user.profile]
 
 
-def _neighbour_evidence(tables: RankerTables, recent: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, ...]:
+def _neighbour_evidence(nbrs: np.ndarray, nbr_sims: np.ndarray, recent: np.ndarray,
+                        weights: np.ndarray) -> tuple[np.ndarray, ...]:
     """Item-item evidence from the train window, per item: the recency-weighted sum and the max of its
-    neighbour weight from the recent items (a recency-weighted EASE / item-kNN score), for the sorted
-    item rows that have any."""
+    neighbour weight from the recent items (a recency-weighted EASE or SeqKNN score, after the table),
+    for the sorted item rows that have any."""
     if not len(recent):
         return np.zeros(0, np.int64), np.zeros(0, np.float64), np.zeros(0, np.float64)
-    neighbours = tables.item_neighbours[recent].ravel()
-    sims = tables.item_neighbour_sims[recent]
+    neighbours = nbrs[recent].ravel()
+    sims = nbr_sims[recent]
     keep = neighbours >= 0  # -1 pads the neighbour lists
     ids, slot = np.unique(neighbours[keep], return_inverse=True)
     total = np.bincount(slot, weights=(weights[:, None] * sims).ravel()[keep], minlength=len(ids))
@@ -260,16 +287,16 @@ def _neighbour_evidence(tables: RankerTables, recent: np.ndarray, weights: np.nd
     return ids, total, best
 
 
-def _neighbour_weights(user: UserFeatures, candidates: np.ndarray) -> list[np.ndarray]:
+def _neighbour_weights(ids: np.ndarray, totals: np.ndarray, bests: np.ndarray, candidates: np.ndarray) -> list[np.ndarray]:
     """The candidates' neighbour evidence (0 for a candidate no recent item points at)."""
     n = len(candidates)
     total, best = np.zeros(n, np.float32), np.zeros(n, np.float32)
-    if not len(user.neighbour_ids) or not n:
+    if not len(ids) or not n:
         return [total, best]
-    pos = np.clip(np.searchsorted(user.neighbour_ids, candidates), 0, len(user.neighbour_ids) - 1)
-    hit = user.neighbour_ids[pos] == candidates
-    total[hit] = user.neighbour_total[pos[hit]]
-    best[hit] = np.maximum(user.neighbour_best[pos[hit]], 0.0)
+    pos = np.clip(np.searchsorted(ids, candidates), 0, len(ids) - 1)
+    hit = ids[pos] == candidates
+    total[hit] = totals[pos[hit]]
+    best[hit] = np.maximum(bests[pos[hit]], 0.0)
     return [total, best]
 
 
@@ -286,7 +313,8 @@ def _one_hot(tables: RankerTables, user_cat: np.ndarray) -> np.ndarray:
 
 
 def ranker_arrays(train: Interactions, n_items: int, neighbours: int = NEIGHBOURS) -> dict[str, np.ndarray]:
-    """Train-window statistics the bundle stores for the features: mean rating and item neighbours.
+    """Train-window statistics the bundle stores for the features: mean rating, item neighbours and
+    sequence neighbours (items that follow one another closely in users' sequences).
 
     Neighbours are EASE's item-item weights (Steck 2019: the strongest peer on this data) while the
     catalogue is small enough for its one ``n_items^2`` inverse, cosine co-occurrence beyond that.
@@ -297,7 +325,10 @@ def ranker_arrays(train: Interactions, n_items: int, neighbours: int = NEIGHBOUR
         avg = np.where(counts > 0, sums / counts, np.nan)
     build = ease_neighbours if n_items <= EASE_MAX_ITEMS else cooccurrence_neighbours
     nbrs, sims = build(train, n_items, neighbours)
-    return {"item_avg_rating": avg.astype(np.float32), "item_neighbours": nbrs, "item_neighbour_sims": sims}
+    seq_nbrs, seq_sims = sequence_neighbours(user_sequences(train, int(train.user.max()) + 1 if len(train) else 0),
+                                             n_items, SEQ_WINDOW, SEQ_DECAY, SEQ_BACKWARD, neighbours)
+    return {"item_avg_rating": avg.astype(np.float32), "item_neighbours": nbrs, "item_neighbour_sims": sims,
+            "item_seq_neighbours": seq_nbrs, "item_seq_neighbour_sims": seq_sims}
 
 
 def ease_neighbours(train: Interactions, n_items: int, k: int, l2: float = EASE_L2) -> tuple[np.ndarray, np.ndarray]:

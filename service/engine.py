@@ -39,7 +39,8 @@ TRACE_HISTORY = 50  # history items a traced response shows
 FETCH_MARGIN = 1.25  # a filtered over-fetch asks for this much more than the admitted share predicts
 # Item arrays a newly added item cannot take from its features: it has no interactions yet, so no
 # popularity and no co-occurrence neighbours (-1 is the padding of ``item_neighbours``).
-NEW_ITEM_DEFAULTS = {"popularity": 0.0, "item_neighbours": -1, "item_neighbour_sims": 0.0}
+NEW_ITEM_DEFAULTS = {"popularity": 0.0, "item_neighbours": -1, "item_neighbour_sims": 0.0, "item_seq_neighbours": -1,
+                     "item_seq_neighbour_sims": 0.0}
 
 
 class RequestError(Exception):

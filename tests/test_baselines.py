@@ -52,3 +52,14 @@ def test_blend_scales_each_model_per_user_to_a_maximum_of_one_before_weighting()
     blended = Blend(a, b, weight=0.25).score(np.arange(2), [np.zeros(0, np.int64)] * 2)
     assert blended[0] == pytest.approx([0.25 * 1 + 0.75 * 0.25, 0.25 * 0.5, 0.75 * 1])
     assert blended[1] == pytest.approx([0.75 * -1, 0.75 * 0.5, 0.75 * 0.25])  # an all-zero row stays zero
+
+
+def test_sequence_neighbours_in_item_blocks_equal_one_pass():
+    """Summing a block of item rows at a time (bounded memory) changes nothing but the peak."""
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(0, 120, rng.integers(0, 40)) for _ in range(200)]
+    whole = sequence_neighbours(seqs, 120, 5, 2.0, 0.5, 10)
+    for max_pairs in (300, 1):  # several items per block; one item per block
+        nbrs, sims = sequence_neighbours(seqs, 120, 5, 2.0, 0.5, 10, max_pairs=max_pairs)
+        np.testing.assert_allclose(sims, whole[1], rtol=1e-6)
+        assert (nbrs == whole[0]).mean() > 0.99  # equal weights may swap places (float summation order)

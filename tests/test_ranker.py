@@ -144,6 +144,8 @@ def tiny_tables() -> RankerTables:
         "item_avg_rating": np.array([4.0, 2.0, np.nan, 3.0], np.float32),
         "item_neighbours": np.array([[2, 3], [3, -1], [0, -1], [1, 0]], np.int64),
         "item_neighbour_sims": np.array([[0.5, 0.25], [0.4, 0.0], [0.5, 0.0], [0.4, 0.25]], np.float32),
+        "item_seq_neighbours": np.array([[1, -1], [2, 0], [3, -1], [-1, -1]], np.int64),
+        "item_seq_neighbour_sims": np.array([[0.3, 0.0], [0.6, 0.2], [0.9, 0.0], [0.0, 0.0]], np.float32),
         "user_cat": np.array([[1, 0], [2, 1]], np.int64),  # two columns, 3 and 2 codes
     }
     return RankerTables.from_arrays(arrays)
@@ -168,6 +170,10 @@ def test_ranker_features_by_hand():
     # neighbours: item 3 is item 1's neighbour (0.4) and item 0's (0.25); item 2 is item 0's (0.5)
     assert col["neighbour_recent"].tolist() == pytest.approx([w[0] * 0.4 + w[1] * 0.25, w[1] * 0.5])
     assert col["neighbour_max_recent"].tolist() == pytest.approx([0.4, 0.5])
+    # sequence neighbours: item 2 follows item 1 (0.6); nothing recent points at item 3 (only item 2, not seen)
+    assert col["seq_recent"].tolist() == pytest.approx([0.0, w[0] * 0.6])
+    assert col["seq_max_recent"].tolist() == pytest.approx([0.0, 0.6])
+
     g = np.exp(-np.array([1.0, 0.0]) / 20.0)  # genre weights of items 0 (older) and 1
     taste = (g[0] * np.array([1, 0]) + g[1] * np.array([0, 1])) / g.sum()
     assert col["genre_affinity"].tolist() == pytest.approx([taste.sum() / 2, taste[0]])
@@ -182,6 +188,19 @@ def test_ranker_features_by_hand():
     assert col["user_num_0"].tolist() == [0.5, 0.5]
     assert [col[f"user_cat_0={c}"][0] for c in range(3)] == [0, 0, 1]
     assert [col[f"user_cat_1={c}"][0] for c in range(2)] == [0, 1]
+
+
+def test_the_item_item_channel_blends_ease_and_sequence_evidence_each_scaled_to_one():
+    from offline.rank_features import channel_evidence
+
+    user = SimpleNamespace(neighbour_ids=np.array([1, 4]), neighbour_total=np.array([2.0, 1.0]),
+                           seq_ids=np.array([0, 4]), seq_total=np.array([0.5, 0.25]))
+    ids, score = channel_evidence(user)
+    assert ids.tolist() == [0, 1, 4]
+    assert score.tolist() == pytest.approx([0.5 * 1.0, 0.5 * 1.0, 0.5 * 0.5 + 0.5 * 0.5])
+    ids, score = channel_evidence(SimpleNamespace(neighbour_ids=np.zeros(0, np.int64), neighbour_total=np.zeros(0),
+                                                  seq_ids=np.zeros(0, np.int64), seq_total=np.zeros(0)))
+    assert len(ids) == 0 and len(score) == 0
 
 
 def test_ranker_features_for_an_empty_history_and_no_candidates():
@@ -349,7 +368,8 @@ def test_merged_candidates_append_the_channels_best_unseen_admitted_items_with_t
     from offline.rank_features import merge_candidates
 
     vectors = np.eye(6, 2, dtype=np.float32) + 0.5  # row i: [1.5, 0.5] for i=0, [0.5, 1.5] for i=1, else [0.5, 0.5]
-    user = SimpleNamespace(neighbour_ids=np.array([0, 1, 2, 3, 4, 5]), neighbour_total=np.array([9.0, 0.0, 3.0, 5.0, 3.0, 7.0]))
+    user = SimpleNamespace(neighbour_ids=np.array([0, 1, 2, 3, 4, 5]), neighbour_total=np.array([9.0, 0.0, 3.0, 5.0, 3.0, 7.0]),
+                           seq_ids=np.zeros(0, np.int64), seq_total=np.zeros(0))
     tower, tower_scores = np.array([5]), np.array([0.9], np.float32)
     admit = lambda ids: ids != 0  # noqa: E731  (item 0 is seen, say)
     items, scores, n_tower = merge_candidates(user, tower, tower_scores, np.array([1.0, 0.0], np.float32), vectors, 2, admit)
@@ -359,7 +379,8 @@ def test_merged_candidates_append_the_channels_best_unseen_admitted_items_with_t
     assert merge_candidates(user, tower, tower_scores, np.zeros(2, np.float32), vectors, 0, admit)[0].tolist() == [5]
     f32 = np.float32
     tables = RankerTables(vectors, np.zeros((6, 2), f32), np.full(6, np.nan, f32), np.ones(6, f32), np.full(6, np.nan, f32),
-                          np.full((6, 1), -1), np.zeros((6, 1), f32), np.zeros(0, np.int64))
+                          np.full((6, 1), -1), np.zeros((6, 1), f32), np.full((6, 1), -1), np.zeros((6, 1), f32),
+                          np.zeros(0, np.int64))
     features = ranker_features(tables, np.zeros(0, np.int64), np.zeros(0, f32), np.zeros(0, np.int64), np.zeros(0, f32),
                                items, scores, n_tower)
     assert features[:, FEATURE_NAMES.index("from_item_item")].tolist() == [0.0, 1.0, 1.0]
