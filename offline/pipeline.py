@@ -44,8 +44,8 @@ class IndexConfig:
     item_item_candidates: int = config_option(0, "items the item-item channel (the recent items' neighbours, by "
                                               "recency-weighted neighbour weight) adds to the two-tower's candidates "
                                               "before re-ranking, those the tower missed; 0 = two-tower only (on "
-                                              "MovieLens 100 raised the candidate ceiling but not the re-ranked "
-                                              "metrics: docs/evaluation.md)")
+                                              "MovieLens 100 moved the re-ranked metrics less than their seed "
+                                              "spread: docs/evaluation.md)")
     build_threads: int = config_option(1, "threads that insert items into the exported index; more than 1 is faster on "
                                        "a big catalogue, but the graph then depends on thread scheduling and two runs "
                                        "with the same seed can export different indexes and metrics")
