@@ -264,7 +264,7 @@ class Engine:
         answers: list = [None] * len(users)
         with timed("features", timings, histogram):
             catalog = self.catalog
-            RowFilter.of(opts.filters, self._genre_cols)  # an unknown genre fails the request, not each user
+            admit = self.admission(catalog, opts.filters)  # an unknown genre fails the call, not each user
             live = []
             for i, user in enumerate(users):
                 try:
@@ -272,7 +272,7 @@ class Engine:
                 except RequestError as err:
                     answers[i] = err
                     continue
-                live.append((i, ctx, self.allowed(catalog, opts.filters, ctx.hist_items if opts.exclude_seen else None)))
+                live.append((i, ctx, admit(ctx.hist_items if opts.exclude_seen else None)))
         for i, ctx, allowed in live:
             if ctx.empty:
                 FALLBACKS.labels("popularity").inc()
@@ -374,17 +374,29 @@ class Engine:
         return out
 
     def allowed(self, catalog: Catalog, filters: Filters | None, seen: np.ndarray | None) -> Allowed:
-        """Items that may be returned: active, passing the filters, not already seen. A filter's year slices
-        are sized by binary search first; only when they hold at most ``exact_limit`` rows are those rows read."""
-        excluded = np.unique(seen) if seen is not None and len(seen) else np.zeros(0, np.int64)
+        """Items that may be returned: active, passing the filters, not already seen."""
+        return self.admission(catalog, filters)(seen)
+
+    def admission(self, catalog: Catalog, filters: Filters | None) -> Callable[[np.ndarray | None], Allowed]:
+        """``allowed`` in two steps: the filter's part, worked out once per request or batch (an unknown genre
+        raises here), then a function of each user's seen items. A filter's year slices are sized by binary
+        search first; only when they hold at most ``exact_limit`` rows are those rows read."""
         rule = RowFilter.of(filters, self._genre_cols)
-        if rule is None:
-            return Allowed(excluded)
-        slices = rule.slices(catalog.filters)
-        bound = sum(len(rows) for _, rows in slices)
-        if bound > self.exact_limit:
-            return Allowed(excluded, rule=rule, bound=bound)
-        return Allowed(excluded, rows=catalog.live(rule.admitted(catalog.filters, slices), excluded))
+        admitted, bound = None, 0
+        if rule is not None:
+            slices = rule.slices(catalog.filters)
+            bound = sum(len(rows) for _, rows in slices)
+            if bound <= self.exact_limit:
+                admitted = rule.admitted(catalog.filters, slices)
+
+        def allowed(seen: np.ndarray | None) -> Allowed:
+            excluded = np.unique(seen) if seen is not None and len(seen) else np.zeros(0, np.int64)
+            if rule is None:
+                return Allowed(excluded)
+            if admitted is None:
+                return Allowed(excluded, rule=rule, bound=bound)
+            return Allowed(excluded, rows=catalog.live(admitted, excluded))
+        return allowed
 
     def search(self, vec: np.ndarray, depth: int, allowed: Allowed) -> tuple[Catalog, np.ndarray, np.ndarray]:
         return self.search_many(vec[None], depth, [allowed])[0]
@@ -463,13 +475,14 @@ class Engine:
     def _entries(self, ctx: UserContext, catalog: Catalog, c: "Candidates", opts: RecommendOptions) -> list[tuple]:
         """The top-k as ``(row, recall score, ranking score, recall rank, popularity, reasons, source)``."""
         c.top = c.order(opts.k)
+        return [(int(c.items[i]), float(c.recall[i]), None if c.ranking is None else float(c.ranking[i]), int(i), None,
+                 self._reasons(ctx, catalog, c, int(i)) if opts.explain else None, c.source(i)) for i in c.top]
+
+    def _reasons(self, ctx: UserContext, catalog: Catalog, c: "Candidates", i: int) -> dict:
+        """An answer's explanation: the ranker's features of candidate ``i``, or the recall reasons without a ranker."""
         if c.ranking is None:
-            return [(int(c.items[i]), float(c.recall[i]), None, int(i), None,
-                     self._recall_reasons(ctx, catalog, int(c.items[i]), float(c.recall[i]), int(i)) if opts.explain else None,
-                     c.source(i)) for i in c.top]
-        return [(int(c.items[i]), float(c.recall[i]), float(c.ranking[i]), int(i), None,
-                 dict(zip(self.explain_names, c.features[i].round(5).tolist())) if opts.explain else None,
-                 c.source(i)) for i in c.top]
+            return self._recall_reasons(ctx, catalog, int(c.items[i]), float(c.recall[i]), i)
+        return dict(zip(self.explain_names, c.features[i].round(5).tolist()))
 
     def _user_features(self, ctx: UserContext, tables: RankerTables) -> UserFeatures:
         """The user's part of the ranker features, cached like the user vector: valid for one history
