@@ -13,9 +13,14 @@ A bundle is a directory per version under a root::
         arrays.npz            # feature tables, item vectors, histories, popularity, re-ranker item statistics
         catalog.json          # raw ids, titles, genre names, categorical vocabularies
         ranker.pt             # re-ranker state (offline/ranker.py: load_ranker), optional
+        holdout/              # optional: a whole bundle of the same layout (see below)
 
 A version is written into a temporary directory and renamed into place, so a reader never
 sees half a bundle.
+
+A bundle whose models learnt from every interaction (``python -m offline train --refit``) has seen
+each user's latest window, so nothing can score it; ``holdout/`` keeps its twin, trained the same
+way without that window, and ``holdout_path`` hands a promotion check the twin.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ import torch
 
 SCHEMA_VERSION = 3  # 2: the ranker's features gained from_item_item (multi-channel candidates); 3: sequence neighbours
 CURRENT = "current"
+HOLDOUT = "holdout"
 FILES = ("user_tower.pt2", "item_tower.pt2", "item_index.bin", "arrays.npz", "catalog.json")
 REQUIRED_ARRAYS = (
     "item_vectors", "user_cat", "user_num", "item_genres", "item_dense", "item_cat", "item_year",
@@ -62,6 +68,7 @@ class Bundle:
     index: hnswlib.Index
     ranker: dict[str, Any] | None = None
     path: Path | None = field(default=None)
+    holdout: "Bundle | None" = None  # written only: the twin a refit bundle keeps in holdout/ (``holdout_path``)
 
     @property
     def version(self) -> str:
@@ -69,26 +76,16 @@ class Bundle:
 
 
 def write_bundle(root: Path, bundle: Bundle, promote: bool = True) -> Path:
-    """Write ``bundle`` as a new version under ``root`` and point ``current`` at it (unless ``promote`` is
-    False: ``retrain`` moves ``current`` only after the candidate passed its comparison)."""
+    """Write ``bundle`` (and its holdout twin) as a new version under ``root`` and point ``current`` at it
+    (unless ``promote`` is False: ``retrain`` moves ``current`` only after the candidate passed its comparison)."""
     root.mkdir(parents=True, exist_ok=True)
     version = bundle.manifest.get("version") or f"{time.strftime('%Y%m%d-%H%M%S')}-{bundle.manifest['data_fingerprint'][:8]}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=root))
     try:
-        _export_tower(bundle.user_tower, _user_example(bundle), tmp / "user_tower.pt2")
-        _export_tower(bundle.item_tower, _item_example(bundle), tmp / "item_tower.pt2")
-        bundle.index.save_index(str(tmp / "item_index.bin"))
-        np.savez(tmp / "arrays.npz", **bundle.arrays)
-        (tmp / "catalog.json").write_text(json.dumps(bundle.catalog))
-        files = list(FILES)
-        if bundle.ranker is not None:
-            torch.save(bundle.ranker, tmp / "ranker.pt")
-            files.append("ranker.pt")
-        manifest = {**bundle.manifest, "schema_version": SCHEMA_VERSION, "version": version,
-                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "files": {name: _sha256(tmp / name) for name in files}}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=_json_default))
-        _fsync_dir(tmp)
+        if bundle.holdout is not None:
+            (tmp / HOLDOUT).mkdir()
+            _write_files(tmp / HOLDOUT, bundle.holdout, f"{version}.{HOLDOUT}", {})
+        _write_files(tmp, bundle, version, {HOLDOUT: HOLDOUT} if bundle.holdout is not None else {})
         tmp.chmod(0o755)  # mkdtemp makes it private; the service may run as another user
         final = root / version
         if final.exists():
@@ -100,6 +97,37 @@ def write_bundle(root: Path, bundle: Bundle, promote: bool = True) -> Path:
     if promote:
         set_current(root, version)
     return final
+
+
+def _write_files(vdir: Path, bundle: Bundle, version: str, extra: dict[str, str]) -> None:
+    """The files of one version into ``vdir``, the manifest (with their checksums) last, all fsynced."""
+    _export_tower(bundle.user_tower, _user_example(bundle), vdir / "user_tower.pt2")
+    _export_tower(bundle.item_tower, _item_example(bundle), vdir / "item_tower.pt2")
+    bundle.index.save_index(str(vdir / "item_index.bin"))
+    np.savez(vdir / "arrays.npz", **bundle.arrays)
+    (vdir / "catalog.json").write_text(json.dumps(bundle.catalog))
+    files = list(FILES)
+    if bundle.ranker is not None:
+        torch.save(bundle.ranker, vdir / "ranker.pt")
+        files.append("ranker.pt")
+    manifest = {**bundle.manifest, **extra, "schema_version": SCHEMA_VERSION, "version": version,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "files": {name: _sha256(vdir / name) for name in files}}
+    (vdir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=_json_default))
+    _fsync_dir(vdir)
+    vdir.chmod(0o755)
+
+
+def holdout_path(path: Path) -> Path:
+    """The version directory a comparison on each user's latest window must score: the bundle's holdout
+    twin when it has one (the bundle itself learnt from that window), else the bundle (which held it out)."""
+    vdir = resolve(path)
+    name = _read_manifest(vdir).get(HOLDOUT)
+    if name is None:
+        return vdir
+    if not (vdir / name / "manifest.json").exists():
+        raise BundleError(f"{vdir / name}: missing (manifest.json names it as the bundle's holdout twin)")
+    return vdir / name
 
 
 def set_current(root: Path, version: str) -> None:
@@ -230,9 +258,11 @@ def _sha256(path: Path) -> str:
 
 
 def _fsync_dir(path: Path) -> None:
+    """Every file of ``path`` (a subdirectory was synced when it was written)."""
     for p in path.iterdir():
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
 
 
 def _json_default(o: Any) -> Any:

@@ -4,7 +4,7 @@ torchrun starts N copies of the command with RANK, WORLD_SIZE, LOCAL_RANK and MA
 in their environment; ``distributed_session`` joins them into one process group (gloo on CPU,
 NCCL on CUDA). Every rank loads the whole dataset and trains on its shard of each step's global
 batch; DDP all-reduces the gradients, ``gather_batch`` hands every rank the whole global batch as
-in-batch negatives, and rank 0 alone validates, decides early stopping (``broadcast_flag``) and
+in-batch negatives, and rank 0 alone validates, decides early stopping (``from_rank0``) and
 goes on to the index, ranker, evaluation and bundle. Without torchrun nothing here starts a group
 and every helper is the identity of a one-process world.
 """
@@ -102,13 +102,13 @@ def gather_batch(vectors: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor
     return _GatherRows.apply(vectors), torch.cat(all_ids), w.rank * len(vectors)
 
 
-def broadcast_flag(flag: bool, device: torch.device) -> bool:
-    """Rank 0's ``flag`` on every rank (e.g. rank 0's early-stopping decision)."""
+def from_rank0(value: int, device: torch.device) -> int:
+    """Rank 0's ``value`` on every rank (its early-stopping decision, the epoch count it chose)."""
     if world().size == 1:
-        return flag
-    value = torch.tensor([int(flag)], device=device)
-    dist.broadcast(value, src=0)
-    return bool(value.item())
+        return int(value)
+    tensor = torch.tensor([int(value)], device=device)
+    dist.broadcast(tensor, src=0)
+    return int(tensor.item())
 
 
 def mean_over_ranks(value: torch.Tensor) -> float:

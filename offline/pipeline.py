@@ -22,17 +22,20 @@ from offline.data import dataset_fingerprint
 from offline.dataset import Dataset, Interactions
 from offline.evaluate import BLEND, baseline_models, evaluate, paired_bootstrap, report_rows, tune, write_report
 from offline.rank_features import RankerTables, ranker_arrays
-from offline.ranker import RankerConfig
+from offline.ranker import RankerConfig, load_ranker
 from offline.split import TemporalSplit, seeded_sample, temporal_split
 from offline.stages import stage
-from offline.train_ranker import RERANKED, MergedCandidates, RankContext, RankingResult, rerankers, train_rankers
-from offline.distributed import world
-from offline.train_recall import (RecallConfig, TowerTables, TwoTowerRecommender, build_index, deterministic_torch,
-                                  exact_topk, train_two_tower)
+from offline.train_ranker import (RERANKED, MergedCandidates, RankContext, RankingResult, RerankRecommender, rerankers,
+                                  train_rankers)
+from offline.distributed import from_rank0, world
+from offline.train_recall import (RecallConfig, TowerTables, TwoTowerRecommender, build_index, chosen_epochs,
+                                  deterministic_torch, exact_topk, refit_two_tower, train_two_tower)
 from offline.two_tower import TwoTower
 
 
 EVAL_USERS = 20_000  # users scored per window by default: full ranking costs users x items
+REFIT = "refit on train+valid"  # report-name suffix of the served models' scoreable twin
+REFERENCES = ("two-tower (hnsw)", "ease-recency", BLEND)  # what every re-ranker's test NDCG is compared with
 
 
 @dataclass
@@ -53,22 +56,59 @@ class IndexConfig:
 
 def run_training(ds: Dataset, out: Path, recall_cfg: RecallConfig, index_cfg: IndexConfig,
                  valid_frac: float = 0.1, test_frac: float = 0.1, baselines: bool = True, resume: bool = False,
-                 ranker_cfg: RankerConfig | None = None, promote: bool = True, eval_users: int = EVAL_USERS) -> Path | None:
+                 ranker_cfg: RankerConfig | None = None, promote: bool = True, eval_users: int = EVAL_USERS,
+                 refit: bool = True) -> Path | None:
     """Train every stage, evaluate against the peers, write the bundle and its report; returns the bundle path.
-    Under torchrun (offline/distributed.py) every rank trains the two-tower model and rank 0 alone
+    Under torchrun (offline/distributed.py) every rank trains the two-tower models and rank 0 alone
     goes on and returns the path; the other ranks return None after training.
     On CPU the same data, seed and thread count give the same bundle metrics (deterministic torch
     kernels, seeded single-threaded index builds, seeded generators). ``eval_users``: validation,
-    the index check and the report score a seeded sample of that many users (0 = all)."""
+    the index check and the report score a seeded sample of that many users (0 = all). ``refit``:
+    serve a two-tower and item statistics refit on every interaction (see ``_run_training``)."""
     with deterministic_torch(recall_cfg.threads):
         return _run_training(ds, out, recall_cfg, index_cfg, valid_frac, test_frac, baselines, resume,
-                             ranker_cfg or RankerConfig(), promote, eval_users)
+                             ranker_cfg or RankerConfig(), promote, eval_users, refit)
+
+
+@dataclass
+class Recall:
+    """A two-tower model with what serving it takes: its item vectors and index, and the bundle arrays
+    whose item statistics (popularity, ratings, neighbours) come from the window it trained on."""
+
+    model: TwoTower
+    vectors: np.ndarray
+    index: hnswlib.Index
+    arrays: dict[str, np.ndarray]
+
+    @classmethod
+    def build(cls, ds: Dataset, split: TemporalSplit, tables: TowerTables, model: TwoTower, cfg: IndexConfig,
+              seed: int) -> "Recall":
+        vectors = tables.item_vectors(model)
+        with stage("index build"):
+            index = build_index(vectors, cfg.m, cfg.ef_construction, cfg.ef, threads=cfg.build_threads, seed=seed)
+        with stage("item statistics"):
+            arrays = bundle_arrays(ds, split, tables, vectors)
+        return cls(model, vectors, index, arrays)
+
+    def context(self, tables: TowerTables, cfg: IndexConfig, name: str | None = None) -> RankContext:
+        """What the re-ranker's requests read: this model through its index, and its arrays."""
+        return RankContext(TwoTowerRecommender(self.model, tables, self.index, name), RankerTables.from_arrays(self.arrays),
+                           self.arrays, cfg.candidates, cfg.item_item_candidates)
 
 
 def _run_training(ds: Dataset, out: Path, recall_cfg: RecallConfig, index_cfg: IndexConfig, valid_frac: float,
                   test_frac: float, baselines: bool, resume: bool, ranker_cfg: RankerConfig, promote: bool,
-                  eval_users: int) -> Path | None:
-    """The stages of ``run_training``, in order, each timed and its peak memory recorded (offline/stages.py)."""
+                  eval_users: int, refit: bool) -> Path | None:
+    """The stages of ``run_training``, in order, each timed and its peak memory recorded (offline/stages.py).
+
+    Model selection uses the held-out windows: the two-tower trains on train and early-stops on valid,
+    the re-ranker learns from the valid window. With ``refit`` the two-tower is then retrained from the
+    same seed for the chosen epoch count twice: on train + valid (its item statistics too), the twin
+    scored on test through the same re-ranker, which is what the served model's numbers honestly are;
+    and on every interaction, the model the bundle serves. The re-ranker is not retrained: its labels
+    must be interactions the tower never saw, and in training (valid window, train-window tower), on
+    test (test window, train + valid twin) and in service (the future, the refit on everything) it
+    scores a tower and statistics fit on exactly the interactions before the ones it ranks."""
     started = time.perf_counter()
     with stage("split"):
         split = temporal_split(ds.interactions, ds.n_users, ds.n_items, valid_frac, test_frac, eval_users)
@@ -76,55 +116,81 @@ def _run_training(ds: Dataset, out: Path, recall_cfg: RecallConfig, index_cfg: I
     run_dir = out / "runs" / fingerprint[:12]
     with stage("two-tower"):
         model, tables, history = train_two_tower(ds, split, recall_cfg, run_dir, resume=resume)
+    epochs = from_rank0(chosen_epochs(history, recall_cfg) if world().is_main else 0, tables.device)
+    refits = {}
+    for upto in ("test", "serve") if refit else ():
+        with stage(f"two-tower refit ({upto})"):
+            refits[upto] = refit_two_tower(split.refit(upto), recall_cfg, tables, epochs, run_dir / f"refit-{upto}")
     if not world().is_main:
         return None
     train_seconds = time.perf_counter() - started
-    with stage("index build"):
-        item_vectors = tables.item_vectors(model)
-        index = build_index(item_vectors, index_cfg.m, index_cfg.ef_construction, index_cfg.ef,
-                            threads=index_cfg.build_threads, seed=recall_cfg.seed)
-    with stage("index recall check"):
-        index_recall = index_recall_at_depth(index, item_vectors, tables, model, split, index_cfg.candidates)
-    logger.info("HNSW recall@{} vs exact: {:.4f}", index_cfg.candidates, index_recall)
-    with stage("item statistics"):
-        arrays = bundle_arrays(ds, split, tables, item_vectors)
-    recall_hnsw = TwoTowerRecommender(model, tables, index)
-    ctx = RankContext(recall_hnsw, RankerTables.from_arrays(arrays), arrays, index_cfg.candidates,
-                      index_cfg.item_item_candidates)
+    first = Recall.build(ds, split, tables, model, index_cfg, recall_cfg.seed)
+    ctx = first.context(tables, index_cfg)
     ranking = train_rankers(ctx, split, ranker_cfg)
+    twin = served = first
+    if refit:
+        twin = Recall.build(ds, split.refit("test"), tables, refits["test"], index_cfg, recall_cfg.seed)
+        served = Recall.build(ds, split.refit("serve"), tables, refits["serve"], index_cfg, recall_cfg.seed)
+    with stage("index recall check"):
+        index_recall = index_recall_at_depth(served.index, served.vectors, tables, served.model, split, index_cfg.candidates)
+    logger.info("HNSW recall@{} vs exact: {:.4f}", index_cfg.candidates, index_recall)
     with stage("evaluation"):
         models = (baseline_models(split) + peer_models(split)) if baselines else []
-        models += [(TwoTowerRecommender(model, tables), asdict(recall_cfg)), (recall_hnsw, asdict(index_cfg))]
+        models += [(TwoTowerRecommender(model, tables), asdict(recall_cfg)), (ctx.recall, asdict(index_cfg))]
         models += rerankers(ctx, ranking)
+        sources = ceiling_sources(ctx, models)
+        if refit:
+            twin_ctx = twin.context(tables, index_cfg, f"two-tower (hnsw, {REFIT})")
+            models += [(twin_ctx.recall, {"epochs": epochs})] + refit_rerankers(twin_ctx, ranking)
+            sources.insert(1, (twin_ctx.recall, index_cfg.candidates))
         rows, per_user = report_rows(models, split, "test")
-        comparison = rerank_comparison(per_user)
-        ceiling = candidate_ceiling(ceiling_sources(ctx, models), split)
+        served_order = (f"{RERANKED}{ranking.default}",) if refit and ranking.default else ()
+        comparison = rerank_comparison(per_user, REFERENCES + served_order)
+        ceiling = candidate_ceiling(sources, split)
     metrics = {"test": {r["model"]: {k: v for k, v in r.items() if k not in ("model", "params")} for r in rows},
                "candidate_ceiling": ceiling,
                f"index_recall@{index_cfg.candidates}": index_recall, "train_seconds": train_seconds,
                "recall_history": history, "ranker": ranker_summary(ranking, comparison)}
-    bundle = assemble_bundle(ds, split, tables, model, index, arrays, recall_cfg, index_cfg, ranker_cfg, metrics,
-                             fingerprint, ranking.default_state)
+    if refit:
+        metrics["refit"] = {"epochs": epochs, "served": "two-tower and item statistics refit on every interaction",
+                            "scored": f"its twin refit on train + valid: the '{REFIT}' rows of 'test'"}
+    bundle = assemble_bundle(ds, split, tables, served, recall_cfg, index_cfg, ranker_cfg, metrics, fingerprint,
+                             ranking.default_state, {"epochs": epochs, "trained_on": "every interaction"} if refit else None)
+    if refit:
+        bundle.holdout = assemble_bundle(ds, split, tables, twin, recall_cfg, index_cfg, ranker_cfg, metrics, fingerprint,
+                                         ranking.default_state, {"epochs": epochs, "trained_on": "train + valid"})
     with stage("export"):
         path = write_bundle(out, bundle, promote)
-        extra = {"bundle": path.name, f"index_recall@{index_cfg.candidates}": index_recall,
+        extra = {"bundle": path.name, f"index_recall@{index_cfg.candidates} (served index)": index_recall,
                  "candidate ceiling (test recall of each candidate source's list)": {n: round(v, 4) for n, v in ceiling.items()},
                  "two_tower_train_seconds": round(train_seconds, 1), **ranker_report(metrics["ranker"])}
+        if refit:
+            extra["refit"] = (f"the bundle serves a two-tower retrained for {epochs} epochs (the early-stopping choice) "
+                              f"and item statistics from every interaction; the '{REFIT}' rows are its twin, refit the "
+                              "same way on train + valid and scored on test through the same re-ranker")
         md = write_report(rows, out / "reports" / path.name, f"Evaluation on {ds.name} (test window)", extra)
     logger.info("bundle {} written; report {}", path, md)
     return path
 
 
-def rerank_comparison(per_user: dict[str, dict[str, np.ndarray]],
-                      references: tuple[str, ...] = ("two-tower (hnsw)", "ease-recency", BLEND),
+def refit_rerankers(ctx: RankContext, ranking: RankingResult) -> list[tuple[RerankRecommender, dict]]:
+    """The bundle's re-ranker over the refit twin's candidates and statistics: what the bundle serves, one
+    window earlier."""
+    if ranking.default_state is None:
+        return []
+    return [(RerankRecommender(ctx, load_ranker(ranking.default_state), f"{RERANKED}{ranking.default} ({REFIT})"),
+             {"loss": ranking.default})]
+
+
+def rerank_comparison(per_user: dict[str, dict[str, np.ndarray]], references: tuple[str, ...] = REFERENCES,
                       metric: str = "ndcg@10") -> dict:
     """Per re-ranker: its per-user test ``metric`` minus each reference model's (the recall order it
-    re-ranks, and the strongest peer when the baselines ran) on the same users, with a 95% paired
-    bootstrap interval."""
+    re-ranks, the strongest peer when the baselines ran, and with a refit the train-window pipeline)
+    on the same users, with a 95% paired bootstrap interval."""
     values = {name: metrics[metric] for name, metrics in per_user.items()}
     out = {}
     for name in (n for n in values if n.startswith(RERANKED)):
-        out[name] = {ref: paired_bootstrap(values[name], values[ref]) for ref in references if ref in values}
+        out[name] = {ref: paired_bootstrap(values[name], values[ref]) for ref in references if ref in values and ref != name}
         logger.info("{} test {} minus: {}", name, metric,
                     {r: f"{c['mean']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}]" for r, c in out[name].items()})
     return out
@@ -229,13 +295,14 @@ def rating_scale(inter: Interactions) -> dict[str, float]:
     return {"min": low, "max": high}
 
 
-def assemble_bundle(ds: Dataset, split: TemporalSplit, tables: TowerTables, model: TwoTower, index: hnswlib.Index,
-                    arrays: dict[str, np.ndarray], recall_cfg: RecallConfig, index_cfg: IndexConfig,
-                    ranker_cfg: RankerConfig, metrics: dict, fingerprint: str, ranker: dict | None) -> Bundle:
+def assemble_bundle(ds: Dataset, split: TemporalSplit, tables: TowerTables, recall: Recall, recall_cfg: RecallConfig,
+                    index_cfg: IndexConfig, ranker_cfg: RankerConfig, metrics: dict, fingerprint: str,
+                    ranker: dict | None, refit: dict | None = None) -> Bundle:
     """What the service needs: towers, index, feature tables, serving histories, catalogue, re-ranker."""
     catalog = {"user_ids": ds.user_ids, "item_ids": ds.item_ids, "titles": ds.items.titles,
                "genre_names": ds.items.genre_names, "user_vocab": ds.users.vocab, "item_vocab": ds.items.extra.vocab}
-    dim = int(arrays["item_vectors"].shape[1])
+    model, index = recall.model, recall.index
+    dim = int(recall.vectors.shape[1])
     manifest = {
         "data_fingerprint": fingerprint, "dataset": ds.name, "implicit": split.implicit,
         "rating_scale": rating_scale(ds.interactions),
@@ -248,4 +315,6 @@ def assemble_bundle(ds: Dataset, split: TemporalSplit, tables: TowerTables, mode
         manifest["ranker"] = {"kind": ranker["kind"], "loss": ranker["loss"], "feature_names": ranker["feature_names"]}
     if ds.events_watermark is not None:  # the service serves only the events after it on top of this bundle
         manifest["events_watermark"] = ds.events_watermark
-    return Bundle(manifest, catalog, arrays, model.user_tower, model.item_tower, index, ranker)
+    if refit is not None:
+        manifest["refit"] = refit
+    return Bundle(manifest, catalog, recall.arrays, model.user_tower, model.item_tower, index, ranker)

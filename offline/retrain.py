@@ -8,6 +8,11 @@ the engine as the user's online history, over a bundle whose own stored historie
 include the window). The freshest window is each user's latest ``test_frac`` of interactions, which the
 candidate's training holds out (temporal split); the incumbent may have seen part of it, which can only
 favour the incumbent, never the candidate.
+
+A bundle refit on every interaction (the default) has trained on that window, so each side is scored by
+its holdout twin (``bundle.holdout_path``): the same training without each user's latest window. The
+window of the new data starts no earlier than the incumbent's held-out window did, so neither twin has
+seen it, and both are judged by the same rule their served bundles were built by.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from loguru import logger
 
-from offline.bundle import read_bundle, set_current
+from offline.bundle import holdout_path, read_bundle, set_current
 from offline.dataset import Dataset
 from offline.evaluate import evaluate_per_user
 from offline.metrics import summarize
@@ -95,20 +100,23 @@ def compare_and_promote(root: Path, incumbent: Path, candidate: Path, ds: Datase
                         tolerance: float, candidates: int, catalog: dict[str, dict | None]) -> Decision:
     """Score both (each with the store's catalogue changes applied, as served), decide, move ``current`` only
     on promotion, and write the comparison into the report."""
-    scores = {"incumbent": served_metrics(incumbent, ds, split, candidates, catalog),
-              "candidate": served_metrics(candidate, ds, split, candidates, catalog)}
+    scored = {"incumbent": holdout_path(incumbent), "candidate": holdout_path(candidate)}
+    scores = {side: served_metrics(path, ds, split, candidates, catalog) for side, path in scored.items()}
     decision = gate(scores["candidate"], scores["incumbent"], tolerance)
     if decision.promote:
         set_current(root, candidate.name)
     report = {"incumbent": incumbent.name, "candidate": candidate.name, "window": "each user's latest test_frac",
+              "scored": {side: str(path.relative_to(root)) for side, path in scored.items()},
               "tolerance": tolerance, "scores": scores, "promoted": decision.promote, "reason": decision.reason}
     out = root / "reports" / candidate.name
     out.mkdir(parents=True, exist_ok=True)
     (out / "retrain.json").write_text(json.dumps(report, indent=2))
-    rows = "\n".join(f"| {name} ({path.name}) | {s['recall@20']:.4f} | {s['ndcg@10']:.4f} | {s['users']} |"
-                     for name, path, s in (("incumbent", incumbent, scores["incumbent"]), ("candidate", candidate, scores["candidate"])))
+    rows = "\n".join(f"| {side} ({report['scored'][side]}) | {s['recall@20']:.4f} | {s['ndcg@10']:.4f} | {s['users']} |"
+                     for side, s in scores.items())
     (out / "retrain.md").write_text(f"# Retrain: {'promoted' if decision.promote else 'kept the incumbent'}\n\n"
-                                    f"| bundle | Recall@20 | NDCG@10 | users |\n|---|---|---|---|\n{rows}\n\n{decision.reason}\n")
+                                    f"| bundle scored | Recall@20 | NDCG@10 | users |\n|---|---|---|---|\n{rows}\n\n"
+                                    f"{decision.reason}. A bundle refit on every interaction is scored by its holdout "
+                                    "twin, which did not train on the window.\n")
     logger.info("retrain: {} ({})", "promoted " + candidate.name if decision.promote else "kept " + incumbent.name, decision.reason)
     return decision
 

@@ -35,6 +35,15 @@ class TemporalSplit:
         parts = {"valid": ["train"], "test": ["train", "valid"], "serve": ["train", "valid", "test"]}[name]
         return user_sequences(concat_windows([self.window(p) for p in parts]), self.n_users)
 
+    def refit(self, upto: str) -> "TemporalSplit":
+        """The split a refit trains on: every window before ``upto`` merged into train, nothing left to
+        validate on. ``upto="test"``: train + valid, the test window kept and scored with the same
+        history as before (the served model's scoreable twin); ``"serve"``: every interaction."""
+        parts = {"test": [self.train, self.valid], "serve": [self.train, self.valid, self.test]}[upto]
+        empty = self.test.subset(np.zeros(len(self.test), bool))
+        return TemporalSplit(self.n_users, self.n_items, concat_windows(parts).sorted_by_user_time(), empty,
+                             self.test if upto == "test" else empty, self.implicit, self.max_eval_users)
+
     def eval_users(self, name: str, seed: int = 0) -> np.ndarray:
         """The user rows a window is scored on, ascending: those with a positive in it, or a seeded
         uniform sample of ``max_eval_users`` of them. Full ranking costs ``users x items``; a fixed

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from offline.batches import Batch, Shards, epoch_batches, prefetch
 from offline.config import ConfigError, check_choices, config_option
 from offline.dataset import Dataset
-from offline.distributed import broadcast_flag, gather_batch, mean_over_ranks, rank_device, world, wrap_ddp
+from offline.distributed import from_rank0, gather_batch, mean_over_ranks, rank_device, world, wrap_ddp
 from offline.features import FeatureSpec, build_spec, history_windows, item_feature_matrices, user_feature_matrices
 from offline.metrics import ranking_metrics, summarize, topk_items
 from offline.split import TemporalSplit, history_matrix, relevance
@@ -351,13 +351,9 @@ def train_two_tower(ds: Dataset, split: TemporalSplit, cfg: RecallConfig, run_di
 def _fit_two_tower(ds: Dataset, split: TemporalSplit, cfg: RecallConfig, run_dir: Path, resume: bool):
     """The training loop of ``train_two_tower``, on this rank's share of every global batch; every
     rank runs the same epochs (rank 0's early-stopping decision is broadcast)."""
-    seed_everything(cfg.seed)
     device = rank_device(resolve_device(cfg.device))
     tables = TowerTables.build(ds, cfg.history_len, device)
-    spec = tables.spec
-    model = TwoTower(ds.n_users, ds.n_items, spec.n_genres, spec.n_item_dense, spec.item_cat_sizes,
-                     spec.user_cat_sizes, len(spec.user_numeric), cfg.history_len, cfg.emb_dim, cfg.dim, cfg.hidden).to(device)
-    run = _Trainer(cfg, model, tables, split, run_dir)
+    run = _Trainer(cfg, _new_model(cfg, tables), tables, split, run_dir)
     if resume:
         run.resume()
     for epoch in range(run.state["epoch"], cfg.epochs):
@@ -365,9 +361,38 @@ def _fit_two_tower(ds: Dataset, split: TemporalSplit, cfg: RecallConfig, run_dir
         with stage("two-tower epoch"):
             loss = mean_over_ranks(run.train_epoch(epoch))
         stop = world().is_main and run.end_epoch(epoch, loss, started)
-        if broadcast_flag(stop, device):
+        if from_rank0(stop, device):
             break
     return run.finish()
+
+
+def _new_model(cfg: RecallConfig, tables: TowerTables) -> TwoTower:
+    """A freshly initialised model on the tables' device, from the seed (a refit starts where the first run did)."""
+    seed_everything(cfg.seed)
+    spec = tables.spec
+    return TwoTower(len(tables.user_cat), len(tables.item_genres), spec.n_genres, spec.n_item_dense, spec.item_cat_sizes,
+                    spec.user_cat_sizes, len(spec.user_numeric), cfg.history_len, cfg.emb_dim, cfg.dim,
+                    cfg.hidden).to(tables.device)
+
+
+def chosen_epochs(history: list[dict], cfg: RecallConfig) -> int:
+    """How many epochs early stopping kept: up to and including the best validation epoch."""
+    return 1 + max(history, key=lambda h: h[f"recall@{cfg.eval_k}"])["epoch"]
+
+
+def refit_two_tower(split: TemporalSplit, cfg: RecallConfig, tables: TowerTables, epochs: int, run_dir: Path) -> TwoTower:
+    """The two-tower retrained from the same seed on ``split.train`` (a wider window: ``split.refit``)
+    for exactly ``epochs`` epochs of the same schedule, last weights: no validation window is left to
+    select on, so model selection is the first run's. Every rank of a torchrun group must call it."""
+    with deterministic_torch(cfg.threads):
+        run = _Trainer(cfg, _new_model(cfg, tables), tables, split, run_dir)
+        for epoch in range(epochs):
+            started = time.perf_counter()
+            with stage("two-tower refit epoch"):
+                loss = mean_over_ranks(run.train_epoch(epoch))
+            logger.info("refit on {} interactions: epoch {} of {} loss {:.4f} ({:.1f}s)", len(split.train), epoch + 1,
+                        epochs, loss, time.perf_counter() - started)
+        return run.finish()[0]
 
 
 class TrainingForward(nn.Module):

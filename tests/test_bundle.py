@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from offline.bundle import BundleError, read_bundle, resolve, set_current
+from offline.bundle import BundleError, holdout_path, read_bundle, resolve, set_current
+from offline.pipeline import REFIT
+from offline.ranker import load_ranker
+from offline.split import temporal_split
+from offline.synthetic import generate
+from offline.train_recall import RecallConfig, chosen_epochs
+from tests.conftest import TINY_RECALL
 
 
 def user_inputs(bundle, rows):
@@ -46,6 +52,53 @@ def test_manifest_records_what_the_spec_asks(bundle_root):
     for key in ("schema_version", "created_at", "data_fingerprint", "params", "metrics", "model_config", "feature_spec", "files"):
         assert key in m
     assert m["index"]["space"] == "ip" and m["metrics"]["index_recall@50"] >= 0.9
+
+
+def test_a_refit_bundle_serves_every_interaction_and_keeps_a_scoreable_twin(bundle_root, tiny_dataset):
+    served = read_bundle(bundle_root)
+    twin = read_bundle(holdout_path(bundle_root))
+    assert twin.path == served.path / "holdout" and twin.version == f"{served.version}.holdout"
+    epochs = chosen_epochs(served.manifest["metrics"]["recall_history"], RecallConfig(**TINY_RECALL))
+    assert served.manifest["refit"] == {"epochs": epochs, "trained_on": "every interaction"}
+    assert twin.manifest["refit"] == {"epochs": epochs, "trained_on": "train + valid"}
+    ds = tiny_dataset
+    split = temporal_split(ds.interactions, ds.n_users, ds.n_items)
+    assert served.arrays["popularity"].tolist() == np.bincount(ds.interactions.item, minlength=ds.n_items).tolist()
+    before_test = np.concatenate([split.train.item, split.valid.item])
+    assert twin.arrays["popularity"].tolist() == np.bincount(before_test, minlength=ds.n_items).tolist()
+    assert not np.allclose(served.arrays["item_vectors"], twin.arrays["item_vectors"])  # two refits, two models
+    features = np.random.default_rng(0).normal(size=(7, len(served.ranker["feature_names"]))).astype(np.float32)
+    assert np.array_equal(load_ranker(served.ranker).score(features), load_ranker(twin.ranker).score(features))  # one ranker
+    metrics = served.manifest["metrics"]
+    default = f"two-tower + {metrics['ranker']['default']}"
+    assert {f"two-tower (hnsw, {REFIT})", f"{default} ({REFIT})"} <= set(metrics["test"])
+    # the served pipeline, one window earlier, is compared with the train-window one user by user
+    assert set(metrics["ranker"]["test_ndcg@10_minus"][f"{default} ({REFIT})"]) == {"two-tower (hnsw)", default}
+
+
+def test_holdout_path_is_the_bundle_itself_without_a_twin_and_a_missing_twin_is_named(bundle_root, tmp_path):
+    root, vdir = copy_version(bundle_root, tmp_path)
+    shutil.rmtree(vdir / "holdout")
+    with pytest.raises(BundleError, match="holdout: missing"):
+        holdout_path(root)
+    manifest = json.loads((vdir / "manifest.json").read_text())
+    del manifest["holdout"]  # a bundle trained with --no-refit held the window out itself
+    (vdir / "manifest.json").write_text(json.dumps(manifest))
+    assert holdout_path(root) == vdir
+
+
+def test_no_refit_serves_the_train_window_model_which_is_its_own_holdout(tmp_path):
+    from offline.__main__ import main as offline_main
+    from tests.test_events import TINY
+
+    assert offline_main(["train", *TINY, "--no-refit", "--out", str(tmp_path)]) == 0
+    vdir = resolve(tmp_path)
+    bundle = read_bundle(vdir)
+    assert holdout_path(tmp_path) == vdir and not (vdir / "holdout").exists() and "refit" not in bundle.manifest
+    assert not any(REFIT in name for name in bundle.manifest["metrics"]["test"])
+    ds = generate(n_users=120, n_items=150, seed=3)
+    split = temporal_split(ds.interactions, ds.n_users, ds.n_items)
+    assert bundle.arrays["popularity"].tolist() == np.bincount(split.train.item, minlength=ds.n_items).tolist()
 
 
 def copy_version(bundle_root, tmp_path):

@@ -166,6 +166,9 @@ def test_torchrun_with_two_gloo_processes_writes_one_bundle_within_seed_noise_of
     assert done.stdout.count("bundle written:") == 1
     bundles = [p for p in (tmp_path / "ddp").iterdir() if (p / "manifest.json").exists()]
     assert len(bundles) == 1
+    # both ranks ran both refits for the epoch count rank 0 chose (a rank left out would hang the group)
+    manifest = json.loads((bundles[0] / "manifest.json").read_text())
+    assert manifest["refit"]["epochs"] >= 1 and (bundles[0] / "holdout" / "manifest.json").exists()
 
     single = run_training(generate(**DATA), tmp_path / "one", RecallConfig(**RECALL), IndexConfig(**INDEX),
                           baselines=False, ranker_cfg=RankerConfig(**RANKER))

@@ -98,6 +98,8 @@ def test_retrain_promotes_the_replicas_follow_and_events_during_it_are_neither_l
         assert offline_main(["retrain", *TINY, "--events", str(state), "--out", str(own_root), "--tolerance", "1"]) == 0
         report = json.loads(next((own_root / "reports").glob("*/retrain.json")).read_text())
         assert report["promoted"] and report["incumbent"] == incumbent and set(report["scores"]) == {"incumbent", "candidate"}
+        # both were refit on every interaction, the window included: each side is scored by its holdout twin
+        assert report["scored"] == {"incumbent": f"{incumbent}/holdout", "candidate": f"{report['candidate']}/holdout"}
         assert all(0 <= s["ndcg@10"] <= 1 and s["users"] > 0 for s in report["scores"].values())
         assert client.post("/events", json={"user_id": "newbie", "item_id": "i9"}).status_code == 200  # after the watermark
         deadline = time.monotonic() + 10

@@ -21,6 +21,20 @@ def test_last_interactions_go_to_valid_then_test():
     assert split.history_before("valid")[1].tolist() == [5, 6]
 
 
+def test_refit_split_merges_the_windows_before_the_one_it_keeps():
+    t = np.random.default_rng(0).permutation(10)
+    inter = make([0] * 10 + [1, 1], list(t) + [5, 6], [5.0] * 12, list(t) + [1, 2])
+    split = temporal_split(inter, n_users=2, n_items=10, valid_frac=0.2, test_frac=0.1)
+    twin = split.refit("test")
+    assert twin.train.item.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 5, 6] and len(twin.valid) == 0
+    assert twin.test.item.tolist() == [9] and twin.truth("test").nnz == 1
+    for user in (0, 1):  # the test window is scored with the same history as before
+        assert twin.history_before("test")[user].tolist() == split.history_before("test")[user].tolist()
+        assert twin.history_before("valid")[user].tolist() == split.history_before("test")[user].tolist()
+    served = split.refit("serve")
+    assert served.train.item.tolist() == list(range(10)) + [5, 6] and len(served.valid) == len(served.test) == 0
+
+
 def test_split_is_deterministic_with_tied_timestamps():
     inter = make([0] * 6, [3, 1, 4, 0, 5, 2], [4.0] * 6, [1] * 6)
     a = temporal_split(inter, 1, 6)
