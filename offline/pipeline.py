@@ -117,10 +117,11 @@ def _run_training(ds: Dataset, out: Path, recall_cfg: RecallConfig, index_cfg: I
     with stage("two-tower"):
         model, tables, history = train_two_tower(ds, split, recall_cfg, run_dir, resume=resume)
     epochs = from_rank0(chosen_epochs(history, recall_cfg) if world().is_main else 0, tables.device)
+    wider = {upto: split.refit(upto) for upto in (("test", "serve") if refit else ())}
     refits = {}
-    for upto in ("test", "serve") if refit else ():
+    for upto, window in wider.items():
         with stage(f"two-tower refit ({upto})"):
-            refits[upto] = refit_two_tower(split.refit(upto), recall_cfg, tables, epochs, run_dir / f"refit-{upto}")
+            refits[upto] = refit_two_tower(window, recall_cfg, tables, epochs, run_dir / f"refit-{upto}")
     if not world().is_main:
         return None
     train_seconds = time.perf_counter() - started
@@ -129,8 +130,7 @@ def _run_training(ds: Dataset, out: Path, recall_cfg: RecallConfig, index_cfg: I
     ranking = train_rankers(ctx, split, ranker_cfg)
     twin = served = first
     if refit:
-        twin = Recall.build(ds, split.refit("test"), tables, refits["test"], index_cfg, recall_cfg.seed)
-        served = Recall.build(ds, split.refit("serve"), tables, refits["serve"], index_cfg, recall_cfg.seed)
+        twin, served = (Recall.build(ds, wider[w], tables, refits[w], index_cfg, recall_cfg.seed) for w in ("test", "serve"))
     with stage("index recall check"):
         index_recall = index_recall_at_depth(served.index, served.vectors, tables, served.model, split, index_cfg.candidates)
     logger.info("HNSW recall@{} vs exact: {:.4f}", index_cfg.candidates, index_recall)
@@ -151,9 +151,6 @@ def _run_training(ds: Dataset, out: Path, recall_cfg: RecallConfig, index_cfg: I
                "candidate_ceiling": ceiling,
                f"index_recall@{index_cfg.candidates}": index_recall, "train_seconds": train_seconds,
                "recall_history": history, "ranker": ranker_summary(ranking, comparison)}
-    if refit:
-        metrics["refit"] = {"epochs": epochs, "served": "two-tower and item statistics refit on every interaction",
-                            "scored": f"its twin refit on train + valid: the '{REFIT}' rows of 'test'"}
     bundle = assemble_bundle(ds, split, tables, served, recall_cfg, index_cfg, ranker_cfg, metrics, fingerprint,
                              ranking.default_state, {"epochs": epochs, "trained_on": "every interaction"} if refit else None)
     if refit:
