@@ -31,7 +31,8 @@ from tqdm import tqdm
 from offline.batches import Batch, Shards, epoch_batches, prefetch
 from offline.config import ConfigError, check_choices, config_option
 from offline.dataset import Dataset
-from offline.distributed import from_rank0, gather_batch, mean_over_ranks, rank_device, world, wrap_ddp
+from offline.distributed import (average_sparse_grads, from_rank0, gather_batch, mean_over_ranks, rank_device, world,
+                                 wrap_ddp)
 from offline.features import FeatureSpec, build_spec, history_windows, item_feature_matrices, user_feature_matrices
 from offline.metrics import ranking_metrics, summarize, topk_items
 from offline.split import TemporalSplit, history_matrix, relevance
@@ -463,11 +464,10 @@ class _Trainer:
         self.ex = training_examples(split, cfg.positives_only)
         self.positives = history_matrix(split.history_before("valid"), split.n_items)
         self.shards = Shards.plan(len(self.ex["target"]), cfg.batch_size, world())
-        self.opt = TowerOptimizer(model, cfg, self.shards.steps * cfg.epochs,
-                                  sparse_tables=self.device.type == "cpu" and world().size == 1)
+        self.opt = TowerOptimizer(model, cfg, self.shards.steps * cfg.epochs, sparse_tables=self.device.type == "cpu")
         self.log_q = in_batch_log_q(self.ex["target"], split.n_items, self.shards.global_batch, self.device)
         self.device_tables = DeviceTables.of(tables)
-        self.forward = wrap_ddp(TrainingForward(model, self.device_tables, cfg), self.device)
+        self.forward = wrap_ddp(TrainingForward(model, self.device_tables, cfg), self.device, self.opt.sparse)
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" \
             else torch.autocast("cpu", enabled=False)
         self.pool: HardPool | None = None
@@ -504,6 +504,7 @@ class _Trainer:
             loss = global_batch_loss(cfg, u, v, batch.targets, self.log_q, neg, neg_ids, neg_log_q)
         self.opt.zero_grad()
         loss.backward()
+        average_sparse_grads(self.opt.sparse)
         clip_gradients(list(self.model.parameters()), cfg.clip_norm)
         self.opt.step()
         state["step"] += 1
@@ -554,21 +555,20 @@ class TowerOptimizer:
     epoch's with interactions x catalogue. With sparse gradients a step touches only the rows the
     batch looked up ("lazy" Adam: untouched rows keep their moments; no weight decay on the
     tables). On CUDA the tables stay dense: the full update is cheap at GPU memory bandwidth, and
-    NCCL has no stable sparse all-reduce for DDP. Under torchrun on CPU they stay dense too: DDP's
-    sparse all-reduce on gloo corrupted the heap ("malloc(): unaligned tcache chunk detected") in 5
-    of 14 two-process runs, and dense tables in none of 20 (torch 2.13.0). The price: a multi-process
-    CPU step costs O(catalogue) again, until the sparse rows are synchronised some other way.
+    NCCL has no stable sparse all-reduce for DDP. Under torchrun on CPU DDP leaves the sparse tables
+    alone and ``distributed.average_sparse_grads`` all-gathers the touched rows instead.
     """
 
     def __init__(self, model: TwoTower, cfg: RecallConfig, total_steps: int, sparse_tables: bool):
         tables = [model.user_tower.user_emb, model.item_tower.id_emb] if sparse_tables else []
         for table in tables:
-            table.sparse = True  # before DDP wraps the model: it buckets sparse gradients apart
-        sparse = {id(t.weight) for t in tables}
-        dense = [p for p in model.parameters() if id(p) not in sparse]
+            table.sparse = True  # lookups now give row gradients; under torchrun DDP is told to leave these alone
+        self.sparse = [t.weight for t in tables]  # the parameters with sparse gradients
+        sparse_ids = {id(p) for p in self.sparse}
+        dense = [p for p in model.parameters() if id(p) not in sparse_ids]
         self.parts = [torch.optim.AdamW(dense, lr=cfg.lr, weight_decay=cfg.weight_decay)]
         if tables:
-            self.parts.append(torch.optim.SparseAdam([t.weight for t in tables], lr=cfg.lr))
+            self.parts.append(torch.optim.SparseAdam(self.sparse, lr=cfg.lr))
         schedule = partial(warmup_cosine, warmup=cfg.warmup_steps, total=total_steps)
         self.schedules = [torch.optim.lr_scheduler.LambdaLR(opt, schedule) for opt in self.parts]
 

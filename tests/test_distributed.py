@@ -2,6 +2,8 @@
 against one process on the concatenated batch, 2-process runs reproducible and in sync, and a
 ``torchrun`` training whose bundle is within seed noise of a single-process run.
 
+Also: the id tables' sparse row gradients averaged over the ranks as DDP averages dense ones.
+
 Workers run in processes started with ``torch.multiprocessing.spawn`` (a process group on a free
 loopback port) or by ``torchrun --standalone``; each test takes 5-40 s on two cores.
 """
@@ -21,6 +23,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from conftest import TINY_RECALL
+from offline.distributed import average_sparse_grads
 from offline.pipeline import IndexConfig, run_training
 from offline.ranker import RankerConfig
 from offline.split import temporal_split
@@ -95,6 +98,45 @@ def test_gathered_softmax_over_two_ranks_equals_one_process_on_the_whole_batch(t
         got = torch.cat([r[name] for r in ranks]) / WORLD
         torch.testing.assert_close(got, leaf.grad, rtol=1e-5, atol=1e-7, msg=name)
     assert ranks[1]["v"].abs().sum() > 0  # rank 1's targets are trained by rank 0's rows too
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse id-table gradients: the all-gathered rows == DDP's average of the dense gradients
+# ---------------------------------------------------------------------------------------------
+TABLE_ROWS = 6
+
+
+def _table_grads(rank: int, sparse: bool) -> list[torch.nn.Embedding]:
+    """Two tables after one backward on ``rank``'s lookups: rank 0 reads row 1 twice and row 4 of the
+    first table and nothing of the second (no gradient at all), rank 1 rows 4 and 5, and row 2 of the second."""
+    torch.manual_seed(0)
+    tables = [torch.nn.Embedding(TABLE_ROWS, 3, sparse=sparse) for _ in range(2)]
+    loss = (tables[0](torch.tensor([[1, 1, 4], [4, 5, 5]][rank])) * (rank + 1)).pow(2).sum()
+    if rank == 1:
+        loss = loss + tables[1](torch.tensor([2])).sum()
+    loss.backward()
+    return tables
+
+
+def _sparse_worker(rank: int, port: int, out: Path) -> None:
+    _join(rank, port)
+    tables = _table_grads(rank, sparse=True)
+    average_sparse_grads([t.weight for t in tables])
+    torch.save([t.weight.grad for t in tables], out / f"{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_sparse_table_gradients_are_averaged_over_the_ranks_from_the_touched_rows_alone(tmp_path):
+    _spawn(_sparse_worker, tmp_path)
+    ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)]
+    dense = [[t.weight.grad if t.weight.grad is not None else torch.zeros(TABLE_ROWS, 3) for t in _table_grads(r, sparse=False)]
+             for r in range(WORLD)]
+    for j, touched in enumerate(([1, 4, 5], [2])):
+        expected = (dense[0][j] + dense[1][j]) / WORLD  # what DDP's all-reduce would leave in a dense table
+        for grads in ranks:
+            assert grads[j].is_sparse and grads[j].indices()[0].tolist() == touched  # only the rows some rank read
+            torch.testing.assert_close(grads[j].to_dense(), expected, rtol=0, atol=1e-6)
+        assert torch.equal(ranks[0][j].to_dense(), ranks[1][j].to_dense())  # the ranks stay bit-identical
 
 
 # ---------------------------------------------------------------------------------------------
