@@ -96,7 +96,7 @@ def average_sparse_grads(params: Sequence[nn.Parameter]) -> None:
             torch.zeros((1, 0), dtype=torch.long), p.new_zeros((0, *p.shape[1:])), p.shape)
         rows, values = grad.indices()[0], grad.values()
         counts = _all_gather(torch.tensor([len(rows)], device=p.device))
-        longest = int(max(counts).item())
+        longest = max(int(max(counts).item()), 1)  # never a zero-length collective
         pad = longest - len(rows)
         rows = torch.cat([rows, rows.new_zeros(pad)])
         values = torch.cat([values, values.new_zeros((pad, *values.shape[1:]))])
