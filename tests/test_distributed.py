@@ -107,8 +107,8 @@ TABLE_ROWS = 6
 
 
 def _table_grads(rank: int, sparse: bool) -> list[torch.nn.Embedding]:
-    """Two tables after one backward on ``rank``'s lookups: rank 0 reads row 1 twice and row 4 of the
-    first table and nothing of the second (no gradient at all), rank 1 rows 4 and 5, and row 2 of the second."""
+    """Two tables after one backward on ``rank``'s lookups. First table: rank 0 reads row 1 twice and row 4,
+    rank 1 row 4 and row 5 twice. Second table: rank 1 reads row 2; rank 0 nothing (its gradient stays None)."""
     torch.manual_seed(0)
     tables = [torch.nn.Embedding(TABLE_ROWS, 3, sparse=sparse) for _ in range(2)]
     loss = (tables[0](torch.tensor([[1, 1, 4], [4, 5, 5]][rank])) * (rank + 1)).pow(2).sum()
