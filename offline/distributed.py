@@ -92,9 +92,11 @@ def average_sparse_grads(params: Sequence[nn.Parameter]) -> None:
     if size == 1:
         return
     for p in params:
-        grad = p.grad.coalesce() if p.grad is not None else torch.sparse_coo_tensor(
-            torch.zeros((1, 0), dtype=torch.long), p.new_zeros((0, *p.shape[1:])), p.shape)
-        rows, values = grad.indices()[0], grad.values()
+        if p.grad is None:
+            rows, values = torch.zeros(0, dtype=torch.long, device=p.device), p.new_zeros((0, *p.shape[1:]))
+        else:
+            grad = p.grad.coalesce()
+            rows, values = grad.indices()[0], grad.values()
         counts = _all_gather(torch.tensor([len(rows)], device=p.device))
         longest = max(int(max(counts).item()), 1)  # never a zero-length collective
         pad = longest - len(rows)
@@ -107,6 +109,7 @@ def average_sparse_grads(params: Sequence[nn.Parameter]) -> None:
 
 
 def _all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``tensor`` (the same shape on each), in rank order."""
     parts = [torch.empty_like(tensor) for _ in range(world().size)]
     dist.all_gather(parts, tensor.contiguous())
     return parts
@@ -119,10 +122,8 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        parts = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, rows.contiguous())
         ctx.n_rows = len(rows)
-        return torch.cat(parts)
+        return torch.cat(_all_gather(rows))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -138,9 +139,7 @@ def gather_batch(vectors: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor
     w = world()
     if w.size == 1:
         return vectors, ids, 0
-    all_ids = [torch.empty_like(ids) for _ in range(w.size)]
-    dist.all_gather(all_ids, ids.contiguous())
-    return _GatherRows.apply(vectors), torch.cat(all_ids), w.rank * len(vectors)
+    return _GatherRows.apply(vectors), torch.cat(_all_gather(ids)), w.rank * len(vectors)
 
 
 def from_rank0(value: int, device: torch.device) -> int:
