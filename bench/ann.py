@@ -17,7 +17,7 @@ import hnswlib
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.report import machine, update_section  # noqa: E402
+from bench.report import BENCHMARKS, add_docs_option, machine, update_section  # noqa: E402
 from offline.synthetic import item_vectors  # noqa: E402
 
 
@@ -118,11 +118,15 @@ def main() -> None:
     p.add_argument("--timed-queries", type=int, default=200, help="queries timed one by one")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--build-threads", type=int, default=2)
+    add_docs_option(p)
+    p.add_argument("--no-write", action="store_true", help="print the section, write neither it nor the plot")
     args = p.parse_args()
     results = [bench_size(n, args) for n in args.sizes]
-    docs = Path(__file__).resolve().parent.parent / "docs"
-    plot(results, docs / "ann.png")
-    update_section("ann", markdown(results, args))
+    body = markdown(results, args)
+    print(body)
+    if not args.no_write:
+        plot(results, args.docs / "ann.png")
+        update_section("ann", body, args.docs / BENCHMARKS.name)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import orjson
 from fastapi import FastAPI
 from fastapi.responses import Response
 
-from offline.bundle import read_bundle
+from recsys.bundle import read_bundle
 
 bundle = read_bundle(os.environ.get("RECSYS_BUNDLE_DIR", "artifacts"))
 vectors, item_ids = bundle.arrays["item_vectors"], bundle.catalog["item_ids"]

@@ -31,10 +31,10 @@ import httpx
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from bench.report import machine, update_section
+from bench.report import BENCHMARKS, add_docs_option, machine, update_section
 from bench.serving import WRK_USERS, free_port, server, wrk
 from offline.recommend import load_engine
-from service.schemas import RecommendOptions
+from recsys.query import RecommendOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 10
@@ -57,12 +57,12 @@ def batch_endpoint(url: str, users: list[str], size: int, clients: int) -> float
 
 def offline_pass(engine, users: list[str], size: int) -> dict[str, float]:
     """One cold pass of the engine over ``users``: users/s overall and per stage group."""
-    engine.vector_cache.clear()
-    engine.feature_cache.clear()
+    engine.users.vector_cache.clear()
+    engine.users.feature_cache.clear()
     stages: dict[str, float] = {}
     start = time.perf_counter()
     for i in range(0, len(users), size):
-        for stage, ms in engine.recommend_batch(users[i : i + size], RecommendOptions(k=K))["timings_ms"].items():
+        for stage, ms in engine.recommend_batch(users[i : i + size], RecommendOptions(k=K)).timings_ms.items():
             stages[stage] = stages.get(stage, 0.0) + ms / 1000
     total = time.perf_counter() - start
     return {"users_s": len(users) / total, "recall_users_s": len(users) / (stages["user_encoding"] + stages["ann_search"]),
@@ -76,6 +76,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--seconds", type=int, default=10)
     p.add_argument("--no-write", action="store_true")
+    add_docs_option(p)
     args = p.parse_args()
     engine = load_engine(args.bundle)
     users = list(engine.bundle.catalog["user_ids"])
@@ -89,7 +90,7 @@ def main() -> None:
         env = {**os.environ, "RECSYS_BUNDLE_DIR": str(args.bundle.resolve()), "RECSYS_LOG_LEVEL": "WARNING",
                "RECSYS_STATE_DIR": str(tmp / "state"), "RECSYS_USER_VECTOR_CACHE": "0"}
         with server([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)], env, url, tmp / "svc.log"):
-            wrk(url, script, 3, connections=4)  # warm-up
+            wrk(url, script, min(3, args.seconds), connections=4)  # warm-up
             rows["one by one: GET /recommend (wrk -c4)"] = float(np.median(
                 [wrk(url, script, args.seconds, connections=4) for _ in range(args.runs)]))
             for clients in (1, 2):
@@ -125,7 +126,7 @@ def write(rows: dict[str, float], recall: float, rerank_share: float, command_s:
     body = "## Batch recommendations: one by one vs /recommend/batch vs the offline command\n\n" + "\n".join(lines)
     print(body)
     if not args.no_write:
-        update_section("batch", body)
+        update_section("batch", body, args.docs / BENCHMARKS.name)
 
 
 if __name__ == "__main__":

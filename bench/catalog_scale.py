@@ -35,22 +35,25 @@ from threadpoolctl import threadpool_limits
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.report import machine, update_section  # noqa: E402
 from bench.e2e import stage_means, stage_totals  # noqa: E402
+from bench.report import BENCHMARKS, add_docs_option, machine, update_section  # noqa: E402
 from bench.serving import free_port, hey  # noqa: E402
-from offline.bundle import CURRENT, read_bundle, resolve, write_bundle  # noqa: E402
 from offline.data import dataset_fingerprint  # noqa: E402
-from offline.pipeline import IndexConfig, assemble_bundle, bundle_arrays  # noqa: E402
-from offline.rank_features import RankerTables  # noqa: E402
+from offline.pipeline import IndexConfig, Recall, assemble_bundle, bundle_arrays  # noqa: E402
 from offline.ranker import RankerConfig  # noqa: E402
+from offline.recall_eval import build_index  # noqa: E402
 from offline.split import temporal_split  # noqa: E402
 from offline.synthetic import generate  # noqa: E402
-from offline.train_ranker import RankContext, train_rankers  # noqa: E402
-from offline.train_recall import RecallConfig, TowerTables, TwoTowerRecommender, build_index, train_two_tower  # noqa: E402
+from offline.tower_tables import TowerTables  # noqa: E402
+from offline.train_ranker import train_rankers  # noqa: E402
+from offline.train_recall import RecallConfig, train_two_tower  # noqa: E402
 from offline.two_tower import TwoTower  # noqa: E402
-from service.engine import FETCH_MARGIN, Engine  # noqa: E402
-from service.filters import RowFilter, top_k  # noqa: E402
-from service.schemas import Filters, RecommendRequest  # noqa: E402
+from recsys.bundle import CURRENT, read_bundle, resolve, write_bundle  # noqa: E402
+from recsys.engine.allowed import FETCH_MARGIN  # noqa: E402
+from recsys.engine.engine import Engine  # noqa: E402
+from recsys.engine.filters import RowFilter  # noqa: E402
+from recsys.query import Filters  # noqa: E402
+from recsys.topk import top_k  # noqa: E402
 
 N_GENRES = 18  # as MovieLens; each synthetic item has one genre, 40% a second: a genre holds ~8% of the items
 BUILD_THREADS = 2
@@ -74,14 +77,12 @@ def build_bundle(root: Path, args) -> dict[str, float]:
     vectors = tables.item_vectors(model)
     index = build_index(vectors, index_cfg.m, index_cfg.ef_construction, index_cfg.ef, threads=BUILD_THREADS, seed=args.seed)
     seconds["index"] = time.perf_counter() - started - sum(seconds.values())
-    arrays = bundle_arrays(ds, split, tables, vectors)
+    recall = Recall(model, vectors, index, bundle_arrays(ds, split, tables, vectors))
     ranker_cfg = RankerConfig(losses="lambdarank", lambdamart=False, epochs=3, max_queries=1000, seed=args.seed)
-    ctx = RankContext(TwoTowerRecommender(model, tables, index), RankerTables.from_arrays(arrays), arrays, index_cfg.candidates,
-                      index_cfg.item_item_candidates)
-    ranker = train_rankers(ctx, split, ranker_cfg).default_state
+    ranker = train_rankers(recall.context(tables, index_cfg), split, ranker_cfg).default_state
     seconds["arrays + ranker"] = time.perf_counter() - started - sum(seconds.values())
     metrics = {"note": f"synthetic catalogue-scale bundle (bench/catalog_scale.py), two-tower epochs: {args.epochs}"}
-    bundle = assemble_bundle(ds, split, tables, model, index, arrays, recall_cfg, index_cfg, ranker_cfg, metrics,
+    bundle = assemble_bundle(ds, split, tables, recall, recall_cfg, index_cfg, ranker_cfg, metrics,
                              dataset_fingerprint(ds), ranker)
     write_bundle(root, bundle)
     seconds["write"] = time.perf_counter() - started - sum(seconds.values())
@@ -128,8 +129,8 @@ def queries(engine: Engine, n: int, seed: int) -> list[Query]:
     users = np.random.default_rng(seed).choice(list(engine.user_row), n, replace=False)
     out = []
     for user in users:
-        ctx = engine.resolve_user(str(user))
-        out.append(Query(engine.user_vector(ctx), ctx.hist_items))
+        ctx = engine.users.resolve(str(user))
+        out.append(Query(engine.users.vectors([ctx])[0], ctx.hist_items))
     return out
 
 
@@ -387,7 +388,7 @@ def write(build: dict, search: dict, service: dict, args) -> None:
     body = f"## Catalogue scale ({size} items)\n\n" + "\n".join(lines)
     print(body)
     if not args.no_write:
-        update_section("catalog-scale", body)
+        update_section("catalog-scale", body, args.docs / BENCHMARKS.name)
 
 
 def main() -> None:
@@ -405,6 +406,7 @@ def main() -> None:
     p.add_argument("--old-queries", type=int, default=3, help="users for the (slow) pre-change search")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-write", action="store_true", help="print the section, do not write docs/benchmarks.md")
+    add_docs_option(p)
     args = p.parse_args()
     if args.rebuild or not (args.bundle_dir / CURRENT).exists():
         build_bundle(args.bundle_dir, args)

@@ -30,7 +30,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.report import machine, update_section  # noqa: E402
+from bench.report import BENCHMARKS, add_docs_option, machine, update_section  # noqa: E402
 
 
 class Connection:
@@ -138,9 +138,12 @@ def start_service(bundle: Path, port: int, workers: int, log: Path) -> subproces
            "RECSYS_LOG_LEVEL": "WARNING"}
     cmd = [sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port", str(port),
            "--workers", str(workers), "--no-access-log", "--log-level", "warning"]
+    log.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
+        if proc.poll() is not None:  # fail now, with the reason, rather than after the deadline
+            raise RuntimeError(f"the service exited: {log.read_text()[-2000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
                 return proc
@@ -151,7 +154,7 @@ def start_service(bundle: Path, port: int, workers: int, log: Path) -> subproces
 
 
 def user_ids_of(bundle: Path) -> list[str]:
-    from offline.bundle import resolve
+    from recsys.bundle import resolve
     import json
 
     return json.loads((resolve(bundle) / "catalog.json").read_text())["user_ids"]
@@ -251,11 +254,13 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--log", default="/tmp/recsys-bench-service.log")
     p.add_argument("--no-write", action="store_true", help="print only; do not touch docs/benchmarks.md")
+    add_docs_option(p)
     args = p.parse_args()
     res = run(args)
     if not args.no_write:
-        plot(res, ROOT / "docs" / "e2e.png")
-        update_section("e2e", markdown(res, args) + "\n\n![latency percentiles per offered load](e2e.png)")
+        plot(res, args.docs / "e2e.png")
+        update_section("e2e", markdown(res, args) + "\n\n![latency percentiles per offered load](e2e.png)",
+                       args.docs / BENCHMARKS.name)
 
 
 def plot(res: dict, path: Path) -> None:

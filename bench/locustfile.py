@@ -14,6 +14,8 @@ Environment:
                            at a separate range to keep the recommend traffic's profiles unchanged
     LOCUST_RPS_PER_USER    if set, each simulated user paces itself to this many requests per
                            second (a fixed total rate = users x this); otherwise a 0.1-1 s think time
+    LOCUST_GENRES          comma-separated genres for the filtered requests, at least two (default:
+                           some MovieLens-100K genres); a bundle answers an unknown genre with a 422
 
 An id spec is a comma-separated list of ranges "A-B" (integers, inclusive) and single ids,
 e.g. "1-10,42,100-120".
@@ -30,7 +32,7 @@ MOVIELENS_USER_IDS = "1-943"
 MOVIELENS_ITEM_IDS = "1-1682"
 
 # Values seen in MovieLens-100K's user and item tables, for cold-start requests and filters.
-GENRES = ["Action", "Comedy", "Drama", "Romance", "Thriller", "Sci-Fi", "Adventure", "Crime"]
+MOVIELENS_GENRES = ["Action", "Comedy", "Drama", "Romance", "Thriller", "Sci-Fi", "Adventure", "Crime"]
 GENDERS = ["M", "F"]
 OCCUPATIONS = [
     "administrator", "artist", "educator", "engineer", "executive", "librarian",
@@ -73,6 +75,7 @@ USER_IDS = _ids_from_env("LOCUST_USER_IDS", MOVIELENS_USER_IDS)
 ITEM_IDS = _ids_from_env("LOCUST_ITEM_IDS", MOVIELENS_ITEM_IDS)
 EVENT_USER_IDS = _ids_from_env("LOCUST_EVENT_USER_IDS", os.environ.get("LOCUST_USER_IDS") or MOVIELENS_USER_IDS)
 RPS_PER_USER = float(os.environ.get("LOCUST_RPS_PER_USER") or 0)
+GENRES = [g.strip() for g in (os.environ.get("LOCUST_GENRES") or ",".join(MOVIELENS_GENRES)).split(",")]
 
 
 class RecommenderUser(FastHttpUser):

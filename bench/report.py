@@ -1,6 +1,7 @@
 """Benchmarks write their own section of docs/benchmarks.md between markers, leaving the rest."""
 from __future__ import annotations
 
+import argparse
 import platform
 import re
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+DOCS = BENCHMARKS.parent
 HEADER = "# Benchmarks\n\nNumbers written by the scripts under `bench/` (and the offline pipeline); each section names its machine.\n"
 
 
@@ -24,6 +26,14 @@ def machine() -> str:
     import os
 
     return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}"
+
+
+def add_docs_option(parser: argparse.ArgumentParser) -> None:
+    """``--docs DIR``: where a run writes its section of benchmarks.md and its figures. The repository's docs/
+    unless told otherwise; the smoke runs (tests/bench/test_smoke.py) point it at a scratch directory, so the
+    writing code runs in CI without touching the published numbers."""
+    parser.add_argument("--docs", type=Path, default=DOCS,
+                        help="directory of benchmarks.md and the figures (default: the repository's docs/)")
 
 
 def update_section(name: str, body: str, path: Path = BENCHMARKS) -> None:

@@ -19,10 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.report import machine  # noqa: E402
-from offline.bundle import read_bundle  # noqa: E402
-from offline.features import single_history  # noqa: E402
-from offline.rank_features import RankerTables, ranker_features  # noqa: E402
-from offline.ranker import load_ranker  # noqa: E402
+from recsys.bundle import read_bundle  # noqa: E402
+from recsys.features import single_history  # noqa: E402
+from recsys.rank_features import RankerTables, ranker_features  # noqa: E402
+from recsys.scorer import load_ranker  # noqa: E402
 
 
 def requests(bundle, users: np.ndarray, depth: int) -> list[tuple]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.report import BENCHMARKS, machine, update_section  # noqa: E402
+from bench.report import BENCHMARKS, add_docs_option, machine, update_section  # noqa: E402
 
 SIZES = ("10000x10000x100", "30000x30000x100", "100000x100000x100")
 STAGES = ("data", "split", "two-tower", "two-tower epoch", "validation", "index build", "index recall check",
@@ -127,6 +127,7 @@ def main() -> None:
     parser.add_argument("--sizes", default=",".join(SIZES), help="USERSxITEMSxPER_USER, comma-separated")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--no-write", action="store_true", help="print, do not update docs/benchmarks.md")
+    add_docs_option(parser)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
@@ -141,9 +142,9 @@ def main() -> None:
     body = markdown(rows, args.threads)
     print(body)
     if not args.no_write:
-        plot(rows, PLOT)
-        update_section("scaling", body)
-        (BENCHMARKS.parent / "scaling.json").write_text(json.dumps(rows, indent=1))
+        plot(rows, args.docs / PLOT.name)
+        update_section("scaling", body, args.docs / BENCHMARKS.name)
+        (args.docs / "scaling.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ rotating through the bundle's users, and durable ``POST /events`` per second (``
 the two service configurations. Writes the "serving" section of docs/benchmarks.md.
 
     python -m bench.serving --bundle artifacts --runs 3
+
+With ``--against CHECKOUT`` each service configuration is also served from another checkout (the code
+before a change, say) right after this one's, on the same bundle and load: a before/after comparison in
+one run (written with ``--no-write`` or ``--docs`` elsewhere, so the serving section keeps the plain table).
 """
 from __future__ import annotations
 
@@ -30,8 +34,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from bench.report import machine, update_section
-from offline.bundle import read_bundle
+from bench.report import BENCHMARKS, add_docs_option, machine, update_section
+from recsys.bundle import read_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 WRK_USERS = """
@@ -53,8 +57,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def server(cmd: list[str], env: dict, url: str, log: Path):
-    proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
+def server(cmd: list[str], env: dict, url: str, log: Path, root: Path = ROOT):
+    """``cmd`` run in the checkout ``root`` (``python -m service`` there serves that checkout's code)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=root)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -98,19 +103,20 @@ def hey(url: str, seconds: int, rate_per_worker: int | None, workers: int, body:
     return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50": pct[50], "p99": pct[99]}
 
 
-def measure(url: str, script: Path, runs: int, seconds: int, events: bool) -> dict[str, float]:
-    """Median over runs of saturation and fixed-rate latency (and event ingestion)."""
+def measure(url: str, script: Path, runs: int, seconds: int, user: str, event_item: str | None) -> dict[str, float]:
+    """Median over runs of saturation, fixed-rate latency for one known ``user`` and, unless ``event_item`` is
+    None (the bare app has no /events), the ingestion of events on that item."""
     for _ in range(2):  # warm the user-vector cache and the connection paths
-        wrk(url, script, 3)
+        wrk(url, script, min(3, seconds))
     sat = [wrk(url, script, seconds) for _ in range(runs)]
-    lat = [hey(f"{url}/recommend?user_id=196&k=10", seconds, 50, 4) for _ in range(runs)]
-    smooth = [hey(f"{url}/recommend?user_id=196&k=10", seconds, 200, 1) for _ in range(runs)]
+    lat = [hey(f"{url}/recommend?user_id={user}&k=10", seconds, 50, 4) for _ in range(runs)]
+    smooth = [hey(f"{url}/recommend?user_id={user}&k=10", seconds, 200, 1) for _ in range(runs)]
     out = {"saturation": float(np.median(sat)), "p50": float(np.median([r["p50"] for r in lat])),
            "p99": float(np.median([r["p99"] for r in lat])), "p50_1": float(np.median([r["p50"] for r in smooth])),
            "p99_1": float(np.median([r["p99"] for r in smooth]))}
-    if events:
+    if event_item is not None:
         body = '{"user_id": "bench-events", "item_id": "%s"}'
-        ev = [hey(f"{url}/events", seconds, None, 16, body % "1")["rps"] for _ in range(runs)]
+        ev = [hey(f"{url}/events", seconds, None, 16, body % event_item)["rps"] for _ in range(runs)]
         out["events"] = float(np.median(ev))
     return out
 
@@ -120,10 +126,19 @@ def main() -> None:
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--seconds", type=int, default=10)
+    p.add_argument("--user", default="196", help="the known user of the fixed-rate runs (default: a MovieLens user)")
+    p.add_argument("--item", default="1", help="the item of the POST /events runs (default: a MovieLens item)")
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--against", type=Path, metavar="CHECKOUT", help="also serve another checkout of this project (e.g. "
+                   "`git worktree add ../before main`) with the same harness, bundle and load, each service configuration "
+                   "measured for it right after this checkout: before and after a change, in one run")
+    add_docs_option(p)
     args = p.parse_args()
     bundle = read_bundle(args.bundle)
     users = bundle.catalog["user_ids"]
+    if args.user not in users or args.item not in bundle.catalog["item_ids"]:
+        raise SystemExit(f"--user {args.user} / --item {args.item}: not in {args.bundle} (its first user and item: "
+                         f"{users[0]}, {bundle.catalog['item_ids'][0]})")
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         tmp = Path(tmp)
         script = tmp / "users.lua"
@@ -132,22 +147,26 @@ def main() -> None:
         base.pop("RECSYS_ADMIN_TOKEN", None)
         rows = {}
         port = free_port()
+        load = (args.runs, args.seconds, args.user)
         url = f"http://127.0.0.1:{port}"
         bare = [sys.executable, "-m", "uvicorn", "bench.bare_app:app", "--host", "127.0.0.1", "--port", str(port),
                 "--log-level", "warning"]
         with server(bare, base, url, tmp / "bare.log"):
-            rows["bare FastAPI + hnswlib knn_query"] = measure(url, script, args.runs, args.seconds, events=False)
+            rows["bare FastAPI + hnswlib knn_query"] = measure(url, script, *load, event_item=None)
         service = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
-        env = {**base, "RECSYS_STATE_BACKEND": "file", "RECSYS_STATE_DIR": str(tmp / "state")}
-        with server(service, env, url, tmp / "file.log"):
-            rows["service, 1 process, file state"] = measure(url, script, args.runs, args.seconds, events=True)
+        trees = {"": ROOT} if args.against is None else {" (this checkout)": ROOT, f" ({args.against})": args.against.resolve()}
+        for suffix, root in trees.items():
+            env = {**base, "RECSYS_STATE_BACKEND": "file", "RECSYS_STATE_DIR": str(tmp / f"state{len(rows)}")}
+            with server(service, env, url, tmp / "file.log", root):
+                rows[f"service, 1 process, file state{suffix}"] = measure(url, script, *load, event_item=args.item)
         redis_port = free_port()
         redis_cmd = ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(tmp), "--save", "",
                      "--appendonly", "yes", "--appendfsync", "always"]
         stack.enter_context(_redis(redis_cmd, tmp / "redis.log"))
-        env = {**base, "RECSYS_STATE_BACKEND": "redis", "RECSYS_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}
-        with server([*service, "--workers", "2"], env, url, tmp / "redis-workers.log"):
-            rows["service, 2 workers, Redis state"] = measure(url, script, args.runs, args.seconds, events=True)
+        for n, (suffix, root) in enumerate(trees.items()):
+            env = {**base, "RECSYS_STATE_BACKEND": "redis", "RECSYS_REDIS_URL": f"redis://127.0.0.1:{redis_port}/{n}"}
+            with server([*service, "--workers", "2"], env, url, tmp / "redis-workers.log", root):
+                rows[f"service, 2 workers, Redis state{suffix}"] = measure(url, script, *load, event_item=args.item)
     write(rows, args)
 
 
@@ -178,7 +197,7 @@ def write(rows: dict[str, dict[str, float]], args) -> None:
     body = "## Serving: bare endpoint vs the service (file state, one process) vs Redis state with 2 workers\n\n" + "\n".join(lines)
     print(body)
     if not args.no_write:
-        update_section("serving", body)
+        update_section("serving", body, args.docs / BENCHMARKS.name)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Start-up cost with a long state log: this tree, and optionally a baseline tree, on the same data.
 
 Writes a state directory of ``--events`` events and ``--changes`` catalogue upserts (new items, each
-changed several times) against a bundle, then times ``ServiceState(settings)`` - bundle load plus
+changed several times) against a bundle, then times ``LiveEngine(settings.live_config())`` - bundle load plus
 replay - in a fresh interpreter: first start (no snapshot: the whole log is read, then folded into a
 snapshot) and the start after it (snapshot plus an empty tail). The baseline tree (e.g. a worktree of
 an older commit) replays the same logs its own way.
@@ -21,19 +21,21 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.report import machine, update_section
-from offline.bundle import read_bundle
+from bench.report import BENCHMARKS, add_docs_option, machine, update_section
+from recsys.bundle import read_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMER = """
 import json, sys, time
 from service.config import get_settings
 try:
+    from recsys.live import LiveEngine
+    start = time.perf_counter()
+    LiveEngine(get_settings().live_config())
+except ImportError:  # trees from before the core package
     from service.state import ServiceState
-except ImportError:  # trees from before the state module
-    from service.app import ServiceState
-start = time.perf_counter()
-ServiceState(get_settings())
+    start = time.perf_counter()
+    ServiceState(get_settings())
 print(json.dumps({"seconds": time.perf_counter() - start}))
 """
 
@@ -87,6 +89,7 @@ def main() -> None:
     p.add_argument("--baseline-tree", type=Path, help="another checkout to time on the same logs (e.g. main before compaction)")
     p.add_argument("--baseline-repeats", type=int, default=1, help="the baseline can be slow: fewer repeats")
     p.add_argument("--no-write", action="store_true", help="print only; do not touch docs/benchmarks.md")
+    add_docs_option(p)
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,7 +102,7 @@ def main() -> None:
             rows.append((f"baseline {label}", *measure(args.baseline_tree, args.bundle, logs, args.baseline_repeats)))
     lines = [f"Machine: {machine()}. Bundle: `{args.bundle}`. State log: {args.events:,} events + {args.changes:,} "
              f"catalogue upserts ({args.changes // 5:,} new items, 5 changes each) = {args.events + args.changes:,} records.",
-             "Time of `ServiceState(settings)` (bundle load + online state) in a fresh interpreter; median of the runs.", "",
+             "Time of `LiveEngine(settings.live_config())` (bundle load + online state) in a fresh interpreter; median of the runs.", "",
              "| code | first start (s) | next start (s) | runs |", "|---|---|---|---|"]
     for label, first, after in rows:
         lines.append(f"| {label} | {np.median(first):.2f} | {np.median(after):.2f} | {len(first)} |")
@@ -108,7 +111,7 @@ def main() -> None:
     body = "## State start-up (snapshot + tail)\n\n" + "\n".join(lines)
     print(body)
     if not args.no_write:
-        update_section("state-startup", body)
+        update_section("state-startup", body, args.docs / BENCHMARKS.name)
 
 
 if __name__ == "__main__":

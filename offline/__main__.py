@@ -9,7 +9,8 @@ from pathlib import Path
 from loguru import logger
 
 from offline.config import ConfigError, invalid_choice
-from offline.dataset import Dataset
+from recsys.dataset import Dataset
+from recsys.state.open import LoggedState
 
 
 def add_data_options(parser: argparse.ArgumentParser) -> None:
@@ -45,9 +46,10 @@ def count(value: str) -> int:
     return number
 
 
-def load_dataset(args: argparse.Namespace) -> Dataset:
-    """The dataset the options name (the loaders log any skipped rows)."""
+def load_dataset(args: argparse.Namespace, logged: LoggedState | None = None) -> Dataset:
+    """The data the options name, with the service's recorded state (``read_logged``) merged in when given."""
     from offline import data, synthetic
+    from offline.events import merge_events
 
     if args.interactions:
         ds = data.load_csv(args.interactions, args.users, args.items, skip_bad_rows=args.skip_bad_rows)
@@ -56,23 +58,25 @@ def load_dataset(args: argparse.Namespace) -> Dataset:
         ds = synthetic.generate(n_users=n_users, n_items=n_items, seed=args.seed)
     else:
         ds = data.load_movielens(args.data_dir)
-    if getattr(args, "events", None):
-        ds = merge_logged_events(ds, args.events, args.events_redis_prefix)
+    if logged is not None:
+        ds = merge_events(ds, logged)[0]
     logger.info("{}: {} users, {} items, {} interactions", ds.name, ds.n_users, ds.n_items, len(ds.interactions))
     return ds
 
 
-def merge_logged_events(ds: Dataset, source: str, redis_prefix: str) -> Dataset:
-    """The dataset with what the service recorded at ``source`` merged in; an unreadable source is a DataError."""
+def read_logged(args: argparse.Namespace) -> LoggedState | None:
+    """What the service recorded at ``--events`` (read once per command), or None without the option; an
+    unreadable source is a DataError."""
     from offline.data import DataError
-    from offline.events import merge_events, read_source
-    from service.store import StoreUnavailable
+    from recsys.state.open import read_source
+    from recsys.state.protocol import StoreUnavailable
 
+    if not getattr(args, "events", None):
+        return None
     try:
-        logged = read_source(source, redis_prefix)
+        return read_source(args.events, args.events_redis_prefix)
     except (OSError, StoreUnavailable) as err:
-        raise DataError(source, f"cannot read it as --events ({err})") from err
-    return merge_events(ds, logged)[0]
+        raise DataError(args.events, f"cannot read it as --events ({err})") from err
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -80,7 +84,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from offline.evaluate import baseline_models, report_rows, write_report
     from offline.split import temporal_split
 
-    ds = load_dataset(args)
+    ds = load_dataset(args, read_logged(args))
     split = temporal_split(ds.interactions, ds.n_users, ds.n_items, args.valid_frac, args.test_frac, args.eval_users)
     rows, _ = report_rows(baseline_models(split), split, "test")
     md = write_report(rows, args.out, f"Evaluation on {ds.name} (test window)", {"data": ds.name})
@@ -90,78 +94,82 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     """Train every stage and write a bundle under --out. Under ``torchrun`` the processes train the
     two-tower model together and rank 0 alone goes on to write the bundle."""
-    from offline.distributed import distributed_session
-    from offline.pipeline import IndexConfig, run_training
-    from offline.ranker import RankerConfig
-    from offline.train_recall import RecallConfig, resolve_device
-
-    recall_cfg = RecallConfig(**options_of(args, RecallConfig, "recall_"), seed=args.seed)
-    index_cfg = IndexConfig(**options_of(args, IndexConfig, "index_"))
-    ranker_cfg = RankerConfig(**options_of(args, RankerConfig, "ranker_"), seed=args.seed)
-    ds = load_dataset(args)  # after the configs: an inconsistent option fails before the data loads
-    with distributed_session(resolve_device(recall_cfg.device)):
-        path = run_training(ds, args.out, recall_cfg, index_cfg, args.valid_frac, args.test_frac,
-                            baselines=not args.skip_baselines, resume=args.resume, ranker_cfg=ranker_cfg,
-                            eval_users=args.eval_users, refit=args.refit)
+    configs = stage_configs(args)  # before the data: an inconsistent option fails before the data loads
+    path = train_bundle(args, load_dataset(args, read_logged(args)), configs, promote=True)
     if path is not None:
         print(f"bundle written: {path}")
 
 
+def stage_configs(args: argparse.Namespace) -> tuple:
+    """The two-tower's, the index's and the ranker's configurations from the ``--recall-*``, ``--index-*`` and
+    ``--ranker-*`` options, checked (a ``ConfigError`` names the option) before any work."""
+    from offline.pipeline import IndexConfig
+    from offline.ranker import RankerConfig
+    from offline.train_recall import RecallConfig
+
+    return (RecallConfig(**options_of(args, RecallConfig, "recall_"), seed=args.seed),
+            IndexConfig(**options_of(args, IndexConfig, "index_")),
+            RankerConfig(**options_of(args, RankerConfig, "ranker_"), seed=args.seed))
+
+
+def train_bundle(args: argparse.Namespace, ds: Dataset, configs: tuple, promote: bool) -> Path | None:
+    """The one training run of ``train`` and ``retrain``; returns the bundle written (None on a torchrun rank
+    other than 0, which helped train)."""
+    from offline.distributed import distributed_session
+    from offline.pipeline import run_training
+    from offline.train_recall import resolve_device
+
+    recall_cfg, index_cfg, ranker_cfg = configs
+    with distributed_session(resolve_device(recall_cfg.device)):
+        return run_training(ds, args.out, recall_cfg, index_cfg, args.valid_frac, args.test_frac,
+                            baselines=not args.skip_baselines, resume=getattr(args, "resume", False), ranker_cfg=ranker_cfg,
+                            promote=promote, eval_users=args.eval_users, refit=args.refit)
+
+
 def cmd_retrain(args: argparse.Namespace) -> None:
     """Train a candidate on data + events, compare it with the incumbent on the freshest window, promote or keep."""
-    from offline.bundle import BundleError, resolve
     from offline.data import DataError
-    from offline.distributed import distributed_session
-    from offline.pipeline import IndexConfig, run_training
-    from offline.ranker import RankerConfig
-    from offline.events import read_source
     from offline.retrain import compare_and_promote
     from offline.split import temporal_split
-    from offline.train_recall import RecallConfig, resolve_device
+    from recsys.bundle import BundleError, resolve
 
     try:
         incumbent = resolve(args.out)
     except BundleError as err:
         raise DataError(args.out, f"no incumbent bundle to compare with ({err}); run `train` first") from err
-    recall_cfg = RecallConfig(**options_of(args, RecallConfig, "recall_"), seed=args.seed)
-    index_cfg = IndexConfig(**options_of(args, IndexConfig, "index_"))
-    ranker_cfg = RankerConfig(**options_of(args, RankerConfig, "ranker_"), seed=args.seed)
-    ds = load_dataset(args)
-    with distributed_session(resolve_device(recall_cfg.device)):
-        candidate = run_training(ds, args.out, recall_cfg, index_cfg, args.valid_frac, args.test_frac,
-                                 baselines=not args.skip_baselines, ranker_cfg=ranker_cfg, promote=False,
-                                 eval_users=args.eval_users, refit=args.refit)
+    configs = stage_configs(args)
+    logged = read_logged(args)
+    ds = load_dataset(args, logged)
+    candidate = train_bundle(args, ds, configs, promote=False)
     if candidate is None:  # a torchrun rank other than 0: it helped train, rank 0 compares
         return
     split = temporal_split(ds.interactions, ds.n_users, ds.n_items, args.valid_frac, args.test_frac, args.eval_users)
-    catalog = read_source(args.events, args.events_redis_prefix).items if args.events else {}
-    decision = compare_and_promote(args.out, incumbent, candidate, ds, split, args.tolerance, index_cfg.candidates, catalog)
+    decision = compare_and_promote(args.out, incumbent, candidate, ds, split, args.tolerance, configs[1].candidates,
+                                   logged.items if logged else {})
     print(f"{'promoted' if decision.promote else 'kept'}: {candidate.name if decision.promote else incumbent.name} "
           f"({decision.reason}); comparison in {args.out / 'reports' / candidate.name / 'retrain.md'}")
 
 
 def cmd_recommend(args: argparse.Namespace) -> None:
     """Top-K for many users from a bundle, through the service's engine, into a CSV or Parquet file."""
-    from pydantic import ValidationError
-
     from offline.recommend import FORMATS, load_engine, read_users, recommend_rows, write
-    from service.engine import RequestError
-    from service.schemas import Filters, RecommendOptions
+    from recsys.errors import RecsysError
+    from recsys.query import Filters, RecommendOptions
 
     if args.out.suffix not in FORMATS:
         raise ConfigError(f"--out {args.out}: the file name must end in {' or '.join(FORMATS)}")
+    chosen = {"genres_any": args.genres_any, "genres_none": args.genres_none, "year_min": args.year_min,
+              "year_max": args.year_max}
     try:
-        chosen = {"genres_any": args.genres_any, "genres_none": args.genres_none, "year_min": args.year_min,
-                  "year_max": args.year_max}
         filters = Filters(**chosen) if any(v is not None for v in chosen.values()) else None
-        opts = RecommendOptions(k=args.k, candidates=args.candidates, exclude_seen=not args.include_seen, filters=filters)
-    except ValidationError as err:
-        raise ConfigError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())) from err
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    opts = RecommendOptions(k=args.k, candidates=args.candidates, exclude_seen=not args.include_seen, filters=filters)
     engine = load_engine(args.bundle, args.events, args.events_redis_prefix)
     users = read_users(args.users, engine)
     try:
         written, failed = write(recommend_rows(engine, users, opts, args.batch_size, progress=not args.quiet), args.out)
-    except RequestError as err:  # an option the bundle cannot honour (a genre it lacks)
+    except RecsysError as err:  # an option the bundle cannot honour (a genre it lacks)
         raise ConfigError(err.message) from err
     print(f"{args.out}: top-{args.k} for {written} users (bundle {engine.version})")
     if failed:

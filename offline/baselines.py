@@ -10,6 +10,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from offline.split import TemporalSplit, history_matrix
+from recsys.topk import row_top, topk_items
 
 
 class ScoringRecommender:
@@ -52,6 +53,12 @@ class ItemKNN(ScoringRecommender):
     def score(self, users, histories):
         return np.asarray(history_matrix(histories, self.sim.shape[0]) @ self.sim)
 
+    def similar_items(self, items: np.ndarray, k: int) -> np.ndarray:
+        """``[len(items), k]`` item rows: each item, then its neighbours by cosine (``similar_by_rows``).
+        The diagonal is zeroed only so that an item never votes for itself; its cosine with itself is 1,
+        the largest a cosine can be."""
+        return similar_by_rows(self.sim, items, k)
+
 
 class EASE(ScoringRecommender):
     """Steck (2019): closed-form item-item weights ``B = I - P diagMat(1/diag(P))``, ``P = (X'X + l2 I)^-1``.
@@ -69,6 +76,17 @@ class EASE(ScoringRecommender):
     def score(self, users, histories):
         weights = [recency_weights(len(h), self.recency_halflife) for h in histories]
         return np.asarray(history_matrix(histories, self.weights.shape[0], weights) @ self.weights)
+
+    def similar_items(self, items: np.ndarray, k: int) -> np.ndarray:
+        """``[len(items), k]`` item rows: each item, then the items its row of ``B`` weighs highest
+        (``similar_by_rows``).
+
+        Why ``B``'s row and not the Gram matrix's column: ``B[i]`` is what the model itself adds to every
+        item's score when ``i`` is in a history (with or without recency weighting, a one-item history
+        weighs 1), so these are EASE's neighbours, not raw co-occurrence counts, which rank by popularity.
+        ``B``'s diagonal is zero only because the constraint ``diag(B) = 0`` stops the trivial solution
+        ``B = I``; an item is trivially the most similar to itself, so it is placed first."""
+        return similar_by_rows(self.weights, items, k)
 
 
 def ease_weights(x: sp.csr_matrix, l2: float) -> np.ndarray:
@@ -104,6 +122,31 @@ class SeqKNN(ScoringRecommender):
     def score(self, users, histories):
         weights = [recency_weights(len(h), self.recency_halflife) for h in histories]
         return (history_matrix(histories, self.sim.shape[0], weights) @ self.sim).toarray()
+
+    def similar_items(self, items: np.ndarray, k: int) -> np.ndarray:
+        """``[len(items), k]`` item rows: each item, then its sequence neighbours, those that most often
+        follow it closely (``similar_by_rows``; self pairs are dropped when the table is built)."""
+        return similar_by_rows(self.sim, items, k)
+
+
+def similar_by_rows(table: np.ndarray | sp.spmatrix, items: np.ndarray, k: int) -> np.ndarray:
+    """Each item, then the top of its row of an item-item ``table`` (``[len(items), k]`` item rows,
+    ties to the lower row, -1 padding only past the catalogue).
+
+    Row ``i`` of the table is exactly what the model scores for a user whose only history is ``i``
+    (scores are ``history @ table``), so ``similar_items`` and ``recommend`` share one notion of
+    neighbour: after the item itself, the list is the recommendation for that one-item history. The
+    item's own entry is set above every other (the largest float32: ``topk_items`` reads a non-finite
+    score as "not rankable"): these tables keep their diagonal at zero so that a history item does not
+    vote for itself, and an exact tie (two items seen by the same users) must not put another item
+    ahead of the item itself.
+    """
+    items = np.asarray(items, np.int64)
+    rows = table[items]
+    rows = rows.toarray() if sp.issparse(rows) else np.array(rows, dtype=np.float32)
+    rows = rows.astype(np.float32, copy=False)
+    rows[np.arange(len(items)), items] = np.finfo(np.float32).max
+    return topk_items(rows, k)
 
 
 class Blend(ScoringRecommender):
@@ -180,17 +223,6 @@ def top_per_row(matrix: sp.csr_matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
         cols, vals = row_top(matrix.indices[lo:hi], matrix.data[lo:hi], k)
         nbrs[row, : len(cols)], sims[row, : len(cols)] = cols, vals
     return nbrs, sims
-
-
-def row_top(cols: np.ndarray, vals: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` largest positive ``vals`` with their ``cols``, descending (ties: lower column first);
-    a partial selection, then a sort of the ``k`` chosen only."""
-    if len(vals) > k:
-        chosen = np.argpartition(-vals, k - 1)[:k]
-        cols, vals = cols[chosen], vals[chosen]
-    order = np.lexsort((cols, -vals))
-    cols, vals = cols[order], vals[order]
-    return cols[vals > 0], vals[vals > 0]
 
 
 def neighbour_matrix(nbrs: np.ndarray, sims: np.ndarray) -> sp.csr_matrix:

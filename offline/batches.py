@@ -22,7 +22,7 @@ import torch
 
 from offline.config import ConfigError
 from offline.distributed import World
-from offline.features import history_windows
+from recsys.features import history_windows
 
 if TYPE_CHECKING:
     from offline.train_recall import RecallConfig

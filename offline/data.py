@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from loguru import logger
 
-from offline.dataset import UNKNOWN, Dataset, FeatureTable, Interactions, ItemTable
+from recsys.dataset import UNKNOWN, Dataset, FeatureTable, Interactions, ItemTable
 
 RECBOLE_VERSION = "1.2.1"
 _WHEEL_DIR = "recbole/dataset_example/ml-100k/"

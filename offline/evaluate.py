@@ -15,8 +15,9 @@ import numpy as np
 from loguru import logger
 
 from offline.baselines import EASE, Blend, ItemKNN, Popularity, ScoringRecommender, SeqKNN
-from offline.metrics import catalogue_coverage, ranking_metrics, summarize, topk_items
+from offline.metrics import catalogue_coverage, ranking_metrics, summarize
 from offline.split import TemporalSplit, history_matrix
+from recsys.topk import topk_items
 
 KS = (10, 20)
 BLEND = "ease-recency + seqknn"

@@ -1,8 +1,8 @@
 """Events the service recorded, merged into the training data: the loop from serving back to training.
 
 ``python -m offline train --events SOURCE`` reads a state source (a file-backend state directory or a
-Redis URL) through the service's own state-store code (one contract for the logs, written and read
-in one place) and merges it into the loaded dataset:
+Redis URL) through the core's state-store code (``recsys.state.open.read_source``: one contract for the
+logs, written and read in one place) and merges it into the loaded dataset:
 
 - catalogue changes: items added online join the catalogue with their title, genres, year and
   features (so they get an id embedding); replaced items take their new metadata; removed items stay
@@ -20,26 +20,12 @@ on the same store serves only the events after it on top of the bundle's history
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 from loguru import logger
 
-from offline.dataset import Dataset, FeatureTable, Interactions, ItemTable
-from service.store import Event, Position, read_catalog_log, read_event_log, store_id
-
-
-@dataclass
-class LoggedState:
-    """What a state source holds for training: every event with its position, and the catalogue fold."""
-
-    source: str
-    events: list[tuple[Position, str, Event]]
-    items: dict[str, dict | None]
-
-    @property
-    def watermark(self) -> Position | None:
-        return self.events[-1][0] if self.events else None
+from recsys.dataset import Dataset, FeatureTable, Interactions, ItemTable
+from recsys.state.open import LoggedState
 
 
 @dataclass
@@ -49,24 +35,6 @@ class MergeReport:
     replaced_items: int = 0
     events: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
-
-
-def read_source(source: str, redis_prefix: str = "recsys") -> LoggedState:
-    """A file-backend state directory (read without taking it: the service may be running) or a Redis URL."""
-    if source.startswith(("redis://", "rediss://", "unix://")):
-        from service.redis_store import RedisStateStore
-
-        store = RedisStateStore(source, history_cap=1, prefix=redis_prefix)
-        try:  # events first: every item an event names was added before it, so the later fold holds it
-            events = store.events_since()
-            items, _ = store.catalog()
-            return LoggedState(store.source, events, items)
-        finally:
-            store.close()
-    directory = Path(source)
-    if not (directory / "events.jsonl").exists() and not (directory / "catalog.jsonl").exists():
-        raise FileNotFoundError(f"{directory}: no events.jsonl or catalog.jsonl (not a state directory)")
-    return LoggedState(f"file:{store_id(directory)}", read_event_log(directory), read_catalog_log(directory))
 
 
 def merge_events(ds: Dataset, logged: LoggedState) -> tuple[Dataset, MergeReport]:

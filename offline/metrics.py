@@ -16,43 +16,6 @@ import numpy as np
 import scipy.sparse as sp
 
 
-def topk_items(scores: np.ndarray, k: int, exclude: sp.csr_matrix | None = None) -> np.ndarray:
-    """Top-``k`` item rows per row of ``scores``; excluded items never appear.
-
-    Ties break towards the lower item row (as a stable sort would), so results are deterministic.
-    Rows with fewer than ``k`` rankable items are padded with -1. A partial selection
-    (``np.partition``, linear in the row) finds the k-th score; only the ``k`` chosen items are
-    sorted, so the cost is ``O(n_items + k log k)`` per row rather than a full sort.
-    """
-    scores = np.array(scores, dtype=np.result_type(scores, np.float32), copy=True)
-    if exclude is not None and exclude.nnz:
-        coo = exclude.tocoo()
-        scores[coo.row, coo.col] = -np.inf
-    k_eff = min(k, scores.shape[1])
-    out = np.full((len(scores), k), -1, dtype=np.int64)
-    if k_eff == 0 or not len(scores):
-        return out
-    chosen = _top_set(scores, k_eff)
-    picked = np.take_along_axis(scores, chosen, axis=1)
-    order = np.lexsort((chosen, -picked), axis=1)  # score descending, then the lower row first
-    chosen, picked = np.take_along_axis(chosen, order, axis=1), np.take_along_axis(picked, order, axis=1)
-    out[:, :k_eff] = np.where(np.isfinite(picked), chosen, -1)
-    return out
-
-
-def _top_set(scores: np.ndarray, k: int) -> np.ndarray:
-    """``[rows, k]`` column indices, ascending, of each row's ``k`` largest scores; among scores tied
-    with the k-th, the lowest columns (a running count, only on the rows where ties straddle the cut)."""
-    n = scores.shape[1]
-    kth = np.partition(scores, n - k, axis=1)[:, n - k, None]
-    above, tied = scores > kth, scores == kth
-    need = k - above.sum(axis=1)
-    straddle = np.flatnonzero(tied.sum(axis=1) > need)
-    keep = above | tied
-    keep[straddle] = above[straddle] | (tied[straddle] & (np.cumsum(tied[straddle], axis=1) <= need[straddle, None]))
-    return np.nonzero(keep)[1].reshape(len(scores), k)
-
-
 def ranking_metrics(topk: np.ndarray, truth: sp.csr_matrix, ks: Sequence[int]) -> dict[str, np.ndarray]:
     """Per-user Recall, NDCG (binary and graded), HitRate, MRR and MAP at each K in ``ks``."""
     truth = sp.csr_matrix(truth, copy=True)

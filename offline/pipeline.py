@@ -16,20 +16,23 @@ import hnswlib
 import numpy as np
 from loguru import logger
 
-from offline.bundle import Bundle, write_bundle
 from offline.config import config_option
 from offline.data import dataset_fingerprint
-from offline.dataset import Dataset, Interactions
 from offline.evaluate import BLEND, baseline_models, evaluate, paired_bootstrap, report_rows, tune, write_report
-from offline.rank_features import RankerTables, ranker_arrays
-from offline.ranker import RankerConfig, load_ranker
+from offline.item_stats import ranker_arrays
+from offline.ranker import RankerConfig
 from offline.split import TemporalSplit, seeded_sample, temporal_split
 from offline.stages import stage
+from recsys.bundle import Bundle, write_bundle
+from recsys.dataset import Dataset, Interactions
+from recsys.rank_features import RankerTables
+from recsys.scorer import load_ranker
 from offline.train_ranker import (RERANKED, MergedCandidates, RankContext, RankingResult, RerankRecommender, rerankers,
                                   train_rankers)
 from offline.distributed import from_rank0, world
-from offline.train_recall import (RecallConfig, TowerTables, TwoTowerRecommender, build_index, chosen_epochs,
-                                  deterministic_torch, exact_topk, refit_two_tower, train_two_tower)
+from offline.recall_eval import TwoTowerRecommender, build_index, exact_topk
+from offline.tower_tables import TowerTables
+from offline.train_recall import RecallConfig, chosen_epochs, deterministic_torch, refit_two_tower, train_two_tower
 from offline.two_tower import TwoTower
 
 

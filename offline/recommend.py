@@ -1,6 +1,6 @@
 """``python -m offline recommend``: top-K for many users from a bundle, written as CSV or Parquet.
 
-The rows come from the service's own engine (``Engine.recommend_batch``, what ``POST /recommend/batch``
+The rows come from the core's engine, the service's own (``Engine.recommend_batch``, what ``POST /recommend/batch``
 runs), so a file written here holds what the service would answer for the same bundle and state: for
 e-mails, precomputed feeds or offline analysis. Users are answered in batches (one tower call, one
 batched ANN query, one ranker pass each); with ``--events`` the service's recorded events and catalogue
@@ -9,15 +9,15 @@ changes are applied first, as a replica applies them at start-up.
 from __future__ import annotations
 
 import csv
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm import tqdm
 
-from offline.bundle import BundleError, read_bundle, resolve
 from offline.data import DataError
-from offline.events import LoggedState, read_source
+from recsys.bundle import BundleError, read_bundle, resolve
+from recsys.errors import RecsysError
+from recsys.state.open import read_source
 
 COLUMNS = ("user_id", "rank", "item_id", "title", "score", "recall_score", "recall_rank", "source")
 FORMATS = (".csv", ".parquet")
@@ -26,7 +26,7 @@ ROW_GROUP = 100_000
 
 def load_engine(root: Path, events: str | None = None, redis_prefix: str = "recsys"):
     """The engine the service would build for the bundle at ``root`` (a bundle root or a version directory)."""
-    from service.engine import Engine  # the service's engine: imported here so that training never loads it
+    from recsys.engine.engine import Engine  # imported here so that training never loads the engine
 
     try:
         engine = Engine.from_bundle(read_bundle(resolve(root)))
@@ -37,20 +37,9 @@ def load_engine(root: Path, events: str | None = None, redis_prefix: str = "recs
             logged = read_source(events, redis_prefix)
         except OSError as err:
             raise DataError(events, f"cannot read it as --events ({err})") from err
-        engine.load_catalog(logged.items)
-        engine.history = online_history(logged, engine.bundle.manifest.get("events_watermark"))
+        engine.changes.load(logged.items)
+        engine.history = logged.histories(after=engine.meta.events_after(logged.source))
     return engine
-
-
-def online_history(logged: LoggedState, watermark: dict | None):
-    """Each user's recorded events, less those the bundle was trained on (up to its watermark on this very
-    source), in the ``(version, events)`` shape of the service's state store."""
-    after = tuple(watermark["position"]) if watermark and watermark.get("source") == logged.source else None
-    by_user: dict[str, list] = defaultdict(list)
-    for position, user, event in logged.events:
-        if after is None or tuple(position) > after:
-            by_user[user].append(event)
-    return lambda user: (len(by_user.get(user, ())), by_user.get(user, []))
 
 
 def read_users(spec: str, engine) -> list[str]:
@@ -85,7 +74,9 @@ def recommend_rows(engine, users: list[str], opts, batch_size: int, progress: bo
     with tqdm(total=len(users), unit="user", disable=not progress, desc="recommend") as bar:
         for start in range(0, len(users), batch_size):
             chunk = users[start : start + batch_size]
-            yield from engine.recommend_batch(chunk, opts)["results"]
+            batch = engine.recommend_batch(chunk, opts)
+            for user, answer in zip(batch.user_ids, batch.answers):
+                yield {"user_id": str(user), "error": answer.message} if isinstance(answer, RecsysError) else answer
             bar.update(len(chunk))
 
 

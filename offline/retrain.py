@@ -2,8 +2,8 @@
 incumbent (what ``current`` names) on the same freshest window, and promote the candidate only if it is
 not worse beyond a tolerance.
 
-Both bundles are scored through the serving code path (``service.engine.Engine``), so the comparison is
-of what would be served: each user's history before the window (train + valid, with ratings) is handed to
+Both bundles are scored through the serving code path (``recsys.engine.engine.Engine``'s batch path, what
+``POST /recommend/batch`` runs), so the comparison is of what would be served: each user's history before the window (train + valid, with ratings) is handed to
 the engine as the user's online history, over a bundle whose own stored histories are set aside (they
 include the window). The freshest window is each user's latest ``test_frac`` of interactions, which the
 candidate's training holds out (temporal split); the incumbent may have seen part of it, which can only
@@ -23,16 +23,18 @@ from pathlib import Path
 import numpy as np
 from loguru import logger
 
-from offline.bundle import holdout_path, read_bundle, set_current
-from offline.dataset import Dataset
 from offline.evaluate import evaluate_per_user
 from offline.metrics import summarize
 from offline.split import TemporalSplit, concat_windows
-from service.engine import Engine, RequestError
-from service.schemas import RecommendRequest
-from service.store import Event
+from recsys.bundle import holdout_path, read_bundle, set_current
+from recsys.dataset import Dataset
+from recsys.engine.engine import Engine
+from recsys.errors import RecsysError
+from recsys.query import RecommendOptions
+from recsys.state.protocol import Event
 
 GATED = ("ndcg@10", "recall@20")
+BATCH = 1000  # users per engine pass
 
 
 @dataclass
@@ -51,7 +53,8 @@ def gate(candidate: dict[str, float], incumbent: dict[str, float], tolerance: fl
 
 
 class ServedBundle:
-    """A bundle as the service serves it, answering the evaluation's ``recommend(users, histories, k)``."""
+    """A bundle as the service serves it, answering the evaluation's ``recommend(users, histories, k)`` through
+    the engine's batch path (one tower call, one ANN query and one ranker pass per ``BATCH`` users)."""
 
     def __init__(self, path: Path, ds: Dataset, split: TemporalSplit, candidates: int, catalog: dict[str, dict | None]):
         bundle = read_bundle(path)
@@ -59,7 +62,7 @@ class ServedBundle:
         bundle.arrays.update(history_offsets=np.zeros(n_users + 1, np.int64), history_items=np.zeros(0, np.int64),
                              history_ratings=np.zeros(0, np.float32), history_timestamps=np.zeros(0, np.int64))
         self.engine = Engine.from_bundle(bundle, cache_size=0)
-        self.engine.load_catalog(catalog)  # as a replica on that store would serve it: online items included
+        self.engine.changes.load(catalog)  # as a replica on that store would serve it: online items included
         self.engine.history = self._history
         self.ds, self.candidates, self.version = ds, candidates, bundle.version
         self._events = _histories_before_test(ds, split)
@@ -69,14 +72,18 @@ class ServedBundle:
         return len(events), events
 
     def recommend(self, users: np.ndarray, histories: list[np.ndarray], k: int) -> np.ndarray:
+        """Item rows of ``ds`` per user row (-1 padded); a user the engine refuses (no history before the window
+        and unknown to this bundle) gets none. Ids are converted at this edge only."""
         out = np.full((len(users), k), -1, np.int64)
-        for n, user in enumerate(users):
-            try:
-                served = self.engine.recommend(RecommendRequest(user_id=self.ds.user_ids[user], k=k), self.candidates)
-            except RequestError:  # a user with no history before the window that this bundle never saw
-                continue
-            rows = [self.ds.item_row(it["item_id"]) for it in served["items"]]
-            out[n, : len(rows)] = [-1 if r is None else r for r in rows]
+        opts = RecommendOptions(k=k)
+        for start in range(0, len(users), BATCH):
+            chunk = [self.ds.user_ids[u] for u in users[start : start + BATCH]]
+            batch = self.engine.recommend_batch(chunk, opts, self.candidates)
+            for n, answer in enumerate(batch.answers, start=start):
+                if isinstance(answer, RecsysError):
+                    continue
+                rows = [self.ds.item_row(it["item_id"]) for it in answer["items"]]
+                out[n, : len(rows)] = [-1 if r is None else r for r in rows]
         return out
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from offline.dataset import Interactions
+from recsys.dataset import Interactions
 
 POSITIVE_RATING = 4.0
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from offline.dataset import Dataset, FeatureTable, Interactions, ItemTable, UNKNOWN
+from recsys.dataset import Dataset, FeatureTable, Interactions, ItemTable, UNKNOWN
 
 _SEGMENTS = 4  # taste drift is applied in this many time segments per user
 

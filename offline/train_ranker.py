@@ -23,11 +23,12 @@ import numpy as np
 from loguru import logger
 
 from offline.evaluate import paired_bootstrap
-from offline.rank_features import RankerTables, candidate_features, feature_names, merge_candidates, user_features
-from offline.ranker import Queries, Ranker, RankerConfig, fit_lambdamart, fit_mlp, load_ranker
+from offline.ranker import Queries, RankerConfig, fit_lambdamart, fit_mlp
+from offline.recall_eval import TwoTowerRecommender, exact_topk, hnsw_topk
 from offline.split import TemporalSplit, seeded_sample
 from offline.stages import stage
-from offline.train_recall import TwoTowerRecommender, exact_topk, hnsw_topk
+from recsys.rank_features import RankerTables, candidate_features, feature_names, merge_candidates, user_features
+from recsys.scorer import Ranker, load_ranker
 
 RERANKED = "two-tower + "  # report name prefix of a re-ranked model: "two-tower + lambdarank"
 

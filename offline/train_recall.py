@@ -8,7 +8,8 @@ Recall@K by full ranking every epoch; keep the best weights; stop when it stops 
 Under ``torchrun`` (offline/distributed.py) every rank runs this loop on its share of each global
 batch; the in-batch softmax sees the whole global batch and rank 0 alone validates and checkpoints.
 Batches are built ahead on a background thread (offline/batches.py); hard negatives are mined on
-the training device by exact search over a bounded pool of current item vectors.
+the training device by exact search over a bounded pool of current item vectors (offline/negatives.py).
+The towers' inputs are offline/tower_tables.py's; validation scores through offline/recall_eval.py.
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
-import hnswlib
 import numpy as np
 import torch
 from loguru import logger
@@ -30,14 +30,15 @@ from tqdm import tqdm
 
 from offline.batches import Batch, Shards, epoch_batches, prefetch
 from offline.config import ConfigError, check_choices, config_option
-from offline.dataset import Dataset
 from offline.distributed import (average_sparse_grads, from_rank0, gather_batch, mean_over_ranks, rank_device, world,
                                  wrap_ddp)
-from offline.features import FeatureSpec, build_spec, history_windows, item_feature_matrices, user_feature_matrices
-from offline.metrics import ranking_metrics, summarize, topk_items
-from offline.split import TemporalSplit, history_matrix, relevance
+from offline.negatives import HardPool, negatives
+from offline.recall_eval import evaluate_recall
+from offline.split import TemporalSplit, history_matrix
 from offline.stages import stage
+from offline.tower_tables import DeviceTables, TowerTables, training_examples
 from offline.two_tower import TwoTower, bpr_loss, sampled_softmax_loss
+from recsys.dataset import Dataset
 
 LOSSES = ("softmax", "bpr")
 DEVICES = ("auto", "cpu", "cuda")
@@ -90,119 +91,6 @@ class RecallConfig:
                               f"{self.hard_negatives} hard negatives (--recall-hard-negatives)")
 
 
-class TwoTowerRecommender:
-    """Evaluation adapter: scores with user vectors against every item vector (or via HNSW)."""
-
-    name = "two-tower"
-
-    def __init__(self, model: TwoTower, tables: "TowerTables", index: hnswlib.Index | None = None, name: str | None = None):
-        self.model, self.tables, self.index = model, tables, index
-        self.name = name or ("two-tower (hnsw)" if index is not None else "two-tower (exact)")
-        self.item_vectors = tables.item_vectors(model)
-
-    def user_vectors(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
-        return self.tables.user_vectors(self.model, users, histories)
-
-    def recommend(self, users: np.ndarray, histories: list[np.ndarray], k: int) -> np.ndarray:
-        uv = self.user_vectors(users, histories)
-        if self.index is None:
-            return exact_topk(uv, self.item_vectors, k, histories)
-        return hnsw_topk(self.index, uv, k, histories)
-
-
-def exact_topk(user_vecs: np.ndarray, item_vectors: np.ndarray, k: int, histories: list[np.ndarray],
-               max_cells: int = 1 << 24) -> np.ndarray:
-    """Exact inner-product top-k, each user's history excluded, in user blocks of at most
-    ``max_cells`` scores: memory stays bounded whatever the number of users and items."""
-    step = max(1, max_cells // max(len(item_vectors), 1))
-    out = [topk_items(user_vecs[s : s + step] @ item_vectors.T, k, history_matrix(histories[s : s + step], len(item_vectors)))
-           for s in range(0, len(user_vecs), step)]
-    return np.concatenate(out) if out else np.zeros((0, k), np.int64)
-
-
-def hnsw_topk(index: hnswlib.Index, user_vecs: np.ndarray, k: int, histories: list[np.ndarray]) -> np.ndarray:
-    """Top-k through the index, over-fetching by each user's history length, then excluding it."""
-    out = np.full((len(user_vecs), k), -1, dtype=np.int64)
-    fetch = min(index.get_current_count(), k + max((len(h) for h in histories), default=0))
-    labels, _ = index.knn_query(user_vecs, k=fetch)
-    for u, (row, hist) in enumerate(zip(labels, histories)):
-        kept = row[~np.isin(row, hist)][:k]
-        out[u, : len(kept)] = kept
-    return out
-
-
-@dataclass
-class TowerTables:
-    """Feature matrices and rating lookup the towers read, for training and offline scoring."""
-
-    spec: FeatureSpec
-    user_cat: np.ndarray
-    user_num: np.ndarray
-    item_genres: np.ndarray
-    item_dense: np.ndarray
-    item_cat: np.ndarray
-    seq_offsets: np.ndarray  # each user's events, time-ordered, as the bundle stores them: ratings of a
-    seq_items: np.ndarray  # history are read from the same place, so a repeated (user, item) event
-    seq_ratings: np.ndarray  # keeps its own rating, as at serving time
-    device: torch.device
-
-    @classmethod
-    def build(cls, ds: Dataset, history_len: int, device: torch.device) -> "TowerTables":
-        spec = build_spec(ds.users, ds.items, history_len)
-        user_cat, user_num = user_feature_matrices(spec, ds.users)
-        genres, dense, cat = item_feature_matrices(spec, ds.items)
-        seq = ds.interactions.sorted_by_user_time()
-        offsets = np.concatenate([[0], np.cumsum(np.bincount(seq.user, minlength=ds.n_users))])
-        return cls(spec, user_cat, user_num, genres, dense, cat, offsets, seq.item, seq.rating, device)
-
-    def history_ratings(self, user: int, history: np.ndarray) -> np.ndarray:
-        """Ratings of ``history``, which must be a prefix of the user's time-ordered events (every
-        window's history is: the windows are consecutive in time)."""
-        start = self.seq_offsets[user]
-        if not np.array_equal(self.seq_items[start : start + len(history)], history):
-            raise ValueError(f"user row {user}: history is not a prefix of the user's time-ordered events")
-        return self.seq_ratings[start : start + len(history)]
-
-    def item_inputs(self, rows: np.ndarray, id_dropout: float = 0.0, rng: np.random.Generator | None = None):
-        ids = rows + 1
-        if id_dropout and rng is not None:
-            ids = np.where(rng.random(rows.shape) < id_dropout, 0, ids)
-        return [self._t(ids), self._t(self.item_genres[rows]), self._t(self.item_dense[rows]), self._t(self.item_cat[rows])]
-
-    def user_inputs(self, users: np.ndarray, hist_items: np.ndarray, hist_ratings: np.ndarray, id_dropout=0.0, rng=None):
-        ids = users + 1
-        if id_dropout and rng is not None:
-            ids = np.where(rng.random(users.shape) < id_dropout, 0, ids)
-        return [self._t(ids), self._t(self.user_cat[users]), self._t(self.user_num[users]), self._t(hist_items), self._t(hist_ratings)]
-
-    @torch.no_grad()
-    def item_vectors(self, model: TwoTower, batch: int = 8192) -> np.ndarray:
-        model.eval()
-        n = len(self.item_genres)
-        parts = [model.item_tower(*self.item_inputs(np.arange(s, min(s + batch, n)))) for s in range(0, n, batch)]
-        return torch.cat(parts).float().cpu().numpy()
-
-    @torch.no_grad()
-    def user_vectors(self, model: TwoTower, users: np.ndarray, histories: list[np.ndarray], batch: int = 4096) -> np.ndarray:
-        """Serving vectors of ``users`` given their histories, in batches (a tower call's activations
-        grow with ``users x history_len x emb_dim``)."""
-        parts = [self._user_vectors(model, users[s : s + batch], histories[s : s + batch]) for s in range(0, len(users), batch)]
-        return np.concatenate(parts) if parts else np.zeros((0, model.config["dim"]), np.float32)
-
-    def _user_vectors(self, model: TwoTower, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
-        model.eval()
-        flat = np.concatenate(histories) if histories else np.zeros(0, np.int64)
-        parts = [self.history_ratings(u, h) for u, h in zip(users, histories)]
-        ratings = np.concatenate(parts) if parts else np.zeros(0, np.float32)
-        ends = np.cumsum([len(h) for h in histories])
-        starts = ends - np.array([len(h) for h in histories])
-        hist_items, hist_ratings = history_windows(flat, ratings, starts, ends, self.spec.history_len)
-        return model.user_tower(*self.user_inputs(users, hist_items, hist_ratings)).float().cpu().numpy()
-
-    def _t(self, x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
-
-
 def resolve_device(name: str) -> torch.device:
     """The torch device ``--recall-device`` names; CUDA asked for but absent is a CLI error, not a traceback."""
     if name == "auto":
@@ -235,111 +123,6 @@ def deterministic_torch(threads: int = 0) -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
         torch.set_num_threads(was_threads)
-
-
-def training_examples(split: TemporalSplit, positives_only: bool) -> dict[str, np.ndarray]:
-    """Next-item examples from the train window: target position p, history = events [start, p)."""
-    train = split.train.sorted_by_user_time()
-    counts = np.bincount(train.user, minlength=split.n_users)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    keep = relevance(train.rating, split.implicit) > 0 if positives_only else np.ones(len(train), bool)
-    pos = np.flatnonzero(keep)
-    return {
-        "user": train.user[pos],
-        "target": train.item[pos],
-        "start": starts[train.user[pos]],
-        "end": pos,  # history ends just before the target event
-        "seq_items": train.item,
-        "seq_ratings": train.rating,
-    }
-
-
-@dataclass
-class DeviceTables:
-    """The towers' feature tables as tensors on the training device: a batch carries only rows and
-    ids, and the negatives mined on the device look their features up there (no host round trip)."""
-
-    user_cat: torch.Tensor
-    user_num: torch.Tensor
-    item_genres: torch.Tensor
-    item_dense: torch.Tensor
-    item_cat: torch.Tensor
-
-    @classmethod
-    def of(cls, tables: TowerTables) -> "DeviceTables":
-        return cls(*(tables._t(x) for x in (tables.user_cat, tables.user_num, tables.item_genres, tables.item_dense,
-                                             tables.item_cat)))
-
-    def user_inputs(self, batch: Batch) -> list[torch.Tensor]:
-        return [batch.user_ids, self.user_cat[batch.users], self.user_num[batch.users], batch.hist_items,
-                batch.hist_ratings]
-
-    def item_inputs(self, rows: torch.Tensor, ids: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Item tower inputs of ``rows``; ``ids`` (row + 1, 0 = dropped) default to the rows' own."""
-        return [rows + 1 if ids is None else ids, self.item_genres[rows], self.item_dense[rows], self.item_cat[rows]]
-
-
-@dataclass
-class HardPool:
-    """The items hard negatives are mined among, with their vectors as of the last refresh."""
-
-    items: torch.Tensor  # [P] item rows, ascending
-    vectors: torch.Tensor  # [P, d] float32, no gradient
-    column: torch.Tensor  # [n_items] each item's column in the pool; P for an item outside it
-
-    @classmethod
-    @torch.no_grad()
-    def refresh(cls, model: TwoTower, tables: DeviceTables, size: int, seed: int, step: int,
-                chunk: int = 8192) -> "HardPool":
-        """Current vectors of ``size`` items: all of them when the catalogue is no larger (MovieLens:
-        mining among every item), else a sample seeded by (seed, step), so every rank draws the same."""
-        n_items, device = len(tables.item_genres), tables.item_genres.device
-        if n_items <= size:
-            items = torch.arange(n_items, device=device)
-        else:
-            items = torch.from_numpy(np.sort(np.random.default_rng([seed, step]).choice(n_items, size, replace=False)))
-            items = items.to(device)
-        vectors = torch.cat([model.item_tower(*tables.item_inputs(items[s : s + chunk]))
-                             for s in range(0, len(items), chunk)]).float()
-        return cls.of(items, vectors, n_items)
-
-    @classmethod
-    def of(cls, items: torch.Tensor, vectors: torch.Tensor, n_items: int) -> "HardPool":
-        """The pool of ``items`` (rows of a catalogue of ``n_items``) with their ``vectors``."""
-        column = torch.full((n_items,), len(items), dtype=torch.long, device=items.device)
-        column[items] = torch.arange(len(items), device=items.device)
-        return cls(items, vectors, column)
-
-
-def mine_hard_negatives(user_vecs: torch.Tensor, pool: HardPool, positive_rows: torch.Tensor,
-                        positive_items: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B, n]`` pool items scoring highest against each row's vector, best first, with the row's
-    positives (the ``(positive_rows, positive_items)`` pairs) excluded: an exact ``B x pool`` matrix
-    product and top-k on the vectors' device, no host round trip. Returns the items and a mask
-    that is False where the pool held fewer than ``n`` non-positives for the row."""
-    scores = user_vecs.detach().float() @ pool.vectors.T
-    blocked = torch.zeros(len(scores), len(pool.items) + 1, dtype=torch.bool, device=scores.device)
-    blocked[positive_rows, pool.column[positive_items]] = True  # a positive outside the pool hits the spare column
-    top, at = scores.masked_fill(blocked[:, :-1], float("-inf")).topk(n, dim=1)
-    return pool.items[at], top > float("-inf")
-
-
-def mix_negatives(hard: torch.Tensor, found: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each slot takes the batch's random non-positive draw when the slot is a random one or mining
-    found nothing, else the mined item (also the last resort when the random draw failed).
-    Returns the items and the mask of slots holding a mined item."""
-    take_random = (batch.slot_random | ~found) & batch.random_ok
-    return torch.where(take_random, batch.random_rows, hard), ~take_random
-
-
-def evaluate_recall(model: TwoTower, tables: TowerTables, split: TemporalSplit, window: str, k: int) -> dict[str, float]:
-    """Full-ranking metrics on ``window`` (history = everything before it)."""
-    truth = split.truth(window)
-    users = split.eval_users(window)
-    histories = split.history_before(window)
-    rec = TwoTowerRecommender(model, tables)
-    topk = rec.recommend(users, [histories[u] for u in users], k)
-    return summarize(ranking_metrics(topk, truth[users], [10, k]))
 
 
 def train_two_tower(ds: Dataset, split: TemporalSplit, cfg: RecallConfig, run_dir: Path, resume: bool = False):
@@ -411,25 +194,6 @@ class TrainingForward(nn.Module):
         u = self.model.user_tower(*self.tables.user_inputs(batch))
         v = self.model.item_tower(*self.tables.item_inputs(batch.targets, batch.target_ids))
         return (u, v, *negatives(self.model, self.tables, self.cfg, u, batch, pool))
-
-
-def negatives(model: TwoTower, tables: DeviceTables, cfg: RecallConfig, u: torch.Tensor, batch: Batch,
-              pool: HardPool | None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Extra negatives for the batch: uniform shared ones, or hard per-row ones; ``(vecs, ids, log_q)``."""
-    n_items = len(tables.item_genres)
-    if cfg.hard_negatives:
-        hard, found = mine_hard_negatives(u, pool, batch.positive_rows, batch.positive_items, cfg.hard_negatives)
-        rows, is_hard = mix_negatives(hard, found, batch)
-        vecs = model.item_tower(*tables.item_inputs(rows.reshape(-1))).view(*rows.shape, -1)
-        # Mined items are not a sampling distribution: no correction. Random slots: log of the
-        # expected count of an item among a row's random slots.
-        random_log_q = math.log(max(cfg.hard_negatives * (1 - cfg.hard_mix), 1e-6) / n_items)
-        return vecs, rows, torch.where(is_hard, 0.0, random_log_q)
-    if cfg.uniform_negatives:
-        vecs = model.item_tower(*tables.item_inputs(batch.random_rows))
-        log_q = torch.full((cfg.uniform_negatives,), math.log(cfg.uniform_negatives / n_items), device=u.device)
-        return vecs, batch.random_rows, log_q
-    return None, None, None
 
 
 def global_batch_loss(cfg: RecallConfig, u: torch.Tensor, v: torch.Tensor, targets: torch.Tensor, log_q: torch.Tensor,
@@ -619,22 +383,6 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def build_index(vectors: np.ndarray, m: int, ef_construction: int, ef: int, max_elements: int | None = None,
-                threads: int = 1, seed: int = 100) -> hnswlib.Index:
-    """Inner-product HNSW over unit vectors; labels are item rows.
-
-    ``seed`` fixes the random level of each node. With ``threads`` > 1 items are inserted
-    concurrently and the graph depends on scheduling, so two builds from the same vectors can
-    return different neighbours: 1 (the default) makes the index a function of its inputs.
-    """
-    index = hnswlib.Index(space="ip", dim=vectors.shape[1])
-    index.init_index(max_elements=max_elements or max(len(vectors), 1), ef_construction=ef_construction, M=m,
-                     random_seed=seed, allow_replace_deleted=True)
-    index.add_items(vectors, np.arange(len(vectors)), num_threads=threads)
-    index.set_ef(ef)
-    return index
 
 
 def save_checkpoint(path: Path, model: TwoTower, opt: TowerOptimizer, state: dict, cfg: RecallConfig) -> None:

@@ -9,7 +9,9 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.filters import EXACT_LIMIT
+from recsys.engine.filters import EXACT_LIMIT
+from recsys.live import LiveConfig
+from recsys.state.open import StoreConfig
 
 
 class Settings(BaseSettings):
@@ -69,6 +71,14 @@ class Settings(BaseSettings):
     @property
     def resolved_state_dir(self) -> Path:
         return self.state_dir or (self.bundle_dir / "state")
+
+    def live_config(self) -> LiveConfig:
+        """What the core's live engine needs of these settings."""
+        redis = self.state_backend == "redis"
+        store = StoreConfig(self.state_backend, self.redis_url.get_secret_value() if redis else self.resolved_state_dir, self.history_cap,
+                            self.compact_after, self.redis_prefix, self.redis_events_maxlen, self.redis_catalog_maxlen)
+        return LiveConfig(self.bundle_dir, store, self.index_threads, self.user_vector_cache, self.filter_exact_limit,
+                          self.bundle_poll_s, follow=redis)
 
 
 @lru_cache

@@ -11,10 +11,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
-INT64 = (-(2**63), 2**63 - 1)  # what orjson and numpy hold
-MAX_ID_CHARS = 256
+from recsys import query
+
+INT64 = query.INT64  # what orjson and numpy hold
+MAX_ID_CHARS = query.MAX_ID_CHARS
 MAX_TIMESTAMP = 4_102_444_800  # 2100-01-01 in epoch seconds: larger values are milliseconds sent by mistake
-YEAR_RANGE = (0, 9999)
+YEAR_RANGE = query.YEAR_RANGE
 MAX_LIST = 1000  # items in any list field; the settings bound the ones that matter tighter
 
 
@@ -63,6 +65,9 @@ class Filters(Strict):
             raise ValueError("year_min must be <= year_max")
         return self
 
+    def to_core(self) -> query.Filters:
+        return query.Filters(self.genres_any, self.genres_none, self.year_min, self.year_max)
+
 
 class RecommendOptions(Strict):
     """What a recommendation request asks for, for one user or for a batch of users alike."""
@@ -76,6 +81,14 @@ class RecommendOptions(Strict):
     trace: StrictBool = Field(False, description="also return the user's recent history and every candidate the "
                               "re-ranker scored, in recall order (what the web page shows)")
 
+    def options(self) -> dict:
+        """The options as the core's fields."""
+        return dict(k=self.k, candidates=self.candidates, exclude_seen=self.exclude_seen,
+                    filters=None if self.filters is None else self.filters.to_core(), explain=self.explain, trace=self.trace)
+
+    def to_core(self) -> query.RecommendOptions:
+        return query.RecommendOptions(**self.options())
+
 
 class RecommendRequest(RecommendOptions):
     """A known user by id, or a user the model never saw by features and recent item ids."""
@@ -85,6 +98,10 @@ class RecommendRequest(RecommendOptions):
         None, description="for a new user: feature name -> value; numbers outside the training range are clipped to it")
     recent_items: Annotated[list[RawId], Field(max_length=MAX_LIST)] | None = Field(
         None, description="oldest first; the last one is the most recent")
+
+    def to_core(self) -> query.RecommendRequest:
+        return query.RecommendRequest(**self.options(), user_id=self.user_id, features=self.features,
+                                      recent_items=self.recent_items)
 
 
 class BatchRecommendRequest(RecommendOptions):
@@ -108,6 +125,9 @@ class ItemUpsert(Strict):
     genres: Annotated[list[Text], Field(max_length=MAX_LIST)] = Field(default_factory=list)
     year: Year | None = None
     features: Features = Field(default_factory=dict, description="numbers outside the training range are clipped to it")
+
+    def to_core(self) -> query.Item:
+        return query.Item(self.item_id, self.title, list(self.genres), self.year, dict(self.features))
 
 
 class ReloadRequest(Strict):

@@ -1,5 +1,5 @@
 """A real browser on the web page: Debian's headless chromium driven through its chromedriver (selenium),
-never a downloaded browser. Used by tests/test_ui.py and by bench/screenshot.py (the README's picture)."""
+never a downloaded browser. Used by tests/service/test_ui.py and by bench/screenshot.py (the README's picture)."""
 from __future__ import annotations
 
 import os

@@ -5,13 +5,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from loguru import logger
 
 from offline.pipeline import IndexConfig, run_training
 from offline.ranker import RankerConfig
 from offline.synthetic import generate
 from offline.train_recall import RecallConfig
-from tests.servicekit import _restore_torch_threads, bundle, client, own_root, redis_url, start  # noqa: F401  (service fixtures)
+from tests.servicekit import (  # noqa: F401  (service fixtures)
+    _backend_service, _restore_torch_threads, backend_client, backend_start, bundle, client, own_root, redis_url, start)
 
 logger.remove()
 logger.add(sys.stderr, level="WARNING")
@@ -32,3 +34,13 @@ def bundle_root(tmp_path_factory, tiny_dataset) -> Path:
     run_training(tiny_dataset, root, RecallConfig(**TINY_RECALL), IndexConfig(m=8, ef_construction=50, ef=64, candidates=50, item_item_candidates=100),
                  baselines=False, ranker_cfg=RankerConfig(**TINY_RANKER))
     return root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module: training is then deterministic, and much faster on two cores shared
+    with other work."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from offline.bundle import read_bundle
+from recsys.bundle import read_bundle
 from service.app import app
 from service.config import get_settings
 
@@ -37,13 +37,25 @@ def serve(mp: pytest.MonkeyPatch, bundle_dir: Path, state_dir: Path, token: str 
     for key, value in env.items():
         mp.setenv(f"RECSYS_{key.upper()}", value)
     get_settings.cache_clear()
-    outer = getattr(app.state, "service", None)  # ``app`` is a process global: a nested start must not leave
-    try:                                          # the module-wide service pointing at a stopped one
+    outer = app_state()  # ``app`` is a process global: a nested start must not leave the module-wide
+    try:                 # service pointing at a stopped one
         with TestClient(app, raise_server_exceptions=raise_server_exceptions) as client:
             yield client
     finally:
-        app.state.service = outer
+        set_app_state(outer)
         get_settings.cache_clear()
+
+
+APP_STATE = ("service", "settings", "io_limiter")  # what the lifespan leaves on ``app.state`` for the routes
+
+
+def app_state() -> dict:
+    return {name: getattr(app.state, name, None) for name in APP_STATE}
+
+
+def set_app_state(state: dict) -> None:
+    for name, value in state.items():
+        setattr(app.state, name, value)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -63,10 +75,102 @@ def client(bundle_root, tmp_path_factory):
 
 @pytest.fixture
 def start(bundle_root, tmp_path, monkeypatch):
-    """``start()`` serves a fresh state directory; calling it again with the same state is a restart."""
-    def _start(bundle_dir: Path = bundle_root, state_dir: Path = tmp_path / "state", **kw):
-        return serve(monkeypatch, bundle_dir, state_dir, **kw)
-    return _start
+    """``start()`` serves a fresh state directory (the file backend); calling it again with the same state is a
+    restart."""
+    return Starter("file", monkeypatch, bundle_root, tmp_path)
+
+
+# --------------------------------------------------------------------------- both state backends
+BACKENDS = ["file", "redis"]
+
+
+class Starter:
+    """``starter(bundle_dir=..., state_dir=..., **settings)`` serves the bundle with its state on ``backend``
+    (a context manager, as ``serve``). Each ``state_dir`` is one state: the file backend's directory, or for
+    Redis a fresh key prefix on the session's redis-server (``redis_url``). The same ``state_dir`` again is
+    a restart: a new app on the same state."""
+
+    def __init__(self, backend: str, mp: pytest.MonkeyPatch, bundle_root: Path, tmp_path: Path, redis_url: str | None = None):
+        self.backend, self.mp, self.bundle_root, self.tmp_path, self.redis_url = backend, mp, bundle_root, tmp_path, redis_url
+        self.prefixes: dict[Path, str] = {}
+
+    def __call__(self, bundle_dir: Path | None = None, state_dir: Path | None = None, **kw):
+        state_dir = self.tmp_path / "state" if state_dir is None else state_dir
+        return serve(self.mp, self.bundle_root if bundle_dir is None else bundle_dir, state_dir,
+                     **{**self.settings(state_dir), **kw})
+
+    def settings(self, state_dir: Path | None = None) -> dict[str, str]:
+        """The service's backend settings (``RECSYS_STATE_BACKEND`` and, for Redis, its URL and key prefix)."""
+        if self.backend == "file":
+            return {"state_backend": "file"}
+        state_dir = self.tmp_path / "state" if state_dir is None else state_dir
+        prefix = self.prefixes.setdefault(Path(state_dir), unique_prefix())
+        return {"state_backend": "redis", "redis_url": self.redis_url, "redis_prefix": prefix}
+
+    def events_args(self, state_dir: Path | None = None) -> list[str]:
+        """The offline CLI's ``--events`` options naming this state, as an operator would pass them."""
+        if self.backend == "file":
+            return ["--events", str(self.tmp_path / "state" if state_dir is None else state_dir)]
+        settings = self.settings(state_dir)
+        return ["--events", settings["redis_url"], "--events-redis-prefix", settings["redis_prefix"]]
+
+    def source(self, state_dir: Path | None = None) -> tuple[str, str]:
+        """``(source, redis_prefix)`` as ``read_source`` and ``load_engine`` take them."""
+        args = self.events_args(state_dir)
+        return args[1], (args[3] if len(args) > 2 else "recsys")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_start(request, bundle_root, tmp_path, monkeypatch) -> Starter:
+    """``start`` on each state backend, for the tests about what the state holds (events, catalogue changes,
+    restarts): one behaviour, both backends. Redis tests skip, saying why, where redis-server is missing."""
+    url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    return Starter(request.param, monkeypatch, bundle_root, tmp_path, url)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def _backend_service(request, bundle_root, tmp_path_factory):
+    """One service per backend for a module's tests that change nothing (refused events and items): started
+    aside, then made the app's service for each test by ``backend_client`` (``app`` is a process global, and
+    the module's ``client`` must keep being served by its own)."""
+    url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    outer, current = app_state(), None
+    with pytest.MonkeyPatch.context() as mp:
+        with Starter(request.param, mp, bundle_root, tmp_path_factory.mktemp(request.param), url)() as client:
+            own = app_state()
+            set_app_state(outer)
+            mp.undo()  # the environment back as it was: later starts choose their backend themselves
+            get_settings.cache_clear()
+            try:
+                yield client, own
+            finally:
+                current = app_state()  # whichever service the module is serving now, not the one at our start
+    if current is not None:
+        set_app_state(current)
+
+
+@pytest.fixture
+def backend_client(_backend_service):
+    """``client`` on each state backend (see ``_backend_service``): for refused input, whose check is that
+    nothing was recorded (``recorded``)."""
+    client, own = _backend_service
+    outer = app_state()
+    set_app_state(own)
+    try:
+        yield client
+    finally:
+        set_app_state(outer)
+
+
+def recorded(client) -> tuple[int, int]:
+    """How much the service's store has recorded, raw: the file backend's log sizes in bytes, Redis's stream
+    lengths. Anything written (even a record readers would skip) changes it."""
+    from recsys.state.files import FileStateStore
+
+    store = client.app.state.service.store
+    if isinstance(store, FileStateStore):
+        return store.events.path.stat().st_size, store.catalog_log.path.stat().st_size
+    return store.client.xlen(f"{store.p}:events"), store.client.xlen(f"{store.p}:catalog")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,1 @@
+"""The request path, one module per stage; ``engine.Engine`` composes them."""

@@ -1,0 +1,94 @@
+"""Search: each user's nearest allowed items by inner product, and the popularity fallback.
+
+hnswlib's own filter raises when fewer than k survive and calls back into Python per visited node, so
+results are over-fetched and checked here, the fetch growing until enough survive.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from recsys.engine.allowed import Allowed
+from recsys.engine.catalog import NOTHING, Catalog, LiveCatalog
+from recsys.topk import top_k
+
+EXACT_SEARCH_FACTOR = 2  # below depth * this many allowed items, scoring them all beats over-fetching
+FETCH_GROWTH = 4  # an over-fetch that did not fill the list asks for this many times more
+
+Found = tuple[Catalog, np.ndarray, np.ndarray]  # the snapshot searched, item rows, inner products (best first)
+
+
+def search_many(live: LiveCatalog, vecs: np.ndarray, depth: int, alloweds: Sequence[Allowed]) -> list[Found]:
+    """Each user's top-``depth`` allowed items: exact over a narrow filter's rows (or a tiny catalogue), else HNSW
+    with over-fetch, checking each result; the HNSW users in one batched query.
+
+    A broad filter that still leaves the list short after two growths admits far fewer rows than its bound: its
+    rows are then listed and scored exactly. A batched query reads as deep as its widest fetch (hnswlib's beam is
+    max(ef, k)), so sharing a batch can only add true neighbours to a user's list, never remove one.
+    """
+    catalog = live.catalog
+    out: list = [None] * len(alloweds)
+    pending: dict[int, tuple[int, int, int]] = {}  # user -> (depth, first fetch, fetch)
+    for u, allowed in enumerate(alloweds):
+        n_allowed = allowed.count(catalog)
+        wanted = min(depth, n_allowed)
+        if wanted == 0:
+            out[u] = (catalog, NOTHING, np.zeros(0, np.float32))
+        elif allowed.rows is not None or (allowed.rule is None and n_allowed <= wanted * EXACT_SEARCH_FACTOR):
+            out[u] = (catalog, *exact(catalog, vecs[u], allowed.every_row(catalog), wanted))
+        else:
+            first = allowed.first_fetch(catalog, wanted)
+            pending[u] = (wanted, first, first)
+    while pending:
+        users = list(pending)
+        with live.lock:
+            catalog, index = live.catalog, live.index
+            searchable = catalog.n_active
+            k = min(max(pending[u][2] for u in users), searchable)
+            try:
+                labels, dists = index.knn_query(vecs[users], k=k)
+            except RuntimeError:  # hnswlib found fewer than k (deleted items): score exactly instead
+                labels = dists = None
+        retry = {}
+        for j, u in enumerate(users):
+            wanted, first, fetch = pending[u]
+            if labels is None:
+                out[u] = (catalog, *exact(catalog, vecs[u], alloweds[u].every_row(catalog), wanted))
+                continue
+            found, dist = labels[j].astype(np.int64), dists[j]
+            keep = alloweds[u].keep(found, catalog)
+            if keep.sum() >= wanted or k >= searchable:
+                out[u] = (catalog, found[keep][:wanted], (1.0 - dist[keep][:wanted]).astype(np.float32))
+            elif alloweds[u].rule is not None and fetch >= first * FETCH_GROWTH**2:
+                out[u] = (catalog, *exact(catalog, vecs[u], alloweds[u].every_row(catalog), wanted))
+            else:
+                retry[u] = (wanted, first, min(max(fetch, k) * FETCH_GROWTH, searchable))
+        pending = retry
+    return out
+
+
+def exact(catalog: Catalog, vec: np.ndarray, rows: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    top, scores = top_k(rows, np.take(catalog.vectors, rows, axis=0) @ vec, depth)  # take: half fancy indexing's time
+    return top, scores.astype(np.float32)
+
+
+def popular(catalog: Catalog, allowed: Allowed, k: int) -> np.ndarray:
+    """The ``k`` most popular allowed rows: the top of a narrow filter's rows, or the first allowed ones in the
+    snapshot's popularity order, read in growing chunks: about ``k`` over the admitted share (more only for a
+    broad filter that admits far fewer rows than its bound)."""
+    pop = catalog.arrays["popularity"]
+    if allowed.rows is not None:
+        return top_k(allowed.rows, pop[allowed.rows], k)[0]
+    return _first_kept(catalog.by_popularity, lambda chunk: allowed.keep(chunk, catalog), k, allowed.first_fetch(catalog, k))
+
+
+def _first_kept(order: np.ndarray, keep: Callable[[np.ndarray], np.ndarray], k: int, size: int) -> np.ndarray:
+    """The first ``k`` entries of ``order`` that ``keep`` accepts, read in chunks growing from ``size``."""
+    found: list[np.ndarray] = []
+    start = 0
+    while start < len(order) and sum(len(f) for f in found) < k:
+        chunk = order[start : start + size]
+        found.append(chunk[keep(chunk)])
+        start, size = start + size, size * FETCH_GROWTH
+    return np.concatenate(found)[:k] if found else np.zeros(0, np.int64)

@@ -1,0 +1,120 @@
+"""Catalogue changes: items added, replaced or removed online, encoded by the bundle's item tower.
+
+A change is validated and computed beside the live catalogue (``prepare``), then made live with its index
+rows in one swap (``LiveCatalog.commit``). A batch costs one tower call and one copy of each item array, so
+applying a store's whole catalogue fold costs one rebuild.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from loguru import logger
+
+from recsys.bundle import Bundle
+from recsys.engine.catalog import NEW_ITEM_DEFAULTS, Catalog, LiveCatalog, Upsert, set_rows
+from recsys.engine.users import check_features
+from recsys.errors import RecsysError, UnknownId
+from recsys.features import FeatureSpec, encode_item_features
+from recsys.query import Item
+
+
+class CatalogChanges:
+    def __init__(self, bundle: Bundle, spec: FeatureSpec, live: LiveCatalog, genre_cols: Callable[[list[str]], list[int]],
+                 model_items: int, ranked: bool):
+        self.bundle, self.spec, self.live, self.genre_cols = bundle, spec, live, genre_cols
+        self.model_items, self.ranked = model_items, ranked
+
+    def require_item(self, raw_item: str, catalog: Catalog | None = None) -> int:
+        """The row of a live (not removed) item, else ``UnknownId``."""
+        catalog = catalog or self.live.catalog
+        row = catalog.row_of.get(raw_item)
+        if row is None or not catalog.active[row]:
+            raise UnknownId(f"unknown item_id '{raw_item}'")
+        return row
+
+    def load(self, items: dict[str, dict | None]) -> None:
+        """Apply a store's catalogue fold: every upsert in one batch, then the removals. Changes that no longer
+        apply to this bundle (a genre it lacks...) are counted and logged, not fatal."""
+        upserts, skipped = [], []
+        for item_id, record in items.items():
+            if record is not None:
+                try:
+                    upserts.append(Item.from_record(record))
+                except ValueError as err:  # an entry this version cannot read: skipped, not fatal
+                    skipped.append(f"{item_id}: {err}")
+        if upserts:
+            try:
+                self.live.commit(self.prepare(upserts))
+            except RecsysError as err:  # one bad item must not lose the others: apply them one by one
+                skipped += self._upsert_each(upserts, err)
+        for item_id, record in items.items():
+            if record is None:
+                self.apply(item_id, None)
+        if skipped:
+            logger.warning("catalogue on bundle {}: {} changes skipped (first: {})", self.bundle.version, len(skipped), skipped[:3])
+
+    def apply(self, item_id: str, record: dict | None) -> None:
+        """One change from the store, in its order: an upsert, or a removal of a live item (else nothing)."""
+        if record is not None:
+            self.live.commit(self.prepare([Item.from_record(record)]))
+        elif (row := self.live.catalog.row_of.get(item_id)) is not None and self.live.catalog.active[row]:
+            self.remove(item_id)
+
+    def _upsert_each(self, items: list[Item], first_error: RecsysError) -> list[str]:
+        skipped = []
+        for item in items:
+            try:
+                self.live.commit(self.prepare([item]))
+            except RecsysError as err:
+                skipped.append(f"{item.item_id}: {err.message}")
+        return skipped or [first_error.message]
+
+    def check(self, items: list[Item]) -> list[str]:
+        """Refuse items this bundle cannot encode (an unknown genre or feature) before anything is recorded;
+        returns what each change will be, "added" or "replaced"."""
+        for item in items:
+            self._encode(item)
+        return ["replaced" if str(item.item_id) in self.live.catalog.row_of else "added" for item in items]
+
+    def prepare(self, items: list[Item]) -> Upsert:
+        """Validate items and compute their rows of every array, touching nothing live."""
+        catalog = self.live.catalog
+        raws = [str(it.item_id) for it in items]
+        assigned: dict[str, int] = {}
+        n = len(catalog.ids)
+        for raw in raws:  # a new id takes the next free row; a repeated one keeps its first row
+            if raw not in assigned:
+                assigned[raw] = catalog.row_of.get(raw, n)
+                n += assigned[raw] == n
+        rows = [assigned[raw] for raw in raws]
+        encoded = [self._encode(it) for it in items]
+        genres, dense, cat = (np.concatenate([e[j] for e in encoded]) for j in range(3))
+        ids_in = torch.tensor([r + 1 if r < self.model_items else 0 for r in rows])  # only trained items have an id embedding
+        with torch.inference_mode():
+            vecs = self.bundle.item_tower(ids_in, torch.from_numpy(genres), torch.from_numpy(dense), torch.from_numpy(cat)).numpy()
+        years = np.array([np.nan if it.year is None else it.year for it in items], np.float32)
+        new_values = {"item_vectors": vecs, "item_genres": genres, "item_dense": dense, "item_cat": cat, "item_year": years}
+        row_array = np.array(rows, np.int64)
+        arrays = {k: set_rows(v, row_array, new_values.get(k), NEW_ITEM_DEFAULTS.get(k), n) for k, v in catalog.arrays.items()}
+        ids, titles = list(catalog.ids), list(catalog.titles)
+        for raw, row, item in zip(raws, rows, items):
+            if row == len(ids):
+                ids.append(raw), titles.append(item.title or raw)
+            else:
+                titles[row] = item.title or titles[row]
+        active = set_rows(catalog.active, row_array, True, False, n)
+        updated = Catalog.build(ids, {**catalog.row_of, **dict(zip(raws, rows))}, titles, arrays, active,
+                                self.bundle.arrays if self.ranked else None)
+        return Upsert(row_array, vecs, updated)
+
+    def remove(self, raw: str) -> dict:
+        self.live.remove(self.require_item(raw))
+        return {"item_id": raw, "status": "removed"}
+
+    def _encode(self, item: Item) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        genre_row = np.zeros(self.spec.n_genres, bool)
+        genre_row[self.genre_cols(item.genres)] = True
+        check_features(item.features, self.spec.item_categorical, self.spec.item_numeric, "item")
+        return encode_item_features(self.spec, self.bundle.catalog.get("item_vocab", {}), genre_row, item.year, item.features)

@@ -1,0 +1,46 @@
+"""The core's Prometheus series and the one stage timer that feeds them.
+
+The engine times its stages, counts fallbacks and work done without the state store, and the live
+engine reports its bundle and reloads; the service exposes them (``service/metrics.py`` adds the
+HTTP series and the multiprocess exposition). Offline callers of the engine fill the same series in
+their own process, where nothing scrapes them.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_STAGE_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1)
+
+STAGE = Histogram("recsys_stage_seconds", "Time per /recommend stage", ["stage"], buckets=_STAGE_BUCKETS)
+BATCH_STAGE = Histogram("recsys_batch_stage_seconds", "Time per /recommend/batch stage, for the whole batch", ["stage"],
+                        buckets=LATENCY_BUCKETS)
+FALLBACKS = Counter("recsys_fallbacks_total", "Recommendations served by a fallback", ["kind"])
+BUNDLE = Gauge("recsys_bundle_info", "Loaded bundle version (value 1)", ["version"], multiprocess_mode="livemax")
+INDEX_ITEMS = Gauge("recsys_index_items", "Items searchable in the ANN index", multiprocess_mode="livemax")
+RELOADS = Counter("recsys_reloads_total", "Bundle reloads (admin route or bundle watcher) by result", ["result"])
+DEGRADED = Counter("recsys_degraded_total", "Work done without the state store (it could not be reached)", ["what"])
+
+
+@contextmanager
+def timed(stage: str, timings: dict[str, float], histogram: Histogram = STAGE) -> Iterator[None]:
+    """Time a stage into both a Prometheus histogram (a single request's or a batch's) and the response's timings (ms)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        elapsed = time.perf_counter() - start
+        histogram.labels(stage).observe(elapsed)
+        timings[stage] = round(elapsed * 1000, 3)
+
+
+def set_bundle(version: str, index_items: int) -> None:
+    """The old version's series drops to 0 (in multiprocess mode it lives in a file that ``clear`` leaves)."""
+    for labels in list(BUNDLE._metrics):
+        BUNDLE.labels(*labels).set(0)
+    BUNDLE.labels(version).set(1)
+    INDEX_ITEMS.set(index_items)

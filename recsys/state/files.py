@@ -1,0 +1,361 @@
+"""Durable online state in a local directory: fsynced JSON-lines logs plus a compact snapshot.
+
+The logs (``events.jsonl``, ``catalog.jsonl``) are the full acknowledged history: a record is
+acknowledged only once fsynced, and the logs are never rewritten, so the trainer can read every
+event. Serving needs far less than the history: each user's last ``history_cap`` events and each
+item's latest catalogue state. ``OnlineState`` is that fold; ``snapshot.json`` stores it with the
+log offsets it covers, so start-up and reload read the snapshot plus the short tail after it, and
+their cost stays bounded however long the service has run.
+
+Records that cannot be applied (a bad field value, an unknown operation) are skipped and counted
+with a warning, never guessed at.
+
+``FileStateStore`` is one of the two backends of ``recsys.state.protocol.StateStore`` (the other is
+``recsys.state.redis.RedisStateStore``, for replicas sharing state); nothing above the store asks which
+one it has, and one behaviour suite runs against each.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from loguru import logger
+
+from recsys.state.protocol import Change, Event, Position, StoreUnavailable, parse_change, parse_event
+
+SNAPSHOT = "snapshot.json"
+
+
+@dataclass
+class UserHistory:
+    """A user's most recent online events (oldest first) and how many were ever recorded: the count
+    keeps growing after the cap, so it versions the history for the user-vector cache."""
+
+    version: int = 0
+    events: deque[tuple[Position, Event]] = field(default_factory=deque)  # (where it was recorded, event)
+
+
+@dataclass
+class OnlineState:
+    """What serving needs from the logs: capped per-user histories and each changed item's latest
+    state (an ``ItemUpsert`` dump, or ``None`` once removed), in first-change order."""
+
+    history_cap: int
+    users: dict[str, UserHistory] = field(default_factory=dict)
+    items: dict[str, dict | None] = field(default_factory=dict)
+
+    def add_event(self, user_id: str, event: Event, position: Position) -> int:
+        history = self.users.setdefault(user_id, UserHistory(events=deque(maxlen=self.history_cap)))
+        history.events.append((position, event))
+        history.version += 1
+        return history.version
+
+    def add_change(self, item_id: str, item: dict | None) -> None:
+        self.items[item_id] = item
+
+    def copy(self) -> "OnlineState":
+        users = {u: UserHistory(h.version, deque(h.events, maxlen=self.history_cap)) for u, h in self.users.items()}
+        return OnlineState(self.history_cap, users, dict(self.items))
+
+
+class DurableLog:
+    """An append-only JSON-lines file; ``append`` returns only once the record is on disk."""
+
+    def __init__(self, path: Path):
+        created = not path.exists()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        _drop_torn_tail(path)
+        self._file = open(path, "ab")
+        if created:  # the new directory entry must survive a power loss too, not only the bytes
+            _fsync_dir(path.parent)
+
+        self.acked = self._file.tell()  # the end of the last record known to be on disk
+
+
+    @property
+    def size(self) -> int:
+        return self.acked
+
+    def append(self, record: dict) -> int:
+        """Write, flush and fsync one record; returns the offset just past it. If any step fails, the file is
+        cut back to the last acknowledged record before ``StoreUnavailable`` is raised: a failed write must
+        not surface later (a buffered flush, a retry's duplicate) or be read back by ``read_valid``."""
+        try:
+            self._file.write(orjson.dumps(record) + b"\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as err:
+            self._cut_back()
+            raise StoreUnavailable(f"{self.path}: cannot write ({err.strerror or err})") from err
+        self.acked = self._file.tell()
+        return self.acked
+
+    def _cut_back(self) -> None:
+        """Drop whatever the failed append left in the buffer or the file, then reopen for appending."""
+        try:
+            self._file.close()  # may retry the buffered bytes and fail again: they are cut below either way
+        except OSError:
+            pass
+        with open(self.path, "r+b") as f:
+            f.truncate(self.acked)
+            try:
+                os.fsync(f.fileno())
+            except OSError:  # the cut is in the page cache; a torn tail after a crash is cut at the next open
+                pass
+        self._file = open(self.path, "ab")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def store_id(state_dir: Path) -> str:
+    """This state's identity, made once and kept in the directory: a watermark names it, so a directory
+    wiped and recreated at the same path (offsets starting over) is another store, not the same one."""
+    path = state_dir / "store-id"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as f:
+        f.write(uuid.uuid4().hex)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(state_dir)
+    return path.read_text().strip()
+
+
+def read_event_log(state_dir: Path, after: Position | None = None) -> list[tuple[Position, str, Event]]:
+    """The events in a file-backend state directory after ``after``, with their positions; read without
+    taking the directory (a trainer reads it while the service appends)."""
+    return [((end, 0), user, event)
+            for end, (user, event) in read_valid(state_dir / "events.jsonl", after[0] if after else 0, parse_event)]
+
+
+def read_catalog_log(state_dir: Path) -> dict[str, dict | None]:
+    """The catalogue fold of a file-backend state directory (each changed item's latest state), read
+    without taking the directory."""
+    return {item_id: item for _, (item_id, item) in read_valid(state_dir / "catalog.jsonl", 0, parse_change)}
+
+
+def read_valid(path: Path, offset: int, parse) -> list[tuple[int, Any]]:
+    """``(offset just past the line, parsed record)`` for each complete line after ``offset`` that parses; the
+    others are counted and logged (with their offsets) and skipped. A line still being appended (no newline
+    yet) is not read: it is not acknowledged."""
+    if not path.exists():
+        return []
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    out, bad, end = [], [], offset
+    for line in data[: data.rfind(b"\n") + 1].splitlines(keepends=True):
+        end += len(line)
+        try:
+            out.append((end, parse(orjson.loads(line))))
+        except (ValueError, AttributeError) as err:  # JSONDecodeError is a ValueError; AttributeError: not an object
+            bad.append(f"record ending at byte {end}: {err}")
+    if bad:
+        logger.warning("{}: skipped {} bad records (first: {})", path, len(bad), "; ".join(bad[:3]))
+    return out
+
+
+class FileStateStore:
+    """The embedded backend: ``state_dir`` holds the two logs and the snapshot; one process owns it.
+
+    Known limit: ``state()`` (for a snapshot) copies the whole fold under ``lock``, O(users x their
+    capped events), which briefly holds up reads of large states; deployments that large belong on Redis.
+
+    The fold of both logs lives in memory (``history`` reads it, no I/O); a catalogue position is the
+    catalogue log's offset just past a record. ``compact_after`` appended records trigger a snapshot
+    on a background thread; a start-up that finds a long tail writes one at once.
+    """
+
+    def __init__(self, state_dir: Path, history_cap: int, compact_after: int):
+        self.dir = state_dir
+        self._owner = _lock_dir(state_dir)
+        self.id = store_id(state_dir)
+        self.events = DurableLog(state_dir / "events.jsonl")
+        self.catalog_log = DurableLog(state_dir / "catalog.jsonl")
+        self.write_lock = threading.Lock()  # orders appends; held through the fsync
+        self.failure: str | None = None
+        self.lock = threading.Lock()  # guards the fold; never held through I/O, so reads never wait for an fsync
+        self.compact_after = compact_after
+        self._compacting = threading.Lock()
+        self.online, (events_at, catalog_at) = self._read_snapshot(history_cap)
+        changes = read_valid(self.catalog_log.path, catalog_at, parse_change)
+        events = read_valid(self.events.path, events_at, parse_event)
+        for _, change in changes:
+            self.online.add_change(*change)
+        for end, (user, event) in events:
+            self.online.add_event(user, event, (end, 0))
+        self.offsets = (self.events.size, self.catalog_log.size)
+        self.since_snapshot = len(changes) + len(events)
+        if self.since_snapshot >= compact_after:
+            self.compact()
+
+    # ------------------------------------------------------------------ the interface
+    def append_event(self, user_id: str, event: Event) -> int:
+        record = {"user_id": user_id, "item_id": event.item_id, "rating": event.rating, "timestamp": event.timestamp}
+        with self.write_lock:
+            end = self._append(self.events, record)  # durable before anyone can read it
+            with self.lock:
+                version = self.online.add_event(user_id, event, (end, 0))
+                self.offsets = (end, self.offsets[1])
+            self._count_append()
+        return version
+
+    def history(self, user_id: str, after: Position | None = None) -> tuple[int, list[Event]]:
+        with self.lock:
+            h = self.online.users.get(user_id)
+            if h is None:
+                return 0, []
+            return h.version, [e for at, e in h.events if after is None or at > after]
+
+    def events_since(self, after: Position | None = None) -> list[tuple[Position, str, Event]]:
+        return read_event_log(self.dir, after)
+
+    def append_change(self, item_id: str, item: dict | None) -> Position:
+        record = {"op": "upsert", "item": item} if item is not None else {"op": "remove", "item_id": item_id}
+        with self.write_lock:
+            end = self._append(self.catalog_log, record)
+            with self.lock:
+                self.online.add_change(item_id, item)
+                self.offsets = (self.offsets[0], end)
+            self._count_append()
+        return (end, 0)
+
+    def catalog(self) -> tuple[dict[str, dict | None], Position]:
+        with self.lock:
+            return dict(self.online.items), (self.offsets[1], 0)
+
+    def changes_since(self, position: Position, wait_s: float = 0.0) -> list[Change]:
+        """No waiting: in one process every change is appended by the caller itself."""
+        return [((end, 0), item_id, item) for end, (item_id, item) in read_valid(self.catalog_log.path, position[0], parse_change)]
+
+    def health(self) -> str | None:
+        """Why the latest append failed, until one succeeds."""
+        return self.failure
+
+    def _append(self, log: DurableLog, record: dict) -> int:
+        """``log.append`` under ``write_lock``, remembering a failure for ``health``."""
+        try:
+            end = log.append(record)
+        except StoreUnavailable as err:
+            self.failure = str(err)
+            raise
+        self.failure = None
+        return end
+
+    @property
+    def source(self) -> str:
+        return f"file:{self.id}"
+
+    # ------------------------------------------------------------------ snapshot
+    def state(self) -> tuple[OnlineState, tuple[int, int]]:
+        """A copy of the fold and the (events, catalogue) log offsets it covers, taken under ``lock``."""
+        with self.lock:
+            return self.online.copy(), self.offsets
+
+    def compact(self) -> None:
+        """Write the fold and its offsets to ``snapshot.json`` atomically (temp file, fsync, rename, fsync dir)."""
+        with self._compacting:
+            state, offsets = self.state()
+            body = {"offsets": list(offsets), "history_cap": state.history_cap, "items": state.items,
+                    "users": {u: [h.version, [[*at, *e] for at, e in h.events]] for u, h in state.users.items()}}
+            tmp = self.dir / f".{SNAPSHOT}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(orjson.dumps(body))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.dir / SNAPSHOT)
+            _fsync_dir(self.dir)
+            logger.info("state snapshot written: {} users, {} changed items, offsets {}", len(state.users),
+                        len(state.items), offsets)
+
+    def _count_append(self) -> None:
+        self.since_snapshot += 1
+        if self.since_snapshot >= self.compact_after and not self._compacting.locked():
+            self.since_snapshot = 0
+            threading.Thread(target=self._compact_quietly, name="state-compaction", daemon=True).start()
+
+    def _compact_quietly(self) -> None:
+        try:
+            self.compact()
+        except OSError as err:  # the logs still hold everything; the next trigger tries again
+            logger.warning("state snapshot failed: {}", err)
+
+    def _read_snapshot(self, history_cap: int) -> tuple[OnlineState, tuple[int, int]]:
+        """The stored fold, or an empty one at offset 0 when there is none (or it cannot be trusted)."""
+        path = self.dir / SNAPSHOT
+        state = OnlineState(history_cap)
+        if not path.exists():
+            return state, (0, 0)
+        try:
+            body = orjson.loads(path.read_bytes())
+            offsets = (int(body["offsets"][0]), int(body["offsets"][1]))
+            if offsets[0] > self.events.size or offsets[1] > self.catalog_log.size:
+                raise ValueError("offsets past the end of the logs (logs replaced?)")
+            for user, (version, events) in body["users"].items():
+                pairs = (((int(e[0]), int(e[1])), Event(*e[2:])) for e in events)  # [offset, 0, item, rating, ts]
+                state.users[user] = UserHistory(int(version), deque(pairs, maxlen=history_cap))
+            state.items = dict(body["items"])
+        except (ValueError, KeyError, TypeError, orjson.JSONDecodeError) as err:
+            logger.warning("{}: ignored ({}); replaying the logs from the start", path, err)
+            return OnlineState(history_cap), (0, 0)
+        return state, offsets
+
+    def close(self) -> None:
+        with self._compacting:  # a snapshot being written finishes before the directory is released
+            self.events.close()
+            self.catalog_log.close()
+            self._owner.close()  # releases the lock
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a final line that lacks its newline (a crash mid-write, never acknowledged), so the next
+    record starts on a line of its own instead of being glued to the fragment and lost with it."""
+    if not path.exists():
+        return
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        data = f.read()
+    keep = data.rfind(b"\n") + 1
+    logger.warning("{}: dropping a torn final record ({} bytes)", path, size - keep)
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+        os.fsync(f.fileno())
+
+
+def _lock_dir(state_dir: Path):
+    """Hold an exclusive lock on the directory for this store's life: a second process would append to the
+    same logs while folding only its own appends, so it is refused with the way out."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    owner = open(state_dir / ".lock", "a+")
+    try:
+        fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner.close()
+        raise OSError(f"{state_dir}: in use by another process; the file state backend serves one process "
+                      "(for several workers or replicas set RECSYS_STATE_BACKEND=redis)") from None
+    return owner
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

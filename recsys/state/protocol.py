@@ -1,0 +1,88 @@
+"""The state-store protocol and the types both backends share.
+
+A state store holds what serving adds to a bundle: every event (user, item, rating, time), each
+user's recent online history, and catalogue changes in one order. ``StateStore`` is the one
+interface; ``recsys.state.files`` (fsynced local logs, the embedded default) and
+``recsys.state.redis`` (shared by replicas) implement it, and ``recsys.state.open`` chooses one.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Protocol
+
+from recsys.query import Item
+
+class Event(NamedTuple):
+    item_id: str
+    rating: float | None
+    timestamp: int
+
+
+Position = tuple[int, int]  # where a catalogue change sits in the store's order (comparable; (0, 0) = the start)
+Change = tuple[Position, str, "dict | None"]  # (position, item id, the item's dump or None for a removal)
+
+
+class StoreUnavailable(RuntimeError):
+    """The store cannot be reached: writes answer 503, reads fall back to the bundle."""
+
+
+class StateStore(Protocol):
+    def append_event(self, user_id: str, event: Event) -> int:
+        """Durably record an event; returns the user's history version after it (events ever recorded)."""
+
+    def history(self, user_id: str, after: Position | None = None) -> tuple[int, list[Event]]:
+        """The user's version and most recent online events (oldest first, at most ``history_cap``);
+        with ``after``, only the events recorded after that position (a bundle trained on the events up to
+        its watermark already holds the earlier ones in its history)."""
+
+    def events_since(self, after: Position | None = None) -> list[tuple[Position, str, Event]]:
+        """Every recorded event after ``after`` (all when None), in order, with its position: what a
+        trainer reads (``python -m offline train --events``); the last position is its watermark."""
+
+    def append_change(self, item_id: str, item: dict | None) -> Position:
+        """Durably record an upsert (``item``) or removal (``None``); returns its position."""
+
+    def catalog(self) -> tuple[dict[str, dict | None], Position]:
+        """Every changed item's latest state, and the position that fold covers."""
+
+    def changes_since(self, position: Position, wait_s: float = 0.0) -> list[Change]:
+        """Changes after ``position`` in order, waiting up to ``wait_s`` for one when there are none.
+        Raises ``LookupError`` when changes after ``position`` are no longer kept (re-read ``catalog()``)."""
+
+    def health(self) -> str | None:
+        """None when the store answers, else why not."""
+
+    @property
+    def source(self) -> str:
+        """Which state this is (a directory, or a Redis server and prefix): a bundle's event watermark
+        applies only to the source its trainer read."""
+
+    def close(self) -> None: ...
+
+
+def parse_event(record: Any) -> tuple[str, Event]:
+    """A logged event, type-checked: a log edited by hand or by an older version may hold anything."""
+    user, item, rating, ts = (record.get(k) for k in ("user_id", "item_id", "rating", "timestamp"))
+    if not (isinstance(user, str) and user and isinstance(item, str) and item):
+        raise ValueError("user_id and item_id must be non-empty strings")
+    if rating is not None and (isinstance(rating, bool) or not isinstance(rating, (int, float)) or not math.isfinite(rating)):
+        raise ValueError(f"rating {rating!r} is not a finite number")
+    if isinstance(ts, bool) or not isinstance(ts, int) or not 0 <= ts < 2**63:
+        raise ValueError(f"timestamp {ts!r} is not epoch seconds")
+    return user, Event(item, None if rating is None else float(rating), ts)
+
+
+def parse_change(record: Any) -> tuple[str, dict | None]:
+    """A logged catalogue change: an upsert with a valid item, or a removal; anything else is an error."""
+    op = record.get("op")
+    if op == "upsert":
+        try:
+            item = Item.from_record(record.get("item"))
+        except ValueError as err:
+            raise ValueError(f"invalid item ({err})") from None
+        return str(item.item_id), item.to_record()
+    if op == "remove":
+        if not isinstance(record.get("item_id"), str):
+            raise ValueError("item_id must be a string")
+        return record["item_id"], None
+    raise ValueError(f"unknown op {op!r}")

@@ -1,0 +1,45 @@
+"""What routes declare: the live engine (loaded in the lifespan), the settings, the admin check."""
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from recsys.engine.engine import Engine
+from recsys.live import LiveEngine
+from service.api.errors import ApiError
+from service.config import Settings
+
+bearer = HTTPBearer(auto_error=False, description="RECSYS_ADMIN_TOKEN; admin routes answer 403 when it is not set")
+
+
+def get_live(request: Request) -> LiveEngine:
+    return request.app.state.service
+
+
+def get_engine(request: Request) -> Engine:
+    return request.app.state.service.engine
+
+
+def get_served_settings(request: Request) -> Settings:
+    """The settings the live engine was started with (``get_settings()`` may have moved on in tests)."""
+    return request.app.state.settings
+
+
+def require_admin(settings: Annotated[Settings, Depends(get_served_settings)],
+                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    """The scheme name is matched case-insensitively (RFC 7235); the token in constant time."""
+    token = settings.admin_token
+    if token is None:
+        raise ApiError(403, "admin endpoints are disabled: set RECSYS_ADMIN_TOKEN to enable them")
+    given = credentials.credentials.encode() if credentials is not None else b""
+    if not hmac.compare_digest(given, token.get_secret_value().encode()):
+        raise ApiError(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+
+
+EngineDep = Annotated[Engine, Depends(get_engine)]
+LiveDep = Annotated[LiveEngine, Depends(get_live)]
+ServedSettings = Annotated[Settings, Depends(get_served_settings)]
+ADMIN = dict(dependencies=[Depends(require_admin)], tags=["admin"])

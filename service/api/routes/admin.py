@@ -1,0 +1,36 @@
+"""Admin: catalogue changes and bundle reloads, behind the bearer token."""
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from recsys.bundle import BundleError
+from service.api.deps import ADMIN, LiveDep, ServedSettings
+from service.api.errors import ApiError
+from service.http import FastJSONResponse, errors
+from service.schemas import ItemChangeResponse, ItemUpsert, ReloadRequest, ReloadResponse
+
+router = APIRouter(**ADMIN)
+
+
+@router.api_route("/admin/items", methods=["PUT", "POST"], response_model=ItemChangeResponse,
+                  responses=errors(400, 401, 403, 408, 413, 422, 503))
+def upsert_item(body: ItemUpsert, live: LiveDep):
+    """Add an item or replace one (same id): item tower for its vector, then live in the index.
+    Validated and encoded first, fsynced to the catalogue log, then made live: acknowledged means durable."""
+    return FastJSONResponse(live.upsert_items([body.to_core()]))
+
+
+@router.delete("/admin/items/{item_id:path}", response_model=ItemChangeResponse, responses=errors(401, 403, 404, 422, 503))
+def remove_item(item_id: str, live: LiveDep):
+    return FastJSONResponse(live.remove_item(item_id))
+
+
+@router.post("/admin/reload", response_model=ReloadResponse, responses=errors(400, 401, 403, 408, 409, 413, 422, 503))
+def reload_bundle(live: LiveDep, settings: ServedSettings, body: ReloadRequest | None = None):
+    """Load a bundle beside the live one and swap it in; on any failure (409) the old one keeps serving."""
+    path = settings.bundle_dir / body.version if body and body.version else settings.bundle_dir
+    try:
+        old, new = live.reload(path)
+    except (BundleError, OSError) as err:
+        raise ApiError(409, f"reload failed, still serving {live.engine.version}: {err}") from err
+    return FastJSONResponse({"status": "reloaded", "previous_version": old, "bundle_version": new})

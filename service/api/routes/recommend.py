@@ -1,0 +1,90 @@
+"""Recommendations: ``/recommend`` (GET and POST), ``/recommend/batch``, ``/similar-items``, ``/info``."""
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from recsys import metrics as core_metrics
+from recsys.engine.engine import BatchAnswer
+from service import metrics
+from service.api.deps import EngineDep
+from service.api.errors import ApiError, status_of
+from service.config import Settings, get_settings
+from service.http import FastJSONResponse, errors
+from service.schemas import (MAX_ID_CHARS, YEAR_RANGE, BatchRecommendRequest, BatchRecommendResponse, BundleInfo, Filters,
+                             RecommendOptions, RecommendRequest, RecommendResponse, SimilarItemsResponse)
+
+router = APIRouter(tags=["recommend"])
+
+
+@router.get("/recommend", response_model=RecommendResponse, responses=errors(404, 422))
+def recommend_get(engine: EngineDep, user_id: Annotated[str, Query(min_length=1, max_length=MAX_ID_CHARS)],
+                  k: Annotated[int, Query(ge=1, le=10_000)] = 10,
+                  candidates: Annotated[int | None, Query(ge=1, le=100_000)] = None,
+                  exclude_seen: bool = True, explain: bool = False,
+                  genres_any: Annotated[list[str] | None, Query(max_length=100)] = None,
+                  genres_none: Annotated[list[str] | None, Query(max_length=100)] = None,
+                  year_min: Annotated[int | None, Query(ge=YEAR_RANGE[0], le=YEAR_RANGE[1])] = None,
+                  year_max: Annotated[int | None, Query(ge=YEAR_RANGE[0], le=YEAR_RANGE[1])] = None):
+    """The POST pipeline for a known user; filters as repeated query parameters (``genres_any=a&genres_any=b``)."""
+    filters = None
+    if genres_any or genres_none or year_min is not None or year_max is not None:
+        filters = Filters(genres_any=genres_any, genres_none=genres_none, year_min=year_min, year_max=year_max)
+    return recommend_post(RecommendRequest(user_id=user_id, k=k, candidates=candidates, exclude_seen=exclude_seen,
+                                           filters=filters, explain=explain), engine)
+
+
+@router.post("/recommend", response_model=RecommendResponse, responses=errors(400, 404, 408, 413, 422))
+def recommend_post(body: RecommendRequest, engine: EngineDep):
+    settings = get_settings()
+    check_options(body, settings)
+    if body.recent_items is not None and len(body.recent_items) > settings.max_recent_items:
+        raise ApiError(422, f"recent_items may hold at most {settings.max_recent_items} ids")
+    return FastJSONResponse(engine.recommend(body.to_core(), settings.default_candidates))
+
+
+@router.post("/recommend/batch", response_model=BatchRecommendResponse, responses=errors(400, 408, 413, 422))
+def recommend_batch(body: BatchRecommendRequest, engine: EngineDep):
+    """Known users by id, answered together: one tower call, one batched ANN query, one ranker pass. Each result
+    is what ``/recommend`` would answer for that user with these options; a user it would refuse (an unknown
+    id: 404) gets that error and status in its place, and the rest of the batch is still answered."""
+    settings = get_settings()
+    check_options(body, settings)
+    if len(body.user_ids) > settings.max_batch_users:
+        raise ApiError(422, f"user_ids may hold at most {settings.max_batch_users} ids (RECSYS_MAX_BATCH_USERS)")
+    answer = batch_body(engine.recommend_batch(body.user_ids, body.to_core(), settings.default_candidates,
+                                               core_metrics.BATCH_STAGE))
+    failed = sum(result["error"] is not None for result in answer["results"])
+    metrics.BATCH_USERS.labels("answered").inc(len(answer["results"]) - failed)
+    metrics.BATCH_USERS.labels("error").inc(failed)
+    return FastJSONResponse(answer)
+
+
+def batch_body(batch: BatchAnswer) -> dict:
+    """The batch response: each user's answer, or its error and the status a single request would have got."""
+    results = [{"user_id": str(user), "items": None, "error": a.message, "status": status_of(a)} if isinstance(a, Exception)
+               else {**a, "error": None, "status": None} for user, a in zip(batch.user_ids, batch.answers)]
+    return {"results": results, "bundle_version": batch.bundle_version, "timings_ms": batch.timings_ms}
+
+
+def check_options(body: RecommendOptions, settings: Settings) -> None:
+    if body.k > settings.max_k:
+        raise ApiError(422, f"k must be <= {settings.max_k}")
+    if body.candidates is not None and body.candidates > settings.max_candidates:
+        raise ApiError(422, f"candidates must be <= {settings.max_candidates}")
+
+
+@router.get("/similar-items/{item_id:path}", response_model=SimilarItemsResponse, responses=errors(404, 422))
+def similar_items(item_id: str, engine: EngineDep, k: Annotated[int, Query(ge=1, le=10_000)] = 10):
+    """Item ids may contain ``/`` (the path takes the rest of the URL), as the catalogue accepts them."""
+    if k > get_settings().max_k:
+        raise ApiError(422, f"k must be <= {get_settings().max_k}")
+    return FastJSONResponse(engine.similar_items(item_id, k))
+
+
+@router.get("/info", response_model=BundleInfo)
+def info(engine: EngineDep):
+    """What this replica serves: the bundle, its catalogue's genres and years, a few known users (the web page's
+    form is built from it)."""
+    return FastJSONResponse(engine.info())

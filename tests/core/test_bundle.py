@@ -1,0 +1,148 @@
+"""Bundle round trip: what the pipeline writes, the reader loads with identical scores."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from offline.pipeline import REFIT
+from offline.split import temporal_split
+from offline.synthetic import generate
+from offline.train_recall import RecallConfig, chosen_epochs
+from recsys.bundle import BundleError, holdout_path, read_bundle, resolve, set_current
+from recsys.scorer import load_ranker
+from tests.conftest import TINY_RECALL
+
+
+def user_inputs(bundle, rows):
+    L = bundle.manifest["feature_spec"]["history_len"]
+    a = bundle.arrays
+    hist = torch.arange(1, L + 1).repeat(len(rows), 1) % (len(a["item_vectors"]) + 1)
+    return (torch.as_tensor(rows) + 1, torch.from_numpy(a["user_cat"][rows]), torch.from_numpy(a["user_num"][rows]),
+            hist, torch.full((len(rows), L), 4))
+
+
+def test_round_trip_gives_same_scores_as_the_trained_model(bundle_root, tiny_dataset):
+    from offline.two_tower import TwoTower
+
+    bundle = read_bundle(bundle_root)
+    model = TwoTower(**bundle.manifest["model_config"])
+    # Rebuild eager towers from the exported programs' weights: same inputs, same outputs.
+    model.load_state_dict({**{f"user_tower.{k}": v for k, v in bundle.user_tower.state_dict().items()},
+                           **{f"item_tower.{k}": v for k, v in bundle.item_tower.state_dict().items()}}, strict=False)
+    rows = np.array([0, 5, 7])
+    with torch.no_grad():
+        exported = bundle.user_tower(*user_inputs(bundle, rows))
+        eager = model.eval().user_tower(*user_inputs(bundle, rows))
+    assert torch.allclose(exported, eager, atol=1e-5)
+    a = bundle.arrays
+    with torch.no_grad():
+        items = bundle.item_tower(torch.arange(1, 4), torch.from_numpy(a["item_genres"][:3]),
+                                  torch.from_numpy(a["item_dense"][:3]), torch.from_numpy(a["item_cat"][:3]))
+    assert np.allclose(items.numpy(), a["item_vectors"][:3], atol=1e-5)
+    labels, _ = bundle.index.knn_query(a["item_vectors"][:5], k=1)
+    assert labels.ravel().tolist() == [0, 1, 2, 3, 4]  # each item is its own nearest neighbour
+    assert bundle.catalog["item_ids"] == tiny_dataset.item_ids
+    assert {"arrays.npz", "item_index.bin", "user_tower.pt2", "item_tower.pt2"} <= set(bundle.manifest["files"])
+
+
+def test_manifest_records_what_the_spec_asks(bundle_root):
+    m = read_bundle(bundle_root).manifest
+    for key in ("schema_version", "created_at", "data_fingerprint", "params", "metrics", "model_config", "feature_spec", "files"):
+        assert key in m
+    assert m["index"]["space"] == "ip" and m["metrics"]["index_recall@50"] >= 0.9
+
+
+def test_a_refit_bundle_serves_every_interaction_and_keeps_a_scoreable_twin(bundle_root, tiny_dataset):
+    served = read_bundle(bundle_root)
+    twin = read_bundle(holdout_path(bundle_root))
+    assert twin.path == served.path / "holdout" and twin.version == f"{served.version}.holdout"
+    epochs = chosen_epochs(served.manifest["metrics"]["recall_history"], RecallConfig(**TINY_RECALL))
+    assert served.manifest["refit"] == {"epochs": epochs, "trained_on": "every interaction"}
+    assert twin.manifest["refit"] == {"epochs": epochs, "trained_on": "train + valid"}
+    ds = tiny_dataset
+    split = temporal_split(ds.interactions, ds.n_users, ds.n_items)
+    assert served.arrays["popularity"].tolist() == np.bincount(ds.interactions.item, minlength=ds.n_items).tolist()
+    before_test = np.concatenate([split.train.item, split.valid.item])
+    assert twin.arrays["popularity"].tolist() == np.bincount(before_test, minlength=ds.n_items).tolist()
+    assert not np.allclose(served.arrays["item_vectors"], twin.arrays["item_vectors"])  # two refits, two models
+    features = np.random.default_rng(0).normal(size=(7, len(served.ranker["feature_names"]))).astype(np.float32)
+    assert np.array_equal(load_ranker(served.ranker).score(features), load_ranker(twin.ranker).score(features))  # one ranker
+    metrics = served.manifest["metrics"]
+    default = f"two-tower + {metrics['ranker']['default']}"
+    assert {f"two-tower (hnsw, {REFIT})", f"{default} ({REFIT})"} <= set(metrics["test"])
+    # the served pipeline, one window earlier, is compared with the train-window one user by user
+    assert set(metrics["ranker"]["test_ndcg@10_minus"][f"{default} ({REFIT})"]) == {"two-tower (hnsw)", default}
+
+
+def test_holdout_path_is_the_bundle_itself_without_a_twin_and_a_missing_twin_is_named(bundle_root, tmp_path):
+    root, vdir = copy_version(bundle_root, tmp_path)
+    shutil.rmtree(vdir / "holdout")
+    with pytest.raises(BundleError, match="holdout: missing"):
+        holdout_path(root)
+    manifest = json.loads((vdir / "manifest.json").read_text())
+    del manifest["holdout"]  # a bundle trained with --no-refit held the window out itself
+    (vdir / "manifest.json").write_text(json.dumps(manifest))
+    assert holdout_path(root) == vdir
+
+
+def test_no_refit_serves_the_train_window_model_which_is_its_own_holdout(tmp_path):
+    from offline.__main__ import main as offline_main
+    from tests.offline.test_events import TINY
+
+    assert offline_main(["train", *TINY, "--no-refit", "--out", str(tmp_path)]) == 0
+    vdir = resolve(tmp_path)
+    bundle = read_bundle(vdir)
+    assert holdout_path(tmp_path) == vdir and not (vdir / "holdout").exists() and "refit" not in bundle.manifest
+    assert not any(REFIT in name for name in bundle.manifest["metrics"]["test"])
+    ds = generate(n_users=120, n_items=150, seed=3)
+    split = temporal_split(ds.interactions, ds.n_users, ds.n_items)
+    assert bundle.arrays["popularity"].tolist() == np.bincount(split.train.item, minlength=ds.n_items).tolist()
+
+
+def copy_version(bundle_root, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(bundle_root, root)
+    return root, resolve(root)
+
+
+def test_corrupt_file_is_named(bundle_root, tmp_path):
+    root, vdir = copy_version(bundle_root, tmp_path)
+    with open(vdir / "item_index.bin", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\xff\x00\xff")
+    with pytest.raises(BundleError, match="item_index.bin: checksum mismatch"):
+        read_bundle(root)
+
+
+def test_missing_manifest_field_is_named(bundle_root, tmp_path):
+    root, vdir = copy_version(bundle_root, tmp_path)
+    manifest = json.loads((vdir / "manifest.json").read_text())
+    del manifest["feature_spec"]
+    (vdir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="missing field 'feature_spec'"):
+        read_bundle(root)
+
+
+def test_wrong_schema_version_is_refused(bundle_root, tmp_path):
+    root, vdir = copy_version(bundle_root, tmp_path)
+    manifest = json.loads((vdir / "manifest.json").read_text())
+    manifest["schema_version"] = 999
+    (vdir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="schema_version"):
+        read_bundle(root)
+
+
+def test_empty_directory_explains_how_to_make_a_bundle(tmp_path):
+    with pytest.raises(BundleError, match="python -m offline train"):
+        read_bundle(tmp_path)
+
+
+def test_current_pointer_to_missing_version_is_refused(bundle_root, tmp_path):
+    root, _ = copy_version(bundle_root, tmp_path)
+    (root / "current").write_text("nope\n")
+    with pytest.raises(BundleError, match="points at 'nope'"):
+        read_bundle(root)
+    with pytest.raises(BundleError, match="no such bundle version"):
+        set_current(root, "nope")

@@ -1,0 +1,255 @@
+"""Two service processes on loopback sharing one real redis-server: what one replica is told, the
+other serves; kills and outages lose nothing acknowledged. The processes are started once for the
+module and stopped by pid; the tests that kill or restart something bring it back themselves."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from tests.servicekit import AUTH, REDIS, TOKEN, free_port, redis_command, spawned, unique_prefix, wait_for, wait_for_redis
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(REDIS is None, reason="redis-server not installed (.ci/run installs it)")]
+
+
+class Cluster:
+    """redis + replicas "a" and "b"; ``kill(name)`` is kill -9, ``restart_redis`` keeps its AOF directory."""
+
+    def __init__(self, root: Path, bundle_root: Path):
+        self.root, self.stack = root, ExitStack()
+        self.bundle = root / "artifacts"
+        shutil.copytree(bundle_root, self.bundle, ignore=shutil.ignore_patterns("runs", "reports", "state"))
+        self.redis_port, self.prefix = free_port(), unique_prefix()
+        self.redis_url = self._start_redis()
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.urls = {name: f"http://127.0.0.1:{free_port()}" for name in ("a", "b")}
+        for name in self.urls:
+            self.start(name)
+
+    def _start_redis(self) -> str:
+        self._redis = ExitStack()
+        self.redis_proc = self._redis.enter_context(spawned(redis_command(self.root / "redis", self.redis_port),
+                                                            self.root / "redis.log"))
+        url = f"redis://127.0.0.1:{self.redis_port}/0"
+        wait_for_redis(url, self.redis_proc)
+        return url
+
+    def start(self, name: str) -> None:
+        env = {**os.environ, "RECSYS_BUNDLE_DIR": str(self.bundle), "RECSYS_STATE_BACKEND": "redis",
+               "RECSYS_REDIS_URL": self.redis_url, "RECSYS_REDIS_PREFIX": self.prefix, "RECSYS_ADMIN_TOKEN": TOKEN,
+               "RECSYS_LOG_LEVEL": "WARNING"}
+        port = self.urls[name].rsplit(":", 1)[1]
+        cmd = [sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port", port]
+        proc = self.stack.enter_context(spawned(cmd, self.root / f"{name}.log", env))
+        wait_for(f"{self.urls[name]}/ready", 90, proc)
+        self.procs[name] = proc
+
+    def kill(self, name: str) -> None:
+        self.procs[name].kill()
+        self.procs[name].wait()
+
+    def stop_redis(self, hard: bool = False) -> None:
+        """SIGTERM (Redis shuts down cleanly), or kill -9 (only what its AOF holds survives)."""
+        if hard:
+            self.redis_proc.kill()
+            self.redis_proc.wait()
+        self._redis.close()
+
+    def restart_redis(self) -> None:
+        self.redis_url = self._start_redis()
+
+    def client(self, name: str) -> httpx.Client:
+        return httpx.Client(base_url=self.urls[name], timeout=10)
+
+    def close(self) -> None:
+        self.stack.close()
+        self._redis.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(bundle_root, tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("cluster"), bundle_root)
+    yield c
+    c.close()
+
+
+def ids(response: httpx.Response) -> list[str]:
+    assert response.status_code == 200, response.text
+    return [it["item_id"] for it in response.json()["items"]]
+
+
+def test_an_event_posted_to_one_replica_changes_the_others_next_answer(cluster):
+    with cluster.client("a") as a, cluster.client("b") as b:
+        assert b.get("/recommend", params={"user_id": "walk-in-1"}).status_code == 404
+        for item in ("i1", "i2", "i3"):
+            assert a.post("/events", json={"user_id": "walk-in-1", "item_id": item}).status_code == 200
+        after = b.get("/recommend", params={"user_id": "walk-in-1", "k": 20})
+        assert after.json()["fallback"] is None and not {"i1", "i2", "i3"} & set(ids(after))
+        # a known user: B's cached vector is dropped because the history version moved
+        before = ids(b.get("/recommend", params={"user_id": "u7", "k": 5}))
+        assert a.post("/events", json={"user_id": "u7", "item_id": before[0], "rating": 5}).status_code == 200
+        assert before[0] not in ids(b.get("/recommend", params={"user_id": "u7", "k": 5}))
+
+
+def test_catalogue_changes_reach_the_other_replica_within_a_second(cluster):
+    with cluster.client("a") as a, cluster.client("b") as b:
+        item = {"item_id": "fresh/1", "title": "Fresh", "genres": ["genre2"], "year": 2999}
+        assert a.post("/admin/items", json=item, headers=AUTH).status_code == 200
+        started = time.monotonic()
+        while b.get("/similar-items/fresh/1").status_code != 200:
+            assert time.monotonic() - started < 1.0, "B did not serve the new item within a second"
+            time.sleep(0.02)
+        only_new = {"k": 5, "filters": {"year_min": 2999}}
+        assert ids(b.post("/recommend", json={"user_id": "u3", **only_new})) == ["fresh/1"]
+        assert a.delete("/admin/items/fresh/1", headers=AUTH).status_code == 200
+        started = time.monotonic()
+        while b.get("/similar-items/fresh/1").status_code != 404:
+            assert time.monotonic() - started < 1.0, "B still served the removed item after a second"
+            time.sleep(0.02)
+        for user in ("u1", "u2", "u3", "u4", "u5"):
+            assert ids(b.post("/recommend", json={"user_id": user, **only_new})) == []
+            assert "fresh/1" not in ids(b.get("/recommend", params={"user_id": user, "k": 100, "exclude_seen": False}))
+
+
+def _ingest(url: str, user: str, acked: list[int], stop: threading.Event) -> None:
+    """Post events with increasing timestamps until stopped or the server dies; record the acknowledged ones."""
+    with httpx.Client(base_url=url, timeout=5) as client:
+        for t in range(1, 100_000):
+            if stop.is_set():
+                return
+            try:
+                response = client.post("/events", json={"user_id": user, "item_id": f"i{t % 100}", "timestamp": t})
+            except httpx.HTTPError:
+                return
+            if response.status_code == 200:
+                acked.append(t)
+
+
+def _stored_timestamps(url: str, prefix: str, user: str) -> set[int]:
+    client = redis.Redis.from_url(url)
+    entries = client.xrange(f"{prefix}:events")
+    return {int(f[b"timestamp"]) for _, f in entries if f[b"user_id"] == user.encode()}
+
+
+def test_a_replica_killed_during_ingestion_loses_no_acknowledged_event(cluster):
+    acked: list[int] = []
+    stop = threading.Event()
+    writers = [threading.Thread(target=_ingest, args=(cluster.urls["a"], "ingest-kill", acked, stop)) for _ in range(1)]
+    for w in writers:
+        w.start()
+    deadline = time.monotonic() + 30
+    while len(acked) < 200 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    cluster.kill("a")  # kill -9 in the middle of the stream of writes
+    stop.set()
+    for w in writers:
+        w.join()
+    assert len(acked) >= 200
+    assert set(acked) <= _stored_timestamps(cluster.redis_url, cluster.prefix, "ingest-kill")
+    with cluster.client("b") as b:  # the other replica serves the whole acknowledged history
+        version = b.post("/events", json={"user_id": "ingest-kill", "item_id": "i1"}).json()["history_length"]
+        assert version >= len(acked) + 1
+    cluster.start("a")
+
+
+def test_redis_restarted_keeps_every_acknowledged_event(cluster):
+    acked: list[int] = []
+    with cluster.client("a") as a:
+        for t in range(1, 101):
+            if a.post("/events", json={"user_id": "restart", "item_id": f"i{t % 50}", "timestamp": t}).status_code == 200:
+                acked.append(t)
+    cluster.stop_redis(hard=True)  # kill -9: only what the AOF holds survives
+    cluster.restart_redis()
+    assert set(acked) == _stored_timestamps(cluster.redis_url, cluster.prefix, "restart") and len(acked) == 100
+    with cluster.client("b") as b:
+        deadline = time.monotonic() + 10
+        while b.get("/ready").json()["status"] != "ready" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert b.post("/events", json={"user_id": "restart", "item_id": "i1"}).json()["history_length"] == 101
+
+
+def test_with_redis_down_writes_get_503_reads_keep_serving_and_it_recovers(cluster):
+    with cluster.client("a") as a, cluster.client("b") as b:
+        cluster.stop_redis()
+        try:
+            response = a.post("/events", json={"user_id": "u1", "item_id": "i1"})
+            assert response.status_code == 503 and "state store unavailable" in response.json()["error"]
+            assert "nothing was recorded" in response.json()["error"]
+            assert a.post("/admin/items", json={"item_id": "lost"}, headers=AUTH).status_code == 503
+            for client in (a, b):
+                assert len(ids(client.get("/recommend", params={"user_id": "u1", "k": 5}))) == 5
+                ready = client.get("/ready")
+                assert ready.status_code == 200 and ready.json()["status"] == "degraded", ready.text
+                assert "unavailable" in ready.json()["state_store"]
+        finally:
+            cluster.restart_redis()
+        deadline = time.monotonic() + 15
+        while a.get("/ready").json()["status"] != "ready" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert a.get("/ready").json()["status"] == "ready"
+        assert a.post("/events", json={"user_id": "u1", "item_id": "i1"}).status_code == 200
+        item = {"item_id": "after-outage", "genres": ["genre1"]}
+        assert a.post("/admin/items", json=item, headers=AUTH).status_code == 200
+        started = time.monotonic()  # B's follower reconnected by itself
+        while b.get("/similar-items/after-outage").status_code != 200:
+            assert time.monotonic() - started < 5, "B's catalogue follower did not recover"
+            time.sleep(0.05)
+
+
+def test_nginx_spreads_requests_over_both_replicas(cluster, tmp_path):
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if nginx is None:
+        pytest.skip(reason="nginx not installed (.ci/run installs it)")
+    edge = free_port()
+    text = (Path(__file__).resolve().parents[2] / "deploy" / "nginx.conf").read_text()
+    servers = "\n".join(f"        server {url.removeprefix('http://')};" for url in cluster.urls.values())
+    text = re.sub(r"^\s*server recommender:\d+[^\n]*$", servers, text, flags=re.M)
+    text = re.sub(r"listen \d+;", f"listen 127.0.0.1:{edge};", text)
+    text = text.replace("access_log /dev/stdout main;", f"access_log {tmp_path / 'access.log'} main;")
+    (tmp_path / "nginx.conf").write_text(text)
+    command = [nginx, "-c", str(tmp_path / "nginx.conf"), "-e", "stderr", "-g", f"daemon off; pid {tmp_path / 'nginx.pid'};"]
+    with spawned(command, tmp_path / "nginx.log") as proc, httpx.Client(base_url=f"http://127.0.0.1:{edge}", timeout=10) as lb:
+        wait_for(f"http://127.0.0.1:{edge}/health", 30, proc)
+        for n in range(3):
+            assert lb.post("/events", json={"user_id": "via-nginx", "item_id": f"i{n}"}).status_code == 200
+        for _ in range(40):  # whichever replica answers, it sees every event
+            assert not {"i0", "i1", "i2"} & set(ids(lb.get("/recommend", params={"user_id": "via-nginx", "k": 20})))
+    upstreams = re.findall(r"upstream=(\S+)", (tmp_path / "access.log").read_text())
+    assert {u.removeprefix("http://") for u in cluster.urls.values()} <= set(upstreams), set(upstreams)
+
+
+def test_worker_processes_share_state_and_their_metrics_add_up(cluster, tmp_path):
+    port = free_port()
+    env = {**os.environ, "RECSYS_BUNDLE_DIR": str(cluster.bundle), "RECSYS_STATE_BACKEND": "redis",
+           "RECSYS_REDIS_URL": cluster.redis_url, "RECSYS_REDIS_PREFIX": cluster.prefix, "RECSYS_LOG_LEVEL": "WARNING",
+           "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics")}
+    cmd = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"]
+    with spawned(cmd, tmp_path / "workers.log", env) as proc, httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+        wait_for(f"http://127.0.0.1:{port}/ready", 120, proc)
+        pids = set()
+        for n in range(60):
+            response = client.get("/recommend", params={"user_id": f"u{n % 20}", "k": 3}, headers={"Connection": "close"})
+            assert response.status_code == 200
+        for _ in range(10):  # every scrape, whichever worker answers it, counts all 60
+            text = client.get("/metrics", headers={"Connection": "close"}).text
+            count = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                        if line.startswith('recsys_requests_total{endpoint="/recommend",method="GET",status="200"}'))
+            assert count == 60, text[:2000]
+        pids = {f.name for f in (tmp_path / "metrics").glob("counter_*.db")}
+        assert len(pids) == 2, pids  # both workers served
+
+
+def test_several_workers_refuse_the_file_backend():
+    env = {**os.environ, "RECSYS_STATE_BACKEND": "file"}
+    run = subprocess.run([sys.executable, "-m", "service", "--workers", "2"], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "RECSYS_STATE_BACKEND=redis" in run.stderr

@@ -1,0 +1,333 @@
+"""The online state stores: one behaviour suite run against each backend, then what is particular
+to each (the file backend's snapshot + tail, Redis's trimmed stream and outages).
+
+The behaviour tests take a ``make_store`` factory: calling it again gives a second store on the same
+state (a restart, or another replica of the same deployment).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from loguru import logger
+
+from recsys.bundle import resolve
+from recsys.state import files as store_module
+from recsys.state.files import FileStateStore
+from recsys.state.protocol import Event, StoreUnavailable
+from tests.servicekit import AUTH, unique_prefix
+
+ITEM = {"item_id": "new", "title": "", "genres": [], "year": None, "features": {}}
+
+
+@pytest.fixture
+def warnings():
+    """Loguru warnings emitted during the test, as text."""
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="WARNING", format="{message}")
+    yield lines
+    logger.remove(sink)
+
+
+@pytest.fixture(params=["file", "redis"])
+def make_store(request, tmp_path):
+    """``make_store(cap=...)``: a store of the parametrised backend on this test's state."""
+    opened = []
+    prefix = unique_prefix()
+
+    def make(cap: int = 100, **kw):
+        if request.param == "file":  # one process owns the directory: the second store is a restart
+            for earlier in opened:
+                earlier.close()
+            store = FileStateStore(tmp_path / "state", history_cap=cap, compact_after=kw.get("compact_after", 1000))
+        else:
+            from recsys.state.redis import RedisStateStore
+
+            store = RedisStateStore(request.getfixturevalue("redis_url"), cap, prefix, **kw)
+        opened.append(store)
+        return store
+
+    make.backend = request.param
+    yield make
+    for store in opened:
+        store.close()  # closing twice is harmless
+
+
+def open_store(path: Path, cap: int = 100, compact_after: int = 1000) -> FileStateStore:
+    return FileStateStore(path, history_cap=cap, compact_after=compact_after)
+
+
+def histories(store: FileStateStore) -> dict[str, tuple[int, list[Event]]]:
+    online, _ = store.state()
+    return {u: (h.version, [e for _, e in h.events]) for u, h in online.users.items()}
+
+
+# --------------------------------------------------------------------------- one behaviour, both backends
+def test_events_are_kept_in_order_and_versioned(make_store):
+    s = make_store()
+    assert s.append_event("u1", Event("i1", 4.0, 10)) == 1
+    assert s.append_event("u1", Event("i2", None, 11)) == 2
+    assert s.append_event("u2", Event("i1", 1.5, 12)) == 1
+    assert s.history("u1") == (2, [Event("i1", 4.0, 10), Event("i2", None, 11)])
+    assert s.history("nobody") == (0, [])
+    expected = s.history("u1")
+    assert make_store().history("u1") == expected  # a restart, or another replica, sees the same
+
+
+def test_events_read_back_in_order_and_history_skips_what_a_watermark_covers(make_store):
+    s = make_store()
+    recorded = [("u1", Event("i1", 4.0, 10)), ("u2", Event("i2", None, 11)), ("u1", Event("i3", 2.5, 12))]
+    for user, event in recorded:
+        s.append_event(user, event)
+    logged = s.events_since()
+    assert [(user, event) for _, user, event in logged] == recorded
+    positions = [at for at, _, _ in logged]
+    assert positions == sorted(positions) and len(set(positions)) == 3
+    watermark = positions[1]  # a bundle trained on the first two events
+    assert s.events_since(watermark) == logged[2:]
+    assert s.history("u1", after=watermark) == (2, [Event("i3", 2.5, 12)])  # the version still counts both
+    assert s.history("u2", after=watermark) == (1, [])
+    assert make_store().history("u1", after=watermark) == (2, [Event("i3", 2.5, 12)])  # kept across restarts
+
+
+def test_history_is_capped_but_its_version_keeps_counting(make_store):
+    s = make_store(cap=3)
+    for t in range(5):
+        s.append_event("u1", Event(f"i{t}", None, t))
+    assert s.history("u1") == (5, [Event(f"i{t}", None, t) for t in (2, 3, 4)])
+    assert make_store(cap=3).history("u1") == (5, [Event(f"i{t}", None, t) for t in (2, 3, 4)])
+
+
+def test_catalogue_changes_fold_and_stream_in_order(make_store):
+    s = make_store()
+    start_fold, start = s.catalog()
+    assert start_fold == {}
+    first = s.append_change("new", ITEM)
+    second = s.append_change("i3", None)
+    third = s.append_change("new", {**ITEM, "title": "renamed"})
+    assert start < first < second < third
+    assert s.changes_since(start) == [(first, "new", ITEM), (second, "i3", None), (third, "new", {**ITEM, "title": "renamed"})]
+    assert s.changes_since(second) == [(third, "new", {**ITEM, "title": "renamed"})]
+    assert s.changes_since(third) == []
+    other = make_store()  # opened after the changes: reads the fold
+    assert other.catalog() == ({"new": {**ITEM, "title": "renamed"}, "i3": None}, third)
+
+
+def test_a_healthy_store_says_so(make_store):
+    assert make_store().health() is None
+
+
+# --------------------------------------------------------------------------- file backend
+def test_bad_records_are_skipped_counted_and_never_guessed(tmp_path, warnings):
+    (tmp_path / "events.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"user_id": "u1", "item_id": "i1", "rating": 4, "timestamp": 1},
+        {"user_id": "u1", "item_id": "i2", "rating": "bad", "timestamp": 2},
+        {"user_id": "u1", "item_id": "i3", "rating": None, "timestamp": 2**70},
+        [1, 2, 3],
+        {"user_id": "u1", "item_id": "i4", "rating": None, "timestamp": 3},
+    ]) + "\nnot json\n")
+    (tmp_path / "catalog.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"op": "delete", "item_id": "i5"},  # an unknown op is not a removal
+        {"op": "upsert", "item": {"item_id": "x", "year": "1999"}},
+        {"op": "remove", "item_id": "i6"},
+    ]) + "\n")
+    s = open_store(tmp_path)
+    assert histories(s) == {"u1": (2, [Event("i1", 4.0, 1), Event("i4", None, 3)])}
+    assert s.catalog()[0] == {"i6": None}
+    text = "\n".join(warnings)
+    assert "skipped 4 bad records" in text and "rating 'bad'" in text
+    assert "skipped 2 bad records" in text and "unknown op 'delete'" in text
+
+
+def test_snapshot_covers_the_log_so_reopening_reads_only_the_tail(tmp_path, warnings):
+    s = open_store(tmp_path, compact_after=10)
+    for t in range(25):
+        s.append_event(f"u{t % 3}", Event(f"i{t}", 1.0, t))
+    s.compact()
+    s.append_event("u0", Event("late", None, 99))
+    expected = histories(s)
+    covered = json.loads((tmp_path / "snapshot.json").read_text())["offsets"][0]
+    s.close()
+    log = tmp_path / "events.jsonl"
+    data = log.read_bytes()
+    log.write_bytes(b"x" * (covered - 1) + b"\n" + data[covered:])  # garbage where the snapshot covers
+    assert histories(open_store(tmp_path, compact_after=10)) == expected
+    assert not warnings
+
+
+def test_compaction_runs_by_itself_after_enough_appends(tmp_path):
+    s = open_store(tmp_path, compact_after=20)
+    for t in range(45):
+        s.append_event("u1", Event("i1", None, t))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        snap = tmp_path / "snapshot.json"
+        if snap.exists() and json.loads(snap.read_text())["users"]["u1"][0] >= 20:
+            break
+        time.sleep(0.05)
+    body = json.loads((tmp_path / "snapshot.json").read_text())
+    assert body["users"]["u1"][0] >= 20 and body["offsets"][0] > 0
+
+
+def test_a_long_tail_at_start_up_is_folded_into_a_snapshot(tmp_path):
+    s = open_store(tmp_path, compact_after=1_000_000)
+    for t in range(30):
+        s.append_event("u1", Event("i1", None, t))
+    s.close()
+    open_store(tmp_path, compact_after=10)
+    assert json.loads((tmp_path / "snapshot.json").read_text())["offsets"][0] == (tmp_path / "events.jsonl").stat().st_size
+
+
+def test_a_snapshot_past_the_end_of_the_logs_is_ignored(tmp_path, warnings):
+    s = open_store(tmp_path)
+    s.append_event("u1", Event("i1", None, 1))
+    s.compact()
+    s.close()
+    (tmp_path / "events.jsonl").write_text("")  # the logs were replaced: the snapshot describes other logs
+    assert histories(open_store(tmp_path)) == {}
+    assert any("past the end of the logs" in w for w in warnings)
+
+
+def test_a_new_log_file_is_made_durable_in_its_directory(tmp_path, monkeypatch):
+    synced: list[Path] = []
+    monkeypatch.setattr(store_module, "_fsync_dir", lambda p: synced.append(Path(p)))
+    open_store(tmp_path / "fresh").close()
+    assert synced == [tmp_path / "fresh"] * 3  # store-id, events.jsonl, catalog.jsonl
+    synced.clear()
+    open_store(tmp_path / "fresh").close()
+    assert synced == []
+
+
+# --------------------------------------------------------------------------- through the service
+# ``backend_start`` (tests/servicekit.py) serves on each backend; the tests on ``start`` are the file backend's own.
+def test_changes_acknowledged_during_a_reload_are_applied_before_the_swap(backend_start, bundle_root):
+    """The new engine folds the catalogue without the lock, then applies what was written meanwhile."""
+    with backend_start() as client:
+        state = client.app.state.service
+        items, position = state.store.catalog()
+        engine = state.build(bundle_root)
+        engine.changes.load(items)
+        assert client.post("/admin/items", json={"item_id": "during", "genres": ["genre1"]}, headers=AUTH).status_code == 200
+        assert client.delete("/admin/items/i5", headers=AUTH).status_code == 200
+        with state.follow_lock:
+            state._apply(engine, position)
+        assert engine.changes.require_item("during") == state.engine.changes.require_item("during")
+        assert not engine.catalog.active[engine.catalog.row_of["i5"]]
+
+
+def test_events_and_catalogue_survive_a_restart(backend_start):
+    with backend_start() as client:
+        assert client.post("/admin/items", json={"item_id": "kept", "genres": ["genre2"]}, headers=AUTH).status_code == 200
+        assert client.delete("/admin/items/i4", headers=AUTH).status_code == 200
+        for n in range(3):
+            assert client.post("/events", json={"user_id": "walk-in", "item_id": f"i{n}"}).status_code == 200
+        before = client.get("/recommend", params={"user_id": "walk-in", "k": 20}).json()["items"]
+    with backend_start() as client:
+        assert client.get("/recommend", params={"user_id": "walk-in", "k": 20}).json()["items"] == before
+        assert client.get("/similar-items/kept").status_code == 200
+        assert client.get("/similar-items/i4").status_code == 404
+        assert client.post("/events", json={"user_id": "walk-in", "item_id": "kept"}).json()["history_length"] == 4
+
+
+def test_bad_records_in_the_logs_do_not_stop_start_up(start, tmp_path):  # the file backend's logs, edited by hand
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "events.jsonl").write_text(json.dumps({"user_id": "walk-in", "item_id": "i1", "rating": "bad", "timestamp": 1})
+                                        + "\n" + json.dumps({"user_id": "walk-in", "item_id": "i2", "timestamp": 2}) + "\n")
+    (state / "catalog.jsonl").write_text(json.dumps({"op": "drop", "item_id": "i3"}) + "\n")
+    with start() as client:
+        assert client.get("/similar-items/i3").status_code == 200  # not removed by an op nobody wrote
+        assert client.post("/events", json={"user_id": "walk-in", "item_id": "i4"}).json()["history_length"] == 2
+
+
+def test_restart_after_compaction_serves_the_same_state(start):  # the file backend's snapshot
+    with start(compact_after="5", history_cap="50") as client:
+        for n in range(12):
+            assert client.post("/events", json={"user_id": "walk-in", "item_id": f"i{n}"}).status_code == 200
+        client.post("/admin/items", json={"item_id": "kept", "genres": ["genre2"]}, headers=AUTH)
+        client.app.state.service.store.compact()
+        before = client.get("/recommend", params={"user_id": "walk-in", "k": 20}).json()["items"]
+    with start(compact_after="5", history_cap="50") as client:
+        assert client.get("/recommend", params={"user_id": "walk-in", "k": 20}).json()["items"] == before
+        assert client.post("/events", json={"user_id": "walk-in", "item_id": "kept"}).json()["history_length"] == 13
+
+
+# --------------------------------------------------------------------------- redis backend
+def test_a_replica_whose_changes_were_trimmed_is_told_to_re_read_the_fold(redis_url):
+    from recsys.state.redis import RedisStateStore
+
+    s = RedisStateStore(redis_url, 10, unique_prefix())
+    first = s.append_change("a", {**ITEM, "item_id": "a"})
+    s.append_change("b", {**ITEM, "item_id": "b"})
+    s.client.xtrim(f"{s.p}:catalog", maxlen=0, approximate=False)  # as if it had been trimmed while a replica lagged
+    s.append_change("c", {**ITEM, "item_id": "c"})
+    with pytest.raises(LookupError, match="trimmed"):
+        s.changes_since(first)
+    fold, position = s.catalog()
+    assert sorted(fold) == ["a", "b", "c"] and s.changes_since(position) == []
+
+
+def test_an_unreachable_redis_is_a_clear_store_unavailable(tmp_path):
+    from recsys.state.redis import RedisStateStore
+
+    from tests.servicekit import free_port
+
+    port = free_port()
+    s = RedisStateStore(f"redis://:hun@ter2@127.0.0.1:{port}/0?password=hunter3", 10, unique_prefix(), timeout_s=0.2)
+    with pytest.raises(StoreUnavailable, match=f"cannot record the event: redis at redis://127.0.0.1:{port}/0 unavailable"):
+        s.append_event("u1", Event("i1", None, 1))
+    with pytest.raises(StoreUnavailable):
+        s.history("u1")  # skipped at once for a while after a failure: reads fall back to the bundle
+    assert "unavailable" in s.health() and "hun@ter2" not in s.health() and "hunter3" not in s.health()
+
+
+def test_a_second_process_cannot_take_the_file_backends_directory(tmp_path):
+    first = open_store(tmp_path)
+    with pytest.raises(OSError, match="in use by another process.*RECSYS_STATE_BACKEND=redis"):
+        open_store(tmp_path)
+    first.close()
+    open_store(tmp_path).close()  # free again once the owner closed it
+
+
+def test_a_bundle_trained_up_to_a_watermark_does_not_count_those_events_again(backend_start, own_root):
+    """Events up to the manifest's watermark (from this same store) are in the bundle's history: the online
+    history starts after them. A watermark from another store is ignored."""
+    vdir = own_root / "with-watermark"
+    shutil.copytree(resolve(own_root), vdir)
+    with backend_start(bundle_dir=own_root) as client:
+        state = client.app.state.service
+        for item in ("i1", "i2"):
+            assert client.post("/events", json={"user_id": "walk-in", "item_id": item}).status_code == 200
+        watermark = state.store.events_since()[-1][0]
+        for source, answer in ((state.store.source + "-elsewhere", 200), (state.store.source, 404)):
+            manifest = json.loads((vdir / "manifest.json").read_text())
+            manifest["version"] = f"with-watermark-{answer}"
+            manifest["events_watermark"] = {"source": source, "position": list(watermark)}
+            (vdir / "manifest.json").write_text(json.dumps(manifest))
+            assert client.post("/admin/reload", json={"version": "with-watermark"}, headers=AUTH).status_code == 200
+            # 404: both events are (as if) in the bundle, which does not know this user: nothing online is left
+            assert client.get("/recommend", params={"user_id": "walk-in"}).status_code == answer
+        assert client.post("/events", json={"user_id": "walk-in", "item_id": "i3"}).status_code == 200
+        assert client.get("/recommend", params={"user_id": "walk-in"}).status_code == 200
+
+
+def test_a_failed_start_releases_the_state_directory(start, tmp_path):  # the file backend's directory lock
+    empty = tmp_path / "no-bundle"
+    empty.mkdir()
+    with pytest.raises(RuntimeError, match="cannot start"):
+        with start(bundle_dir=empty, state_dir=tmp_path / "state"):
+            pass
+    open_store(tmp_path / "state").close()  # not left locked by the failed start
+
+
+def test_a_state_directory_recreated_at_the_same_path_is_another_store(tmp_path):
+    """Offsets start over in a new directory: a watermark from the old one must not apply to it."""
+    first = open_store(tmp_path / "s")
+    source = first.source
+    first.close()
+    assert open_store(tmp_path / "s").source == source  # the same directory, reopened: the same store
+    shutil.rmtree(tmp_path / "s")
+    assert open_store(tmp_path / "s").source != source
