@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from recsys.bundle import resolve, set_current
 from recsys.features import FeatureSpec, encode_user_features, history_windows
 from offline.split import temporal_split
-from offline.train_recall import TowerTables
+from offline.tower_tables import TowerTables
 from offline.two_tower import TwoTower
 from recsys.state.protocol import Event
 from tests.servicekit import AUTH, TOKEN, assert_client_error, recorded
@@ -792,7 +792,7 @@ def test_service_ranks_the_merged_candidates_exactly_as_the_offline_evaluation(c
     from recsys.rank_features import RankerTables
     from recsys.scorer import load_ranker
     from offline.train_ranker import RankContext, RerankRecommender
-    from offline.train_recall import TwoTowerRecommender
+    from offline.recall_eval import TwoTowerRecommender
 
     index_params = bundle.manifest["params"]["index"]
     assert index_params["item_item_candidates"] > 0
