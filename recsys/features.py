@@ -158,7 +158,7 @@ def user_tower_inputs(id_inputs: np.ndarray, cat: np.ndarray, num: np.ndarray, h
 
 
 def single_history(items: np.ndarray, ratings: np.ndarray, history_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """One user's window from their full time-ordered history (the service batches ``history_windows`` itself)."""
+    """One user's window from their full time-ordered history (a batch of users: ``user_tower_inputs``)."""
     n = np.array([len(items)])
     return history_windows(np.asarray(items, np.int64), np.asarray(ratings, np.float32), np.zeros(1, np.int64), n, history_len)
 

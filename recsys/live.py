@@ -3,8 +3,8 @@
 Events need no replay: every request reads the user's online history from the store (in memory for
 the file backend, one MULTI for Redis), so a new engine serves them as soon as it is live, and an
 event recorded on any replica changes every replica's next answer. Catalogue changes do need
-applying, since each engine holds its own index: they are applied in the store's order by one
-``CatalogFollower`` per engine. A write applies its own change before it returns (read-your-writes);
+applying, since each engine holds its own index: they are applied in the store's order, under one
+lock, to the live engine. A write applies its own change before it returns (read-your-writes);
 with a shared store, a background thread also applies other replicas' changes as they land.
 
 A new engine (start-up or reload) gets the store's catalogue fold applied while the old engine keeps

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Query
 
 from recsys import metrics as core_metrics
 from recsys.engine.engine import BatchAnswer
+from recsys.errors import RecsysError
 from service import metrics
 from service.api.deps import EngineDep
 from service.api.errors import ApiError, status_of
@@ -63,7 +64,7 @@ def recommend_batch(body: BatchRecommendRequest, engine: EngineDep):
 
 def batch_body(batch: BatchAnswer) -> dict:
     """The batch response: each user's answer, or its error and the status a single request would have got."""
-    results = [{"user_id": str(user), "items": None, "error": a.message, "status": status_of(a)} if isinstance(a, Exception)
+    results = [{"user_id": str(user), "items": None, "error": a.message, "status": status_of(a)} if isinstance(a, RecsysError)
                else {**a, "error": None, "status": None} for user, a in zip(batch.user_ids, batch.answers)]
     return {"results": results, "bundle_version": batch.bundle_version, "timings_ms": batch.timings_ms}
 
