@@ -46,6 +46,9 @@ class LiveConfig:
 
 
 class LiveEngine:
+    """The engine being served over the state store: built from a bundle at start, swapped whole on reload,
+    kept in step with the catalogue; the writes (events, catalogue changes) go through it."""
+
     def __init__(self, config: LiveConfig, store: StateStore | None = None):
         self.config = config
         self.store = store or open_store(config.store)
