@@ -53,13 +53,12 @@ class Engine:
         self.spec = self.meta.feature_spec
         self.ranker: Ranker | None = load_ranker(bundle.ranker) if bundle.ranker is not None else None
         self.genre_col = {g: j for j, g in enumerate(cat["genre_names"])}
-        self.item_item_candidates = self.meta.item_item_candidates
         catalog = Catalog.build(list(cat["item_ids"]), {r: i for i, r in enumerate(cat["item_ids"])}, list(cat["titles"]),
                                 {k: v for k, v in a.items() if is_item_array(k, v, n)}, np.ones(n, bool),
                                 a if self.ranker is not None else None)
         self.live = LiveCatalog(bundle.index, catalog)
         self.users = Users(bundle, self.spec, self.live, self.meta.n_items, cache_size=cache_size)
-        self.changes = CatalogChanges(bundle, self.spec, self.live, self._genre_cols, self.model_items, self.ranker is not None)
+        self.changes = CatalogChanges(bundle, self.spec, self.live, self._genre_cols, self.meta.n_items, self.ranker is not None)
         explain = [] if self.ranker is None else readable_feature_names(self.ranker.feature_names, self.spec,
                                                                           cat["genre_names"], cat["user_vocab"])
         self.answers = Answers(list(cat["genre_names"]), explain, self.spec.history_len)
@@ -123,7 +122,7 @@ class Engine:
                 "genres": list(self.bundle.catalog["genre_names"]),
                 "years": {"min": int(known.min()) if len(known) else None, "max": int(known.max()) if len(known) else None},
                 "rating_scale": {"min": low, "max": high}, "candidates": self.bundle_candidates,
-                "item_item_candidates": self.item_item_candidates, "ranker": None if self.ranker is None else self.ranker.kind,
+                "item_item_candidates": self.meta.item_item_candidates, "ranker": None if self.ranker is None else self.ranker.kind,
                 "example_users": list(self.bundle.catalog["user_ids"][:example_users])}
 
     # ---------------------------------------------------------------- recommend
@@ -176,7 +175,7 @@ class Engine:
                 depth = max(opts.candidates or default_candidates or self.bundle_candidates, opts.k)
                 found = search_many(self.live, vecs, depth, alloweds)
             with metrics.timed("rerank", timings, histogram):
-                lists = rerank(self.ranker, self.item_item_candidates, ctxs, found, vecs, alloweds, self.users.ranker_features)
+                lists = rerank(self.ranker, self.meta.item_item_candidates, ctxs, found, vecs, alloweds, self.users.ranker_features)
                 ranked = [self.answers.ranked(ctx, catalog, c, opts) for ctx, (catalog, _, _), c in zip(ctxs, found, lists)]
             for i, ctx, (catalog, _, _), entries, cands in zip(rows, ctxs, found, ranked, lists):
                 answers[i] = self.answers.response(ctx, catalog, entries, None, opts, cands)

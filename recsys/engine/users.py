@@ -47,7 +47,7 @@ class Users:
     model_items: int  # items the towers were trained on: rows below this have an id embedding, later ones do not
     history: History = lambda user: (0, [])
     cache_size: int = 100_000
-    user_row: dict[str, int] = field(default_factory=dict)
+    user_row: dict[str, int] = field(init=False)  # raw id -> the bundle's user row
     vector_cache: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)  # user -> (history version, vector)
     feature_cache: dict[str, tuple] = field(default_factory=dict)  # user -> (version, ranker tables, UserFeatures)
 
