@@ -20,3 +20,7 @@ class UnknownId(RecsysError):
 
 class InvalidInput(RecsysError):
     """Values the bundle cannot honour: an unknown genre or feature name, a non-numeric numeric feature."""
+
+
+class Conflict(RecsysError):
+    """A definition that clashes with what is already in force (two experiments setting one option)."""

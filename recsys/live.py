@@ -13,19 +13,26 @@ follower's lock, right before the swap.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from loguru import logger
 
 from recsys import metrics
 from recsys.bundle import BundleError, read_bundle, resolve
-from recsys.engine.engine import Engine
+from recsys.engine.engine import BatchAnswer, Engine, UserQuery
 from recsys.engine.filters import EXACT_LIMIT
-from recsys.errors import RecsysError
-from recsys.query import Item
+from recsys.errors import InvalidInput, RecsysError, UnknownId
+from recsys.experiments.definition import Experiment
+from recsys.experiments.registry import Registry
+from recsys.experiments.report import feedback_type
+from recsys.experiments.serving import Served, serve
+from recsys.impressions import ImpressionConfig, ImpressionLog, Joined, join
+from recsys.query import Item, RecommendOptions, RecommendRequest
 from recsys.state.open import StoreConfig, open_store
 from recsys.state.protocol import Event, Position, StateStore, StoreUnavailable
 
@@ -43,6 +50,18 @@ class LiveConfig:
     filter_exact_limit: int = EXACT_LIMIT
     bundle_poll_s: float = 0.0  # > 0: reload when the root's ``current`` names another version
     follow: bool = False  # a shared store: apply other replicas' catalogue changes as they land
+    impressions: ImpressionConfig | None = field(default_factory=ImpressionConfig)  # None: no impressions logged
+    positive_types: frozenset[str] = frozenset({"click", "add_to_cart", "purchase"})  # feedback counted as a click
+    max_experiments: int = 20
+    experiments_poll_s: float = 1.0  # a shared store: how often definitions made elsewhere are re-read
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """An event recorded: the user's history length, and how its feedback joined its impression (if it named one)."""
+
+    history_length: int
+    joined: Joined | None = None
 
 
 class LiveEngine:
@@ -57,11 +76,15 @@ class LiveEngine:
         self.engine: Engine | None = None
         self.reload_lock = threading.Lock()  # one reload at a time (the admin route and the watcher)
         self._stop = threading.Event()
+        self.variant_engines: dict[str, list] = {}  # bundle version -> [engine, position]: bundles experiments serve
         try:
             self.install(self.build(config.bundle_dir))
+            self.experiments = Registry(self.store, self._load_variant_bundles, config.max_experiments,
+                                        config.experiments_poll_s if config.follow else 0.0)
         except BaseException:
             self.store.close()  # a failed start must not keep the state directory locked
             raise
+        self.impressions = None if config.impressions is None else ImpressionLog(self.store, config.impressions)
         self._threads = []
         if config.follow:
             self._threads.append(threading.Thread(target=self._follow, name="catalog-follower", daemon=True))
@@ -132,13 +155,104 @@ class LiveEngine:
             except Exception:
                 logger.opt(exception=True).error("bundle watcher: unexpected failure; retrying at the next poll")
 
+    # ------------------------------------------------------------------ answers under the running experiments
+    def recommend(self, req: RecommendRequest, default_candidates: int | None = None) -> dict:
+        """One user, as ``Engine.recommend`` answers, in the variants the experiments assign them, with a
+        request id and the assignments; the impression is logged."""
+        served = self._serve([(req.user_id, req.features, req.recent_items)], req, default_candidates, metrics.STAGE)
+        (answer,) = served.answers
+        if isinstance(answer, RecsysError):
+            raise answer
+        return {**answer, "timings_ms": served.timings}
+
+    def recommend_batch(self, user_ids: Sequence[str | int], opts: RecommendOptions, default_candidates: int | None = None,
+                        histogram=metrics.BATCH_STAGE) -> BatchAnswer:
+        served = self._serve([(user, None, None) for user in user_ids], opts, default_candidates, histogram)
+        return BatchAnswer(list(user_ids), served.answers, self.engine.version, served.timings)
+
+    def _serve(self, users: list[UserQuery], opts: RecommendOptions, default_candidates: int | None, histogram) -> Served:
+        plans = [self.experiments.plan(None if user is None else str(user)) for user, _, _ in users]
+
+        def run(options: dict, places: list[int]):
+            engine = self.engine_for(options.get("bundle"))
+            o = dataclasses.replace(opts, candidates=options["candidates"]) if "candidates" in options else opts
+            answers, timings = engine.recommend_users([users[i] for i in places], o, default_candidates, histogram,
+                                                      ranker=options.get("ranker", True), item_item=options.get("item_item", True))
+            for a in answers:
+                if not isinstance(a, RecsysError):
+                    a["bundle_version"] = engine.version
+            return answers, timings, engine.version
+
+        served = serve(users, plans, opts.k, run)
+        for record in served.impressions:
+            if record.get("shadow") is None:
+                self.experiments.count_impression(record["assignments"], record["latency_ms"] / 1000)
+            if self.impressions is not None:
+                self.impressions.offer(record)
+        return served
+
+    def engine_for(self, bundle: str | None) -> Engine:
+        """The engine serving ``bundle`` (a version an experiment's variant names; None or "current": the live one)."""
+        if bundle in (None, "current"):
+            return self.engine
+        entry = self.variant_engines.get(bundle)
+        return self.engine if entry is None else entry[0]
+
+    # ------------------------------------------------------------------ experiments
+    def define_experiment(self, exp: Experiment) -> tuple[Experiment, bool]:
+        return self.experiments.define(exp)
+
+    def delete_experiment(self, name: str) -> None:
+        if not self.experiments.delete(name):
+            raise UnknownId(f"no experiment named {name!r}")
+
+    def experiment_report(self, name: str) -> dict:
+        window = self.config.impressions.feedback_window_s if self.config.impressions else 0
+        body = self.experiments.report(name, set(self.config.positive_types), window)
+        if body is None:
+            raise UnknownId(f"no experiment named {name!r}")
+        return body
+
+    def _load_variant_bundles(self, experiments: list[Experiment]) -> None:
+        """Load every bundle the variants name (beside the live one, its catalogue changes applied, then kept in
+        step by the follower) and drop those no longer named. An unknown or broken version is ``InvalidInput``."""
+        wanted = {v.bundle for e in experiments for v in e.variants if v.bundle not in (None, "current")}
+        root = self.config.bundle_dir if not (self.config.bundle_dir / "manifest.json").exists() else self.config.bundle_dir.parent
+        for version in sorted(wanted - set(self.variant_engines)):
+            if not (root / version / "manifest.json").exists():
+                raise InvalidInput(f"unknown bundle {version!r}: no {root / version / 'manifest.json'}")
+            try:
+                engine = self.build(root / version)
+            except BundleError as err:
+                raise InvalidInput(f"bundle {version!r} cannot be served: {err}") from err
+            items, position = self.store.catalog()
+            engine.changes.load(items)
+            with self.follow_lock:
+                self.variant_engines[version] = [engine, self._apply(engine, position)]
+            logger.info("bundle {} loaded for experiments", version)
+        with self.follow_lock:
+            for version in set(self.variant_engines) - wanted:
+                del self.variant_engines[version]
+
     # ------------------------------------------------------------------ writes
-    def record_event(self, user_id: str, event: Event) -> int:
-        """Durably recorded before it is acknowledged; every later read sees it. Returns the history length."""
+    def record_event(self, user_id: str, event: Event) -> Recorded:
+        """Durably recorded before it is acknowledged; every later read sees it. Feedback naming a request is
+        joined to that request's impression first (its position filled in from the impression when not given;
+        a position that contradicts it is refused) and counted for the impression's experiments."""
         engine = self.engine
         engine.changes.require_item(event.item_id)
+        joined, impression = None, None
+        if event.request_id is not None:
+            window = self.config.impressions.feedback_window_s if self.config.impressions else 0
+            impression = self.store.impression(event.request_id)
+            joined = join(impression, user_id, event.item_id, event.position, event.timestamp, window)
+            if joined.position is not None:
+                event = event._replace(position=joined.position)
         version = self.store.append_event(user_id, event)
-        return engine.users.history_length(user_id, version)
+        if joined is not None and joined.position is not None:
+            kind = feedback_type(event)
+            self.experiments.count_feedback(impression, kind, joined.position, kind in self.config.positive_types)
+        return Recorded(engine.users.history_length(user_id, version), joined)
 
     def upsert_items(self, items: list[Item]) -> dict:
         """Checked first (a bad item is refused before anything is recorded), then recorded, then applied in
@@ -172,6 +286,8 @@ class LiveEngine:
             changes = None
         with self.follow_lock:
             self.position = self._apply(self.engine, self.position, changes)
+            for entry in self.variant_engines.values():
+                entry[1] = self._apply(entry[0], entry[1], changes)
         metrics.INDEX_ITEMS.set(self.engine.searchable_items)
 
     def _apply(self, engine: Engine, position: Position, changes: list | None = None) -> Position:
@@ -216,4 +332,8 @@ class LiveEngine:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=FOLLOW_WAIT_S + 1)
+        self.experiments.close()
+        if self.impressions is not None:
+            self.impressions.flush()
+            self.impressions.close()
         self.store.close()

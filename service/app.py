@@ -25,7 +25,7 @@ from recsys.live import LiveEngine
 from recsys.state.protocol import StoreUnavailable
 from service import metrics
 from service.api import errors, openapi
-from service.api.routes import admin, events, page, probes, recommend
+from service.api.routes import admin, events, experiments, page, probes, recommend
 from service.config import get_settings
 from service.http import BodyLimit, FastJSONResponse, Observe
 
@@ -65,7 +65,7 @@ def create_app() -> FastAPI:
     for router in (probes.router, recommend.router, page.router):
         include(app, router)
     app.mount("/static", StaticFiles(directory=page.STATIC), name="static")
-    for router in (events.router, admin.router):
+    for router in (events.router, admin.router, experiments.router, experiments.admin):
         include(app, router)
     openapi.install(app)
     return app

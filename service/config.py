@@ -1,6 +1,7 @@
 """Service settings: one class, read once from the environment (prefix ``RECSYS_``)."""
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from recsys.engine.filters import EXACT_LIMIT
+from recsys.impressions import ImpressionConfig
 from recsys.live import LiveConfig
 from recsys.state.open import StoreConfig
 
@@ -56,6 +58,21 @@ class Settings(BaseSettings):
                              "the seen set for exclusion); the event log keeps every event")
     compact_after: int = Field(10_000, ge=1, description="state log records after which a snapshot is written, so "
                                "start-up and reload read the snapshot plus at most about this many records")
+    impressions: bool = Field(True, description="log an impression of every answer (sampled by impression_sample) "
+                              "through the state store")
+    impression_sample: float = Field(1.0, gt=0, le=1, description="share of answers whose impression is logged")
+    impression_queue: int = Field(10_000, ge=1, description="impressions waiting for the writer thread; when full, "
+                                  "impressions are dropped and counted (recsys_impressions_dropped_total), never waited for")
+    impression_retention: int = Field(1_000_000, ge=100, description="impressions kept in the store (the Redis stream's "
+                                      "length, or the file backend's log segments); experiment reports cover at most these")
+    feedback_window_s: int = Field(1800, ge=1, description="feedback naming a request joins its impression at most this "
+                                   "long after it was shown")
+    feedback_types: str = Field("click,view,add_to_cart,purchase,rating", description="the event types /events accepts "
+                                "(comma-separated; each is a Prometheus label value)")
+    positive_types: str = Field("click,add_to_cart,purchase", description="the event types counted as clicks in "
+                                "experiment metrics (comma-separated)")
+    max_experiments: int = Field(20, ge=1, le=200, description="experiments that may run at once (each is a "
+                                 "Prometheus label value)")
     body_timeout_s: float = Field(10.0, gt=0, description="a request body that stalls this long between chunks gets 408")
     header_timeout_s: float = Field(10.0, gt=0, description="a request head not complete this long after the connection "
                                     "opened gets 408 (with --http service.protocol:HeadDeadline)")
@@ -66,7 +83,19 @@ class Settings(BaseSettings):
             raise ValueError("default_candidates must be <= max_candidates")
         if self.admin_token is not None and len(self.admin_token.get_secret_value()) < 8:
             raise ValueError("admin_token must be at least 8 characters")
+        if not self.positive_set <= set(self.type_list):
+            raise ValueError("positive_types must be a subset of feedback_types")
+        if not all(re.fullmatch(r"[a-z][a-z0-9_]{0,31}", t) for t in self.type_list):
+            raise ValueError("feedback_types are lowercase names ([a-z][a-z0-9_]*, at most 32 characters)")
         return self
+
+    @property
+    def type_list(self) -> list[str]:
+        return [t.strip() for t in self.feedback_types.split(",") if t.strip()]
+
+    @property
+    def positive_set(self) -> frozenset[str]:
+        return frozenset(t.strip() for t in self.positive_types.split(",") if t.strip())
 
     @property
     def resolved_state_dir(self) -> Path:
@@ -76,9 +105,13 @@ class Settings(BaseSettings):
         """What the core's live engine needs of these settings."""
         redis = self.state_backend == "redis"
         store = StoreConfig(self.state_backend, self.redis_url.get_secret_value() if redis else self.resolved_state_dir, self.history_cap,
-                            self.compact_after, self.redis_prefix, self.redis_events_maxlen, self.redis_catalog_maxlen)
+                            self.compact_after, self.redis_prefix, self.redis_events_maxlen, self.redis_catalog_maxlen,
+                            self.impression_retention, self.feedback_window_s)
+        impressions = ImpressionConfig(self.impression_sample, self.impression_queue,
+                                       feedback_window_s=self.feedback_window_s) if self.impressions else None
         return LiveConfig(self.bundle_dir, store, self.index_threads, self.user_vector_cache, self.filter_exact_limit,
-                          self.bundle_poll_s, follow=redis)
+                          self.bundle_poll_s, follow=redis, impressions=impressions, positive_types=self.positive_set,
+                          max_experiments=self.max_experiments)
 
 
 @lru_cache

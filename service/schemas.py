@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
 from recsys import query
+from recsys.experiments.definition import Experiment, Variant
 
 INT64 = query.INT64  # what orjson and numpy hold
 MAX_ID_CHARS = query.MAX_ID_CHARS
@@ -111,12 +112,48 @@ class BatchRecommendRequest(RecommendOptions):
         description="at most the max_batch_users setting; an id may repeat")
 
 
+RequestId = Annotated[StrictStr, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_\-]+$")]
+
+
 class EventRequest(Strict):
     user_id: RawId
     item_id: RawId
     rating: FiniteFloat | Int64 | None = Field(None, description="within the bundle's rating scale (GET /ready)")
     timestamp: Annotated[StrictInt, Field(ge=0, le=MAX_TIMESTAMP)] | None = Field(
         None, description="epoch seconds; default: now")
+    type: Annotated[StrictStr, Field(max_length=32)] | None = Field(
+        None, description="click, view, add_to_cart, purchase, rating... (the feedback_types setting); which count as "
+                          "clicks is the positive_types setting")
+    request_id: RequestId | None = Field(None, description="the answer this feedback is about: it is joined to that "
+                                         "answer's impression (within the feedback_window_s setting)")
+    position: Annotated[StrictInt, Field(ge=1, le=10_000)] | None = Field(
+        None, description="1-based position the item was shown at; default: found in the impression")
+
+
+class VariantBody(Strict):
+    name: Annotated[StrictStr, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$")]
+    share: Annotated[float, Field(gt=0, le=1, strict=False, allow_inf_nan=False)] | None = Field(
+        None, description="a split's share of users (served variants' shares sum to 1); a shadow variant's: of the users "
+                          "it is also computed for (default all); none in interleave mode")
+    bundle: Annotated[StrictStr, Field(max_length=200, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")] | None = Field(
+        None, description="a version directory under the bundle root, or 'current' (default: the live bundle)")
+    ranker: StrictBool | None = Field(None, description="false: serve the recall order without the re-ranker")
+    candidates: Annotated[StrictInt, Field(ge=1, le=100_000)] | None = Field(None, description="ANN recall depth")
+    item_item: StrictBool | None = Field(None, description="false: no item-item candidates")
+    explore: Annotated[float, Field(ge=0, le=1, strict=False, allow_inf_nan=False)] | None = Field(
+        None, description="probability that an answer gets one random swap of adjacent positions (propensities logged)")
+    shadow: StrictBool = Field(False, description="computed and logged beside the served answer, never served")
+
+
+class ExperimentBody(Strict):
+    variants: Annotated[list[VariantBody], Field(min_length=1, max_length=8)] = Field(
+        description="the first served variant is the control")
+    mode: Literal["split", "interleave"] = Field("split", description="split: each user sees one variant; interleave: "
+                                                 "two variants' lists merged by team draft for every user")
+    alpha: Annotated[float, Field(gt=0, lt=0.5, strict=False)] = Field(0.05, description="error rate of the sequential test")
+
+    def to_core(self, name: str) -> Experiment:
+        return Experiment(name, tuple(Variant(**v.model_dump()) for v in self.variants), self.mode, float(self.alpha))
 
 
 class ItemUpsert(Strict):
@@ -181,8 +218,14 @@ class Trace(BaseModel):
     candidates: list[Candidate]
 
 
+Assignments = Field(default_factory=dict, description="experiment -> variant this answer was served in (an "
+                    "interleaving: 'a+b'); empty when no experiment applies (or the request had no user id)")
+
+
 class RecommendResponse(BaseModel):
     user_id: str | None
+    request_id: str = Field(description="names this answer: send it with feedback (POST /events) to join the impression")
+    assignments: dict[str, str] = Assignments
     items: list[RecommendedItem]
     bundle_version: str
     fallback: Literal["popularity"] | None
@@ -194,6 +237,9 @@ class UserResult(BaseModel):
     """One user's answer in a batch: items as for /recommend, or the error a single request would get."""
 
     user_id: str
+    request_id: str | None = Field(None, description="names this user's answer (null with an error)")
+    assignments: dict[str, str] = Assignments
+    bundle_version: str | None = Field(None, description="the bundle that answered (an experiment may serve another)")
     items: list[RecommendedItem] | None = None
     fallback: Literal["popularity"] | None = None
     trace: Trace | None = None
@@ -217,6 +263,46 @@ class EventResponse(BaseModel):
     status: Literal["recorded"]
     user_id: str
     history_length: int
+    joined: bool | None = Field(None, description="whether the feedback joined its request's impression (null "
+                                "without a request_id)")
+    position: int | None = Field(None, description="the 1-based position it joined at")
+    reason: str | None = Field(None, description="why it did not join")
+
+
+class ExperimentDefinition(BaseModel):
+    name: str
+    mode: Literal["split", "interleave"]
+    alpha: float
+    started_ms: int = Field(description="when this definition started (epoch ms): its report counts impressions since")
+    variants: list[dict[str, Any]]
+
+
+class ExperimentDeleted(BaseModel):
+    name: str
+    status: Literal["deleted"]
+
+
+class ExperimentList(BaseModel):
+    experiments: list[ExperimentDefinition]
+
+
+class ExperimentReport(BaseModel):
+    """The online metrics of an experiment's variants, from the retained impressions and their joined feedback."""
+
+    name: str
+    mode: Literal["split", "interleave"]
+    started_ms: int
+    alpha: float
+    positive_types: list[str]
+    definition: ExperimentDefinition
+    test: str
+    variants: list[dict[str, Any]] = Field(description="per served variant: users, impressions, clicks, ctr (value, "
+                                           "interval), feedback_per_impression, ctr_at (positions 1..10), mrr, "
+                                           "latency_ms, and vs_control (difference, always-valid interval, p_value, "
+                                           "significant, detectable)")
+    shadows: list[dict[str, Any]]
+    sample_ratio: dict[str, Any] | None = Field(None, description="a split: users per variant against the shares")
+    interleave: dict[str, Any] | None = Field(None, description="an interleaving: wins, ties, and B's preference test")
 
 
 class ItemChangeResponse(BaseModel):

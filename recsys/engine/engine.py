@@ -142,12 +142,14 @@ class Engine:
         return BatchAnswer(list(user_ids), answers, self.version, timings)
 
     def recommend_users(self, users: Sequence[UserQuery], opts: RecommendOptions, default_candidates: int | None = None,
-                        histogram: Histogram = metrics.STAGE) -> tuple[list[dict | RecsysError], dict[str, float]]:
+                        histogram: Histogram = metrics.STAGE, ranker: bool = True,
+                        item_item: bool = True) -> tuple[list[dict | RecsysError], dict[str, float]]:
         """Recall (two-tower, then the item-item channel), re-rank, top-k for each ``(user_id, features,
         recent_items)``, each stage once for them all: one tower call, one batched ANN query, one ranker pass.
         A user that cannot be answered (an unknown id) gets the error a single request would raise, in its
         place; a bad option (an unknown genre) fails the call. The two-tower's depth is the request's
-        ``candidates``, else ``default_candidates`` (the operator's setting), else the bundle's own."""
+        ``candidates``, else ``default_candidates`` (the operator's setting), else the bundle's own. An
+        experiment's variant may serve without the ranker (recall order) or without the item-item channel."""
         timings: dict[str, float] = {}
         answers: list = [None] * len(users)
         with metrics.timed("features", timings, histogram):
@@ -175,7 +177,8 @@ class Engine:
                 depth = max(opts.candidates or default_candidates or self.bundle_candidates, opts.k)
                 found = search_many(self.live, vecs, depth, alloweds)
             with metrics.timed("rerank", timings, histogram):
-                lists = rerank(self.ranker, self.meta.item_item_candidates, ctxs, found, vecs, alloweds, self.users.ranker_features)
+                lists = rerank(self.ranker if ranker else None, self.meta.item_item_candidates if item_item else 0, ctxs, found,
+                               vecs, alloweds, self.users.ranker_features)
                 ranked = [self.answers.ranked(ctx, catalog, c, opts) for ctx, (catalog, _, _), c in zip(ctxs, found, lists)]
             for i, ctx, (catalog, _, _), entries, cands in zip(rows, ctxs, found, ranked, lists):
                 answers[i] = self.answers.response(ctx, catalog, entries, None, opts, cands)

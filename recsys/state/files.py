@@ -19,8 +19,9 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
+import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ class OnlineState:
 
     def add_event(self, user_id: str, event: Event, position: Position) -> int:
         history = self.users.setdefault(user_id, UserHistory(events=deque(maxlen=self.history_cap)))
-        history.events.append((position, event))
+        history.events.append((position, event.interaction))
         history.version += 1
         return history.version
 
@@ -177,7 +178,8 @@ class FileStateStore:
     on a background thread; a start-up that finds a long tail writes one at once.
     """
 
-    def __init__(self, state_dir: Path, history_cap: int, compact_after: int):
+    def __init__(self, state_dir: Path, history_cap: int, compact_after: int, impression_retention: int = 1_000_000,
+                 feedback_window_s: int = 1800):
         self.dir = state_dir
         self._owner = _lock_dir(state_dir)
         self.id = store_id(state_dir)
@@ -199,10 +201,12 @@ class FileStateStore:
         self.since_snapshot = len(changes) + len(events)
         if self.since_snapshot >= compact_after:
             self.compact()
+        self.impressions = ImpressionSegments(state_dir / "impressions", impression_retention, feedback_window_s)
+        self._experiments = ExperimentFile(state_dir / "experiments.json")
 
     # ------------------------------------------------------------------ the interface
     def append_event(self, user_id: str, event: Event) -> int:
-        record = {"user_id": user_id, "item_id": event.item_id, "rating": event.rating, "timestamp": event.timestamp}
+        record = event.record(user_id)
         with self.write_lock:
             end = self._append(self.events, record)  # durable before anyone can read it
             with self.lock:
@@ -238,6 +242,29 @@ class FileStateStore:
     def changes_since(self, position: Position, wait_s: float = 0.0) -> list[Change]:
         """No waiting: in one process every change is appended by the caller itself."""
         return [((end, 0), item_id, item) for end, (item_id, item) in read_valid(self.catalog_log.path, position[0], parse_change)]
+
+    # ------------------------------------------------------------------ impressions and experiments
+    def append_impressions(self, records: list[dict]) -> None:
+        self.impressions.append(records)
+
+    def impression(self, request_id: str) -> dict | None:
+        return self.impressions.find(request_id)
+
+    def impressions_since(self, since_ms: int) -> list[dict]:
+        return self.impressions.since(since_ms)
+
+    def feedback_since(self, since_ms: int) -> list[tuple[str, Event]]:
+        """The whole log is read: its positions are byte offsets, not times (the join drops older feedback)."""
+        return [(user, event) for _, user, event in read_event_log(self.dir) if event.request_id is not None]
+
+    def experiments(self) -> dict[str, dict]:
+        return self._experiments.read()
+
+    def put_experiment(self, name: str, record: dict) -> None:
+        self._experiments.put(name, record)
+
+    def delete_experiment(self, name: str) -> bool:
+        return self._experiments.delete(name)
 
     def health(self) -> str | None:
         """Why the latest append failed, until one succeeds."""
@@ -315,7 +342,150 @@ class FileStateStore:
         with self._compacting:  # a snapshot being written finishes before the directory is released
             self.events.close()
             self.catalog_log.close()
+            self.impressions.close()
             self._owner.close()  # releases the lock
+
+
+class ImpressionSegments:
+    """Impressions in numbered JSON-lines segments of ``retention // 10`` records: when the retained records
+    pass ``retention``, the oldest segment is deleted (so between 90% and 100% of ``retention`` are kept). A
+    batch is written and fsynced together; impressions are measurements, not acknowledged writes, and a
+    crash may cut the batch being written (a torn last line is dropped at the next start).
+
+    The impressions of the last ``window_s`` seconds are also kept in memory by request id (at most
+    ``retention`` of them), for joining feedback; a start reads them back from the newest segments."""
+
+    def __init__(self, directory: Path, retention: int, window_s: int):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.dir, self.window_s = directory, window_s
+        self.per_segment = max(1, retention // 10)
+        self.max_segments = max(1, retention // self.per_segment)
+        self.lock = threading.Lock()
+        self.recent: OrderedDict[str, dict] = OrderedDict()
+        self.segments = sorted(int(p.stem) for p in directory.glob("*.jsonl") if p.stem.isdigit())
+        if not self.segments:
+            self.segments = [0]
+        for n in self.segments:
+            _drop_torn_tail(self._path(n))
+        self.in_last = sum(1 for _ in open(self._path(self.segments[-1]), "rb")) if self._path(self.segments[-1]).exists() else 0
+        self._file = open(self._path(self.segments[-1]), "ab")
+        horizon = _now_ms() - window_s * 1000
+        for n in self.segments[-2:]:  # the window lies within the newest two segments unless traffic is enormous
+            for record in self._read(n):
+                if record["ts_ms"] >= horizon:
+                    self._remember(record)
+
+    def _path(self, n: int) -> Path:
+        return self.dir / f"{n:08d}.jsonl"
+
+    def append(self, records: list[dict]) -> None:
+        with self.lock:
+            try:
+                rest = records
+                while rest:
+                    if self.in_last >= self.per_segment:
+                        self._rotate()
+                    room = self.per_segment - self.in_last
+                    part, rest = rest[:room], rest[room:]
+                    self._file.write(b"".join(orjson.dumps(r) + b"\n" for r in part))
+                    self.in_last += len(part)
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            except OSError as err:
+                raise StoreUnavailable(f"{self.dir}: cannot write impressions ({err.strerror or err})") from err
+            for r in records:
+                self._remember(r)
+
+    def _rotate(self) -> None:
+        self._file.close()
+        self.segments.append(self.segments[-1] + 1)
+        self._file = open(self._path(self.segments[-1]), "ab")
+        self.in_last = 0
+        while len(self.segments) > self.max_segments:
+            self._path(self.segments.pop(0)).unlink(missing_ok=True)
+
+    def _remember(self, record: dict) -> None:
+        self.recent[record["request_id"]] = record
+        horizon = _now_ms() - self.window_s * 1000
+        while self.recent and (len(self.recent) > self.per_segment * self.max_segments
+                               or next(iter(self.recent.values()))["ts_ms"] < horizon):
+            self.recent.popitem(last=False)
+
+    def find(self, request_id: str) -> dict | None:
+        with self.lock:
+            record = self.recent.get(request_id)
+        if record is None or record["ts_ms"] < _now_ms() - self.window_s * 1000:
+            return None
+        return record
+
+    def since(self, since_ms: int) -> list[dict]:
+        with self.lock:
+            self._file.flush()
+            segments = list(self.segments)
+        return [r for n in segments for r in self._read(n) if r["ts_ms"] >= since_ms]
+
+    def _read(self, n: int) -> list[dict]:
+        out = []
+        for _, record in read_valid(self._path(n), 0, _impression):
+            out.append(record)
+        return out
+
+    def close(self) -> None:
+        with self.lock:
+            self._file.close()
+
+
+def _impression(record: Any) -> dict:
+    if not (isinstance(record, dict) and isinstance(record.get("request_id"), str) and isinstance(record.get("ts_ms"), int)
+            and isinstance(record.get("user_id"), str) and isinstance(record.get("items"), list)):
+        raise ValueError("not an impression record")
+    return record
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class ExperimentFile:
+    """Experiment definitions in one JSON file, replaced atomically on each change (one process owns it)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.lock = threading.Lock()
+        self.records: dict[str, dict] = {}
+        if path.exists():
+            try:
+                self.records = dict(orjson.loads(path.read_bytes()))
+            except (ValueError, TypeError) as err:
+                raise OSError(f"{path}: unreadable ({err}); fix or remove it") from None
+
+    def read(self) -> dict[str, dict]:
+        with self.lock:
+            return dict(self.records)
+
+    def put(self, name: str, record: dict) -> None:
+        with self.lock:
+            self._write({**self.records, name: record})
+
+    def delete(self, name: str) -> bool:
+        with self.lock:
+            if name not in self.records:
+                return False
+            self._write({k: v for k, v in self.records.items() if k != name})
+            return True
+
+    def _write(self, records: dict[str, dict]) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(orjson.dumps(records))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+            _fsync_dir(self.path.parent)
+        except OSError as err:
+            raise StoreUnavailable(f"{self.path}: cannot write ({err.strerror or err})") from err
+        self.records = records
 
 
 def _drop_torn_tail(path: Path) -> None:

@@ -28,6 +28,8 @@ class StoreConfig:
     redis_prefix: str = "recsys"
     redis_events_maxlen: int = 10_000_000
     redis_catalog_maxlen: int = 100_000
+    impression_retention: int = 1_000_000  # impressions kept (a stream trimmed to it, or log segments)
+    feedback_window_s: int = 1800  # how long after an impression feedback still joins it
 
     @property
     def is_redis(self) -> bool:
@@ -44,8 +46,10 @@ def open_store(config: StoreConfig) -> StateStore:
         from recsys.state.redis import RedisStateStore  # redis-py only where Redis is used
 
         return RedisStateStore(str(config.location), config.history_cap, config.redis_prefix, config.redis_events_maxlen,
-                               config.redis_catalog_maxlen)
-    return FileStateStore(Path(config.location), config.history_cap, config.compact_after)
+                               config.redis_catalog_maxlen, impression_retention=config.impression_retention,
+                               feedback_window_s=config.feedback_window_s)
+    return FileStateStore(Path(config.location), config.history_cap, config.compact_after, config.impression_retention,
+                          config.feedback_window_s)
 
 
 @dataclass

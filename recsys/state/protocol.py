@@ -12,10 +12,30 @@ from typing import Any, NamedTuple, Protocol
 
 from recsys.query import Item
 
+FEEDBACK_FIELDS = ("type", "request_id", "position")
+
+
 class Event(NamedTuple):
+    """An interaction. Feedback on an answer also names its ``type`` (click, purchase...), the ``request_id``
+    of the answer and the 1-based ``position`` it was shown at; histories keep only the first three fields."""
+
     item_id: str
     rating: float | None
     timestamp: int
+    type: str | None = None
+    request_id: str | None = None
+    position: int | None = None
+
+    @property
+    def interaction(self) -> "Event":
+        """What a user's history keeps."""
+        return Event(self.item_id, self.rating, self.timestamp) if self.type or self.request_id else self
+
+    def record(self, user_id: str) -> dict:
+        """The logged form: an event without feedback fields is written exactly as before they existed."""
+        out = {"user_id": user_id, "item_id": self.item_id, "rating": self.rating, "timestamp": self.timestamp}
+        out.update({k: getattr(self, k) for k in FEEDBACK_FIELDS if getattr(self, k) is not None})
+        return out
 
 
 Position = tuple[int, int]  # where a catalogue change sits in the store's order (comparable; (0, 0) = the start)
@@ -49,6 +69,28 @@ class StateStore(Protocol):
         """Changes after ``position`` in order, waiting up to ``wait_s`` for one when there are none.
         Raises ``LookupError`` when changes after ``position`` are no longer kept (re-read ``catalog()``)."""
 
+    def append_impressions(self, records: list[dict]) -> None:
+        """Log impressions (a batch from the writer thread; kept up to the configured retention, each findable
+        by ``impression`` for the feedback window)."""
+
+    def impression(self, request_id: str) -> dict | None:
+        """The impression of ``request_id`` while within the feedback window, else None."""
+
+    def impressions_since(self, since_ms: int) -> list[dict]:
+        """Retained impressions logged at or after ``since_ms`` (epoch milliseconds), oldest first."""
+
+    def feedback_since(self, since_ms: int) -> list[tuple[str, Event]]:
+        """``(user, event)`` for every retained event that names a request, recorded at or after ``since_ms``
+        (a backend without time positions may return earlier ones: the join drops them)."""
+
+    def experiments(self) -> dict[str, dict]:
+        """Every defined experiment's record, by name."""
+
+    def put_experiment(self, name: str, record: dict) -> None: ...
+
+    def delete_experiment(self, name: str) -> bool:
+        """Whether there was one to delete."""
+
     def health(self) -> str | None:
         """None when the store answers, else why not."""
 
@@ -69,7 +111,12 @@ def parse_event(record: Any) -> tuple[str, Event]:
         raise ValueError(f"rating {rating!r} is not a finite number")
     if isinstance(ts, bool) or not isinstance(ts, int) or not 0 <= ts < 2**63:
         raise ValueError(f"timestamp {ts!r} is not epoch seconds")
-    return user, Event(item, None if rating is None else float(rating), ts)
+    kind, request_id, position = (record.get(k) for k in FEEDBACK_FIELDS)
+    if not all(v is None or isinstance(v, str) for v in (kind, request_id)):
+        raise ValueError("type and request_id must be strings")
+    if position is not None and (isinstance(position, bool) or not isinstance(position, int) or position < 1):
+        raise ValueError(f"position {position!r} is not a 1-based integer")
+    return user, Event(item, None if rating is None else float(rating), ts, kind, request_id, position)
 
 
 def parse_change(record: Any) -> tuple[str, dict | None]:

@@ -8,11 +8,11 @@ from loguru import logger
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from recsys.errors import InvalidInput, RecsysError, UnknownId
+from recsys.errors import Conflict, InvalidInput, RecsysError, UnknownId
 from recsys.state.protocol import StoreUnavailable
 from service.http import FastJSONResponse, allowed_methods, error, validation_summary
 
-STATUS: dict[type[RecsysError], int] = {UnknownId: 404, InvalidInput: 422}
+STATUS: dict[type[RecsysError], int] = {UnknownId: 404, InvalidInput: 422, Conflict: 409}
 
 
 class ApiError(Exception):

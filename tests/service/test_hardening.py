@@ -178,10 +178,10 @@ def test_missing_bundle_message_names_the_path(start, tmp_path):
 def test_a_crash_logs_neither_the_token_nor_the_body(start, monkeypatch, capsys, diagnose):
     from recsys.engine.engine import Engine
 
-    def crash(self, req, default_candidates):
+    def crash(self, *args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(Engine, "recommend", crash)
+    monkeypatch.setattr(Engine, "recommend_users", crash)
     with start(log_diagnose=diagnose, log_level="INFO", raise_server_exceptions=False) as client:
         response = client.post("/recommend", json={"user_id": "u1", "features": {"occupation": "body-marker-42"}})
         assert response.status_code == 500 and response.json() == {"error": "internal error (RuntimeError); see logs"}

@@ -9,7 +9,7 @@ from recsys import metrics as core_metrics
 from recsys.engine.engine import BatchAnswer
 from recsys.errors import RecsysError
 from service import metrics
-from service.api.deps import EngineDep
+from service.api.deps import EngineDep, LiveDep
 from service.api.errors import ApiError, status_of
 from service.config import Settings, get_settings
 from service.http import FastJSONResponse, errors
@@ -20,7 +20,7 @@ router = APIRouter(tags=["recommend"])
 
 
 @router.get("/recommend", response_model=RecommendResponse, responses=errors(404, 422))
-def recommend_get(engine: EngineDep, user_id: Annotated[str, Query(min_length=1, max_length=MAX_ID_CHARS)],
+def recommend_get(live: LiveDep, user_id: Annotated[str, Query(min_length=1, max_length=MAX_ID_CHARS)],
                   k: Annotated[int, Query(ge=1, le=10_000)] = 10,
                   candidates: Annotated[int | None, Query(ge=1, le=100_000)] = None,
                   exclude_seen: bool = True, explain: bool = False,
@@ -33,20 +33,21 @@ def recommend_get(engine: EngineDep, user_id: Annotated[str, Query(min_length=1,
     if genres_any or genres_none or year_min is not None or year_max is not None:
         filters = Filters(genres_any=genres_any, genres_none=genres_none, year_min=year_min, year_max=year_max)
     return recommend_post(RecommendRequest(user_id=user_id, k=k, candidates=candidates, exclude_seen=exclude_seen,
-                                           filters=filters, explain=explain), engine)
+                                           filters=filters, explain=explain), live)
 
 
 @router.post("/recommend", response_model=RecommendResponse, responses=errors(400, 404, 408, 413, 422))
-def recommend_post(body: RecommendRequest, engine: EngineDep):
+def recommend_post(body: RecommendRequest, live: LiveDep):
+    """The answer carries a ``request_id`` (send it back with feedback) and the user's experiment ``assignments``."""
     settings = get_settings()
     check_options(body, settings)
     if body.recent_items is not None and len(body.recent_items) > settings.max_recent_items:
         raise ApiError(422, f"recent_items may hold at most {settings.max_recent_items} ids")
-    return FastJSONResponse(engine.recommend(body.to_core(), settings.default_candidates))
+    return FastJSONResponse(live.recommend(body.to_core(), settings.default_candidates))
 
 
 @router.post("/recommend/batch", response_model=BatchRecommendResponse, responses=errors(400, 408, 413, 422))
-def recommend_batch(body: BatchRecommendRequest, engine: EngineDep):
+def recommend_batch(body: BatchRecommendRequest, live: LiveDep):
     """Known users by id, answered together: one tower call, one batched ANN query, one ranker pass. Each result
     is what ``/recommend`` would answer for that user with these options; a user it would refuse (an unknown
     id: 404) gets that error and status in its place, and the rest of the batch is still answered."""
@@ -54,8 +55,8 @@ def recommend_batch(body: BatchRecommendRequest, engine: EngineDep):
     check_options(body, settings)
     if len(body.user_ids) > settings.max_batch_users:
         raise ApiError(422, f"user_ids may hold at most {settings.max_batch_users} ids (RECSYS_MAX_BATCH_USERS)")
-    answer = batch_body(engine.recommend_batch(body.user_ids, body.to_core(), settings.default_candidates,
-                                               core_metrics.BATCH_STAGE))
+    answer = batch_body(live.recommend_batch(body.user_ids, body.to_core(), settings.default_candidates,
+                                             core_metrics.BATCH_STAGE))
     failed = sum(result["error"] is not None for result in answer["results"])
     metrics.BATCH_USERS.labels("answered").inc(len(answer["results"]) - failed)
     metrics.BATCH_USERS.labels("error").inc(failed)
