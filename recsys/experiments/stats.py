@@ -34,7 +34,7 @@ def wilson(successes: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
     q, p = z(alpha), successes / n
     centre = (p + q * q / (2 * n)) / (1 + q * q / n)
     half = q * math.sqrt(p * (1 - p) / n + q * q / (4 * n * n)) / (1 + q * q / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    return (0.0 if successes == 0 else max(0.0, centre - half)), (1.0 if successes == n else min(1.0, centre + half))
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,8 @@ def recommend_batch(body: BatchRecommendRequest, live: LiveDep):
 
 def batch_body(batch: BatchAnswer) -> dict:
     """The batch response: each user's answer, or its error and the status a single request would have got."""
-    results = [{"user_id": str(user), "items": None, "error": a.message, "status": status_of(a)} if isinstance(a, RecsysError)
+    results = [{"user_id": str(user), "request_id": None, "assignments": {}, "bundle_version": None, "items": None,
+                "error": a.message, "status": status_of(a)} if isinstance(a, RecsysError)
                else {**a, "error": None, "status": None} for user, a in zip(batch.user_ids, batch.answers)]
     return {"results": results, "bundle_version": batch.bundle_version, "timings_ms": batch.timings_ms}
 
