@@ -7,6 +7,8 @@ instances to check that models recover the structure; benchmarks use large ones.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from recsys.dataset import Dataset, FeatureTable, Interactions, ItemTable, UNKNOWN
@@ -31,12 +33,9 @@ def generate(
     seconds and memory ``chunk x pool_size``: the scaling benchmark generates its data with it.
     """
     rng = np.random.default_rng(seed)
-    item_f = _unit(rng.normal(size=(n_items, dim)))
-    genre_f = _unit(rng.normal(size=(n_genres, dim)))
-    genres = _genres_from_factors(item_f, genre_f, rng)
-    pop_bias = -popularity_skew * np.log1p(rng.permutation(n_items)).astype(np.float64)
-    user_start = _unit(rng.normal(size=(n_users, dim)))
-    user_end = _unit(user_start + 0.7 * rng.normal(size=(n_users, dim)))
+    truth = _draw_truth(rng, n_users, n_items, n_genres, dim, popularity_skew)
+    item_f, genres, pop_bias = truth.item_f, truth.genres, truth.pop_bias
+    user_start, user_end = truth.user_start, truth.user_end
     pool_size = min(pool_size, n_items)
     per_user = np.minimum(rng.poisson(interactions_per_user, n_users) + 5, pool_size // 2)
     pop_p = np.exp(pop_bias - pop_bias.max())
@@ -57,6 +56,49 @@ def generate(
             extra=FeatureTable(n_rows=n_items),
         ),
     )
+
+
+@dataclass(frozen=True)
+class Truth:
+    """The planted structure behind ``generate``: unit factors of items, genres and users (taste at the start and
+    at the end of each user's history), each item's genres and its log-popularity bias."""
+
+    item_f: np.ndarray  # [n_items, dim]
+    genre_f: np.ndarray  # [n_genres, dim]
+    genres: np.ndarray  # [n_items, n_genres] bool
+    pop_bias: np.ndarray  # [n_items], <= 0
+    user_start: np.ndarray  # [n_users, dim]
+    user_end: np.ndarray  # [n_users, dim]: the current taste
+
+    def relevance(self, users: np.ndarray | None = None) -> np.ndarray:
+        """True relevance ``user_end[u] . item_f[i]`` (in [-1, 1]) of every item for ``users`` (default: all)."""
+        taste = self.user_end if users is None else self.user_end[users]
+        return taste @ self.item_f.T
+
+
+def planted(
+    n_users: int = 500,
+    n_items: int = 1000,
+    n_genres: int = 8,
+    dim: int = 8,
+    popularity_skew: float = 1.0,
+    seed: int = 0,
+) -> Truth:
+    """The factors ``generate`` with the same arguments plants (the same random draws, taken first), without the
+    interactions: the ground truth a simulator of users clicks by. ``generate``'s own ids are ``u{row}`` and
+    ``i{row}``."""
+    return _draw_truth(np.random.default_rng(seed), n_users, n_items, n_genres, dim, popularity_skew)
+
+
+def _draw_truth(rng, n_users: int, n_items: int, n_genres: int, dim: int, popularity_skew: float) -> Truth:
+    """The first draws of ``generate`` (their order is part of its output: do not reorder)."""
+    item_f = _unit(rng.normal(size=(n_items, dim)))
+    genre_f = _unit(rng.normal(size=(n_genres, dim)))
+    genres = _genres_from_factors(item_f, genre_f, rng)
+    pop_bias = -popularity_skew * np.log1p(rng.permutation(n_items)).astype(np.float64)
+    user_start = _unit(rng.normal(size=(n_users, dim)))
+    user_end = _unit(user_start + 0.7 * rng.normal(size=(n_users, dim)))
+    return Truth(item_f, genre_f, genres, pop_bias, user_start, user_end)
 
 
 def _user_block(rng, users, per_user, pool_size, pop_p, item_f, start, end) -> tuple[np.ndarray, ...]:

@@ -121,6 +121,32 @@ def test_catalogue_changes_reach_the_other_replica_within_a_second(cluster):
             assert "fresh/1" not in ids(b.get("/recommend", params={"user_id": user, "k": 100, "exclude_seen": False}))
 
 
+def test_two_replicas_run_one_experiment_and_their_impressions_and_feedback_add_up(cluster):
+    """Defined on A, run by B within its poll; a user is in the same variant on both; feedback sent to B for an
+    answer A served joins it; both report the same totals."""
+    body = {"variants": [{"name": "control", "share": 0.5}, {"name": "shallow", "share": 0.5, "candidates": 20}]}
+    with cluster.client("a") as a, cluster.client("b") as b:
+        assert a.put("/admin/experiments/replicas", json=body, headers=AUTH).status_code == 201
+        started = time.monotonic()
+        while "replicas" not in [e["name"] for e in b.get("/experiments").json()["experiments"]]:
+            assert time.monotonic() - started < 3, "B did not see the experiment"
+            time.sleep(0.05)
+        users = [f"u{i}" for i in range(20)]
+        from_a = {u: a.get("/recommend", params={"user_id": u, "k": 5}).json() for u in users}
+        from_b = {u: b.get("/recommend", params={"user_id": u, "k": 5}).json() for u in users}
+        assert all(from_a[u]["assignments"] == from_b[u]["assignments"] for u in users)
+        time.sleep(0.5)  # the impression writers hand their batches to Redis
+        for u in users[:10]:
+            click = {"user_id": u, "item_id": from_a[u]["items"][1]["item_id"], "type": "click",
+                     "request_id": from_a[u]["request_id"]}
+            assert b.post("/events", json=click).json()["joined"] is True
+        reports = [client.get("/experiments/replicas").json() for client in (a, b)]
+        assert reports[0]["variants"] == reports[1]["variants"]
+        assert sum(v["impressions"] for v in reports[0]["variants"]) == 40
+        assert sum(v["clicks"] for v in reports[0]["variants"]) == 10
+        assert a.delete("/admin/experiments/replicas", headers=AUTH).status_code == 200
+
+
 def _ingest(url: str, user: str, acked: list[int], stop: threading.Event) -> None:
     """Post events with increasing timestamps until stopped or the server dies; record the acknowledged ones."""
     with httpx.Client(base_url=url, timeout=5) as client:
