@@ -20,10 +20,12 @@ TIMEOUT = 30
 
 
 @contextmanager
-def served(bundle_dir: Path, state_dir: Path, log: Path) -> Iterator[str]:
-    """The service on a free loopback port, as ``make run`` starts it; yields its base URL."""
+def served(bundle_dir: Path, state_dir: Path, log: Path, **settings: str) -> Iterator[str]:
+    """The service on a free loopback port, as ``make run`` starts it (plus ``RECSYS_*`` ``settings``); yields its
+    base URL."""
     url = f"http://127.0.0.1:{free_port()}"
-    env = {**os.environ, "RECSYS_BUNDLE_DIR": str(bundle_dir), "RECSYS_STATE_DIR": str(state_dir), "RECSYS_LOG_LEVEL": "WARNING"}
+    env = {**os.environ, "RECSYS_BUNDLE_DIR": str(bundle_dir), "RECSYS_STATE_DIR": str(state_dir), "RECSYS_LOG_LEVEL": "WARNING",
+           **{f"RECSYS_{k.upper()}": v for k, v in settings.items()}}
     cmd = [sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1]]
     with spawned(cmd, log, env) as proc:
         wait_for(f"{url}/ready", 90, proc)

@@ -79,7 +79,9 @@ function render(answer) {
   const top = answer.items.map((item) => item.item_id);
   const changed = previousTop ? top.filter((id) => !previousTop.includes(id)).length : null;
   status(answer.fallback ? "No history and no features: the most popular items (fallback)."
-         : changed === null ? `${answer.items.length} items for ${answer.user_id ?? "a new user"}.`
+         : changed === null ? `${answer.items.length} items for ${answer.user_id ?? "a new user"}` +
+           (Object.keys(answer.assignments).length
+             ? ` (experiments: ${Object.entries(answer.assignments).map(([e, v]) => `${e} = ${v}`).join(", ")}).` : ".")
          : `Event recorded. ${changed} new item(s) in the top ${top.length}; the list below marks them.`, "ok");
   renderTimings(answer.timings_ms);
   renderHistory(answer.trace);
@@ -165,6 +167,33 @@ async function recordEvent(item) {
   await recommend();
 }
 
+// ------------------------------------------------------------------ experiments
+const interval = (pair) => `[${fmt(pair[0])}, ${fmt(pair[1])}]`;
+
+async function renderExperiments() {
+  const running = (await api("GET", "experiments")).experiments;
+  $("experiments_box").hidden = running.length === 0;
+  const tables = [];
+  for (const exp of running) {
+    const report = await api("GET", `experiments/${encodeURIComponent(exp.name)}`);
+    const head = el("tr", {}, ...["variant", "users", "impressions", "clicks", "CTR", "vs control", "p"].map((h) => el("th", {}, h)));
+    const rows = report.variants.map((v) => el("tr", {"data-variant": v.name}, el("td", {}, v.name), el("td", {}, v.users),
+      el("td", {}, v.impressions), el("td", {}, v.clicks), el("td", {}, `${fmt(v.ctr.value)} ${interval(v.ctr.interval)}`),
+      el("td", {}, v.vs_control ? `${fmt(v.vs_control.difference)} ${interval(v.vs_control.interval)}` : "control"),
+      el("td", {}, v.vs_control ? fmt(v.vs_control.p_value) : "")));
+    const notes = [];
+    if (report.sample_ratio?.mismatch) notes.push("sample ratio mismatch: the split is broken, do not trust the comparison");
+    if (report.interleave) {
+      const i = report.interleave;
+      notes.push(`wins ${i.a} ${i.wins_a} · ${i.b} ${i.wins_b} · ties ${i.ties}; ${i.b}'s preference ` +
+                 `${fmt(i.preference_b.difference)} ${interval(i.preference_b.interval)}, p ${fmt(i.preference_b.p_value)}`);
+    }
+    tables.push(el("div", {class: "experiment", "data-experiment": exp.name},
+      el("h3", {}, `${exp.name} (${exp.mode})`), el("table", {}, head, ...rows), ...notes.map((n) => el("p", {class: "muted"}, n))));
+  }
+  $("experiments").replaceChildren(...tables);
+}
+
 // ------------------------------------------------------------------ start
 async function start() {
   try {
@@ -178,6 +207,7 @@ async function start() {
     status(`the service is not ready: ${err.message}`, "error");
   }
   $("ask").addEventListener("submit", recommend);
+  renderExperiments().catch((err) => status(`experiments: ${err.message}`, "error"));
   const params = new URLSearchParams(location.search);
   if (params.get("user_id")) $("user_id").value = params.get("user_id");
   if (params.get("recent_items")) $("recent_items").value = params.get("recent_items");

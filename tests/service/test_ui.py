@@ -7,6 +7,7 @@ import httpx
 import pytest
 
 from tests.browserkit import MISSING, browser, items, open_user, served, wait_until
+from tests.servicekit import AUTH, TOKEN
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]
 USER = "u18"
@@ -16,7 +17,7 @@ USER = "u18"
 def page(bundle_root, tmp_path_factory):
     """A served bundle with its own state, and one browser, for the module."""
     root = tmp_path_factory.mktemp("ui")
-    with served(bundle_root, root / "state", root / "service.log") as url, browser() as driver:
+    with served(bundle_root, root / "state", root / "service.log", admin_token=TOKEN) as url, browser() as driver:
         yield url, driver
 
 
@@ -104,3 +105,20 @@ def test_a_bad_user_id_is_said_on_the_page(page):
 
 def _move(places: int) -> str:
     return f"▲{places}" if places > 0 else f"▼{-places}" if places < 0 else "="
+
+
+def test_the_page_shows_running_experiments_and_the_users_assignment(page):
+    url, driver = page
+    body = {"variants": [{"name": "control", "share": 0.5}, {"name": "shallow", "share": 0.5, "candidates": 20}]}
+    assert httpx.put(f"{url}/admin/experiments/page-test", json=body, headers=AUTH).status_code == 201
+    driver.get_log("browser")  # what earlier tests left (a 404 on purpose) is theirs
+    try:
+        open_user(driver, url, USER)
+        mine = httpx.get(f"{url}/recommend", params={"user_id": USER}).json()["assignments"]["page-test"]
+        wait_until(driver, lambda d: by_css(d, '[data-experiment="page-test"] tr[data-variant]'), "experiments rendered")
+        rows = [r.get_attribute("data-variant") for r in by_css(driver, '[data-experiment="page-test"] tr[data-variant]')]
+        assert rows == ["control", "shallow"]
+        assert f"page-test = {mine}" in by_css(driver, "#status")[0].text
+        assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
+    finally:
+        httpx.delete(f"{url}/admin/experiments/page-test", headers=AUTH)
