@@ -56,8 +56,8 @@ def serve(users: Sequence, plans: list[Plan], k: int, run: Run) -> Served:
             if isinstance(answer, RecsysError):
                 answers[place] = answer
                 continue
-            rid = uuid.uuid4().hex
-            answer = _explore(answer, p.options.get("explore"), rid)
+            rid = uuid.uuid4().hex  # a user asked for twice in a batch shares one answer dict: each place gets its own
+            answer = _explore(dict(answer), p.options.get("explore"), rid)
             answer["request_id"], answer["assignments"] = rid, dict(plans[place].assignments)
             answers[place] = answer
             impressions.append(_impression(answer, rid, version, now_ms, per_user_s, teams))

@@ -215,3 +215,12 @@ def test_impressions_can_be_switched_off(backend_start):
         answer = client.get("/recommend", params={"user_id": "u1"}).json()
         assert answer["request_id"] and client.app.state.service.impressions is None
         assert client.app.state.service.store.impressions_since(0) == []
+
+
+def test_a_user_asked_for_twice_in_a_batch_gets_two_impressions(backend_start):
+    with backend_start() as client:
+        results = client.post("/recommend/batch", json={"user_ids": ["u5", "u5"], "k": 3}).json()["results"]
+        records = {r["request_id"]: r for r in logged(client)}
+    assert results[0]["request_id"] != results[1]["request_id"]
+    assert {r["request_id"] for r in results} <= set(records)
+    assert results[0]["items"] == results[1]["items"]
