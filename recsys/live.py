@@ -177,7 +177,8 @@ class LiveEngine:
             engine = self.engine_for(options.get("bundle"))
             o = dataclasses.replace(opts, candidates=options["candidates"]) if "candidates" in options else opts
             answers, timings = engine.recommend_users([users[i] for i in places], o, default_candidates, histogram,
-                                                      ranker=options.get("ranker", True), item_item=options.get("item_item", True))
+                                                      ranker=options.get("ranker", True), item_item=options.get("item_item", True),
+                                                      popularity=options.get("popularity", False))
             for a in answers:
                 if not isinstance(a, RecsysError):
                     a["bundle_version"] = engine.version

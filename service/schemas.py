@@ -142,6 +142,8 @@ class VariantBody(Strict):
     item_item: StrictBool | None = Field(None, description="false: no item-item candidates")
     explore: Annotated[float, Field(ge=0, le=1, strict=False, allow_inf_nan=False)] | None = Field(
         None, description="probability that an answer gets one random swap of adjacent positions (propensities logged)")
+    popularity: StrictBool | None = Field(None, description="true: the most popular allowed items for everyone (the "
+                                          "baseline a model must beat)")
     shadow: StrictBool = Field(False, description="computed and logged beside the served answer, never served")
 
 

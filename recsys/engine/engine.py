@@ -142,14 +142,15 @@ class Engine:
         return BatchAnswer(list(user_ids), answers, self.version, timings)
 
     def recommend_users(self, users: Sequence[UserQuery], opts: RecommendOptions, default_candidates: int | None = None,
-                        histogram: Histogram = metrics.STAGE, ranker: bool = True,
-                        item_item: bool = True) -> tuple[list[dict | RecsysError], dict[str, float]]:
+                        histogram: Histogram = metrics.STAGE, ranker: bool = True, item_item: bool = True,
+                        popularity: bool = False) -> tuple[list[dict | RecsysError], dict[str, float]]:
         """Recall (two-tower, then the item-item channel), re-rank, top-k for each ``(user_id, features,
         recent_items)``, each stage once for them all: one tower call, one batched ANN query, one ranker pass.
         A user that cannot be answered (an unknown id) gets the error a single request would raise, in its
         place; a bad option (an unknown genre) fails the call. The two-tower's depth is the request's
         ``candidates``, else ``default_candidates`` (the operator's setting), else the bundle's own. An
-        experiment's variant may serve without the ranker (recall order) or without the item-item channel."""
+        experiment's variant may serve without the ranker (recall order), without the item-item channel, or the
+        popularity list to everyone (the baseline)."""
         timings: dict[str, float] = {}
         answers: list = [None] * len(users)
         with metrics.timed("features", timings, histogram):
@@ -165,10 +166,11 @@ class Engine:
                 live.append((i, ctx, admit(ctx.hist_items if opts.exclude_seen else None)))
         live, repeats = _distinct(live)
         for i, ctx, allowed in live:
-            if ctx.empty:
-                metrics.FALLBACKS.labels("popularity").inc()
+            if ctx.empty or popularity:
+                if ctx.empty:
+                    metrics.FALLBACKS.labels("popularity").inc()
                 answers[i] = self.answers.response(ctx, catalog, self.popular(catalog, allowed, opts.k), "popularity", opts)
-        warm = [entry for entry in live if not entry[1].empty]
+        warm = [entry for entry in live if not (entry[1].empty or popularity)]
         if warm:
             rows, ctxs, alloweds = zip(*warm)
             with metrics.timed("user_encoding", timings, histogram):

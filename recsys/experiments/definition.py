@@ -21,7 +21,7 @@ from typing import Any
 from recsys.errors import Conflict, InvalidInput
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")  # experiment and variant names: also Prometheus label values
-OPTIONS = ("bundle", "ranker", "candidates", "item_item", "explore")
+OPTIONS = ("bundle", "ranker", "candidates", "item_item", "explore", "popularity")
 MODES = ("split", "interleave")
 MAX_VARIANTS = 8
 SHARE_TOLERANCE = 1e-6
@@ -38,6 +38,7 @@ class Variant:
     candidates: int | None = None
     item_item: bool | None = None
     explore: float | None = None  # probability that an answer gets one random swap of adjacent positions
+    popularity: bool | None = None  # true: the most popular allowed items, the baseline every model must beat
     shadow: bool = False  # computed and logged, never served
 
     def options(self) -> dict[str, Any]:
@@ -152,7 +153,7 @@ def check(exp: Experiment) -> Experiment:
 def _check_variant(v: Variant) -> None:
     if not isinstance(v.name, str) or not NAME.match(v.name):
         raise InvalidInput(f"variant name {v.name!r} must match {NAME.pattern}")
-    typed = {"ranker": bool, "item_item": bool, "shadow": bool, "bundle": str}
+    typed = {"ranker": bool, "item_item": bool, "popularity": bool, "shadow": bool, "bundle": str}
     for name, kind in typed.items():
         value = getattr(v, name)
         if value is not None and not isinstance(value, kind):

@@ -224,3 +224,14 @@ def test_a_user_asked_for_twice_in_a_batch_gets_two_impressions(backend_start):
     assert results[0]["request_id"] != results[1]["request_id"]
     assert {r["request_id"] for r in results} <= set(records)
     assert results[0]["items"] == results[1]["items"]
+
+
+def test_a_popularity_variant_serves_the_most_popular_items(backend_start):
+    body = {"variants": [{"name": "model", "share": 0.5}, {"name": "popular", "share": 0.5, "popularity": True}]}
+    with backend_start() as client:
+        assert put(client, "baseline", body).status_code == 201
+        answers = [client.get("/recommend", params={"user_id": u, "k": 5}).json() for u in USERS[:16]]
+    for a in answers:
+        popular = a["assignments"]["baseline"] == "popular"
+        assert (a["fallback"] == "popularity") == popular
+        assert all((item["popularity"] is not None) == popular for item in a["items"])
