@@ -20,8 +20,8 @@ a. A/A false alarms: 100 A/A splits at once (aa-000..aa-099, variants a/b at 0.5
    ``--looks`` evenly spaced looks; an experiment "alarms" if ``vs_control.significant`` is ever true. The
    false-alarm rate gets a Wilson 95% interval, against the test's alpha (0.05). Sample-ratio mismatches
    (the service's chi-square flag, p < 0.001) are counted too.
-b. A/B power: control (full pipeline) vs ``ranker: false`` vs ``candidates: 10`` (the ranker only reorders
-   recall's first 10), thirds of users; the report is read every ``--every`` impressions until both degraded
+b. A/B power: control (full pipeline) vs ``ranker: false`` (recall order) vs ``popularity: true`` (the most
+   popular items), thirds of users; the report is read every ``--every`` impressions until both degraded
    variants are significant (or ``--max-impressions``); repeated under new names (new assignments). The true
    quality of what each variant served (NDCG@10 and expected clicks per impression, from the planted
    relevance) is reported beside it.
@@ -32,6 +32,7 @@ The service caches a report for 5 s, so consecutive reads of one experiment are 
 ``REPORT_TTL_S`` (traffic pauses if needed). Writes the "simulate" section of docs/experiments.md.
 
     python -m bench.simulate                 # default: trains a 2000x500 bundle, ~10 minutes on 2 cores
+    python -m bench.simulate --impressions 20000   # the A/A study of docs/experiments.md (~20 minutes)
     python -m bench.simulate --tiny --docs /tmp/x   # smoke size
 """
 from __future__ import annotations
@@ -65,6 +66,8 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 REPORT_TTL_S = 5.2  # the service caches a report 5 s (recsys/experiments/registry.py report_ttl_s)
 ALPHA = 0.05
 K = 10
+TRAINING = {False: "two-tower 3 epochs, lambdarank MLP ranker at most 5 epochs, no refit",
+            True: "two-tower 1 epoch, lambdarank MLP ranker at most 2 epochs, no refit"}
 
 
 # ----------------------------------------------------------------------------- the simulated users
@@ -268,9 +271,9 @@ def study_aa(admin: Admin, traffic: Traffic, n_exp: int, impressions: int, looks
 
 
 def study_ab(admin: Admin, traffic: Traffic, name: str, study: int, every: int, max_impressions: int) -> dict:
-    arms = ["control", "no-ranker", "cand10"]
+    arms = ["control", "no-ranker", "popular"]
     admin.put(name, {"variants": [{"name": "control", "share": 1 / 3}, {"name": "no-ranker", "share": 1 / 3, "ranker": False},
-                                  {"name": "cand10", "share": 1 - 2 / 3, "candidates": 10}]})
+                                  {"name": "popular", "share": 1 - 2 / 3, "popularity": True}]})
     first: dict[str, int | None] = {a: None for a in arms[1:]}
     wrong_way: dict[str, int] = {a: 0 for a in arms[1:]}
     done, rep = 0, None
@@ -360,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-seed", type=int, default=0, help="the generator's (and training's) seed")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulated traffic and clicks")
     p.add_argument("--aa-experiments", type=int, default=100)
-    p.add_argument("--impressions", type=int, default=None, help="A/A study impressions (default 20000; tiny 600)")
+    p.add_argument("--impressions", type=int, default=None, help="A/A study impressions (default 10000; tiny 600)")
     p.add_argument("--looks", type=int, default=10, help="A/A looks, evenly spaced")
     p.add_argument("--every", type=int, default=None, help="A/B and interleaving: impressions between looks (default 250)")
     p.add_argument("--max-impressions", type=int, default=None, help="A/B and interleaving: cap per run (default 8000)")
@@ -377,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     tiny, quick = args.tiny, args.quick
     size = args.synthetic or ("300x120" if tiny else "2000x500")
     n_users, n_items = (int(x) for x in size.lower().split("x"))
-    impressions = args.impressions or (600 if tiny else 5000 if quick else 20_000)
+    impressions = args.impressions or (600 if tiny else 5000 if quick else 10_000)
     every = args.every or (100 if tiny else 250)
     max_imp = args.max_impressions or (300 if tiny else 8000)
     repeats = args.repeats or (1 if tiny else 2 if quick else 3)
@@ -436,7 +439,7 @@ def write(args, size: str, aa: dict, ab: list[dict], il: list[dict], counts: dic
         "",
         f"Machine: {machine()}; the service (`uvicorn service.app:app`, file state, one process) and the simulated "
         f"users ({args.threads} client threads) share it. Synthetic data `--synthetic {size}` (data seed "
-        f"{args.data_seed}); bundle {'`' + str(args.bundle) + '`' if args.bundle else 'trained by the script (recall 3 epochs, lambdarank ranker, no refit)'}; "
+        f"{args.data_seed}); bundle {'`' + str(args.bundle) + '`' if args.bundle else 'trained by the script (' + TRAINING[args.tiny] + ')'}; "
         f"traffic seed {args.seed}; {seconds / 60:.1f} minutes in all.",
         "",
         f"Click model: user u is drawn uniformly; position p is examined with probability (1/p)^{args.eta:g} and an "
@@ -467,7 +470,7 @@ def write(args, size: str, aa: dict, ab: list[dict], il: list[dict], counts: dic
         "|---|---|---|---|",
         *[f"| {r['impressions']:,} | {r['significant']} | {r['ever']} | {r['srm']} |" for r in aa["per_look"]],
         "",
-        f"### b. A/B power: control vs `ranker: false` vs `candidates: 10` (thirds of users)",
+        f"### b. A/B power: control vs `ranker: false` vs `popularity: true` (thirds of users)",
         "",
         f"Report read every {every} impressions until both degraded variants are significant (cap {max_imp:,}); "
         "'first significant' is the impressions (all three variants together) at the first read with "

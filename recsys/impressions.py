@@ -76,6 +76,7 @@ class ImpressionLog:
     def __init__(self, store: StateStore, config: ImpressionConfig):
         self.store, self.config = store, config
         self.queue: queue.Queue[dict] = queue.Queue(config.queue_size)
+        self.pending: dict[str, dict] = {}  # queued, not yet written: feedback arriving first still joins
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._write, name="impression-writer", daemon=True)
         self._thread.start()
@@ -86,8 +87,10 @@ class ImpressionLog:
             DROPPED.labels("sampled_out").inc()
             return False
         try:
+            self.pending[record["request_id"]] = record
             self.queue.put_nowait(record)
         except queue.Full:
+            self.pending.pop(record["request_id"], None)
             DROPPED.labels("queue_full").inc()
             return False
         return True
@@ -112,8 +115,13 @@ class ImpressionLog:
             except Exception:
                 DROPPED.labels("store_unavailable").inc(len(batch))
                 logger.opt(exception=True).error("impression writer failed; {} impressions dropped", len(batch))
-            for _ in batch:
+            for record in batch:
+                self.pending.pop(record["request_id"], None)
                 self.queue.task_done()
+
+    def find(self, request_id: str) -> dict | None:
+        """An impression this process has queued but not yet written (the store does not know it yet)."""
+        return self.pending.get(request_id)
 
     def flush(self, timeout_s: float = 5.0) -> bool:
         """Wait until every queued impression has been handed to the store (tests, shutdown)."""

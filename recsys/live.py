@@ -245,7 +245,8 @@ class LiveEngine:
         joined, impression = None, None
         if event.request_id is not None:
             window = self.config.impressions.feedback_window_s if self.config.impressions else 0
-            impression = self.store.impression(event.request_id)
+            queued = self.impressions.find(event.request_id) if self.impressions is not None else None
+            impression = queued or self.store.impression(event.request_id)
             joined = join(impression, user_id, event.item_id, event.position, event.timestamp, window)
             if joined.position is not None:
                 event = event._replace(position=joined.position)

@@ -298,6 +298,7 @@ class ExperimentReport(BaseModel):
     positive_types: list[str]
     definition: ExperimentDefinition
     test: str
+    intervals: str = Field(description="which intervals are fixed-horizon summaries and which are always valid")
     variants: list[dict[str, Any]] = Field(description="per served variant: users, impressions, clicks, ctr (value, "
                                            "interval), feedback_per_impression, ctr_at (positions 1..10), mrr, "
                                            "latency_ms, and vs_control (difference, always-valid interval, p_value, "

@@ -41,6 +41,8 @@ class Registry:
         self.lock = threading.Lock()  # one definition change at a time in this process
         self.report_ttl_s = report_ttl_s
         self._reports: dict[str, tuple[float, dict]] = {}
+        self._retained: tuple[float, int, list[dict], list] | None = None  # (read at, since_ms, impressions, feedback)
+        self._read_lock = threading.Lock()
         self._stop = threading.Event()
         self.refresh()
         self._thread = None
@@ -98,10 +100,24 @@ class Registry:
         cached = self._reports.get(name)
         if cached is not None and time.monotonic() - cached[0] < self.report_ttl_s and cached[1]["started_ms"] == exp.started_ms:
             return cached[1]
-        since = exp.started_ms
-        body = report(exp, self.store.impressions_since(since), self.store.feedback_since(since), positive, window_s)
+        impressions, feedback = self._read(exp.started_ms)
+        body = report(exp, impressions, feedback, positive, window_s)
         self._reports[name] = (time.monotonic(), body)
         return body
+
+    def _read(self, since_ms: int) -> tuple[list[dict], list]:
+        """The retained impressions and feedback since ``since_ms``: one read of the store per ``report_ttl_s``
+        serves the reports of every experiment (reading it once per report made a dashboard of many
+        experiments cost one full read each)."""
+        with self._read_lock:
+            cached = self._retained
+            fresh = cached is not None and time.monotonic() - cached[0] < self.report_ttl_s and cached[1] <= since_ms
+            if not fresh:
+                since = min([since_ms, *(e.started_ms for e in self.running.values())])
+                cached = (time.monotonic(), since, self.store.impressions_since(since), self.store.feedback_since(since))
+                self._retained = cached
+        _, _, impressions, feedback = cached
+        return [r for r in impressions if r["ts_ms"] >= since_ms], feedback
 
     # ------------------------------------------------------------------ metrics
     def count_impression(self, assignments: dict[str, str], seconds: float | None) -> None:

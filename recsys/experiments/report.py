@@ -67,8 +67,10 @@ def report(exp: Experiment, impressions: list[dict], feedback: list[tuple[str, E
     shown = collect(exp, impressions, feedback, window_s)
     out = {"name": exp.name, "mode": exp.mode, "started_ms": exp.started_ms, "alpha": exp.alpha,
            "positive_types": sorted(positive), "definition": exp.to_record(),
-           "test": "mixture sequential probability ratio test (always valid: read it as often as you like), on "
-                   "per-user sums (delta method)",
+           "test": "vs_control and preference_b: mixture sequential probability ratio test (always valid: read it as "
+                   "often as you like), on per-user sums (delta method)",
+           "intervals": "a variant's ctr and mrr intervals: fixed-horizon normal 95% (1 - alpha), a summary not to stop "
+                        "on; vs_control and preference_b intervals: always valid",
            "shadows": _shadows(exp, impressions)}
     if exp.mode == "interleave":
         out["interleave"] = _interleave(exp, shown.values(), positive)

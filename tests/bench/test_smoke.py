@@ -166,9 +166,18 @@ def test_scaling(tmp_path):
 def test_serving(bundle, catalog, tmp_path):
     need("wrk", "hey", "redis-server")
     out = run_bench("serving", "--bundle", bundle, "--runs", 1, "--seconds", 1, "--user", catalog["user_ids"][0],
-                    "--item", catalog["item_ids"][0], "--docs", tmp_path)
-    assert "| service, 2 workers, Redis state |" in out
+                    "--item", catalog["item_ids"][0], "--impressions-cost", "--docs", tmp_path)
+    assert "| service, 2 workers, Redis state, impressions off |" in out
     assert "| bare FastAPI + hnswlib knn_query |" in section(tmp_path, "serving")
+    assert "Logging every impression costs" in section(tmp_path, "serving")
+
+
+def test_simulate(tmp_path):
+    """Trains its own tiny synthetic bundle and runs the three studies at smoke size."""
+    out = run_bench("simulate", "--tiny", "--docs", tmp_path)
+    assert "### a. A/A false alarms" in out and "### c. Interleaving" in out
+    text = (tmp_path / "experiments.md").read_text()
+    assert "<!-- simulate:start -->" in text and "Wilson 95% interval" in text
 
 
 def test_state_startup(bundle, tmp_path):
