@@ -3,8 +3,7 @@ position credited to the ranking ("team") that placed it there; the team whose i
 answer's clicks wins that answer. Each user judges both rankings on the same list, so the comparison
 needs far fewer impressions than a split, where each user sees one.
 
-The coin flips are drawn from a generator seeded by the request id: the merged list an impression
-logged can be rebuilt from it.
+The impression logs each position's team, so clicks can be credited by whoever reads the log later.
 """
 from __future__ import annotations
 

@@ -367,7 +367,8 @@ class ImpressionSegments:
             self.segments = [0]
         for n in self.segments:
             _drop_torn_tail(self._path(n))
-        self.in_last = sum(1 for _ in open(self._path(self.segments[-1]), "rb")) if self._path(self.segments[-1]).exists() else 0
+        last = self._path(self.segments[-1])
+        self.in_last = last.read_bytes().count(b"\n") if last.exists() else 0
         self._file = open(self._path(self.segments[-1]), "ab")
         horizon = _now_ms() - window_s * 1000
         for n in self.segments[-2:]:  # the window lies within the newest two segments unless traffic is enormous

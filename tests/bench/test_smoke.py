@@ -180,6 +180,12 @@ def test_simulate(tmp_path):
     assert "<!-- simulate:start -->" in text and "Wilson 95% interval" in text
 
 
+def test_variant_memory(bundle, tmp_path):
+    out = run_bench("variant_memory", "--bundle", bundle, "--extra", 1, "--docs", tmp_path)
+    assert "| + 1 extra version loaded |" in out
+    assert "An extra bundle costs about" in section(tmp_path, "variant-memory")
+
+
 def test_state_startup(bundle, tmp_path):
     out = run_bench("state_startup", "--bundle", bundle, "--events", 200, "--changes", 50, "--repeats", 1,
                     "--docs", tmp_path)
