@@ -132,8 +132,6 @@ def main() -> None:
     p.add_argument("--against", type=Path, metavar="CHECKOUT", help="also serve another checkout of this project (e.g. "
                    "`git worktree add ../before main`) with the same harness, bundle and load, each service configuration "
                    "measured for it right after this checkout: before and after a change, in one run")
-    p.add_argument("--impressions-cost", action="store_true", help="serve each configuration twice, with impressions "
-                   "logged (the default) and switched off (RECSYS_IMPRESSIONS=false), and report the throughput ratio")
     add_docs_option(p)
     args = p.parse_args()
     bundle = read_bundle(args.bundle)
@@ -157,21 +155,16 @@ def main() -> None:
             rows["bare FastAPI + hnswlib knn_query"] = measure(url, script, *load, event_item=None)
         service = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
         trees = {"": ROOT} if args.against is None else {" (this checkout)": ROOT, f" ({args.against})": args.against.resolve()}
-        if args.impressions_cost:
-            trees = {f"{suffix}, impressions {state}": (root, {"RECSYS_IMPRESSIONS": str(state == "on").lower()})
-                     for suffix, root in trees.items() for state in ("on", "off")}
-        else:
-            trees = {suffix: (root, {}) for suffix, root in trees.items()}
-        for suffix, (root, settings) in trees.items():
-            env = {**base, **settings, "RECSYS_STATE_BACKEND": "file", "RECSYS_STATE_DIR": str(tmp / f"state{len(rows)}")}
+        for suffix, root in trees.items():
+            env = {**base, "RECSYS_STATE_BACKEND": "file", "RECSYS_STATE_DIR": str(tmp / f"state{len(rows)}")}
             with server(service, env, url, tmp / "file.log", root):
                 rows[f"service, 1 process, file state{suffix}"] = measure(url, script, *load, event_item=args.item)
         redis_port = free_port()
         redis_cmd = ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(tmp), "--save", "",
                      "--appendonly", "yes", "--appendfsync", "always"]
         stack.enter_context(_redis(redis_cmd, tmp / "redis.log"))
-        for n, (suffix, (root, settings)) in enumerate(trees.items()):
-            env = {**base, **settings, "RECSYS_STATE_BACKEND": "redis", "RECSYS_REDIS_URL": f"redis://127.0.0.1:{redis_port}/{n}"}
+        for n, (suffix, root) in enumerate(trees.items()):
+            env = {**base, "RECSYS_STATE_BACKEND": "redis", "RECSYS_REDIS_URL": f"redis://127.0.0.1:{redis_port}/{n}"}
             with server([*service, "--workers", "2"], env, url, tmp / "redis-workers.log", root):
                 rows[f"service, 2 workers, Redis state{suffix}"] = measure(url, script, *load, event_item=args.item)
     write(rows, args)
@@ -199,11 +192,6 @@ def write(rows: dict[str, dict[str, float]], args) -> None:
         events = f"{r['events']:,.0f}" if "events" in r else "-"
         lines.append(f"| {name} | {r['saturation']:,.0f} | {r['saturation'] / bare:.0%} | {r['p50']:.2f} / {r['p99']:.2f} "
                      f"| {r['p50_1']:.2f} / {r['p99_1']:.2f} | {events} |")
-    on = {name.rsplit(", impressions on", 1)[0]: r for name, r in rows.items() if name.endswith(", impressions on")}
-    for name, r in on.items():
-        off = rows[f"{name}, impressions off"]
-        lines.append(f"\nLogging every impression costs {1 - r['saturation'] / off['saturation']:.1%} of the saturation "
-                     f"throughput of {name} ({r['saturation']:,.0f} vs {off['saturation']:,.0f} req/s).")
     lines += ["", "hey -c4 -q50 starts its 4 workers on the same tick, so requests arrive in bursts of 4 every 20 ms and "
               "the 4th of a burst waits for the 3 before it; hey -c1 -q200 offers the same rate one request at a time."]
     body = "## Serving: bare endpoint vs the service (file state, one process) vs Redis state with 2 workers\n\n" + "\n".join(lines)

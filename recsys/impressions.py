@@ -35,7 +35,8 @@ for _reason in ("sampled_out", "queue_full", "store_unavailable"):
 class ImpressionConfig:
     sample: float = 1.0  # share of answers logged
     queue_size: int = 10_000  # impressions waiting for the writer; beyond it they are dropped
-    batch: int = 500  # impressions per store write
+    batch: int = 500  # impressions per store write, at most
+    linger_s: float = 0.25  # the writer waits this long after an impression for others to join its batch
     feedback_window_s: int = 1800  # feedback joins an impression at most this long after it
 
 
@@ -101,6 +102,10 @@ class ImpressionLog:
                 batch = [self.queue.get(timeout=0.1)]
             except queue.Empty:
                 continue
+            # Lingering makes one write per batch, not per impression: each write is an fsync (of the file log, or
+            # of Redis's AOF, which under ``appendfsync always`` holds up every other client's reads meanwhile, the
+            # request path's history reads included) and I/O that hands the GIL back and forth.
+            self._stop.wait(self.config.linger_s)
             while len(batch) < self.config.batch:
                 try:
                     batch.append(self.queue.get_nowait())

@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     impression_sample: float = Field(1.0, gt=0, le=1, description="share of answers whose impression is logged")
     impression_queue: int = Field(10_000, ge=1, description="impressions waiting for the writer thread; when full, "
                                   "impressions are dropped and counted (recsys_impressions_dropped_total), never waited for")
+    impression_linger_s: float = Field(0.25, gt=0, le=60, description="the impression writer gathers this long before "
+                                       "each store write (one fsync per batch); feedback for an impression still "
+                                       "gathering joins on the replica that served it, and in reports everywhere")
     impression_retention: int = Field(1_000_000, ge=100, description="impressions kept in the store (the Redis stream's "
                                       "length, or the file backend's log segments); experiment reports cover at most these")
     feedback_window_s: int = Field(1800, ge=1, description="feedback naming a request joins its impression at most this "
@@ -107,7 +110,7 @@ class Settings(BaseSettings):
         store = StoreConfig(self.state_backend, self.redis_url.get_secret_value() if redis else self.resolved_state_dir, self.history_cap,
                             self.compact_after, self.redis_prefix, self.redis_events_maxlen, self.redis_catalog_maxlen,
                             self.impression_retention, self.feedback_window_s)
-        impressions = ImpressionConfig(self.impression_sample, self.impression_queue,
+        impressions = ImpressionConfig(self.impression_sample, self.impression_queue, linger_s=self.impression_linger_s,
                                        feedback_window_s=self.feedback_window_s) if self.impressions else None
         return LiveConfig(self.bundle_dir, store, self.index_threads, self.user_vector_cache, self.filter_exact_limit,
                           self.bundle_poll_s, follow=redis, impressions=impressions, positive_types=self.positive_set,

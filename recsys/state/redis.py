@@ -44,6 +44,17 @@ redis.call('RPUSH', KEYS[2], ARGV[6] .. ',"' .. id .. '"]')
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[7]), -1)
 return redis.call('INCR', KEYS[3])
 """
+# A batch of impressions in one command: one AOF write and one fsync for the batch (a pipeline of one command
+# per impression is read in many pieces, and under ``appendfsync always`` each piece is fsynced while every
+# other client, the request path's history reads included, waits). Each impression is a stream entry (the
+# retention counts impressions) and a key with the feedback window as its expiry (the join's lookup).
+APPEND_IMPRESSIONS = """
+for i = 2, #KEYS do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'r', ARGV[i + 1])
+  redis.call('SET', KEYS[i], ARGV[i + 1], 'EX', ARGV[2])
+end
+return #KEYS - 1
+"""
 APPEND_CHANGE = """
 local seq = redis.call('INCR', KEYS[1])
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'item_id', ARGV[1], 'item', ARGV[2], 'seq', seq)
@@ -68,6 +79,7 @@ class RedisStateStore:
         self._source: str | None = None
         self._append_change = self.client.register_script(APPEND_CHANGE)
         self._append_event = self.client.register_script(APPEND_EVENT)
+        self._append_impressions = self.client.register_script(APPEND_IMPRESSIONS)
 
     # ------------------------------------------------------------------ events
     def append_event(self, user_id: str, event: Event) -> int:
@@ -110,15 +122,11 @@ class RedisStateStore:
 
     # ------------------------------------------------------------------ impressions and experiments
     def append_impressions(self, records: list[dict]) -> None:
-        """One pipeline per batch: each record into the stream (trimmed to the retention) and under its request
-        id with the feedback window as its expiry."""
+        """One script call per batch (``APPEND_IMPRESSIONS``)."""
+        keys = [f"{self.p}:impressions", *(f"{self.p}:imp:{r['request_id']}" for r in records)]
         with self._call("log impressions", trips_breaker=False):
-            pipe = self.client.pipeline(transaction=False)
-            for r in records:
-                body = orjson.dumps(r)
-                pipe.xadd(f"{self.p}:impressions", {"r": body}, maxlen=self.impression_retention, approximate=True)
-                pipe.set(f"{self.p}:imp:{r['request_id']}", body, ex=self.feedback_window_s)
-            pipe.execute()
+            self._append_impressions(keys=keys, args=[self.impression_retention, self.feedback_window_s,
+                                                      *(orjson.dumps(r) for r in records)])
 
     def impression(self, request_id: str) -> dict | None:
         with self._call("read the impression"):

@@ -166,10 +166,16 @@ def test_scaling(tmp_path):
 def test_serving(bundle, catalog, tmp_path):
     need("wrk", "hey", "redis-server")
     out = run_bench("serving", "--bundle", bundle, "--runs", 1, "--seconds", 1, "--user", catalog["user_ids"][0],
-                    "--item", catalog["item_ids"][0], "--impressions-cost", "--docs", tmp_path)
-    assert "| service, 2 workers, Redis state, impressions off |" in out
+                    "--item", catalog["item_ids"][0], "--docs", tmp_path)
+    assert "| service, 2 workers, Redis state |" in out
     assert "| bare FastAPI + hnswlib knn_query |" in section(tmp_path, "serving")
-    assert "Logging every impression costs" in section(tmp_path, "serving")
+
+
+def test_impression_cost(bundle, tmp_path):
+    need("wrk", "redis-server")
+    out = run_bench("impression_cost", "--bundle", bundle, "--rounds", 2, "--seconds", 1, "--docs", tmp_path)
+    assert "| Redis state, 2 workers |" in out
+    assert "1 - on/off per round" in section(tmp_path, "impression-cost")
 
 
 def test_simulate(tmp_path):

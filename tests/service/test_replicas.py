@@ -135,7 +135,7 @@ def test_two_replicas_run_one_experiment_and_their_impressions_and_feedback_add_
         from_a = {u: a.get("/recommend", params={"user_id": u, "k": 5}).json() for u in users}
         from_b = {u: b.get("/recommend", params={"user_id": u, "k": 5}).json() for u in users}
         assert all(from_a[u]["assignments"] == from_b[u]["assignments"] for u in users)
-        time.sleep(0.5)  # the impression writers hand their batches to Redis
+        time.sleep(1.0)  # the impression writers gather for RECSYS_IMPRESSION_LINGER_S (0.25 s), then write to Redis
         for u in users[:10]:
             click = {"user_id": u, "item_id": from_a[u]["items"][1]["item_id"], "type": "click",
                      "request_id": from_a[u]["request_id"]}
