@@ -75,6 +75,8 @@ def _interleaved(p: Plan, places: list[int], k: int, run: Run, timings: dict) ->
         if isinstance(a, RecsysError):
             merged.append(a)
             continue
+        if isinstance(b, RecsysError):  # B's bundle does not know the user: A fills the list alone
+            b = {"items": []}
         by_id = {item["item_id"]: item for item in b["items"]} | {item["item_id"]: item for item in a["items"]}
         rng = random.Random(uuid.uuid4().int)
         ids, teams = team_draft([x["item_id"] for x in a["items"]], [x["item_id"] for x in b["items"]], k, rng)

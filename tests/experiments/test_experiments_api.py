@@ -235,3 +235,18 @@ def test_a_popularity_variant_serves_the_most_popular_items(backend_start):
         popular = a["assignments"]["baseline"] == "popular"
         assert (a["fallback"] == "popularity") == popular
         assert all((item["popularity"] is not None) == popular for item in a["items"])
+
+
+def test_an_interleaving_whose_b_bundle_does_not_know_the_user_serves_a_alone(backend_start, own_root):
+    other = own_root / "fewer-users"
+    shutil.copytree(resolve(own_root), other)
+    with backend_start(bundle_dir=own_root) as client:
+        body = {"mode": "interleave", "variants": [{"name": "a"}, {"name": "b", "bundle": "fewer-users"}]}
+        assert put(client, "inter", body).status_code == 201
+        live = client.app.state.service
+        b_engine = live.variant_engines["fewer-users"][0]
+        del b_engine.users.user_row["u2"]  # as if B's bundle were trained without this user
+        answer = client.get("/recommend", params={"user_id": "u2", "k": 4})
+        assert answer.status_code == 200
+        record = next(r for r in logged(client) if r["request_id"] == answer.json()["request_id"])
+    assert len(answer.json()["items"]) == 4 and record["teams"] == ["A"] * 4
