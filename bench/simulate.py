@@ -54,6 +54,7 @@ import httpx
 import numpy as np
 
 from bench.report import add_docs_option, machine, update_section
+from bench.serving import free_port, server
 from offline.synthetic import planted
 from recsys.experiments.stats import wilson
 
@@ -156,43 +157,15 @@ class Traffic:
 # ----------------------------------------------------------------------------- the service
 @contextmanager
 def service(bundle: Path, tmp: Path, log: Path):
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
+    """The service on file state in ``tmp``, with the admin token and room for the A/A study's experiments."""
+    url = f"http://127.0.0.1:{free_port()}"
     env = {**os.environ, "RECSYS_BUNDLE_DIR": str(bundle), "RECSYS_STATE_DIR": str(tmp / "state"),
            "RECSYS_STATE_BACKEND": "file", "RECSYS_ADMIN_TOKEN": TOKEN, "RECSYS_MAX_EXPERIMENTS": "200",
            "RECSYS_LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1],
            "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"service exited {proc.returncode}: {log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(url)
-            time.sleep(0.3)
+    with server(cmd, env, url, log):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Admin:
@@ -470,7 +443,7 @@ def write(args, size: str, aa: dict, ab: list[dict], il: list[dict], counts: dic
         "|---|---|---|---|",
         *[f"| {r['impressions']:,} | {r['significant']} | {r['ever']} | {r['srm']} |" for r in aa["per_look"]],
         "",
-        f"### b. A/B power: control vs `ranker: false` vs `popularity: true` (thirds of users)",
+        "### b. A/B power: control vs `ranker: false` vs `popularity: true` (thirds of users)",
         "",
         f"Report read every {every} impressions until both degraded variants are significant (cap {max_imp:,}); "
         "'first significant' is the impressions (all three variants together) at the first read with "
@@ -492,7 +465,7 @@ def write(args, size: str, aa: dict, ab: list[dict], il: list[dict], counts: dic
             lines.append(f"| {run['name']} | {name} | {first} | {v['users']} | {v['impressions']:,} | "
                          f"{v['ctr']['value']:.4f} {_interval(v['ctr']['interval'])} | {test} | {_ci(v['true_ctr'])} | "
                          f"{_ci(v['true_ndcg'])} |")
-    lines += ["", f"### c. Interleaving: ranked (A) vs recall (B, `ranker: false`)", "",
+    lines += ["", "### c. Interleaving: ranked (A) vs recall (B, `ranker: false`)", "",
               f"Report read every {every} impressions until `preference_b` is significant (cap {max_imp:,}). "
               "preference_b = (B wins - A wins) / impressions over users, always-valid 95% interval.", "",
               "| run | first significant at | impressions read | wins A / B / ties | preference_b [always-valid 95%], p |",

@@ -192,6 +192,11 @@ class LiveEngine:
                 self.impressions.offer(record)
         return served
 
+    @property
+    def feedback_window_s(self) -> int:
+        """How long after an impression feedback joins it (no impressions logged: nothing to join)."""
+        return self.config.impressions.feedback_window_s if self.config.impressions else 0
+
     def engine_for(self, bundle: str | None) -> Engine:
         """The engine serving ``bundle`` (a version an experiment's variant names; None or "current": the live one)."""
         if bundle in (None, "current"):
@@ -208,8 +213,7 @@ class LiveEngine:
             raise UnknownId(f"no experiment named {name!r}")
 
     def experiment_report(self, name: str) -> dict:
-        window = self.config.impressions.feedback_window_s if self.config.impressions else 0
-        body = self.experiments.report(name, set(self.config.positive_types), window)
+        body = self.experiments.report(name, set(self.config.positive_types), self.feedback_window_s)
         if body is None:
             raise UnknownId(f"no experiment named {name!r}")
         return body
