@@ -129,6 +129,7 @@ def train_bundle(args: argparse.Namespace, ds: Dataset, configs: tuple, promote:
 def cmd_retrain(args: argparse.Namespace) -> None:
     """Train a candidate on data + events, compare it with the incumbent on the freshest window, promote or keep."""
     from offline.data import DataError
+    from offline.gate import GateConfig
     from offline.retrain import compare_and_promote
     from offline.split import temporal_split
     from recsys.bundle import BundleError, resolve
@@ -138,13 +139,14 @@ def cmd_retrain(args: argparse.Namespace) -> None:
     except BundleError as err:
         raise DataError(args.out, f"no incumbent bundle to compare with ({err}); run `train` first") from err
     configs = stage_configs(args)
+    gate = GateConfig(**options_of(args, GateConfig, "gate_"))
     logged = read_logged(args)
     ds = load_dataset(args, logged)
     candidate = train_bundle(args, ds, configs, promote=False)
     if candidate is None:  # a torchrun rank other than 0: it helped train, rank 0 compares
         return
     split = temporal_split(ds.interactions, ds.n_users, ds.n_items, args.valid_frac, args.test_frac, args.eval_users)
-    decision = compare_and_promote(args.out, incumbent, candidate, ds, split, args.tolerance, configs[1].candidates,
+    decision = compare_and_promote(args.out, incumbent, candidate, ds, split, gate, configs[1].candidates,
                                    logged.items if logged else {})
     print(f"{'promoted' if decision.promote else 'kept'}: {candidate.name if decision.promote else incumbent.name} "
           f"({decision.reason}); comparison in {args.out / 'reports' / candidate.name / 'retrain.md'}")
@@ -233,6 +235,7 @@ def options_of(args: argparse.Namespace, cls: type, prefix: str) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from offline.gate import GateConfig
     from offline.pipeline import IndexConfig
     from offline.ranker import RankerConfig
     from offline.train_recall import RecallConfig
@@ -257,8 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "worse than the current bundle on the freshest window")
     add_data_options(rt)
     rt.add_argument("--out", type=Path, default=Path("artifacts"), help="bundle root whose 'current' is the incumbent")
-    rt.add_argument("--tolerance", type=float, default=0.005, help="promote unless NDCG@10 or Recall@20 is worse than "
-                    "the incumbent's by more than this (absolute)")
+    add_config_options(rt, GateConfig, "gate_", "promotion gate (a paired t-test over the window's users per metric)")
     rt.add_argument("--skip-baselines", action="store_true", help="do not evaluate the baselines and peers (faster)")
     add_refit_option(rt)
     add_config_options(rt, RecallConfig, "recall_", "two-tower recall model")

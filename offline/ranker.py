@@ -118,7 +118,7 @@ def delta_ndcg(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, k
 
 
 def lambdarank_loss(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, sigma: float = 1.0,
-                    k: int | None = 10) -> torch.Tensor:
+                    k: int | None = 10, weights: torch.Tensor | None = None) -> torch.Tensor:
     """RankNet's pairwise logistic, each pair weighted by |delta NDCG@k| at the current ranking.
 
     Per query the weighted losses are summed, not averaged: the weights are already NDCG
@@ -126,26 +126,29 @@ def lambdarank_loss(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tens
     """
     scores = scores.masked_fill(~mask, 0.0)
     pairs = pair_mask(labels, mask)
-    weights = delta_ndcg(scores, labels, mask, k)
-    return _reduce(F.softplus(-sigma * _differences(scores)) * weights, pairs, per_query="sum")
+    swaps = delta_ndcg(scores, labels, mask, k)
+    return _reduce(F.softplus(-sigma * _differences(scores)) * swaps, pairs, per_query="sum", weights=weights)
 
 
-def ranknet_loss(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
-    """Burges et al. (2005): ``log(1 + exp(-sigma (s_i - s_j)))`` over every ordered pair, unweighted."""
+def ranknet_loss(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, sigma: float = 1.0,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Burges et al. (2005): ``log(1 + exp(-sigma (s_i - s_j)))`` over every ordered pair."""
     scores = scores.masked_fill(~mask, 0.0)
-    return _reduce(F.softplus(-sigma * _differences(scores)), pair_mask(labels, mask))
+    return _reduce(F.softplus(-sigma * _differences(scores)), pair_mask(labels, mask), weights=weights)
 
 
-def hinge_loss(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
+def hinge_loss(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, margin: float = 1.0,
+               weights: torch.Tensor | None = None) -> torch.Tensor:
     """Pairwise hinge (RankSVM): ``max(0, margin - (s_i - s_j))`` over every ordered pair."""
     scores = scores.masked_fill(~mask, 0.0)
-    return _reduce(F.relu(margin - _differences(scores)), pair_mask(labels, mask))
+    return _reduce(F.relu(margin - _differences(scores)), pair_mask(labels, mask), weights=weights)
 
 
-def bpr_loss(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def bpr_loss(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+             weights: torch.Tensor | None = None) -> torch.Tensor:
     """Rendle et al. (2009): ``-log sigmoid(s_pos - s_neg)``, binary relevance (grades ignored)."""
     scores = scores.masked_fill(~mask, 0.0)
-    return _reduce(F.softplus(-_differences(scores)), pair_mask((labels > 0).to(scores.dtype), mask))
+    return _reduce(F.softplus(-_differences(scores)), pair_mask((labels > 0).to(scores.dtype), mask), weights=weights)
 
 
 def make_loss(name: str, cfg: RankerConfig) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -163,8 +166,16 @@ def _differences(scores: torch.Tensor) -> torch.Tensor:
     return scores[:, :, None] - scores[:, None, :]
 
 
-def _reduce(pair_losses: torch.Tensor, pairs: torch.Tensor, per_query: str = "mean") -> torch.Tensor:
-    """Per query: sum (or mean) over its pairs; then the mean over queries that have any pair."""
+def _reduce(pair_losses: torch.Tensor, pairs: torch.Tensor, per_query: str = "mean",
+            weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Per query: sum (or mean) over its pairs; then the mean over queries that have any pair.
+
+    ``weights`` ``[Q, L]`` (clicks: the inverse examination propensity of each clicked item's position) weigh
+    every pair (i, j) by the weight of its more relevant item i: the pair exists because i was clicked, and
+    the weight undoes the bias of how likely its position was looked at (Joachims et al. 2017). The mean
+    over a query's pairs divides by the pair count, not the weights, so the weighting stays unbiased."""
+    if weights is not None:
+        pair_losses = pair_losses * weights[:, :, None]
     per_pair = torch.where(pairs, pair_losses, torch.zeros_like(pair_losses))
     counts = pairs.sum(dim=(1, 2))
     totals = per_pair.sum(dim=(1, 2))
@@ -203,9 +214,13 @@ class Queries:
     labels: np.ndarray  # [Q, L] float32 graded relevance
     mask: np.ndarray  # [Q, L] bool
     truth: sp.csr_matrix  # [Q, n_items] the window's grades: NDCG's ideal counts positives the recall missed
+    weights: np.ndarray | None = None  # [Q, L] float32 pair weights of the more relevant item (clicks: 1 / propensity)
+    gains: np.ndarray | None = None  # [Q, L] float64 NDCG gains when they are not the truth's (clicks: weighted)
 
     def subset(self, idx: np.ndarray) -> "Queries":
-        return Queries(self.users[idx], self.items[idx], self.features[idx], self.labels[idx], self.mask[idx], self.truth[idx])
+        pick = lambda a: None if a is None else a[idx]  # noqa: E731
+        return Queries(self.users[idx], self.items[idx], self.features[idx], self.labels[idx], self.mask[idx],
+                       self.truth[idx], pick(self.weights), pick(self.gains))
 
     def trainable(self) -> np.ndarray:
         """Queries with at least two label levels among their candidates (the others have no pair)."""
@@ -218,10 +233,18 @@ class Queries:
         return float(np.nanmean(self.ndcg_per_query(scores, k)))
 
     def ndcg_per_query(self, scores: np.ndarray, k: int = 10) -> np.ndarray:
-        """NDCG@k of each list re-ordered by ``scores`` (NaN for a query without a positive)."""
+        """NDCG@k of each list re-ordered by ``scores`` (NaN for a query without a positive). With ``gains``, the
+        ideal is the list's own best order of them (a shown list, whose clicks are all in it)."""
         order = np.argsort(-np.where(self.mask, scores, -np.inf), axis=1, kind="stable")[:, :k]
-        topk = np.take_along_axis(self.items, order, axis=1)
-        return ranking_metrics(topk, self.truth, [k])[f"ndcg@{k}"]
+        if self.gains is None:
+            topk = np.take_along_axis(self.items, order, axis=1)
+            return ranking_metrics(topk, self.truth, [k])[f"ndcg@{k}"]
+        gains = np.where(self.mask, self.gains, 0.0)
+        discount = 1.0 / np.log2(np.arange(2, order.shape[1] + 2))
+        dcg = (np.take_along_axis(gains, order, axis=1) * discount).sum(axis=1)
+        ideal = (-np.sort(-gains, axis=1)[:, : order.shape[1]] * discount).sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(ideal > 0, dcg / ideal, np.nan)
 
     def scores_of(self, ranker: "Ranker") -> np.ndarray:
         """``[Q, L]`` scores of a loaded ranker for every candidate (padding included, masked later)."""
@@ -229,38 +252,61 @@ class Queries:
         return ranker.score(self.features.reshape(q * length, f)).reshape(q, length)
 
 
-def feature_stats(q: Queries) -> tuple[np.ndarray, np.ndarray]:
+class QuerySet:
+    """Queries of several kinds trained together (rating-labelled lists and clicked impressions): each part
+    keeps its own list length, batches are drawn within a part, and validation averages over every query."""
+
+    def __init__(self, parts: "list[Queries] | Queries"):
+        self.parts = [parts] if isinstance(parts, Queries) else [p for p in parts if len(p.users)]
+
+    def __len__(self) -> int:
+        return sum(len(p.users) for p in self.parts)
+
+    def scores_of(self, ranker: "Ranker") -> list[np.ndarray]:
+        return [p.scores_of(ranker) for p in self.parts]
+
+    def ndcg_per_query(self, scores: list[np.ndarray], k: int = 10) -> np.ndarray:
+        return np.concatenate([p.ndcg_per_query(s, k) for p, s in zip(self.parts, scores)] or [np.zeros(0)])
+
+    def ndcg(self, scores: list[np.ndarray], k: int = 10) -> float:
+        values = self.ndcg_per_query(scores, k)
+        return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
+def feature_stats(q: "Queries | QuerySet") -> tuple[np.ndarray, np.ndarray]:
     """Mean and std of every feature over real candidates; constant features get std 1."""
-    rows = q.features[q.mask].astype(np.float64)
+    parts = q.parts if isinstance(q, QuerySet) else [q]
+    rows = np.concatenate([p.features[p.mask] for p in parts]).astype(np.float64)
     mean, std = rows.mean(axis=0), rows.std(axis=0)
     return mean.astype(np.float32), np.where(std > 1e-6, std, 1.0).astype(np.float32)
 
 
-def fit_mlp(train: Queries, valid: Queries, loss_name: str, cfg: RankerConfig, feature_names: list[str]) -> dict:
+def fit_mlp(train: "Queries | QuerySet", valid: "Queries | QuerySet", loss_name: str, cfg: RankerConfig,
+            feature_names: list[str]) -> dict:
     """Train one MLP with ``loss_name``; early stopping on ``valid`` NDCG@10; returns the bundle state."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
+    train, valid = QuerySet(train), QuerySet(valid)
     mean, std = feature_stats(train)
-    x = torch.from_numpy((train.features - mean) / std)
-    y, m = torch.from_numpy(train.labels), torch.from_numpy(train.mask)
-    x_valid = torch.from_numpy((valid.features - mean) / std)
-    model = RankerMLP(x.shape[-1], cfg.hidden, cfg.layers, cfg.dropout)
+    parts = [_tensors(p, mean, std) for p in train.parts]
+    x_valid = [torch.from_numpy((p.features - mean) / std) for p in valid.parts]
+    model = RankerMLP(len(mean), cfg.hidden, cfg.layers, cfg.dropout)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = make_loss(loss_name, cfg)
-    usable = train.trainable()  # single-label-level queries have no pair: skip them outright
+    usable = [p.trainable() for p in train.parts]  # single-label-level queries have no pair: skip them outright
     best, best_state, bad, history, started = -1.0, None, 0, [], time.perf_counter()
     for epoch in range(cfg.epochs):
         model.train()
-        perm, losses = rng.permutation(usable), []
-        for start in range(0, len(perm), cfg.batch_queries):
-            b = torch.from_numpy(perm[start : start + cfg.batch_queries])
-            loss = loss_fn(model(x[b]), y[b], m[b])
+        losses = []
+        for part, b in _batches(usable, cfg.batch_queries, rng):
+            x, y, m, w = parts[part]
+            loss = loss_fn(model(x[b]), y[b], m[b], **({} if w is None else {"weights": w[b]}))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             losses.append(loss.item())
-        value = valid.ndcg(_predict(model, x_valid))
+        value = valid.ndcg([_predict(model, x) for x in x_valid])
         history.append({"epoch": epoch, "loss": float(np.mean(losses)) if losses else 0.0, "valid_ndcg@10": value})
         if value > best:
             best, bad, best_state = value, 0, {k: t.detach().clone() for k, t in model.state_dict().items()}
@@ -273,6 +319,21 @@ def fit_mlp(train: Queries, valid: Queries, loss_name: str, cfg: RankerConfig, f
             "std": torch.from_numpy(std), "config": model.config, "state_dict": best_state,
             "metrics": {"valid_ndcg@10": best, "epochs": len(history), "seconds": time.perf_counter() - started},
             "params": asdict(cfg), "history": history}
+
+
+def _tensors(q: Queries, mean: np.ndarray, std: np.ndarray) -> tuple:
+    weights = None if q.weights is None else torch.from_numpy(q.weights)
+    return torch.from_numpy((q.features - mean) / std), torch.from_numpy(q.labels), torch.from_numpy(q.mask), weights
+
+
+def _batches(usable: list[np.ndarray], size: int, rng: np.random.Generator) -> list[tuple[int, torch.Tensor]]:
+    """One epoch's batches: each part's usable queries shuffled and cut into batches of ``size``; with several
+    parts the batches are shuffled together (one part draws exactly as a single query set always did)."""
+    out = []
+    for part, queries in enumerate(usable):
+        perm = rng.permutation(queries)
+        out += [(part, torch.from_numpy(perm[s : s + size])) for s in range(0, len(perm), size)]
+    return out if len(usable) == 1 else [out[i] for i in rng.permutation(len(out))]
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """``python -m offline retrain``: train a candidate on the data plus the recorded events, score it and the
-incumbent (what ``current`` names) on the same freshest window, and promote the candidate only if it is
-not worse beyond a tolerance.
+incumbent (what ``current`` names) on the same freshest window, and promote the candidate unless a paired
+test over users says it is worse with confidence (``offline.gate``).
 
 Both bundles are scored through the serving code path (``recsys.engine.engine.Engine``'s batch path, what
 ``POST /recommend/batch`` runs), so the comparison is of what would be served: each user's history before the window (train + valid, with ratings) is handed to
@@ -17,13 +17,14 @@ seen it, and both are judged by the same rule their served bundles were built by
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from loguru import logger
 
 from offline.evaluate import evaluate_per_user
+from offline.gate import GATED, Decision, GateConfig, gate
 from offline.metrics import summarize
 from offline.split import TemporalSplit, concat_windows
 from recsys.bundle import holdout_path, read_bundle, set_current
@@ -33,23 +34,7 @@ from recsys.errors import RecsysError
 from recsys.query import RecommendOptions
 from recsys.state.protocol import Event
 
-GATED = ("ndcg@10", "recall@20")
 BATCH = 1000  # users per engine pass
-
-
-@dataclass
-class Decision:
-    promote: bool
-    reason: str
-
-
-def gate(candidate: dict[str, float], incumbent: dict[str, float], tolerance: float) -> Decision:
-    """Promote unless the candidate is worse than the incumbent by more than ``tolerance`` on a gated metric."""
-    worse = [f"{m} {candidate[m]:.4f} < {incumbent[m]:.4f} - {tolerance:g}" for m in GATED
-             if candidate[m] < incumbent[m] - tolerance]
-    if worse:
-        return Decision(False, "candidate worse: " + "; ".join(worse))
-    return Decision(True, "candidate not worse beyond the tolerance on " + ", ".join(GATED))
 
 
 class ServedBundle:
@@ -97,33 +82,50 @@ def _histories_before_test(ds: Dataset, split: TemporalSplit) -> dict[str, list[
 
 
 def served_metrics(path: Path, ds: Dataset, split: TemporalSplit, candidates: int,
-                   catalog: dict[str, dict | None]) -> dict[str, float]:
+                   catalog: dict[str, dict | None]) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """The bundle's means on the window and its per-user values of the gated metrics (same users, same order
+    for every bundle scored on ``split``)."""
     per_user, _ = evaluate_per_user(ServedBundle(path, ds, split, candidates, catalog), split, "test", ks=(10, 20))
     summary = summarize(per_user)
-    return {m: float(summary[m]) for m in (*GATED, "recall@10", "ndcg@20")} | {"users": int(np.sum(~np.isnan(per_user["recall@20"])))}
+    means = {m: float(summary[m]) for m in (*GATED, "recall@10", "ndcg@20")}
+    return means | {"users": int(np.sum(~np.isnan(per_user["recall@20"])))}, {m: per_user[m] for m in GATED}
 
 
 def compare_and_promote(root: Path, incumbent: Path, candidate: Path, ds: Dataset, split: TemporalSplit,
-                        tolerance: float, candidates: int, catalog: dict[str, dict | None]) -> Decision:
+                        config: GateConfig, candidates: int, catalog: dict[str, dict | None]) -> Decision:
     """Score both (each with the store's catalogue changes applied, as served), decide, move ``current`` only
     on promotion, and write the comparison into the report."""
     scored = {"incumbent": holdout_path(incumbent), "candidate": holdout_path(candidate)}
-    scores = {side: served_metrics(path, ds, split, candidates, catalog) for side, path in scored.items()}
-    decision = gate(scores["candidate"], scores["incumbent"], tolerance)
+    scores, per_user = {}, {}
+    for side, path in scored.items():
+        scores[side], per_user[side] = served_metrics(path, ds, split, candidates, catalog)
+    decision = gate(per_user["candidate"], per_user["incumbent"], config)
     if decision.promote:
         set_current(root, candidate.name)
     report = {"incumbent": incumbent.name, "candidate": candidate.name, "window": "each user's latest test_frac",
               "scored": {side: str(path.relative_to(root)) for side, path in scored.items()},
-              "tolerance": tolerance, "scores": scores, "promoted": decision.promote, "reason": decision.reason}
+              "gate": {"test": "one-sided paired t-test over users per metric, Bonferroni over the gated metrics",
+                       **asdict(config), "metrics": [t.as_dict() for t in decision.tests]},
+              "scores": scores, "promoted": decision.promote, "reason": decision.reason}
     out = root / "reports" / candidate.name
     out.mkdir(parents=True, exist_ok=True)
     (out / "retrain.json").write_text(json.dumps(report, indent=2))
-    rows = "\n".join(f"| {side} ({report['scored'][side]}) | {s['recall@20']:.4f} | {s['ndcg@10']:.4f} | {s['users']} |"
-                     for side, s in scores.items())
-    (out / "retrain.md").write_text(f"# Retrain: {'promoted' if decision.promote else 'kept the incumbent'}\n\n"
-                                    f"| bundle scored | Recall@20 | NDCG@10 | users |\n|---|---|---|---|\n{rows}\n\n"
-                                    f"{decision.reason}. A bundle refit on every interaction is scored by its holdout "
-                                    "twin, which did not train on the window.\n")
+    (out / "retrain.md").write_text(_markdown(report, decision, config))
     logger.info("retrain: {} ({})", "promoted " + candidate.name if decision.promote else "kept " + incumbent.name, decision.reason)
     return decision
 
+
+def _markdown(report: dict, decision: Decision, config: GateConfig) -> str:
+    scores = report["scores"]
+    rows = "\n".join(f"| {side} ({report['scored'][side]}) | {s['recall@20']:.4f} | {s['ndcg@10']:.4f} | {s['users']} |"
+                      for side, s in scores.items())
+    tests = "\n".join(f"| {t.metric} | {t.mean:+.4f} | [{t.lo:+.4f}, {t.hi:+.4f}] ({t.level:.1%}) | {t.p_value:.3g} | "
+                       f"{t.detectable:.4f} | {t.users} |" for t in decision.tests)
+    return (f"# Retrain: {'promoted' if decision.promote else 'kept the incumbent'}\n\n"
+            f"| bundle scored | Recall@20 | NDCG@10 | users |\n|---|---|---|---|\n{rows}\n\n"
+            "Candidate minus incumbent, per user (one-sided paired t-test per metric, the confidence shared by "
+            f"the metrics; margin {config.margin:g}):\n\n"
+            "| metric | mean difference | interval | p (H0: not worse) | smallest drop detected "
+            f"({config.power:.0%} power) | users |\n|---|---|---|---|---|---|\n{tests}\n\n"
+            f"{decision.reason}. A bundle refit on every interaction is scored by its holdout twin, which did not "
+            "train on the window.\n")
