@@ -95,24 +95,50 @@ def cmd_train(args: argparse.Namespace) -> None:
     """Train every stage and write a bundle under --out. Under ``torchrun`` the processes train the
     two-tower model together and rank 0 alone goes on to write the bundle."""
     configs = stage_configs(args)  # before the data: an inconsistent option fails before the data loads
-    path = train_bundle(args, load_dataset(args, read_logged(args)), configs, promote=True)
+    logged = read_logged(args)
+    ds = load_dataset(args, logged)
+    path = train_bundle(args, ds, configs, promote=True, clicks=read_clicks(args, ds, logged))
     if path is not None:
         print(f"bundle written: {path}")
 
 
+def read_clicks(args: argparse.Namespace, ds: Dataset, logged: LoggedState | None):
+    """The impressions at ``--impressions`` joined to the feedback among the events (None without the option)."""
+    from offline.clicks import load_clicks
+    from offline.data import DataError
+    from recsys.state.open import read_impressions
+    from recsys.state.protocol import StoreUnavailable
+
+    if not args.impressions:
+        return None
+    try:
+        impressions = read_impressions(args.impressions, args.events_redis_prefix)
+    except (OSError, StoreUnavailable) as err:
+        raise DataError(args.impressions, f"cannot read its impressions ({err})") from err
+    if not impressions:
+        raise DataError(args.impressions, "holds no impressions: serve with RECSYS_IMPRESSIONS on (the default) first")
+    return load_clicks(impressions, logged.events if logged else [], ds, args.click_config)
+
+
 def stage_configs(args: argparse.Namespace) -> tuple:
     """The two-tower's, the index's and the ranker's configurations from the ``--recall-*``, ``--index-*`` and
-    ``--ranker-*`` options, checked (a ``ConfigError`` names the option) before any work."""
+    ``--ranker-*`` options, checked (a ``ConfigError`` names the option) before any work; the ``--clicks-*``
+    options too, kept on ``args`` (and ``--impressions`` implies ``--events`` from the same source: the
+    feedback the impressions join is among its events)."""
+    from offline.clicks import ClickConfig
     from offline.pipeline import IndexConfig
     from offline.ranker import RankerConfig
     from offline.train_recall import RecallConfig
 
+    args.click_config = ClickConfig(**options_of(args, ClickConfig, "clicks_"))
+    if args.impressions and not args.events:
+        args.events = args.impressions
     return (RecallConfig(**options_of(args, RecallConfig, "recall_"), seed=args.seed),
             IndexConfig(**options_of(args, IndexConfig, "index_")),
             RankerConfig(**options_of(args, RankerConfig, "ranker_"), seed=args.seed))
 
 
-def train_bundle(args: argparse.Namespace, ds: Dataset, configs: tuple, promote: bool) -> Path | None:
+def train_bundle(args: argparse.Namespace, ds: Dataset, configs: tuple, promote: bool, clicks=None) -> Path | None:
     """The one training run of ``train`` and ``retrain``; returns the bundle written (None on a torchrun rank
     other than 0, which helped train)."""
     from offline.distributed import distributed_session
@@ -123,7 +149,7 @@ def train_bundle(args: argparse.Namespace, ds: Dataset, configs: tuple, promote:
     with distributed_session(resolve_device(recall_cfg.device)):
         return run_training(ds, args.out, recall_cfg, index_cfg, args.valid_frac, args.test_frac,
                             baselines=not args.skip_baselines, resume=getattr(args, "resume", False), ranker_cfg=ranker_cfg,
-                            promote=promote, eval_users=args.eval_users, refit=args.refit)
+                            promote=promote, eval_users=args.eval_users, refit=args.refit, clicks=clicks)
 
 
 def cmd_retrain(args: argparse.Namespace) -> None:
@@ -142,7 +168,7 @@ def cmd_retrain(args: argparse.Namespace) -> None:
     gate = GateConfig(**options_of(args, GateConfig, "gate_"))
     logged = read_logged(args)
     ds = load_dataset(args, logged)
-    candidate = train_bundle(args, ds, configs, promote=False)
+    candidate = train_bundle(args, ds, configs, promote=False, clicks=read_clicks(args, ds, logged))
     if candidate is None:  # a torchrun rank other than 0: it helped train, rank 0 compares
         return
     split = temporal_split(ds.interactions, ds.n_users, ds.n_items, args.valid_frac, args.test_frac, args.eval_users)
@@ -218,6 +244,15 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type, prefix: str, 
             g.add_argument(flag, type=type(f.default), default=f.default, choices=choices, help=help_text)
 
 
+def add_click_options(parser: argparse.ArgumentParser) -> None:
+    from offline.clicks import ClickConfig
+
+    parser.add_argument("--impressions", metavar="SOURCE", help="learn the re-ranker from what the service showed and what "
+                        "was clicked: a state directory or Redis URL as for --events (which it implies), read with "
+                        "their feedback; pairs among shown items weighted by inverse examination propensities")
+    add_config_options(parser, ClickConfig, "clicks_", "learning from clicks (with --impressions)")
+
+
 def names_among(choices: tuple[str, ...]):
     """An argparse ``type`` for a comma-separated list of ``choices``: argparse reports a bad name
     as ``argument --flag: invalid choice: ...``, in the same words as a single-choice option."""
@@ -255,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(tr, RecallConfig, "recall_", "two-tower recall model")
     add_config_options(tr, IndexConfig, "index_", "HNSW index")
     add_config_options(tr, RankerConfig, "ranker_", "re-ranker (MLP with pairwise losses, LambdaMART comparison)")
+    add_click_options(tr)
     tr.set_defaults(func=cmd_train)
     rt = sub.add_parser("retrain", help="train a candidate on data + recorded events and promote it only if it is not "
                         "worse than the current bundle on the freshest window")
@@ -266,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(rt, RecallConfig, "recall_", "two-tower recall model")
     add_config_options(rt, IndexConfig, "index_", "HNSW index")
     add_config_options(rt, RankerConfig, "ranker_", "re-ranker (MLP with pairwise losses, LambdaMART comparison)")
+    add_click_options(rt)
     rt.set_defaults(func=cmd_retrain)
     rc = sub.add_parser("recommend", help="write the top-K for many users from a bundle (CSV or Parquet), answered by "
                         "the service's own engine, in batches")

@@ -16,6 +16,7 @@ import hnswlib
 import numpy as np
 from loguru import logger
 
+from offline.clicks import Clicks
 from offline.config import config_option
 from offline.data import dataset_fingerprint
 from offline.evaluate import BLEND, baseline_models, evaluate, paired_bootstrap, report_rows, tune, write_report
@@ -60,17 +61,18 @@ class IndexConfig:
 def run_training(ds: Dataset, out: Path, recall_cfg: RecallConfig, index_cfg: IndexConfig,
                  valid_frac: float = 0.1, test_frac: float = 0.1, baselines: bool = True, resume: bool = False,
                  ranker_cfg: RankerConfig | None = None, promote: bool = True, eval_users: int = EVAL_USERS,
-                 refit: bool = True) -> Path | None:
+                 refit: bool = True, clicks: Clicks | None = None) -> Path | None:
     """Train every stage, evaluate against the peers, write the bundle and its report; returns the bundle path.
     Under torchrun (offline/distributed.py) every rank trains the two-tower models and rank 0 alone
     goes on and returns the path; the other ranks return None after training.
     On CPU the same data, seed and thread count give the same bundle metrics (deterministic torch
     kernels, seeded single-threaded index builds, seeded generators). ``eval_users``: validation,
     the index check and the report score a seeded sample of that many users (0 = all). ``refit``:
-    serve a two-tower and item statistics refit on every interaction (see ``_run_training``)."""
+    serve a two-tower and item statistics refit on every interaction (see ``_run_training``). ``clicks``: the
+    re-ranker learns from the service's impressions too (offline/clicks.py)."""
     with deterministic_torch(recall_cfg.threads):
         return _run_training(ds, out, recall_cfg, index_cfg, valid_frac, test_frac, baselines, resume,
-                             ranker_cfg or RankerConfig(), promote, eval_users, refit)
+                             ranker_cfg or RankerConfig(), promote, eval_users, refit, clicks)
 
 
 @dataclass
@@ -101,7 +103,7 @@ class Recall:
 
 def _run_training(ds: Dataset, out: Path, recall_cfg: RecallConfig, index_cfg: IndexConfig, valid_frac: float,
                   test_frac: float, baselines: bool, resume: bool, ranker_cfg: RankerConfig, promote: bool,
-                  eval_users: int, refit: bool) -> Path | None:
+                  eval_users: int, refit: bool, clicks: Clicks | None) -> Path | None:
     """The stages of ``run_training``, in order, each timed and its peak memory recorded (offline/stages.py).
 
     Model selection uses the held-out windows: the two-tower trains on train and early-stops on valid,
@@ -130,7 +132,7 @@ def _run_training(ds: Dataset, out: Path, recall_cfg: RecallConfig, index_cfg: I
     train_seconds = time.perf_counter() - started
     first = Recall.build(ds, split, tables, model, index_cfg, recall_cfg.seed)
     ctx = first.context(tables, index_cfg)
-    ranking = train_rankers(ctx, split, ranker_cfg)
+    ranking = train_rankers(ctx, split, ranker_cfg, clicks)
     twin = served = first
     if refit:
         twin, served = (Recall.build(ds, wider[w], tables, refits[w], index_cfg, recall_cfg.seed) for w in ("test", "serve"))
@@ -154,6 +156,8 @@ def _run_training(ds: Dataset, out: Path, recall_cfg: RecallConfig, index_cfg: I
                "candidate_ceiling": ceiling,
                f"index_recall@{index_cfg.candidates}": index_recall, "train_seconds": train_seconds,
                "recall_history": history, "ranker": ranker_summary(ranking, comparison)}
+    if clicks is not None:
+        metrics["ranker"]["clicks"] = clicks.summary()
     bundle = assemble_bundle(ds, split, tables, served, recall_cfg, index_cfg, ranker_cfg, metrics, fingerprint,
                              ranking.default_state, {"epochs": epochs, "trained_on": "every interaction"} if refit else None)
     if refit:
@@ -164,6 +168,8 @@ def _run_training(ds: Dataset, out: Path, recall_cfg: RecallConfig, index_cfg: I
         extra = {"bundle": path.name, f"index_recall@{index_cfg.candidates} (served index)": index_recall,
                  "candidate ceiling (test recall of each candidate source's list)": {n: round(v, 4) for n, v in ceiling.items()},
                  "two_tower_train_seconds": round(train_seconds, 1), **ranker_report(metrics["ranker"])}
+        if clicks is not None:
+            extra["ranker learned from clicks (offline/clicks.py)"] = clicks.summary()
         if refit:
             extra["refit"] = (f"the bundle serves a two-tower retrained for {epochs} epochs (the early-stopping choice) "
                               f"and item statistics from every interaction; the '{REFIT}' rows are its twin, refit the "

@@ -256,7 +256,9 @@ class QuerySet:
     """Queries of several kinds trained together (rating-labelled lists and clicked impressions): each part
     keeps its own list length, batches are drawn within a part, and validation averages over every query."""
 
-    def __init__(self, parts: "list[Queries] | Queries"):
+    def __init__(self, parts: "QuerySet | list[Queries] | Queries"):
+        if isinstance(parts, QuerySet):
+            parts = parts.parts
         self.parts = [parts] if isinstance(parts, Queries) else [p for p in parts if len(p.users)]
 
     def __len__(self) -> int:

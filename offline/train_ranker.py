@@ -23,7 +23,8 @@ import numpy as np
 from loguru import logger
 
 from offline.evaluate import paired_bootstrap
-from offline.ranker import Queries, RankerConfig, fit_lambdamart, fit_mlp
+from offline.clicks import Clicks, click_queries
+from offline.ranker import Queries, QuerySet, RankerConfig, fit_lambdamart, fit_mlp
 from offline.recall_eval import TwoTowerRecommender, exact_topk, hnsw_topk
 from offline.split import TemporalSplit, seeded_sample
 from offline.stages import stage
@@ -151,27 +152,47 @@ class RankingResult:
         return self.states.get(self.default) if self.default else None
 
 
-def train_rankers(ctx: RankContext, split: TemporalSplit, cfg: RankerConfig) -> RankingResult:
-    """Build the valid-window queries, train every configured ranker, choose the default on validation."""
+def train_rankers(ctx: RankContext, split: TemporalSplit, cfg: RankerConfig, clicks: Clicks | None = None) -> RankingResult:
+    """Build the valid-window queries (and, with ``clicks``, one query per clicked impression), train every
+    configured ranker, choose the default on validation (the held-out users' queries of every kind)."""
     started = time.perf_counter()
+    train, valid = QuerySet([]), QuerySet([])
     with stage("ranker queries"):
-        queries = build_queries(ctx, split, "valid", cfg.max_list_len, cfg.max_queries, cfg.seed)
+        if clicks is None or clicks.config.ratings:
+            queries = build_queries(ctx, split, "valid", cfg.max_list_len, cfg.max_queries, cfg.seed)
+            order = np.random.default_rng(cfg.seed).permutation(len(queries.users))
+            n_valid = int(round(cfg.valid_share * len(order)))
+            train.parts.append(queries.subset(np.sort(order[n_valid:])))
+            valid.parts.append(queries.subset(np.sort(order[:n_valid])))
+        if clicks is not None:
+            shown = click_queries(ctx, clicks, cfg.max_list_len, cfg.max_queries, cfg.seed)
+            split_users = tuple(qs.parts[0].users if qs.parts else np.zeros(0, np.int64) for qs in (train, valid))
+            held = _held_out(shown.users, split_users, len(ctx.arrays["history_offsets"]) - 1, cfg)
+            train.parts.append(shown.subset(np.flatnonzero(~held)))
+            valid.parts.append(shown.subset(np.flatnonzero(held)))
     build_seconds = time.perf_counter() - started
-    order = np.random.default_rng(cfg.seed).permutation(len(queries.users))
-    n_valid = int(round(cfg.valid_share * len(order)))
-    train, valid = queries.subset(np.sort(order[n_valid:])), queries.subset(np.sort(order[:n_valid]))
-    recall_ndcg = valid.ndcg(-np.tile(np.arange(valid.items.shape[1], dtype=np.float64), (len(valid.users), 1)))
+    recall_ndcg = valid.ndcg([-np.tile(np.arange(p.items.shape[1], dtype=np.float64), (len(p.users), 1)) for p in valid.parts])
     logger.info("ranker queries: {} train ({} usable), {} valid; recall-order valid ndcg@10 {:.4f} (built in {:.1f}s)",
-                len(train.users), len(train.trainable()), len(valid.users), recall_ndcg, build_seconds)
+                len(train), sum(len(p.trainable()) for p in train.parts), len(valid), recall_ndcg, build_seconds)
     names = ctx.feature_names
     with stage("ranker training"):
         states = {name: fit_mlp(train, valid, name, cfg, names) for name in cfg.loss_names()}
-        if cfg.lambdamart:
-            states.update(_lambdamart(train, valid, cfg, names))
+        if cfg.lambdamart and clicks is None:
+            states.update(_lambdamart(train.parts[0], valid.parts[0], cfg, names))
+        elif cfg.lambdamart:
+            logger.warning("LambdaMART skipped: it takes no pair weights here, so it cannot learn from clicks without bias")
         default, challenges = choose_default(states, valid, cfg.default)
     seconds = {"build_queries": build_seconds, **{n: s["metrics"]["seconds"] for n, s in states.items()},
                "total": time.perf_counter() - started}
     return RankingResult(states, default, recall_ndcg, challenges, seconds)
+
+
+def _held_out(users: np.ndarray, ratings: tuple[np.ndarray, np.ndarray], n_users: int, cfg: RankerConfig) -> np.ndarray:
+    """Which click queries validate: a seeded ``valid_share`` of users, overruled by the rating queries' split
+    (``ratings``: its train and valid users) so that no user is on both sides."""
+    held = np.random.default_rng([cfg.seed, 27]).random(n_users) < cfg.valid_share
+    held[ratings[0]], held[ratings[1]] = False, True
+    return held[users]
 
 
 def _lambdamart(train: Queries, valid: Queries, cfg: RankerConfig, names: list[str]) -> dict[str, dict]:
@@ -183,7 +204,7 @@ def _lambdamart(train: Queries, valid: Queries, cfg: RankerConfig, names: list[s
     return {"lambdamart": fit_lambdamart(train, valid, cfg, names)}
 
 
-def choose_default(states: dict[str, dict], valid: Queries, wanted: str, base: str = "lambdarank") -> tuple[str | None, dict]:
+def choose_default(states: dict[str, dict], valid: Queries | QuerySet, wanted: str, base: str = "lambdarank") -> tuple[str | None, dict]:
     """The bundle's ranker, decided on the validation users (never the test window).
 
     ``wanted`` if named. Otherwise LambdaRank, unless another ranker beats it with a 95% paired

@@ -146,6 +146,13 @@ def read_catalog_log(state_dir: Path) -> dict[str, dict | None]:
     return {item_id: item for _, (item_id, item) in read_valid(state_dir / "catalog.jsonl", 0, parse_change)}
 
 
+def read_impression_log(state_dir: Path) -> list[dict]:
+    """Every retained impression of a state directory, oldest first (read without taking the store: a torn
+    last line of a segment being written is skipped, not cut)."""
+    segments = sorted((p for p in (state_dir / "impressions").glob("*.jsonl") if p.stem.isdigit()), key=lambda p: int(p.stem))
+    return [record for path in segments for _, record in read_valid(path, 0, _impression)]
+
+
 def read_valid(path: Path, offset: int, parse) -> list[tuple[int, Any]]:
     """``(offset just past the line, parsed record)`` for each complete line after ``offset`` that parses; the
     others are counted and logged (with their offsets) and skipped. A line still being appended (no newline
@@ -426,10 +433,7 @@ class ImpressionSegments:
         return [r for n in segments for r in self._read(n) if r["ts_ms"] >= since_ms]
 
     def _read(self, n: int) -> list[dict]:
-        out = []
-        for _, record in read_valid(self._path(n), 0, _impression):
-            out.append(record)
-        return out
+        return [record for _, record in read_valid(self._path(n), 0, _impression)]
 
     def close(self) -> None:
         with self.lock:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from recsys.state.files import FileStateStore, read_catalog_log, read_event_log, store_id
+from recsys.state.files import FileStateStore, read_catalog_log, read_event_log, read_impression_log, store_id
 from recsys.state.protocol import Event, Position, StateStore
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -90,3 +90,15 @@ def read_source(source: str, redis_prefix: str = "recsys") -> LoggedState:
     if not (directory / "events.jsonl").exists() and not (directory / "catalog.jsonl").exists():
         raise FileNotFoundError(f"{directory}: no events.jsonl or catalog.jsonl (not a state directory)")
     return LoggedState(f"file:{store_id(directory)}", read_event_log(directory), read_catalog_log(directory))
+
+
+def read_impressions(source: str, redis_prefix: str = "recsys") -> list[dict]:
+    """Every retained impression of a source named as for ``read_source``, oldest first."""
+    config = StoreConfig.of_source(source, history_cap=1, redis_prefix=redis_prefix)
+    if config.is_redis:
+        store = open_store(config)
+        try:
+            return store.impressions_since(0)
+        finally:
+            store.close()
+    return read_impression_log(Path(source))
