@@ -186,6 +186,26 @@ def test_simulate(tmp_path):
     assert "<!-- simulate:start -->" in text and "Wilson 95% interval" in text
 
 
+def test_click_bias(tmp_path):
+    """Logs clicks on a tiny served bundle, trains the five rankers and scores them by the planted truth."""
+    out = run_bench("click_bias", "--tiny", "--docs", tmp_path)
+    assert "| (e) exposure pairs, true propensities |" in out and "| seed 0 estimated |" in out
+    text = (tmp_path / "evaluation.md").read_text()
+    assert "<!-- click-bias:start -->" in text and "(d) minus (c) per seed" in text
+
+
+def test_gate_power(tmp_path):
+    """The gate's power study on two bundles of one tiny synthetic data set (the same bundle twice: equal)."""
+    from offline.__main__ import main as offline_main
+    from tests.offline.test_events import TINY
+
+    assert offline_main(["train", *TINY, "--no-refit", "--out", str(tmp_path / "b")]) == 0
+    bundle = next(p for p in (tmp_path / "b").iterdir() if p.name[:1].isdigit())
+    out = run_bench("gate_power", "--bundles", bundle, bundle, "--synthetic", "120x150", "--data-seed", 3, "--docs", tmp_path)
+    assert "| 0% | +0.0000 [+0.0000, +0.0000] |" in out and "| 20% |" in out
+    assert "<!-- gate-power:start -->" in (tmp_path / "evaluation.md").read_text()
+
+
 def test_variant_memory(bundle, tmp_path):
     out = run_bench("variant_memory", "--bundle", bundle, "--extra", 1, "--docs", tmp_path)
     assert "| + 1 extra version loaded |" in out
