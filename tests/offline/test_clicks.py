@@ -2,6 +2,7 @@
 recovered from randomised swaps on a planted click model, and the weighted loss's gradient."""
 from __future__ import annotations
 
+import json
 import random
 from types import SimpleNamespace
 
@@ -164,3 +165,23 @@ def test_the_weighted_loss_gradient_matches_finite_differences(loss):
     assert loss(scores, labels, mask, weights=2 * weights).item() == pytest.approx(2 * loss(scores, labels, mask, weights=weights).item())
     # weights of one are the unweighted loss
     assert loss(scores, labels, mask, weights=torch.ones_like(weights)).item() == pytest.approx(loss(scores, labels, mask).item())
+
+
+def test_the_cli_says_what_is_missing_before_any_training(tmp_path, capsys):
+    from offline.__main__ import main as offline_main
+
+    state = tmp_path / "state"
+    (state / "impressions").mkdir(parents=True)
+    event = {"user_id": "u1", "item_id": "i2", "rating": None, "timestamp": T0, "type": "click", "request_id": "r1", "position": 1}
+    (state / "events.jsonl").write_text(json.dumps(event) + "\n")
+    args = ["train", "--synthetic", "20x30", "--impressions", str(state), "--out", str(tmp_path / "out")]
+    assert offline_main(args) == 2
+    assert "holds no impressions" in capsys.readouterr().err
+    shown = {"request_id": "r1", "user_id": "u1", "ts_ms": T0 * 1000, "items": ["i2", "i3", "i4"]}
+    (state / "impressions" / "00000000.jsonl").write_text(json.dumps(shown) + "\n")
+    assert offline_main(args) == 2
+    err = capsys.readouterr().err
+    assert "no explored impression swapped positions 1 and 2" in err and err.count("\n") == 1
+    assert offline_main([*args, "--clicks-propensities", "1,x"]) == 2
+    assert "argument --clicks-propensities" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
