@@ -5,12 +5,16 @@ import argparse
 import sys
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loguru import logger
 
 from offline.config import ConfigError, invalid_choice
 from recsys.dataset import Dataset
 from recsys.state.open import LoggedState
+
+if TYPE_CHECKING:
+    from offline.clicks import Clicks
 
 
 def add_data_options(parser: argparse.ArgumentParser) -> None:
@@ -102,7 +106,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"bundle written: {path}")
 
 
-def read_clicks(args: argparse.Namespace, ds: Dataset, logged: LoggedState | None):
+def read_clicks(args: argparse.Namespace, ds: Dataset, logged: LoggedState | None) -> "Clicks | None":
     """The impressions at ``--impressions`` joined to the feedback among the events (None without the option)."""
     from offline.clicks import load_clicks
     from offline.data import DataError
@@ -138,7 +142,8 @@ def stage_configs(args: argparse.Namespace) -> tuple:
             RankerConfig(**options_of(args, RankerConfig, "ranker_"), seed=args.seed))
 
 
-def train_bundle(args: argparse.Namespace, ds: Dataset, configs: tuple, promote: bool, clicks=None) -> Path | None:
+def train_bundle(args: argparse.Namespace, ds: Dataset, configs: tuple, promote: bool,
+                 clicks: "Clicks | None" = None) -> Path | None:
     """The one training run of ``train`` and ``retrain``; returns the bundle written (None on a torchrun rank
     other than 0, which helped train)."""
     from offline.distributed import distributed_session
