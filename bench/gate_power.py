@@ -32,6 +32,7 @@ from offline.metrics import ranking_metrics
 from offline.retrain import ServedBundle
 from offline.split import temporal_split
 from recsys.bundle import holdout_path
+from recsys.experiments.stats import wilson
 
 ROOT = Path(__file__).resolve().parent.parent
 EVALUATION = "evaluation.md"
@@ -90,7 +91,23 @@ def study(incumbent: np.ndarray, candidate: np.ndarray, truth, seed: int = 0) ->
     return rows
 
 
-def write(rows: list[dict], name: str, users: int, seconds: float) -> str:
+def null_refusals(incumbent: np.ndarray, candidate: np.ndarray, truth, seed: int = 1) -> tuple[float, float]:
+    """How often a truly equal candidate is refused, by the gate and by the old tolerance: the per-user differences
+    of the two models are centred on zero (the window's spread, no true difference) and the users resampled."""
+    rng = np.random.default_rng(seed)
+    base, cand = metrics(incumbent, truth), metrics(candidate, truth)
+    centred = {m: base[m] + (cand[m] - base[m]) - np.nanmean(cand[m] - base[m]) for m in GATED}
+    users = len(base["ndcg@10"])
+    refused = old = 0
+    for _ in range(RESAMPLES):
+        pick = rng.integers(0, users, users)
+        sub_c, sub_b = ({m: v[pick] for m, v in d.items()} for d in (centred, base))
+        refused += not gate(sub_c, sub_b).promote
+        old += any(np.nanmean(sub_c[m]) < np.nanmean(sub_b[m]) - OLD_TOLERANCE for m in GATED)
+    return refused / RESAMPLES, old / RESAMPLES
+
+
+def write(rows: list[dict], null: tuple[float, float], name: str, users: int, seconds: float) -> str:
     def cell(t) -> str:
         return f"{t.mean:+.4f} [{t.lo:+.4f}, {t.hi:+.4f}]"
 
@@ -100,21 +117,32 @@ def write(rows: list[dict], name: str, users: int, seconds: float) -> str:
     cfg = GateConfig()
     return f"""## The promotion gate's power ({name})
 
-Written by `python -m bench.gate_power` on {machine()}, {seconds / 60:.0f} minutes. Two bundles trained the same way
+Written by `python -m bench.gate_power` on {machine()}, {seconds:.0f} s. Two bundles trained the same way
 with seeds A and B (equally good models), each scored by its holdout twin through the retrain path on the freshest
 window ({users} users). The gate: a one-sided paired t-test per metric over users, {cfg.confidence:.0%} confidence
 shared by NDCG@10 and Recall@20 (each at {(1 - cfg.confidence) / 2:.1%} one-sided).
 
 With the two equal models, this window detects (80% power) a drop of **{equal[0].detectable:.4f} NDCG@10** and
 **{equal[1].detectable:.4f} Recall@20**: a smaller loss passes unnoticed, a larger one is refused at least 80% of the
-time. Planted drops: for a share of users the candidate serves its own items 21-40 instead of 1-20. Power = share of
-{RESAMPLES} bootstrap resamples of the users in which the candidate is refused; beside it the old rule (refuse when
-a mean drops by more than {OLD_TOLERANCE}) on the same resamples.
+time. A truly equal candidate (the two models' per-user differences centred on zero, users resampled {RESAMPLES}
+times) is refused **{null[0]:.1%}** of the time by the gate ({_wilson(null[0])}; at most {1 - cfg.confidence:.0%} by
+construction, the bootstrap of a t-test runs slightly over) and **{null[1]:.1%}** by the old rule ({_wilson(null[1])};
+refuse when either mean drops by more than {OLD_TOLERANCE}).
+
+Planted drops: for a share of users the candidate (B) serves its own items 21-40 instead of 1-20. Power = share of
+{RESAMPLES} bootstrap resamples of the users in which the gate refuses the candidate; beside it the old rule on the
+same resamples. Resampling treats this window's users as the population, so the 0% row is the power against B's
+own observed difference from A, not a false-alarm rate (that is the sentence above).
 
 | users degraded | NDCG@10, B minus A [CI] | Recall@20, B minus A [CI] | gate on the window | gate refuses (resamples) | old tolerance refuses |
 |---|---|---|---|---|---|
 {chr(10).join(lines)}
 """
+
+
+def _wilson(rate: float) -> str:
+    lo, hi = wilson(round(rate * RESAMPLES), RESAMPLES)
+    return f"Wilson 95% [{lo:.1%}, {hi:.1%}]"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -141,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         incumbent, candidate = (lists(b, ds, split) for b in bundles)
     truth = split.truth("test")[split.eval_users("test")]
     rows = study(incumbent, candidate, truth)
-    body = write(rows, name, len(incumbent), time.monotonic() - started)
+    body = write(rows, null_refusals(incumbent, candidate, truth), name, len(incumbent), time.monotonic() - started)
     print(body)
     if not args.no_write:
         update_section("gate-power", body, args.docs / EVALUATION)
