@@ -15,7 +15,7 @@ Per seed (``--seeds``; the seed is the synthetic data's, the training's and the 
    window's ratings only, as today; (b) on naive clicks (a clicked item above every candidate not clicked);
    (c) on exposure pairs (clicked above shown-and-not-clicked) unweighted; (d) weighted by the propensities
    estimated from the logged swaps; (e) weighted by the true ``(1/p)^eta``; (b)-(e) learn from clicks alone,
-   and the default of ``--impressions``, (d) with the rating queries alongside, is scored too;
+   and (d) with the valid window's rating queries alongside (``--clicks-ratings``);
 4. each ranker re-ranks every user's candidates for the whole history (what a ``--no-refit`` bundle with that
    ranker serves: the same tower, index, features and scorer), and the top 10 is scored against the planted
    relevance: NDCG@10 with gain ``max(rel, 0)`` and the best 10 items of the catalogue as the ideal.
@@ -58,7 +58,7 @@ VARIANTS = {  # name -> the click options (None: ratings only, today's ranker)
     "(c) exposure pairs, unweighted": dict(pairs="exposure", propensities="none"),
     "(d) exposure pairs, estimated propensities": dict(pairs="exposure", propensities="estimated"),
     "(e) exposure pairs, true propensities": dict(pairs="exposure", propensities="true"),
-    "(d) + the rating queries (the default of --impressions)": dict(pairs="exposure", propensities="estimated", ratings=True),
+    "(d) + the rating queries (--clicks-ratings)": dict(pairs="exposure", propensities="estimated", ratings=True),
 }
 
 
@@ -147,7 +147,7 @@ serves under a position-based model: position p examined with probability (1/p)^
 clicked with probability sigmoid((rel - {args.c:g}) / {args.temp:g}) of its planted relevance. Half the users'
 answers get one random adjacent swap (`explore: 1.0`). Traffic: {counts}.
 Every variant re-ranks the same two-tower's candidates (trained on the data plus the logged events); (b)-(e)
-learn from clicks alone; the last row is the default of `--impressions`, (d) with the rating queries alongside. Scored by the true NDCG@10 (gain max(rel, 0), the catalogue's best 10 as the ideal) of
+learn from clicks alone (the default of `--impressions`); the last row is (d) with the rating queries alongside. Scored by the true NDCG@10 (gain max(rel, 0), the catalogue's best 10 as the ideal) of
 each user's served top 10, over all users.
 
 | ranker trained on | true NDCG@10, mean over seeds (range) | minus (a), per seed: mean [95% paired bootstrap CI] |
