@@ -79,29 +79,26 @@ def study(incumbent: np.ndarray, candidate: np.ndarray, truth, seed: int = 0) ->
     for share in SHARES:
         cand = metrics(degrade(candidate, share, rng), truth)
         whole = gate(cand, base)
-        users = len(base["ndcg@10"])
-        refused = old = 0
-        for _ in range(RESAMPLES):
-            pick = rng.integers(0, users, users)
-            sub_c, sub_b = ({m: v[pick] for m, v in d.items()} for d in (cand, base))
-            refused += not gate(sub_c, sub_b).promote
-            old += any(np.nanmean(sub_c[m]) < np.nanmean(sub_b[m]) - OLD_TOLERANCE for m in GATED)
-        rows.append({"share": share, "tests": whole.tests, "promoted": whole.promote, "power": refused / RESAMPLES,
-                     "old": old / RESAMPLES})
+        power, old = refusals(cand, base, rng)
+        rows.append({"share": share, "tests": whole.tests, "promoted": whole.promote, "power": power, "old": old})
     return rows
 
 
 def null_refusals(incumbent: np.ndarray, candidate: np.ndarray, truth, seed: int = 1) -> tuple[float, float]:
     """How often a truly equal candidate is refused, by the gate and by the old tolerance: the per-user differences
     of the two models are centred on zero (the window's spread, no true difference) and the users resampled."""
-    rng = np.random.default_rng(seed)
     base, cand = metrics(incumbent, truth), metrics(candidate, truth)
-    centred = {m: base[m] + (cand[m] - base[m]) - np.nanmean(cand[m] - base[m]) for m in GATED}
+    centred = {m: cand[m] - np.nanmean(cand[m] - base[m]) for m in GATED}
+    return refusals(centred, base, np.random.default_rng(seed))
+
+
+def refusals(cand: dict, base: dict, rng: np.random.Generator) -> tuple[float, float]:
+    """Shares of ``RESAMPLES`` bootstrap resamples of the users in which the gate, and the old tolerance, refuse."""
     users = len(base["ndcg@10"])
     refused = old = 0
     for _ in range(RESAMPLES):
         pick = rng.integers(0, users, users)
-        sub_c, sub_b = ({m: v[pick] for m, v in d.items()} for d in (centred, base))
+        sub_c, sub_b = ({m: v[pick] for m, v in d.items()} for d in (cand, base))
         refused += not gate(sub_c, sub_b).promote
         old += any(np.nanmean(sub_c[m]) < np.nanmean(sub_b[m]) - OLD_TOLERANCE for m in GATED)
     return refused / RESAMPLES, old / RESAMPLES
