@@ -80,7 +80,7 @@ def paired_test(candidate: np.ndarray, incumbent: np.ndarray, metric: str, alpha
         p = float(stats.t.cdf((mean + margin) / se, n - 1))
     else:
         p = 0.0 if mean < -margin else 1.0
-    detectable = (t + float(stats.norm.ppf(power))) * se
+    detectable = (t + float(stats.norm.ppf(power))) * se if n > 1 else float("inf")  # one user shows no spread
     return MetricTest(metric, mean, lo, hi, 1 - 2 * alpha, p, detectable, n, hi < -margin)
 
 
@@ -95,5 +95,5 @@ def gate(candidate: dict[str, np.ndarray], incumbent: dict[str, np.ndarray], con
         said = "; ".join(f"{t.metric} {t.mean:+.4f} [{t.lo:+.4f}, {t.hi:+.4f}] over {t.users} users" for t in worse)
         return Decision(False, f"candidate worse with {config.confidence:.0%} confidence: {said}", tests)
     drops = ", ".join(f"{t.metric} {t.detectable:.4f}" for t in tests)
-    return Decision(True, f"candidate not worse with {config.confidence:.0%} confidence (this window detects drops "
+    return Decision(True, f"candidate not shown worse at {config.confidence:.0%} confidence (this window detects drops "
                     f"of {drops} with {config.power:.0%} power)", tests)
