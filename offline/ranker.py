@@ -173,7 +173,8 @@ def _reduce(pair_losses: torch.Tensor, pairs: torch.Tensor, per_query: str = "me
     ``weights`` ``[Q, L]`` (clicks: the inverse examination propensity of each clicked item's position) weigh
     every pair (i, j) by the weight of its more relevant item i: the pair exists because i was clicked, and
     the weight undoes the bias of how likely its position was looked at (Joachims et al. 2017). The mean
-    over a query's pairs divides by the pair count, not the weights, so the weighting stays unbiased."""
+    over a query's pairs divides by the pair count, not by the sum of the weights, which would normalise the
+    weighting away within each query."""
     if weights is not None:
         pair_losses = pair_losses * weights[:, :, None]
     per_pair = torch.where(pairs, pair_losses, torch.zeros_like(pair_losses))
