@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.report import add_docs_option, machine, update_section
-from bench.simulate import K, Admin, Traffic, Users, service, settle, train
+from bench.simulate import K, Admin, Traffic, Users, add_click_model_options, service, settle, train
 from offline.clicks import ClickConfig, load_clicks
 from offline.evaluate import paired_bootstrap
 from offline.events import merge_events
@@ -170,10 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--synthetic", default=None, help="USERSxITEMS (default 2000x500; tiny 300x120)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; tiny 0)")
     p.add_argument("--impressions", type=int, default=None, help="simulated answers per seed (default 15000; tiny 600)")
-    p.add_argument("--threads", type=int, default=4, help="client threads")
-    p.add_argument("--eta", type=float, default=1.0, help="examination (1/p)^eta")
-    p.add_argument("--c", type=float, default=0.5, help="attractiveness sigmoid((rel - c) / temp)")
-    p.add_argument("--temp", type=float, default=0.1)
+    add_click_model_options(p, c=0.5)  # more clicks per answer than the A/B study's 0.75: more to learn from
     p.add_argument("--tiny", action="store_true", help="smoke size")
     p.add_argument("--no-write", action="store_true", help="print only")
     add_docs_option(p)

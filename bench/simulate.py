@@ -329,6 +329,14 @@ def check_bundle(bundle: Path, n_users: int, n_items: int) -> None:
 
 
 # ----------------------------------------------------------------------------- main
+def add_click_model_options(p: argparse.ArgumentParser, c: float = 0.75) -> None:
+    """The simulated users' options: client threads and the click model's parameters (``Users``)."""
+    p.add_argument("--threads", type=int, default=4, help="client threads")
+    p.add_argument("--eta", type=float, default=1.0, help="examination (1/p)^eta")
+    p.add_argument("--c", type=float, default=c, help="attractiveness sigmoid((rel - c) / temp)")
+    p.add_argument("--temp", type=float, default=0.1)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", type=Path, help="a bundle trained on --synthetic USERSxITEMS --seed DATA_SEED (default: train one)")
@@ -341,10 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--every", type=int, default=None, help="A/B and interleaving: impressions between looks (default 250)")
     p.add_argument("--max-impressions", type=int, default=None, help="A/B and interleaving: cap per run (default 8000)")
     p.add_argument("--repeats", type=int, default=None, help="A/B and interleaving runs, new names each (default 3)")
-    p.add_argument("--threads", type=int, default=4, help="client threads")
-    p.add_argument("--eta", type=float, default=1.0, help="examination (1/p)^eta")
-    p.add_argument("--c", type=float, default=0.75, help="attractiveness sigmoid((rel - c) / temp)")
-    p.add_argument("--temp", type=float, default=0.1)
+    add_click_model_options(p)
     p.add_argument("--quick", action="store_true", help="a shorter run: 5000 A/A impressions, 2 repeats")
     p.add_argument("--tiny", action="store_true", help="smoke size: tiny bundle, 10 A/A experiments, a few hundred impressions")
     p.add_argument("--no-write", action="store_true", help="print only")

@@ -165,15 +165,13 @@ def join_clicks(impressions: list[dict], events: list[tuple[Position, str, Event
             continue
         clicked.setdefault(event.request_id, set()).add(joined.position - 1)
         counts["feedback joined"] += 1
-    user_row = {u: r for r, u in enumerate(ds.user_ids)}
-    item_row = {i: r for r, i in enumerate(ds.item_ids)}
     shown = []
     for rid, imp in served.items():
-        user = user_row.get(imp["user_id"])
+        user = ds.user_row(imp["user_id"])
         if user is None:
             counts["impressions of users the data lacks"] += 1
             continue
-        items = np.array([item_row.get(i, -1) for i in imp["items"]], np.int64)
+        items = np.array([-1 if (row := ds.item_row(i)) is None else row for i in imp["items"]], np.int64)
         flags = np.zeros(len(items), bool)
         flags[sorted(clicked.get(rid, ()))] = True
         ranks = np.array(imp["ranks"], np.int64) - 1 if "ranks" in imp else None
