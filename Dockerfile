@@ -34,7 +34,8 @@ RUN useradd --create-home --uid 10001 --user-group app \
 USER app
 
 ENV RECSYS_BUNDLE_DIR=/artifacts \
-    RECSYS_DATA_DIR=/data/ml-100k
+    RECSYS_DATA_DIR=/data/ml-100k \
+    RECSYS_TEXT_MODEL_DIR=/data/all-MiniLM-L6-v2
 
 EXPOSE 8000
 

@@ -26,7 +26,14 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--skip-bad-rows", action="store_true", help="skip malformed data rows (counted and reported) instead of failing"
     )
+    g.add_argument("--item-text-columns", type=comma_list, default=[], metavar="A,B",
+                   help="more items.csv columns the sentence encoder reads after title and description (then text, "
+                        "not features)")
+    g.add_argument("--no-item-text", dest="recall_item_text", action="store_false",
+                   help="train the item tower without item text (the same as --no-recall-item-text)")
     g.add_argument("--synthetic", type=str, metavar="USERSxITEMS", help="planted-structure synthetic data, e.g. 500x1000")
+    g.add_argument("--synthetic-text", action="store_true", help="the synthetic items get a title and a description "
+                   "drawn from topic words that follow their planted factors")
     g.add_argument("--data-dir", type=Path, help="MovieLens cache directory (default $RECSYS_DATA_DIR or ~/.cache/recsys/ml-100k)")
     g.add_argument("--valid-frac", type=float, default=0.1, help="share of each user's latest interactions for validation")
     g.add_argument("--test-frac", type=float, default=0.1, help="share of each user's latest interactions for test")
@@ -56,10 +63,11 @@ def load_dataset(args: argparse.Namespace, logged: LoggedState | None = None) ->
     from offline.events import merge_events
 
     if args.interactions:
-        ds = data.load_csv(args.interactions, args.users, args.items, skip_bad_rows=args.skip_bad_rows)
+        ds = data.load_csv(args.interactions, args.users, args.items, skip_bad_rows=args.skip_bad_rows,
+                           text_columns=args.item_text_columns)
     elif args.synthetic:
         n_users, n_items = (int(x) for x in args.synthetic.lower().split("x"))
-        ds = synthetic.generate(n_users=n_users, n_items=n_items, seed=args.seed)
+        ds = synthetic.generate(n_users=n_users, n_items=n_items, seed=args.seed, text=args.synthetic_text)
     else:
         ds = data.load_movielens(args.data_dir)
     if logged is not None:
@@ -336,11 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the sub-command. Bad data or a bad option value is the user's to fix, not a bug: one
     line on stderr (no traceback, not logged as well) and exit status 2, as for argparse's errors."""
     from offline.data import DataError
+    from recsys.text import TextModelError
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (DataError, ConfigError) as err:
+    except (DataError, ConfigError, TextModelError) as err:
         print(f"python -m offline {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

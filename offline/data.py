@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -28,6 +28,7 @@ import numpy as np
 from loguru import logger
 
 from recsys.dataset import UNKNOWN, Dataset, FeatureTable, Interactions, ItemTable
+from recsys.text import TEXT_COLUMNS
 
 RECBOLE_VERSION = "1.2.1"
 _WHEEL_DIR = "recbole/dataset_example/ml-100k/"
@@ -207,11 +208,13 @@ def _parse_movielens(cache: Path) -> Dataset:
         "zip": zips,
         "zip_region": [z[:1] for z in zips],
     }
+    titles = _aligned(item, items, item_ids, "movie_title")
     items_table = _item_table(
-        titles=_aligned(item, items, item_ids, "movie_title"),
+        titles=titles,
         years=[_number_or_nan(y) for y in _aligned(item, items, item_ids, "release_year")],
         genre_lists=[g.split() for g in _aligned(item, items, item_ids, "class")],
         extra=FeatureTable(n_rows=len(item_ids)),
+        text={"title": titles},
     )
     return Dataset(
         name="ml-100k",
@@ -231,8 +234,11 @@ def load_csv(
     users: Path | None = None,
     items: Path | None = None,
     skip_bad_rows: bool = False,
+    text_columns: Sequence[str] = (),
 ) -> Dataset:
-    """The user's own data; users are those who interact, items.csv (if given) defines the catalogue."""
+    """The user's own data; users are those who interact, items.csv (if given) defines the catalogue. The
+    item text the sentence encoder reads: items.csv's ``title`` and ``description`` when present, then
+    ``text_columns`` (other columns of items.csv, which are then text rather than features)."""
     bad = _BadRows(skip=skip_bad_rows)
     item_table = _read_table(Path(items), bad) if items is not None else None
     item_rows = _csv_item_rows(item_table, bad) if item_table is not None else {}
@@ -252,7 +258,7 @@ def load_csv(
         user_ids=user_ids,
         item_ids=item_ids,
         users=user_features,
-        items=_csv_item_table(item_table, item_rows, item_ids),
+        items=_csv_item_table(item_table, item_rows, item_ids, text_columns),
         skipped=dict(bad.counts),
     )
 
@@ -284,20 +290,30 @@ def _csv_user_features(path: Path, user_ids: list[str], inter_path: Path, bad: _
     return _feature_table(columns, len(user_ids))
 
 
-def _csv_item_table(table: _Table | None, rows: dict[str, list[str]], item_ids: list[str]) -> ItemTable:
-    """Title defaults to the raw id, year to NaN, genres to none; other columns become extra features."""
+def _csv_item_table(table: _Table | None, rows: dict[str, list[str]], item_ids: list[str],
+                    text_columns: Sequence[str] = ()) -> ItemTable:
+    """Title defaults to the raw id, year to NaN, genres to none; the text columns are text; other columns
+    become extra features."""
+    if text_columns and table is None:
+        raise DataError("items.csv", f"--item-text-columns {','.join(text_columns)} needs an items file (--items)")
     if table is None:
         return _item_table(item_ids, [math.nan] * len(item_ids), [[] for _ in item_ids], FeatureTable(len(item_ids)))
+    missing = [c for c in text_columns if not table.has(c)]
+    if missing:
+        raise DataError(table.path, f"header lacks the text column(s) named by --item-text-columns: {', '.join(missing)}", 1)
     titles = _aligned(table, rows, item_ids, "title") if table.has("title") else [""] * len(item_ids)
     years = _aligned(table, rows, item_ids, "year") if table.has("year") else [""] * len(item_ids)
     genres = _aligned(table, rows, item_ids, "genres") if table.has("genres") else [""] * len(item_ids)
-    special = {"item_id", "title", "year", "genres"}
+    text_names = list(dict.fromkeys([*(c for c in TEXT_COLUMNS if table.has(c)), *text_columns]))
+    text = {name: _aligned(table, rows, item_ids, name) for name in text_names}
+    special = {"item_id", "title", "year", "genres", *text_names}
     extra = {name: _aligned(table, rows, item_ids, name) for name in table.columns if name not in special}
     return _item_table(
         titles=[title or raw for title, raw in zip(titles, item_ids)],
         years=[_year(y) for y in years],
         genre_lists=[[g.strip() for g in s.split("|") if g.strip()] for s in genres],
         extra=_feature_table(extra, len(item_ids)),
+        text=text,
     )
 
 
@@ -517,7 +533,8 @@ def _encode(values: list[str]) -> tuple[list[str], np.ndarray]:
     return vocab, np.array([code.get(v, 0) for v in values], dtype=np.int64)
 
 
-def _item_table(titles: list[str], years: list[float], genre_lists: list[list[str]], extra: FeatureTable) -> ItemTable:
+def _item_table(titles: list[str], years: list[float], genre_lists: list[list[str]], extra: FeatureTable,
+                text: dict[str, list[str]] | None = None) -> ItemTable:
     """Multi-hot genres over the sorted genre names."""
     names = sorted({g for genres in genre_lists for g in genres})
     column = {g: j for j, g in enumerate(names)}
@@ -525,7 +542,7 @@ def _item_table(titles: list[str], years: list[float], genre_lists: list[list[st
     for row, genres in enumerate(genre_lists):
         multi_hot[row, [column[g] for g in genres]] = True
     year = np.asarray(years, dtype=np.float32)
-    return ItemTable(titles=titles, year=year, genres=multi_hot, genre_names=names, extra=extra)
+    return ItemTable(titles=titles, year=year, genres=multi_hot, genre_names=names, extra=extra, text=text or {})
 
 
 def dataset_fingerprint(ds: Dataset) -> str:

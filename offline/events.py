@@ -25,6 +25,7 @@ import numpy as np
 from loguru import logger
 
 from recsys.dataset import Dataset, FeatureTable, Interactions, ItemTable
+from recsys.text import record_text
 from recsys.state.open import LoggedState
 
 
@@ -77,6 +78,7 @@ def _merge_items(ds: Dataset, fold: dict[str, dict | None], report: MergeReport)
     items, item_ids = ds.items, list(ds.item_ids)
     row_of = {i: r for r, i in enumerate(item_ids)}
     titles, years = list(items.titles), items.year.astype(np.float32).copy()
+    text = {c: list(v) for c, v in items.text.items()}
     genres = items.genres.copy()
     extra = _grow(items.extra, items.n_items)
     genre_col = {g: j for j, g in enumerate(items.genre_names)}
@@ -88,6 +90,8 @@ def _merge_items(ds: Dataset, fold: dict[str, dict | None], report: MergeReport)
             row = row_of[item_id] = len(item_ids)
             item_ids.append(item_id)
             titles.append(item.get("title") or item_id)
+            for c, values in text.items():
+                values.append("")
             years, genres, extra = np.append(years, np.nan), np.vstack([genres, np.zeros((1, genres.shape[1]), bool)]), _grow(extra, row + 1)
             report.new_items += 1
         else:
@@ -97,7 +101,9 @@ def _merge_items(ds: Dataset, fold: dict[str, dict | None], report: MergeReport)
         genres[row] = False
         genres[row, [genre_col[g] for g in item.get("genres", []) if g in genre_col]] = True
         _set_features(extra, row, item.get("features", {}))
-    return ItemTable(titles, years, genres, items.genre_names, extra), item_ids
+        for c, value in record_text(item, list(text)).items():
+            text[c][row] = value
+    return ItemTable(titles, years, genres, items.genre_names, extra, text), item_ids
 
 
 def _grow(table: FeatureTable, n_rows: int) -> FeatureTable:

@@ -93,6 +93,7 @@ class Recall:
             index = build_index(vectors, cfg.m, cfg.ef_construction, cfg.ef, threads=cfg.build_threads, seed=seed)
         with stage("item statistics"):
             arrays = bundle_arrays(ds, split, tables, vectors)
+            arrays["item_content_vectors"] = tables.item_vectors(model, content_only=True)
         return cls(model, vectors, index, arrays)
 
     def context(self, tables: TowerTables, cfg: IndexConfig, name: str | None = None) -> RankContext:
@@ -285,6 +286,7 @@ def bundle_arrays(ds: Dataset, split: TemporalSplit, tables: TowerTables, item_v
         "history_ratings": inter.rating.astype(np.float32), "history_timestamps": inter.timestamp.astype(np.int64),
         "popularity": np.bincount(split.train.item, minlength=ds.n_items).astype(np.float32),
         **ranker_arrays(split.train, ds.n_items),
+        **({} if tables.item_text is None else {"item_text": tables.item_text}),
     }
 
 

@@ -26,11 +26,14 @@ def generate(
     popularity_skew: float = 1.0,
     seed: int = 0,
     chunk: int = 20_000,
+    text: bool = False,
 ) -> Dataset:
     """A Dataset whose interactions follow ``softmax(user_factor(t) . item_factor + pop_bias)``.
 
     Vectorised over ``chunk`` users at a time, so 100k users x 100k items x 10M interactions take
     seconds and memory ``chunk x pool_size``: the scaling benchmark generates its data with it.
+    ``text``: items get a title and a description whose words follow their factor (``topic_texts``); drawn
+    from a generator of their own, so the interactions are the same with or without text.
     """
     rng = np.random.default_rng(seed)
     truth = _draw_truth(rng, n_users, n_items, n_genres, dim, popularity_skew)
@@ -42,6 +45,7 @@ def generate(
     parts = [_user_block(rng, np.arange(s, min(s + chunk, n_users)), per_user, pool_size, pop_p, item_f,
                          user_start, user_end) for s in range(0, n_users, chunk)]
     inter = Interactions(*(np.concatenate([p[f] for p in parts]) for f in range(4)))
+    titles, descriptions = topic_texts(item_f, seed) if text else ([f"Item {i}" for i in range(n_items)], [])
     return Dataset(
         name=f"synthetic-{n_users}x{n_items}",
         interactions=inter,
@@ -49,11 +53,12 @@ def generate(
         item_ids=[f"i{i}" for i in range(n_items)],
         users=_user_features(user_start, rng),
         items=ItemTable(
-            titles=[f"Item {i}" for i in range(n_items)],
+            titles=titles,
             year=rng.integers(1950, 2020, n_items).astype(np.float32),
             genres=genres,
             genre_names=[f"genre{g}" for g in range(n_genres)],
             extra=FeatureTable(n_rows=n_items),
+            text={"title": titles, "description": descriptions} if text else {},
         ),
     )
 
@@ -177,6 +182,48 @@ def item_vectors(n_items: int, dim: int, intrinsic_dim: int = 16, n_clusters: in
     basis = rng.normal(size=(intrinsic_dim, dim)).astype(np.float32) / np.sqrt(intrinsic_dim)
     vectors = latent @ basis + 0.05 * rng.normal(size=(n_items, dim)).astype(np.float32)
     return _unit(vectors).astype(np.float32)
+
+
+# Topics of real English words, so that a pre-trained sentence encoder places an item's text by meaning.
+TOPIC_WORDS = (
+    "planet rocket orbit galaxy astronaut comet telescope satellite nebula asteroid launch gravity",
+    "ocean sailor harbor whale island tide shipwreck lighthouse coral storm anchor voyage",
+    "kitchen recipe bakery chef oven pastry spice dinner harvest bread garlic soup",
+    "soldier battle army fortress general siege trench rifle cavalry war sword victory",
+    "wedding romance lover kiss heart letter bride proposal dance flowers passion date",
+    "guitar band concert melody singer rhythm drum album stage piano chorus song",
+    "football stadium coach team goal champion league match training trophy athlete race",
+    "detective murder clue suspect police alibi crime witness mystery investigation gun case",
+    "farm tractor barn cattle village orchard field horse farmer wheat meadow rural",
+    "school teacher student classroom exam homework campus lesson library graduation friend principal",
+    "jungle tiger river expedition explorer rainforest monkey temple snake treasure canoe map",
+    "hospital doctor nurse surgery patient medicine virus cure ambulance clinic fever heal",
+    "computer robot hacker code network machine algorithm software virtual circuit laser digital",
+    "winter snow mountain ice glacier blizzard skier frost cabin cold avalanche sled",
+    "desert sand camel oasis nomad dune heat mirage caravan canyon cactus sun",
+    "wizard magic dragon castle spell witch kingdom quest knight potion curse fairy",
+)
+
+
+def topic_texts(item_f: np.ndarray, seed: int, words: int = 10, sharpness: float = 6.0) -> tuple[list[str], list[str]]:
+    """A title (two words of the item's top topic) and a description (``words`` words, each from a topic drawn
+    with probability ``softmax(sharpness * item_factor . topic_direction)``) per item: text that carries the
+    planted factor, as much of it as words can, and nothing a model could not read from real item text."""
+    rng = np.random.default_rng([seed, 1_000_003])  # its own stream: the interactions do not depend on text
+    vocab = [t.split() for t in TOPIC_WORDS]
+    topic_f = _unit(rng.normal(size=(len(vocab), item_f.shape[1])))
+    logits = sharpness * item_f @ topic_f.T
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    cdf = np.cumsum(p, 1)
+    topics = np.minimum((rng.random((len(item_f), words))[:, :, None] > cdf[:, None, :]).sum(-1), len(vocab) - 1)
+    picks = rng.integers(0, len(vocab[0]), (len(item_f), words + 2))
+    titles, descriptions = [], []
+    for i, (row, pick) in enumerate(zip(topics, picks)):
+        top = vocab[int(np.argmax(p[i]))]
+        titles.append(f"The {top[pick[-1]].capitalize()} of the {top[pick[-2]].capitalize()}")
+        descriptions.append(" ".join(vocab[t][w] for t, w in zip(row, pick[:words])) + ".")
+    return titles, descriptions
 
 
 def _genres_from_factors(item_f: np.ndarray, genre_f: np.ndarray, rng) -> np.ndarray:

@@ -71,6 +71,9 @@ class RecallConfig:
     id_dropout: float = config_option(0.1, "probability of zeroing an id input so the feature-only (cold-start) path is trained")
     rating_dropout: float = config_option(0.1, "probability of hiding a history event's rating (code 0), as for events "
                                       "and recent_items that arrive at serving time without one")
+    item_text: bool = config_option(True, "feed the item tower each item's text (title, description...) encoded by "
+                                    "all-MiniLM-L6-v2 (recsys/text.py) through a trained projection, when the catalogue "
+                                    "has text; --no-item-text trains on ids and metadata alone")
     patience: int = config_option(4, "epochs without validation improvement before stopping")
     eval_k: int = config_option(20, "K of the validation Recall@K used for early stopping")
     device: str = config_option("auto", "auto picks CUDA when present (bf16 autocast on CUDA)", choices=DEVICES)
@@ -136,7 +139,7 @@ def _fit_two_tower(ds: Dataset, split: TemporalSplit, cfg: RecallConfig, run_dir
     """The training loop of ``train_two_tower``, on this rank's share of every global batch; every
     rank runs the same epochs (rank 0's early-stopping decision is broadcast)."""
     device = rank_device(resolve_device(cfg.device))
-    tables = TowerTables.build(ds, cfg.history_len, device)
+    tables = TowerTables.build(ds, cfg.history_len, device, text=cfg.item_text)
     run = _Trainer(cfg, _new_model(cfg, tables), tables, split, run_dir)
     if resume:
         run.resume()
@@ -156,7 +159,7 @@ def _new_model(cfg: RecallConfig, tables: TowerTables) -> TwoTower:
     spec = tables.spec
     return TwoTower(len(tables.user_cat), len(tables.item_genres), spec.n_genres, spec.n_item_dense, spec.item_cat_sizes,
                     spec.user_cat_sizes, len(spec.user_numeric), cfg.history_len, cfg.emb_dim, cfg.dim,
-                    cfg.hidden).to(tables.device)
+                    cfg.hidden, spec.text_dim).to(tables.device)
 
 
 def chosen_epochs(history: list[dict], cfg: RecallConfig) -> int:

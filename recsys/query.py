@@ -14,6 +14,7 @@ from typing import Any
 INT64 = (-(2**63), 2**63 - 1)
 MAX_ID_CHARS = 256
 MAX_TITLE_CHARS = 1000
+MAX_DESCRIPTION_CHARS = 10_000
 MAX_FEATURES = 100
 YEAR_RANGE = (0, 9999)
 
@@ -67,9 +68,13 @@ class Item:
     genres: list[str] = field(default_factory=list)
     year: int | None = None
     features: dict[str, FeatureValue] = field(default_factory=dict)
+    description: str = ""  # read by the sentence encoder with the title, when the bundle uses item text
 
     def to_record(self) -> dict[str, Any]:
-        return asdict(self)
+        record = asdict(self)
+        if not self.description:  # a record without text reads the same in versions before descriptions
+            del record["description"]
+        return record
 
     @classmethod
     def from_record(cls, record: Any) -> "Item":
@@ -77,7 +82,7 @@ class Item:
         version may hold anything); raises ``ValueError`` naming the first bad field."""
         if not isinstance(record, dict):
             raise ValueError("an item must be an object")
-        unknown = sorted(set(record) - {"item_id", "title", "genres", "year", "features"})
+        unknown = sorted(set(record) - {"item_id", "title", "genres", "year", "features", "description"})
         if unknown:
             raise ValueError(f"unknown fields {unknown}")
         item_id = record.get("item_id")
@@ -90,11 +95,14 @@ class Item:
             raise ValueError("genres must be a list of strings")
         if year is not None and not (_is_int64(year) and YEAR_RANGE[0] <= year <= YEAR_RANGE[1]):
             raise ValueError(f"year must be an integer in {list(YEAR_RANGE)}")
+        description = record.get("description", "")
+        if not isinstance(description, str) or len(description) > MAX_DESCRIPTION_CHARS:
+            raise ValueError(f"description must be a string of at most {MAX_DESCRIPTION_CHARS} characters")
         features = record.get("features", {})
         if not isinstance(features, dict) or len(features) > MAX_FEATURES or not all(
                 isinstance(name, str) and _is_feature_value(value) for name, value in features.items()):
             raise ValueError(f"features must map at most {MAX_FEATURES} names to strings, finite numbers or null")
-        return cls(item_id, title, list(genres), year, dict(features))
+        return cls(item_id, title, list(genres), year, dict(features), description)
 
 
 def _is_int64(value: Any) -> bool:

@@ -164,9 +164,16 @@ class ItemUpsert(Strict):
     genres: Annotated[list[Text], Field(max_length=MAX_LIST)] = Field(default_factory=list)
     year: Year | None = None
     features: Features = Field(default_factory=dict, description="numbers outside the training range are clipped to it")
+    description: Annotated[StrictStr, Field(max_length=query.MAX_DESCRIPTION_CHARS), AfterValidator(_text)] = Field(
+        "", description="free text; with the title (and any text features), what the sentence encoder reads when "
+        "the bundle uses item text, so an item nobody has interacted with is placed by what it is about")
 
     def to_core(self) -> query.Item:
-        return query.Item(self.item_id, self.title, list(self.genres), self.year, dict(self.features))
+        return query.Item(self.item_id, self.title, list(self.genres), self.year, dict(self.features), self.description)
+
+
+class ItemBatch(Strict):
+    items: Annotated[list[ItemUpsert], Field(min_length=1, max_length=MAX_LIST)]
 
 
 class ReloadRequest(Strict):
@@ -258,6 +265,9 @@ class BatchRecommendResponse(BaseModel):
 class SimilarItemsResponse(BaseModel):
     item_id: str
     bundle_version: str
+    source: Literal["two-tower", "content"] = Field(description="'two-tower': nearest by the item vectors the two-tower "
+                                                    "learnt from interactions; 'content': the item has no interactions "
+                                                    "yet, nearest by its text and metadata")
     items: list[RecommendedItem]
 
 
@@ -311,6 +321,10 @@ class ExperimentReport(BaseModel):
 class ItemChangeResponse(BaseModel):
     item_id: str
     status: Literal["added", "replaced", "removed"]
+
+
+class ItemBatchResponse(BaseModel):
+    items: list[ItemChangeResponse] = Field(description="one per item sent, in order")
 
 
 class ReloadResponse(BaseModel):

@@ -20,6 +20,7 @@ from recsys.topk import in_sorted
 NOTHING = np.zeros(0, np.int64)
 # Item arrays a newly added item cannot take from its features: it has no interactions yet, so no
 # popularity and no co-occurrence neighbours (-1 is the padding of ``item_neighbours``).
+# (An item is "cold" while its popularity is 0: ``Engine.similar_items`` answers it from content.)
 NEW_ITEM_DEFAULTS = {"popularity": 0.0, "item_neighbours": -1, "item_neighbour_sims": 0.0, "item_seq_neighbours": -1,
                      "item_seq_neighbour_sims": 0.0}
 

@@ -29,6 +29,7 @@ from recsys.errors import InvalidInput, RecsysError
 from recsys.query import RecommendOptions, RecommendRequest
 from recsys.rank_features import readable_feature_names
 from recsys.scorer import Ranker, load_ranker
+from recsys.text import shared_encoder
 
 UserQuery = tuple[str | int | None, dict | None, list | None]  # (user_id, features, recent_items)
 
@@ -58,7 +59,9 @@ class Engine:
                                 a if self.ranker is not None else None)
         self.live = LiveCatalog(bundle.index, catalog)
         self.users = Users(bundle, self.spec, self.live, self.meta.n_items, cache_size=cache_size)
-        self.changes = CatalogChanges(bundle, self.spec, self.live, self._genre_cols, self.meta.n_items, self.ranker is not None)
+        encoder = shared_encoder(self.spec.text_encoder or {}) if self.spec.text_dim else None  # loaded here, not on a request
+        self.changes = CatalogChanges(bundle, self.spec, self.live, self._genre_cols, self.meta.n_items, self.ranker is not None,
+                                      encoder)
         explain = [] if self.ranker is None else readable_feature_names(self.ranker.feature_names, self.spec,
                                                                           cat["genre_names"], cat["user_vocab"])
         self.answers = Answers(list(cat["genre_names"]), explain, self.spec.history_len)
@@ -189,11 +192,22 @@ class Engine:
         return answers, timings
 
     def similar_items(self, raw_item: str, k: int) -> dict:
+        """Items near ``raw_item``: by the two-tower's item vectors through the index while the item has
+        interactions; for an item nobody has interacted with yet ("cold": popularity 0, e.g. just upserted), by
+        content, the cosine of the item tower's content-only vectors (text and metadata, id left out) over every
+        live item, since its own vector knows nothing about who liked it."""
         catalog = self.catalog
         row = self.changes.require_item(raw_item, catalog)
-        catalog, cands, scores = self.search(catalog.vectors[row], k, Allowed(excluded=np.array([row])))
-        return {"item_id": raw_item, "bundle_version": self.version,
-                "items": [self.answers.item(catalog, int(c), float(s), None, r) for r, (c, s) in enumerate(zip(cands, scores))]}
+        content = catalog.arrays.get("item_content_vectors")
+        if content is not None and catalog.arrays["popularity"][row] == 0:
+            source = "content"
+            cands, scores = content_neighbours(catalog, content, row, k)
+        else:
+            source = "two-tower"
+            catalog, cands, scores = self.search(catalog.vectors[row], k, Allowed(excluded=np.array([row])))
+        return {"item_id": raw_item, "bundle_version": self.version, "source": source,
+                "items": [self.answers.item(catalog, int(c), float(s), None, r, source=source)
+                          for r, (c, s) in enumerate(zip(cands, scores))]}
 
     # ---------------------------------------------------------------- stages, for callers that need one alone
     def admission(self, catalog: Catalog, filters) -> Callable[[np.ndarray | None], Allowed]:
@@ -217,6 +231,18 @@ class Engine:
         if unknown:
             raise InvalidInput(f"unknown genres {unknown}; known: {sorted(self.genre_col)}")
         return [self.genre_col[g] for g in names]
+
+
+def content_neighbours(catalog: Catalog, content: np.ndarray, row: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` live items whose content vectors are nearest ``row``'s (exact: a cold item's question is rare
+    next to recommendations, and an exact scan of the content vectors needs no second index to keep live)."""
+    scores = content @ content[row]
+    scores[~catalog.active] = -np.inf
+    scores[row] = -np.inf
+    k = min(k, int(np.isfinite(scores).sum()))
+    top = np.argpartition(-scores, k - 1)[:k] if k else np.zeros(0, np.int64)
+    top = top[np.lexsort((top, -scores[top]))]
+    return top, scores[top]
 
 
 def _distinct(live: list[tuple[int, UserContext, Allowed]]) -> tuple[list, list[tuple[int, int]]]:

@@ -18,13 +18,16 @@ from recsys.engine.users import check_features
 from recsys.errors import RecsysError, UnknownId
 from recsys.features import FeatureSpec, encode_item_features
 from recsys.query import Item
+from recsys.text import TextEncoder, item_text, record_text
 
 
 class CatalogChanges:
     def __init__(self, bundle: Bundle, spec: FeatureSpec, live: LiveCatalog, genre_cols: Callable[[list[str]], list[int]],
-                 model_items: int, ranked: bool):
+                 model_items: int, ranked: bool, encoder: TextEncoder | None = None):
+        """``encoder``: the sentence encoder of a bundle whose item tower reads text (``spec.text_dim``)."""
         self.bundle, self.spec, self.live, self.genre_cols = bundle, spec, live, genre_cols
-        self.model_items, self.ranked = model_items, ranked
+        self.model_items, self.ranked, self.encoder = model_items, ranked, encoder
+        self.text_fields = [c for c in spec.text_columns or () if c not in ("title", "description")]
 
     def require_item(self, raw_item: str, catalog: Catalog | None = None) -> int:
         """The row of a live (not removed) item, else ``UnknownId``."""
@@ -35,32 +38,34 @@ class CatalogChanges:
         return row
 
     def load(self, items: dict[str, dict | None]) -> None:
-        """Apply a store's catalogue fold: every upsert in one batch, then the removals. Changes that no longer
-        apply to this bundle (a genre it lacks...) are counted and logged, not fatal."""
-        upserts, skipped = [], []
-        for item_id, record in items.items():
-            if record is not None:
-                try:
-                    upserts.append(Item.from_record(record))
-                except ValueError as err:  # an entry this version cannot read: skipped, not fatal
-                    skipped.append(f"{item_id}: {err}")
-        if upserts:
-            try:
-                self.live.commit(self.prepare(upserts))
-            except RecsysError as err:  # one bad item must not lose the others: apply them one by one
-                skipped += self._upsert_each(upserts, err)
-        for item_id, record in items.items():
-            if record is None:
-                self.apply(item_id, None)
+        """Apply a store's catalogue fold (every upsert in one batch). Changes that no longer apply to this bundle
+        (a genre it lacks...) are counted and logged, not fatal."""
+        skipped = self.apply_all(list(items.items()))
         if skipped:
             logger.warning("catalogue on bundle {}: {} changes skipped (first: {})", self.bundle.version, len(skipped), skipped[:3])
 
-    def apply(self, item_id: str, record: dict | None) -> None:
-        """One change from the store, in its order: an upsert, or a removal of a live item (else nothing)."""
-        if record is not None:
-            self.live.commit(self.prepare([Item.from_record(record)]))
-        elif (row := self.live.catalog.row_of.get(item_id)) is not None and self.live.catalog.active[row]:
-            self.remove(item_id)
+    def apply_all(self, changes: list[tuple[str, dict | None]]) -> list[str]:
+        """Changes from the store, in their order: each run of upserts in one batch (one tower call, one text
+        encoder call, one rebuild), a removal between them in its place. A batch that fails is applied item by
+        item, so one bad item cannot lose the others; returns what was skipped and why."""
+        skipped: list[str] = []
+        run: list[Item] = []
+        for item_id, record in [*changes, ("", None)]:  # the sentinel flushes the last run
+            if record is not None:
+                try:
+                    run.append(Item.from_record(record))
+                except ValueError as err:  # an entry this version cannot read: skipped, not fatal
+                    skipped.append(f"{item_id}: {err}")
+                continue
+            if run:
+                try:
+                    self.live.commit(self.prepare(run))
+                except RecsysError as err:
+                    skipped += self._upsert_each(run, err)
+                run = []
+            if item_id and (row := self.live.catalog.row_of.get(item_id)) is not None and self.live.catalog.active[row]:
+                self.remove(item_id)
+        return skipped
 
     def _upsert_each(self, items: list[Item], first_error: RecsysError) -> list[str]:
         skipped = []
@@ -91,11 +96,12 @@ class CatalogChanges:
         rows = [assigned[raw] for raw in raws]
         encoded = [self._encode(it) for it in items]
         genres, dense, cat = (np.concatenate([e[j] for e in encoded]) for j in range(3))
-        ids_in = torch.tensor([r + 1 if r < self.model_items else 0 for r in rows])  # only trained items have an id embedding
-        with torch.inference_mode():
-            vecs = self.bundle.item_tower(ids_in, torch.from_numpy(genres), torch.from_numpy(dense), torch.from_numpy(cat)).numpy()
+        ids = np.array([r + 1 if r < self.model_items else 0 for r in rows])  # only trained items have an id embedding
+        text = self.text_vectors(items)
+        vecs, content = self._tower(ids, genres, dense, cat, text)
         years = np.array([np.nan if it.year is None else it.year for it in items], np.float32)
-        new_values = {"item_vectors": vecs, "item_genres": genres, "item_dense": dense, "item_cat": cat, "item_year": years}
+        new_values = {"item_vectors": vecs, "item_genres": genres, "item_dense": dense, "item_cat": cat, "item_year": years,
+                      "item_content_vectors": content, "item_text": text}
         row_array = np.array(rows, np.int64)
         arrays = {k: set_rows(v, row_array, new_values.get(k), NEW_ITEM_DEFAULTS.get(k), n) for k, v in catalog.arrays.items()}
         ids, titles = list(catalog.ids), list(catalog.titles)
@@ -109,6 +115,27 @@ class CatalogChanges:
                                 self.bundle.arrays if self.ranked else None)
         return Upsert(row_array, vecs, updated)
 
+    def text_vectors(self, items: list[Item]) -> np.ndarray | None:
+        """The items' sentence vectors as the bundle stores them (float16), one encoder call for the batch;
+        None when the bundle's tower reads no text."""
+        if self.encoder is None:
+            return None
+        columns = self.spec.text_columns or []
+        texts = [item_text(record_text(it.to_record(), columns), columns) for it in items]
+        return self.encoder.encode(texts).astype(np.float16)
+
+    def _tower(self, ids: np.ndarray, genres: np.ndarray, dense: np.ndarray, cat: np.ndarray,
+               text: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """One item tower call for the served vectors (``ids``) and the content-only ones (id 0), which
+        content-based similar items compare; for a new item the two are the same."""
+        n = len(ids)
+        inputs = [np.concatenate([ids, np.zeros(n, ids.dtype)]), *(np.concatenate([x, x]) for x in (genres, dense, cat))]
+        if text is not None:
+            inputs.append(np.concatenate([text, text]).astype(np.float32))
+        with torch.inference_mode():
+            out = self.bundle.item_tower(*(torch.from_numpy(x) for x in inputs)).numpy()
+        return out[:n], out[n:]
+
     def remove(self, raw: str) -> dict:
         self.live.remove(self.require_item(raw))
         return {"item_id": raw, "status": "removed"}
@@ -116,5 +143,6 @@ class CatalogChanges:
     def _encode(self, item: Item) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         genre_row = np.zeros(self.spec.n_genres, bool)
         genre_row[self.genre_cols(item.genres)] = True
-        check_features(item.features, self.spec.item_categorical, self.spec.item_numeric, "item")
+        check_features({k: v for k, v in item.features.items() if k not in self.text_fields}, self.spec.item_categorical,
+                       self.spec.item_numeric, "item", self.text_fields)
         return encode_item_features(self.spec, self.bundle.catalog.get("item_vocab", {}), genre_row, item.year, item.features)

@@ -152,11 +152,12 @@ class Users:
         return rows  # type: ignore[return-value]
 
 
-def check_features(raw: dict, categorical: list[str], numeric: list[str], what: str) -> None:
-    """Unknown feature names and non-numeric values for numeric features are client errors, not silent means."""
+def check_features(raw: dict, categorical: list[str], numeric: list[str], what: str, text: Sequence[str] = ()) -> None:
+    """Unknown feature names and non-numeric values for numeric features are client errors, not silent means
+    (``text``: names also known, as text columns, which the caller takes out of ``raw``)."""
     unknown = sorted(set(raw) - set(categorical) - set(numeric))
     if unknown:
-        raise InvalidInput(f"unknown {what} features {unknown}; known: {sorted([*categorical, *numeric])}")
+        raise InvalidInput(f"unknown {what} features {unknown}; known: {sorted([*categorical, *numeric, *text])}")
     bad = [c for c in numeric if raw.get(c) is not None and not _is_number(raw[c])]
     if bad:
         raise InvalidInput(f"{what} features {bad} must be finite numbers")

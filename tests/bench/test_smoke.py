@@ -206,6 +206,23 @@ def test_gate_power(tmp_path):
     assert "<!-- gate-power:start -->" in (tmp_path / "evaluation.md").read_text()
 
 
+def test_cold_items(tmp_path):
+    """The cold-item protocol on a tiny synthetic catalogue with topic text: both bundles, four rankers."""
+    out = run_bench("cold_items", "--dataset", "synthetic", "--size", "200x150", "--seeds", 0, "--epochs", 1,
+                    "--docs", tmp_path)
+    for arm in ("metadata only", "metadata + text", "content kNN", "popularity"):
+        assert f"| {arm} | " in out
+    assert "- seed 0: cold_recall@100" in out
+    assert "<!-- cold-items-synthetic:start -->" in (tmp_path / "evaluation.md").read_text()
+
+
+def test_text_encoding(tmp_path):
+    out = run_bench("text_encoding", "--n", 64, "--repeats", 1, "--kinds", "synthetic title + description",
+                    "--upsert-items", 200, "--docs", tmp_path)
+    assert "| synthetic title + description | 1 |" in out and "| with text |" in out and "| without text |" in out
+    assert "<!-- text-encoding:start -->" in (tmp_path / "benchmarks.md").read_text()
+
+
 def test_variant_memory(bundle, tmp_path):
     out = run_bench("variant_memory", "--bundle", bundle, "--extra", 1, "--docs", tmp_path)
     assert "| + 1 extra version loaded |" in out

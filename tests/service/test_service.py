@@ -402,9 +402,12 @@ def test_catalogue_add_replace_remove_survive_restart(backend_start, bundle, eag
         added = client.post("/admin/items", json=twin, headers=AUTH)
         assert added.status_code == 200 and added.json() == {"item_id": "new-twin", "status": "added"}
         assert client.get("/ready").json()["items"] == n + 1
-        similar = client.get("/similar-items/new-twin", params={"k": 5}).json()["items"]
-        sims = a["item_vectors"] @ twin_vec
+        answer = client.get("/similar-items/new-twin", params={"k": 5}).json()
+        similar = answer["items"]
+        # nobody has interacted with it: its neighbours by content (the tower's id-0 vectors), i0 itself first
+        sims = a["item_content_vectors"] @ twin_vec
         expected = [bundle.catalog["item_ids"][i] for i in np.argsort(-sims)[:5]]
+        assert answer["source"] == "content" and expected[0] == "i0"
         assert similar[0]["item_id"] == expected[0] and len({it["item_id"] for it in similar} & set(expected)) >= 4
         # the new item appears among the neighbours of its nearest item
         nearest = similar[0]["item_id"]

@@ -4,10 +4,11 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from recsys.bundle import BundleError
+from recsys.text import TextModelError
 from service.api.deps import ADMIN, LiveDep, ServedSettings
 from service.api.errors import ApiError
 from service.http import FastJSONResponse, errors
-from service.schemas import ItemChangeResponse, ItemUpsert, ReloadRequest, ReloadResponse
+from service.schemas import ItemBatch, ItemBatchResponse, ItemChangeResponse, ItemUpsert, ReloadRequest, ReloadResponse
 
 router = APIRouter(**ADMIN)
 
@@ -18,6 +19,13 @@ def upsert_item(body: ItemUpsert, live: LiveDep):
     """Add an item or replace one (same id): item tower for its vector, then live in the index.
     Validated and encoded first, fsynced to the catalogue log, then made live: acknowledged means durable."""
     return FastJSONResponse(live.upsert_items([body.to_core()]))
+
+
+@router.post("/admin/items/batch", response_model=ItemBatchResponse, responses=errors(400, 401, 403, 408, 413, 422, 503))
+def upsert_items(body: ItemBatch, live: LiveDep):
+    """Add or replace many items in one call: all are checked before any is recorded (one bad item refuses the
+    call), then recorded in order and made live together (one item tower call, one text encoder call)."""
+    return FastJSONResponse(live.upsert_items([item.to_core() for item in body.items], each=True))
 
 
 @router.delete("/admin/items/{item_id:path}", response_model=ItemChangeResponse, responses=errors(401, 403, 404, 422, 503))
@@ -31,6 +39,6 @@ def reload_bundle(live: LiveDep, settings: ServedSettings, body: ReloadRequest |
     path = settings.bundle_dir / body.version if body and body.version else settings.bundle_dir
     try:
         old, new = live.reload(path)
-    except (BundleError, OSError) as err:
+    except (BundleError, OSError, TextModelError) as err:
         raise ApiError(409, f"reload failed, still serving {live.engine.version}: {err}") from err
     return FastJSONResponse({"status": "reloaded", "previous_version": old, "bundle_version": new})
