@@ -183,7 +183,8 @@ def run_seed(ds: Dataset, args, seed: int, tmp: Path) -> dict[str, dict[str, np.
 def write(name: str, results: list[dict], args, seconds: float) -> str:
     info = results[0]["_info"]
     lines = [f"### Cold items: {name}", "",
-             f"{machine()}; `python -m bench.cold_items --dataset {args.dataset} --seeds {' '.join(map(str, args.seeds))}` "
+             f"{machine()}; `python -m bench.cold_items --dataset {args.dataset} --seeds {' '.join(map(str, args.seeds))}"
+             + (f" --epochs {args.epochs}" if args.epochs else "") + "` "
              f"({seconds / 60:.0f} min). Cut at the {args.cut:.0%} quantile of interaction times"
              + (f", plus {args.release:.0%} of the items released at the cut" if args.release else "")
              + f". Seed {args.seeds[0]}: {info['cold_items']} cold items withheld from training, added through the catalogue "

@@ -111,8 +111,12 @@ def _fetch(target: Path) -> None:
         for path in [root, *root.rglob("*")]:
             path.chmod(0o755 if path.is_dir() else 0o644)  # a shared cache (a container user reads it)
         if target.exists():  # a partial copy supplied by hand or left by an older layout
-            shutil.rmtree(target)
-        os.replace(root, target)
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.replace(root, target)
+        except OSError:  # another process finished the same fetch first: use its copy
+            if not all((target / name).is_file() for name in MODEL_FILES):
+                raise
 
 
 def _failure_detail(err: Exception) -> str:
@@ -219,7 +223,7 @@ def shared_encoder(identity: Mapping[str, object]) -> TextEncoder:
     with _SHARED_LOCK:
         encoder = _SHARED.get(str(directory))
         if encoder is None:
-            encoder = _SHARED[str(directory)] = TextEncoder(directory, threads=1)
+            encoder = _SHARED[str(directory)] = TextEncoder(directory)  # the process's torch threads, as set at start
     if identity.get("sha256") != encoder.digest:
         raise TextModelError(f"the bundle's item text was encoded by {identity.get('name')} with weights sha256 "
                              f"{str(identity.get('sha256'))[:12]}..., but {directory} holds {encoder.digest[:12]}...: point "
@@ -246,7 +250,9 @@ class VectorCache:
     """Vectors by text hash on disk, one shard per encoding run, for one encoder (its weights' digest).
 
     Offline only: a training that meets the same titles again (the next retrain, another seed) reads them
-    instead of encoding. Shards are written whole (temp file + rename), so a crash leaves no half shard.
+    instead of encoding. Kept as float16, the precision the bundle stores (a cached vector rounds to the same
+    bundle bytes as a fresh one), with the 32 bytes of each digest as its key: 800 bytes an item. Shards are written whole
+    (temp file + rename), so a crash leaves no half shard.
     """
 
     def __init__(self, root: Path, digest: str):
@@ -259,7 +265,10 @@ class VectorCache:
             for shard in sorted(self.dir.glob("*.npz")) if self.dir.is_dir() else []:
                 try:
                     with np.load(shard, allow_pickle=False) as z:
-                        self._vectors.update(zip(z["keys"].tolist(), z["vectors"].astype(np.float32)))
+                        keys, vectors = z["keys"], z["vectors"]
+                        if keys.dtype != np.uint8 or keys.shape[1:] != (32,) or vectors.shape != (len(keys), DIM):
+                            continue  # another layout (an older version's): a cache miss, not an error
+                        self._vectors.update(zip((bytes(k).hex() for k in keys), vectors.astype(np.float32)))
                 except (OSError, ValueError, KeyError, zipfile.BadZipFile):
                     continue  # a damaged shard is only a cache miss
         return self._vectors
@@ -268,12 +277,14 @@ class VectorCache:
         return self._load().get(key)
 
     def put(self, keys: list[str], vectors: np.ndarray) -> None:
-        self._load().update(zip(keys, vectors))
+        half = vectors.astype(np.float16)
+        self._load().update(zip(keys, half.astype(np.float32)))
         self.dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                np.savez(f, keys=np.array(keys), vectors=vectors.astype(np.float32))
+                digests = np.frombuffer(b"".join(bytes.fromhex(k) for k in keys), np.uint8).reshape(-1, 32)
+                np.savez(f, keys=digests, vectors=half)
             os.replace(tmp, self.dir / f"{text_key(''.join(keys))[:16]}.npz")
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

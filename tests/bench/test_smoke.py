@@ -218,7 +218,7 @@ def test_cold_items(tmp_path):
 
 def test_text_encoding(tmp_path):
     out = run_bench("text_encoding", "--n", 64, "--repeats", 1, "--kinds", "synthetic title + description",
-                    "--upsert-items", 200, "--docs", tmp_path)
+                    "--upsert-items", 200, "--measure", 100, "--docs", tmp_path)
     assert "| synthetic title + description | 1 |" in out and "| with text |" in out and "| without text |" in out
     assert "<!-- text-encoding:start -->" in (tmp_path / "benchmarks.md").read_text()
 

@@ -109,7 +109,10 @@ def test_sentences_are_placed_by_meaning_and_cached_by_content(encoder, tmp_path
     encoder._memory.clear()
     again = encoder.encode(["a new title", space], cache=VectorCache(tmp_path, encoder.digest))  # a fresh process
     assert runs == [["a new title", space]]  # the second call read every vector from the on-disk cache
-    assert np.array_equal(first, again)
+    (cache.dir / "0-damaged.npz").write_bytes(b"not a zip")  # a damaged shard, or one of another layout,
+    np.savez(cache.dir / "1-other.npz", keys=np.array(["x" * 64]), vectors=np.zeros((1, 3)))  # is a cache miss
+    assert np.array_equal(encoder.encode(["a new title"], cache=VectorCache(tmp_path, encoder.digest)), again[:1])
+    assert np.array_equal(first.astype(np.float16), again.astype(np.float16))  # kept at the bundle's precision
 
 
 def test_synthetic_text_carries_the_planted_factors(encoder, text_dataset):
@@ -192,7 +195,7 @@ def test_an_upserted_cold_item_is_served_with_a_vector_from_its_text(text_root, 
         engine = client.app.state.service.engine
         space = _twin_of(bundle, 0, "new-space", "rocket planet galaxy orbit astronaut comet telescope satellite")
         bread = {**space, "item_id": "new-bread", "description": "bakery oven bread pastry recipe chef dinner soup"}
-        r = client.post("/admin/items/batch", json={"items": [space, bread]}, headers=AUTH)
+        r = client.post("/admin/items:batch", json={"items": [space, bread]}, headers=AUTH)
         assert r.status_code == 200, r.text
         assert r.json() == {"items": [{"item_id": "new-space", "status": "added"}, {"item_id": "new-bread", "status": "added"}]}
         catalog = engine.catalog
@@ -223,12 +226,12 @@ def test_an_upserted_cold_item_is_served_with_a_vector_from_its_text(text_root, 
 def test_a_batch_with_one_bad_item_records_nothing(text_root, tmp_path, monkeypatch):
     with serve(monkeypatch, text_root, tmp_path / "state") as client:
         before = client.get("/info").json()["items"]
-        r = client.post("/admin/items/batch", json={"items": [{"item_id": "ok", "title": "fine"},
+        r = client.post("/admin/items:batch", json={"items": [{"item_id": "ok", "title": "fine"},
                                                                {"item_id": "bad", "genres": ["no-such-genre"]}]}, headers=AUTH)
         assert r.status_code == 422 and "no-such-genre" in r.text
         assert client.get("/info").json()["items"] == before
         assert client.get("/similar-items/ok").status_code == 404
-        assert client.post("/admin/items/batch", json={"items": []}, headers=AUTH).status_code == 422
+        assert client.post("/admin/items:batch", json={"items": []}, headers=AUTH).status_code == 422
         r = client.put("/admin/items", json={"item_id": "long", "description": "x" * 10_001}, headers=AUTH)
         assert r.status_code == 422
 

@@ -21,7 +21,7 @@ def upsert_item(body: ItemUpsert, live: LiveDep):
     return FastJSONResponse(live.upsert_items([body.to_core()]))
 
 
-@router.post("/admin/items/batch", response_model=ItemBatchResponse, responses=errors(400, 401, 403, 408, 413, 422, 503))
+@router.post("/admin/items:batch", response_model=ItemBatchResponse, responses=errors(400, 401, 403, 408, 413, 422, 503))
 def upsert_items(body: ItemBatch, live: LiveDep):
     """Add or replace many items in one call: all are checked before any is recorded (one bad item refuses the
     call), then recorded in order and made live together (one item tower call, one text encoder call)."""
