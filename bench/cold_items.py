@@ -84,9 +84,10 @@ def catalogue_items(ds: Dataset, rows: np.ndarray) -> list[Item]:
     return out
 
 
-def train(ds: Dataset, out: Path, seed: int, text: bool, epochs: int | None = None) -> Path:
+def train(ds: Dataset, out: Path, seed: int, text: bool, epochs: int | None = None, id_dropout: float | None = None) -> Path:
     """The pipeline's defaults for the two-tower; a single quick ranker (the protocol scores the recall stage)."""
-    cfg = RecallConfig(seed=seed, item_text=text, **({} if epochs is None else {"epochs": epochs}))
+    options = {k: v for k, v in (("epochs", epochs), ("id_dropout", id_dropout)) if v is not None}
+    cfg = RecallConfig(seed=seed, item_text=text, **options)
     return run_training(ds, out, cfg, IndexConfig(), baselines=False, refit=False,
                         ranker_cfg=RankerConfig(losses="lambdarank", lambdamart=False, epochs=5, seed=seed))
 
@@ -157,7 +158,8 @@ def measure(scores: np.ndarray, ids: list[str], wanted: list[tuple[set, set]], r
 def run_seed(ds: Dataset, args, seed: int, tmp: Path) -> dict[str, dict[str, np.ndarray]]:
     train_ds, cold_rows, cut = cold_split(ds, args.cut, args.release, seed)
     started = time.monotonic()
-    bundles = {text: train(train_ds, tmp / f"seed{seed}-{'text' if text else 'meta'}", seed, text, args.epochs) for text in (False, True)}
+    bundles = {text: train(train_ds, tmp / f"seed{seed}-{'text' if text else 'meta'}", seed, text, args.epochs, args.id_dropout)
+               for text in (False, True)}
     engines = {text: served(path, ds, cold_rows) for text, path in bundles.items()}
     wanted = targets(ds, cut, cold_rows)
     users = sorted(wanted)
@@ -182,9 +184,10 @@ def run_seed(ds: Dataset, args, seed: int, tmp: Path) -> dict[str, dict[str, np.
 
 def write(name: str, results: list[dict], args, seconds: float) -> str:
     info = results[0]["_info"]
-    lines = [f"### Cold items: {name}", "",
+    lines = [f"## Cold items: {name}", "",
              f"{machine()}; `python -m bench.cold_items --dataset {args.dataset} --seeds {' '.join(map(str, args.seeds))}"
-             + (f" --epochs {args.epochs}" if args.epochs else "") + "` "
+             + (f" --epochs {args.epochs}" if args.epochs else "")
+             + (f" --id-dropout {args.id_dropout}" if args.id_dropout is not None else "") + "` "
              f"({seconds / 60:.0f} min). Cut at the {args.cut:.0%} quantile of interaction times"
              + (f", plus {args.release:.0%} of the items released at the cut" if args.release else "")
              + f". Seed {args.seeds[0]}: {info['cold_items']} cold items withheld from training, added through the catalogue "
@@ -231,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--release", type=float, default=None, help="share of items released at the cut (default: 0.1 on "
                    "synthetic data, 0 on MovieLens, whose late films are cold by themselves)")
     p.add_argument("--epochs", type=int, help="two-tower maximum epochs (default: the pipeline's; the smoke run uses 1)")
+    p.add_argument("--id-dropout", type=float, help="--recall-id-dropout of both bundles (default: the pipeline's)")
     p.add_argument("--no-write", action="store_true")
     add_docs_option(p)
     args = p.parse_args(argv)
@@ -244,7 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     body = write(name, results, args, time.monotonic() - started)
     print(body)
     if not args.no_write:
-        update_section(f"cold-items-{args.dataset}", body, args.docs / EVALUATION)
+        suffix = "" if args.id_dropout is None else f"-id-dropout-{args.id_dropout:g}"
+        update_section(f"cold-items-{args.dataset}{suffix}", body, args.docs / EVALUATION)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ def upsert_latency(tmp: Path, repeats: int, n_items: int) -> dict[str, dict[int,
 
 
 def write(rates: dict, cached: float, upserts: dict, measured: tuple[int, float] | None, args) -> str:
-    lines = ["### Item text: encoding speed and upserts", "", f"{machine()}; `python -m bench.text_encoding` ({args.n} texts per kind, median of {args.repeats} passes, "
+    lines = ["## Item text: encoding speed and upserts", "", f"{machine()}; `python -m bench.text_encoding` ({args.n} texts per kind, median of {args.repeats} passes, "
              "batches of 64 sorted by length). 100k and 1M: items / rate, extrapolated (encoding is linear in items).", "",
              "| text | threads | items/s | 100k items | 1M items |", "|---|---|---|---|---|"]
     for (kind, threads), r in rates.items():

@@ -248,3 +248,12 @@ def test_a_restarted_service_rebuilds_upserts_from_the_log_and_encodes_their_tex
         catalog = second.app.state.service.engine.catalog
         assert np.array_equal(catalog.arrays["item_vectors"][catalog.row_of["followed"]], vector)
         assert second.get("/similar-items/followed").json()["source"] == "content"
+
+
+def test_the_encoder_is_loaded_only_for_a_bundle_that_reads_text(bundle_root, text_root, encoder):
+    from recsys.engine.engine import Engine
+
+    assert Engine(read_bundle(bundle_root)).changes.encoder is None  # the session's bundle has no text
+    served = Engine(read_bundle(text_root)).changes.encoder
+    assert served is not None and served.digest == encoder.digest
+    assert Engine(read_bundle(text_root)).changes.encoder is served  # one per process: a reload shares it
