@@ -57,8 +57,8 @@ def item_text(fields: Mapping[str, object], columns: Sequence[str]) -> str:
 def record_text(record: Mapping[str, object], columns: Sequence[str]) -> dict[str, str]:
     """The text columns of a catalogue change (``recsys.query.Item.to_record``): ``title`` and ``description`` are
     fields of the item, any other text column one of its ``features``."""
-    features = record.get("features") or {}
-    assert isinstance(features, Mapping)
+    features = record.get("features")
+    features = features if isinstance(features, Mapping) else {}
     return {c: str((record.get(c) if c in ("title", "description") else features.get(c)) or "") for c in columns}
 
 
