@@ -117,24 +117,22 @@ def rank_all(engine: Engine, users: list[str]) -> tuple[list[str], np.ndarray, l
     contexts as the engine resolves them (pre-cut histories)."""
     catalog = engine.catalog
     ctxs = [engine.users.resolve(u, None, None) for u in users]
-    scores = engine.users.vectors(ctxs) @ catalog.vectors.T
+    return catalog.ids, unseen(engine.users.vectors(ctxs) @ catalog.vectors.T, ctxs), ctxs
+
+
+def unseen(scores: np.ndarray, ctxs: list) -> np.ndarray:
+    """``scores`` (a row per user, a column per catalogue row) with each user's history at -inf."""
     for row, ctx in enumerate(ctxs):
         scores[row, ctx.hist_items] = -np.inf
-    return catalog.ids, scores, ctxs
+    return scores
 
 
-def content_scores(text_engine: Engine, ctxs, ids: list[str]) -> np.ndarray:
-    catalog = text_engine.catalog
-    order = np.array([catalog.row_of[i] for i in ids])
-    text = catalog.arrays["item_text"].astype(np.float32)[order]
-    back = {r: j for j, r in enumerate(order)}
-    out = np.zeros((len(ctxs), len(ids)), np.float32)
-    for u, ctx in enumerate(ctxs):
-        recent = [back[r] for r in ctx.hist_items[-RECENT:] if r in back]
-        profile = text[recent].mean(0) if recent else np.zeros(text.shape[1], np.float32)
-        out[u] = text @ profile
-        out[u, [back[r] for r in ctx.hist_items if r in back]] = -np.inf
-    return out
+def content_scores(text_engine: Engine, ctxs: list) -> np.ndarray:
+    """Cosine of every item's sentence vector to the mean vector of the user's last ``RECENT`` items."""
+    text = text_engine.catalog.arrays["item_text"].astype(np.float32)
+    profiles = np.stack([text[ctx.hist_items[-RECENT:]].mean(0) if len(ctx.hist_items) else np.zeros(text.shape[1], np.float32)
+                         for ctx in ctxs])
+    return unseen(profiles @ text.T, ctxs)
 
 
 def measure(scores: np.ndarray, ids: list[str], wanted: list[tuple[set, set]], rng) -> dict[str, np.ndarray]:
@@ -168,13 +166,11 @@ def run_seed(ds: Dataset, args, seed: int, tmp: Path) -> dict[str, dict[str, np.
     for text, name in ((False, "metadata only"), (True, "metadata + text")):
         ids, scores, ctxs = rank_all(engines[text], users)
         per_arm[name] = measure(scores, ids, lists, np.random.default_rng(seed))
-    ids, _, ctxs = rank_all(engines[True], users)
-    per_arm["content kNN"] = measure(content_scores(engines[True], ctxs, ids), ids, lists, np.random.default_rng(seed))
+    # the text engine's ids and contexts (the last of the loop) for the two rankers that need no tower
+    per_arm["content kNN"] = measure(content_scores(engines[True], ctxs), ids, lists, np.random.default_rng(seed))
     pop = engines[True].catalog.arrays["popularity"].astype(np.float64)
-    pop_scores = np.repeat(pop[None], len(users), 0)
-    for u, ctx in enumerate(ctxs):
-        pop_scores[u, ctx.hist_items] = -np.inf
-    per_arm["popularity"] = measure(pop_scores, ids, lists, np.random.default_rng(seed))
+    per_arm["popularity"] = measure(unseen(np.repeat(pop[None], len(users), 0), ctxs), ids, lists,
+                                    np.random.default_rng(seed))
     print(f"seed {seed}: {len(cold_rows)} cold items, {len(users)} users, {time.monotonic() - started:.0f}s "
           f"{ {a: round(float(np.mean(m['cold_recall@100'])), 4) for a, m in per_arm.items()} }", flush=True)
     per_arm["_info"] = {"cold_items": len(cold_rows), "users": len(users), "cold_targets": sum(len(c) for c, _ in lists),

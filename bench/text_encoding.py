@@ -48,7 +48,6 @@ def rate(encoder: TextEncoder, texts: list[str], repeats: int, threads: int) -> 
     """Items per second, median of ``repeats`` passes (the in-process memory cleared before each)."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    encoder.threads = threads
     try:
         times = []
         for _ in range(repeats):

@@ -145,7 +145,8 @@ def model_digest(model_dir: Path) -> str:
 class TextEncoder:
     """all-MiniLM-L6-v2 in inference mode; ``encode`` is thread-safe and remembers recent texts."""
 
-    def __init__(self, model_dir: Path | None = None, threads: int | None = None, memory: int = 10_000):
+    def __init__(self, model_dir: Path | None = None, memory: int = 10_000):
+        """Runs on the process's torch threads (the service sets them at start, a benchmark sets its own)."""
         directory = ensure_model(model_dir)
         import torch  # here, not at import time: a service without text never pays for transformers
         from transformers import AutoModel, AutoTokenizer
@@ -159,7 +160,7 @@ class TextEncoder:
         except Exception as err:  # a damaged copy of any kind
             raise TextModelError(f"{directory}: cannot load {MODEL_NAME} ({type(err).__name__}: {err}); delete the "
                                  "directory to fetch it again, or supply it by hand (RECSYS_TEXT_MODEL_DIR)") from err
-        self.torch, self.threads = torch, threads
+        self.torch = torch
         self.digest = model_digest(directory)
         self.identity = {"name": MODEL_NAME, "wheel": f"{WHEEL}=={WHEEL_VERSION}", "sha256": self.digest, "dim": DIM}
         self._memory: OrderedDict[str, np.ndarray] = OrderedDict()
@@ -185,7 +186,7 @@ class TextEncoder:
         torch = self.torch
         order = np.argsort([len(t) for t in texts], kind="stable")
         out = np.zeros((len(texts), DIM), np.float32)
-        with self._lock, torch.inference_mode(), _threads(torch, self.threads):
+        with self._lock, torch.inference_mode():
             for s in range(0, len(texts), batch_size):
                 rows = order[s : s + batch_size]
                 enc = self.tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=MAX_TOKENS,
@@ -229,21 +230,6 @@ def shared_encoder(identity: Mapping[str, object]) -> TextEncoder:
                              f"{str(identity.get('sha256'))[:12]}..., but {directory} holds {encoder.digest[:12]}...: point "
                              "RECSYS_TEXT_MODEL_DIR at the encoder the bundle was trained with")
     return encoder
-
-
-class _threads:
-    """Run with ``n`` torch threads (None: as is), restoring the previous count."""
-
-    def __init__(self, torch, n: int | None):
-        self.torch, self.n = torch, n
-
-    def __enter__(self) -> None:
-        self.before = self.torch.get_num_threads()
-        if self.n:
-            self.torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc) -> None:
-        self.torch.set_num_threads(self.before)
 
 
 class VectorCache:

