@@ -26,11 +26,17 @@ class Settings(BaseSettings):
                                                     "in state_dir, one process) or 'redis' (shared by replicas and workers)")
     state_dir: Path | None = Field(None, description="file backend: event / catalogue logs; default <bundle_dir>/state")
     redis_url: SecretStr = Field(SecretStr("redis://127.0.0.1:6379/0"), description="redis backend: server URL "
-                                 "(a secret: it may carry a password)")
+                                 "(a secret: it may carry a password); redis+cluster://host:port for a Redis Cluster "
+                                 "(any node; the others are discovered)")
     redis_prefix: str = Field("recsys", min_length=1, description="redis backend: key prefix (one per deployment)")
     redis_events_maxlen: int = Field(10_000_000, ge=1000, description="redis backend: events kept in the events stream")
     redis_catalog_maxlen: int = Field(100_000, ge=100, description="redis backend: catalogue changes kept in the stream "
                                       "(a replica further behind re-reads the catalogue fold)")
+    redis_shards: int = Field(16, ge=1, le=1024, description="redis cluster: streams the events and impressions are "
+                              "split over (spread over the masters); fixed by the first replica that writes")
+    redis_wait_replicas: int | None = Field(None, ge=0, description="redis backend: replicas that must confirm a write "
+                                            "(WAIT) before it is acknowledged; unset: 1 on a cluster (an acknowledged "
+                                            "write survives a master's failover), 0 on a single Redis")
     admin_token: SecretStr | None = Field(None, description="bearer token for /admin/*; admin endpoints are off when unset "
                                           "(held as a secret: its repr and any log of these settings show '**********')")
     log_level: str = "INFO"
@@ -109,7 +115,7 @@ class Settings(BaseSettings):
         redis = self.state_backend == "redis"
         store = StoreConfig(self.state_backend, self.redis_url.get_secret_value() if redis else self.resolved_state_dir, self.history_cap,
                             self.compact_after, self.redis_prefix, self.redis_events_maxlen, self.redis_catalog_maxlen,
-                            self.impression_retention, self.feedback_window_s)
+                            self.impression_retention, self.feedback_window_s, self.redis_shards, self.redis_wait_replicas)
         impressions = ImpressionConfig(self.impression_sample, self.impression_queue, linger_s=self.impression_linger_s,
                                        feedback_window_s=self.feedback_window_s) if self.impressions else None
         return LiveConfig(self.bundle_dir, store, self.index_threads, self.user_vector_cache, self.filter_exact_limit,

@@ -13,7 +13,8 @@ from offline.ranker import RankerConfig
 from offline.synthetic import generate
 from offline.train_recall import RecallConfig
 from tests.servicekit import (  # noqa: F401  (service fixtures)
-    _backend_service, _restore_torch_threads, backend_client, backend_start, bundle, client, own_root, redis_url, start)
+    _backend_service, _restore_torch_threads, backend_client, backend_start, bundle, client, own_root, redis_cluster_url,
+    redis_url, start)
 
 logger.remove()
 logger.add(sys.stderr, level="WARNING")

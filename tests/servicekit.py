@@ -6,7 +6,8 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -81,7 +82,7 @@ def start(bundle_root, tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------- both state backends
-BACKENDS = ["file", "redis"]
+BACKENDS = ["file", "redis", "redis-cluster"]
 
 
 class Starter:
@@ -120,12 +121,17 @@ class Starter:
         return args[1], (args[3] if len(args) > 2 else "recsys")
 
 
+def backend_url(request) -> str | None:
+    """The Redis URL of a test parametrised by backend (None for the file backend)."""
+    fixture = {"redis": "redis_url", "redis-cluster": "redis_cluster_url"}.get(request.param)
+    return fixture and request.getfixturevalue(fixture)
+
+
 @pytest.fixture(params=BACKENDS)
 def backend_start(request, bundle_root, tmp_path, monkeypatch) -> Starter:
     """``start`` on each state backend, for the tests about what the state holds (events, catalogue changes,
     restarts): one behaviour, both backends. Redis tests skip, saying why, where redis-server is missing."""
-    url = request.getfixturevalue("redis_url") if request.param == "redis" else None
-    return Starter(request.param, monkeypatch, bundle_root, tmp_path, url)
+    return Starter(request.param, monkeypatch, bundle_root, tmp_path, backend_url(request))
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -133,7 +139,7 @@ def _backend_service(request, bundle_root, tmp_path_factory):
     """One service per backend for a module's tests that change nothing (refused events and items): started
     aside, then made the app's service for each test by ``backend_client`` (``app`` is a process global, and
     the module's ``client`` must keep being served by its own)."""
-    url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    url = backend_url(request)
     outer, current = app_state(), None
     with pytest.MonkeyPatch.context() as mp:
         with Starter(request.param, mp, bundle_root, tmp_path_factory.mktemp(request.param), url)() as client:
@@ -170,7 +176,8 @@ def recorded(client) -> tuple[int, int]:
     store = client.app.state.service.store
     if isinstance(store, FileStateStore):
         return store.events.path.stat().st_size, store.catalog_log.path.stat().st_size
-    return store.client.xlen(f"{store.p}:events"), store.client.xlen(f"{store.p}:catalog")
+    layout = store.layout
+    return sum(store.client.xlen(layout.events(s)) for s in range(layout.shards)), store.client.xlen(layout.catalog)
 
 
 @pytest.fixture(scope="session")
@@ -257,6 +264,92 @@ def redis_command(directory: Path, port: int) -> list[str]:
             "--appendonly", "yes", "--appendfsync", "always", "--daemonize", "no"]
 
 
+@dataclass
+class RedisCluster:
+    """A running cluster: its URL for the store (``redis+cluster://``, one seed node) and each node's process,
+    which a test may kill and start again (same port, directory and cluster bus port: it rejoins)."""
+
+    url: str
+    nodes: dict[int, subprocess.Popen]  # by port
+    commands: dict[int, list[str]]
+    stack: ExitStack
+
+    def masters(self) -> dict[int, list[tuple[int, int]]]:
+        """The nodes serving slots now (by port, with their slot ranges), as a live node sees the cluster."""
+        import redis
+
+        seed = redis.Redis(port=next(p for p, proc in self.nodes.items() if proc.poll() is None), socket_timeout=2)
+        return {int(address.rsplit(":", 1)[1]): [(int(r[0]), int(r[-1])) for r in node["slots"]]
+                for address, node in seed.execute_command("CLUSTER NODES").items()
+                if "master" in node["flags"] and "fail" not in node["flags"] and node["slots"]}
+
+    def master_of(self, key: str) -> int:
+        """The port of the master serving ``key``'s slot now."""
+        from redis.crc import key_slot
+
+        slot = key_slot(key.encode())
+        return next(port for port, ranges in self.masters().items() if any(lo <= slot <= hi for lo, hi in ranges))
+
+    def kill(self, port: int) -> None:
+        """SIGKILL: no shutdown, no final fsync beyond what each write already did."""
+        self.nodes[port].kill()
+        self.nodes[port].wait()
+
+    def restart(self, port: int) -> None:
+        log = Path(self.commands[port][self.commands[port].index("--dir") + 1]) / f"redis-{time.monotonic_ns()}.log"
+        self.nodes[port] = self.stack.enter_context(spawned(self.commands[port], log))
+        wait_for_redis(f"redis://127.0.0.1:{port}/0", self.nodes[port])
+
+
+@contextmanager
+def redis_cluster(directory: Path, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000) -> Iterator[RedisCluster]:
+    """A real Redis Cluster on loopback ports: ``masters`` masters with ``replicas`` replicas each, every node with
+    AOF fsynced per write as ``redis_server``, created by ``redis-cli --cluster create`` (slots split evenly).
+    A node that stops answering for ``node_timeout_ms`` is failed over to its replica."""
+    cli = shutil.which("redis-cli")
+    if REDIS is None or cli is None:
+        pytest.skip(reason="redis-server / redis-cli not installed (.ci/run installs them: apt-get install redis-server)")
+    ports = [free_port() for _ in range(masters * (1 + replicas))]
+    with ExitStack() as stack:
+        cluster = RedisCluster(f"redis+cluster://127.0.0.1:{ports[0]}", {}, {}, stack)
+        for port in ports:
+            node_dir = directory / str(port)
+            cluster.commands[port] = redis_command(node_dir, port) + [
+                "--cluster-enabled", "yes", "--cluster-port", str(free_port()), "--cluster-config-file",
+                str(node_dir / "nodes.conf"), "--cluster-node-timeout", str(node_timeout_ms)]
+            cluster.nodes[port] = stack.enter_context(spawned(cluster.commands[port], node_dir / "redis.log"))
+        for port, proc in cluster.nodes.items():
+            wait_for_redis(f"redis://127.0.0.1:{port}/0", proc)
+        subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-replicas", str(replicas),
+                        "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        wait_for_cluster(cluster, masters, replicas)
+        yield cluster
+
+
+def wait_for_cluster(cluster: RedisCluster, masters: int, replicas: int = 0, timeout: float = 60) -> None:
+    """Until every live node says the cluster is ok, ``masters`` nodes serve slots, and each of them has
+    ``replicas`` replicas in sync (a write can be confirmed by ``WAIT``)."""
+    import redis
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            live = [redis.Redis(port=p, socket_timeout=1) for p, proc in cluster.nodes.items() if proc.poll() is None]
+            serving = cluster.masters()
+            if all(c.execute_command("CLUSTER INFO")["cluster_state"] == "ok" for c in live) and len(serving) == masters \
+                    and all(_replicas_online(redis.Redis(port=p, socket_timeout=1)) >= replicas for p in serving):
+                return
+        except redis.RedisError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"cluster at {cluster.url} not ok after {timeout} s")
+
+
+def _replicas_online(master) -> int:
+    info = master.info("replication")
+    return sum(1 for k, v in info.items() if k.startswith("slave") and isinstance(v, dict) and v.get("state") == "online")
+
+
 def wait_for_redis(url: str, proc: subprocess.Popen, timeout: float = 20) -> None:
     import redis
 
@@ -278,6 +371,13 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
     """One Redis for the session; tests keep apart by key prefix (``unique_prefix``)."""
     with redis_server(tmp_path_factory.mktemp("redis")) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory) -> Iterator[str]:
+    """One 3-master cluster (a replica each) for the session; tests keep apart by key prefix."""
+    with redis_cluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster.url
 
 
 def unique_prefix() -> str:

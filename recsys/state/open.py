@@ -12,14 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recsys.state.files import FileStateStore, read_catalog_log, read_event_log, read_impression_log, store_id
-from recsys.state.protocol import Event, Position, StateStore
+from recsys.state.protocol import Event, Position, StateStore, mark_of, recorded_after
 
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
 
 
 @dataclass(frozen=True)
 class StoreConfig:
-    """How to open a store: ``backend`` "file" (``location``: a state directory) or "redis" (a Redis URL)."""
+    """How to open a store: ``backend`` "file" (``location``: a state directory) or "redis" (a Redis URL;
+    ``redis+cluster://`` for a Redis Cluster)."""
 
     backend: str
     location: str | Path
@@ -30,6 +31,8 @@ class StoreConfig:
     redis_catalog_maxlen: int = 100_000
     impression_retention: int = 1_000_000  # impressions kept (a stream trimmed to it, or log segments)
     feedback_window_s: int = 1800  # how long after an impression feedback still joins it
+    redis_shards: int = 16  # a Redis Cluster's events and impressions streams (fixed when its state is first written)
+    redis_wait_replicas: int | None = None  # replicas that confirm each acknowledged write (None: 1 on a cluster, else 0)
 
     @property
     def is_redis(self) -> bool:
@@ -47,7 +50,8 @@ def open_store(config: StoreConfig) -> StateStore:
 
         return RedisStateStore(str(config.location), config.history_cap, config.redis_prefix, config.redis_events_maxlen,
                                config.redis_catalog_maxlen, impression_retention=config.impression_retention,
-                               feedback_window_s=config.feedback_window_s)
+                               feedback_window_s=config.feedback_window_s, shards=config.redis_shards,
+                               wait_replicas=config.redis_wait_replicas)
     return FileStateStore(Path(config.location), config.history_cap, config.compact_after, config.impression_retention,
                           config.feedback_window_s)
 
@@ -62,14 +66,14 @@ class LoggedState:
 
     @property
     def watermark(self) -> Position | None:
-        return self.events[-1][0] if self.events else None
+        return mark_of([position for position, _, _ in self.events])
 
     def histories(self, after: Position | None = None) -> Callable[[str], tuple[int, list[Event]]]:
         """Each user's events recorded after ``after`` (all when None), in the ``(version, events)`` shape of a
         store's ``history``: what a replica starting on this state would serve on top of a bundle."""
         by_user: dict[str, list[Event]] = defaultdict(list)
         for position, user, event in self.events:
-            if after is None or tuple(position) > tuple(after):
+            if recorded_after(position, after):
                 by_user[user].append(event)
         return lambda user: (len(by_user.get(user, ())), by_user.get(user, []))
 

@@ -38,8 +38,33 @@ class Event(NamedTuple):
         return out
 
 
-Position = tuple[int, int]  # where a catalogue change sits in the store's order (comparable; (0, 0) = the start)
+Position = tuple[int, ...]  # where a record sits in the store's order: (offset, 0) or (ms, seq); (0, 0) = the start
 Change = tuple[Position, str, "dict | None"]  # (position, item id, the item's dump or None for a removal)
+
+
+def mark_of(positions: list[Position]) -> Position | None:
+    """The watermark of the events at ``positions`` (a store's events, read in its order): the last position.
+    A sharded store's events (``(ms, seq, shard)``: streams on different nodes have no common order) give how far
+    each shard was read instead, flat: ``(ms0, seq0, ms1, seq1, ...)``, ``(0, 0)`` for a shard none came from."""
+    if not positions:
+        return None
+    if len(positions[0]) == 2:
+        return tuple(positions[-1])
+    mark = [0] * (2 * (max(p[2] for p in positions) + 1))
+    for ms, seq, shard in positions:
+        mark[2 * shard:2 * shard + 2] = max((ms, seq), tuple(mark[2 * shard:2 * shard + 2]))
+    return tuple(mark)
+
+
+def recorded_after(position: Position, mark: Position | None) -> bool:
+    """Whether the event at ``position`` came after the watermark ``mark`` (``mark_of``), i.e. a bundle trained
+    up to ``mark`` does not hold it. A shard missing from a sharded mark was not read at all."""
+    if mark is None:
+        return True
+    if len(position) == 3:
+        shard = position[2]
+        return position[:2] > (tuple(mark[2 * shard:2 * shard + 2]) or (0, 0))
+    return tuple(position) > tuple(mark)
 
 
 class StoreUnavailable(RuntimeError):
@@ -57,7 +82,8 @@ class StateStore(Protocol):
 
     def events_since(self, after: Position | None = None) -> list[tuple[Position, str, Event]]:
         """Every recorded event after ``after`` (all when None), in order, with its position: what a
-        trainer reads (``python -m offline train --events``); the last position is its watermark."""
+        trainer reads (``python -m offline train --events``); ``mark_of`` their positions is its watermark, and
+        ``after`` is such a watermark."""
 
     def append_change(self, item_id: str, item: dict | None) -> Position:
         """Durably record an upsert (``item``) or removal (``None``); returns its position."""

@@ -1,6 +1,8 @@
-"""Online state on Redis, shared by every replica and worker process (``RECSYS_STATE_BACKEND=redis``).
+"""Online state on Redis, shared by every replica and worker process (``RECSYS_STATE_BACKEND=redis``): a single
+Redis (``redis://``, ``rediss://``, ``unix://``) or a Redis Cluster (``redis+cluster://`` or ``rediss+cluster://``,
+any node as the seed).
 
-Keys, all under ``prefix``:
+What is kept, each under ``prefix`` (``Layout`` says where):
 
 - ``events``: a stream of every acknowledged event (the record the trainer reads), approximately
   trimmed to ``events_maxlen`` entries;
@@ -10,27 +12,48 @@ Keys, all under ``prefix``:
   entry numbered by ``catalog:seq`` so that a replica notices a gap (entries trimmed before it read
   them) and re-reads the fold;
 - ``items``: the fold of the catalogue stream (each changed item's latest state; ``""`` once removed),
-  kept in the same transaction as each change, so a replica that starts late reads it plus the
-  stream after its position: the stream can be trimmed (``catalog_maxlen``) without losing state.
+  kept in the same script as each change, so a replica that starts late reads it plus the
+  stream after its position: the stream can be trimmed (``catalog_maxlen``) without losing state;
+- ``impressions`` / ``imp:{request id}``: logged answers, and each one's key for the feedback join.
 
-A write is acknowledged when its MULTI/EXEC returns, i.e. once Redis has applied it under its own
-durability setting: with ``appendfsync always`` the AOF is fsynced before Redis replies (nothing
-acknowledged is lost); with ``everysec`` up to a second of acknowledged writes can be lost if the
-Redis host loses power. The compose file runs Redis with AOF on a volume and ``appendfsync always``.
+On a cluster every script and transaction must touch one slot, so keys carry hash tags: the catalogue's
+keys, the experiments and the store's identity share ``{prefix}``; events and impressions are split over
+``shards`` streams (a setting, fixed when the deployment first writes), a user's history living beside the
+user's events shard and an impression beside its request's shard. Each shard's tag is chosen to hash into its
+own 1/shards of the slot space, so on a cluster whose slots are split evenly (as ``redis-cli --cluster
+create`` does) the shards spread over every master, and no node holds all the events. Streams on different
+nodes have no common order: an event's position names its shard, ``(ms, seq, shard)``, and a watermark holds
+how far each shard was read (``recsys.state.protocol.mark_of``).
+
+A write is acknowledged when its script returns, i.e. once Redis has applied it under its own durability
+setting: with ``appendfsync always`` the AOF is fsynced before Redis replies (nothing acknowledged is lost
+when the server restarts); with ``everysec`` up to a second of acknowledged writes can be lost if the Redis
+host loses power. Replication is asynchronous, so a master that dies before its replica received a write
+takes the write with it when the replica is promoted: with ``wait_replicas`` (1 by default on a cluster) a
+write is acknowledged only after ``WAIT`` confirms that many replicas hold it, else the caller gets a 503
+that says the write may not survive a failover. The compose file runs a single Redis with AOF on a volume
+and ``appendfsync always``.
 """
 from __future__ import annotations
 
+import heapq
+import threading
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
-from urllib.parse import urlsplit
 from contextlib import contextmanager
+from functools import cached_property
+from urllib.parse import urlsplit
 
 import orjson
 import redis
+from redis.cluster import RedisCluster
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
-from recsys.state.protocol import FEEDBACK_FIELDS, Change, Event, Position, StoreUnavailable
+from recsys.state.protocol import FEEDBACK_FIELDS, Change, Event, Position, StoreUnavailable, recorded_after
 
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 RETRY_AFTER_S = 1.0  # after a failure, reads skip Redis (serving from the bundle) this long before trying again
 MAX_WAIT_S = 5.0  # the longest blocking read for catalogue changes
 # One round trip per event (measured 0.31 ms in Python vs 0.36 for MULTI/EXEC): stream it, then keep it with
@@ -63,114 +86,215 @@ return id
 """
 
 
+def is_cluster_url(url: str) -> bool:
+    return url.startswith(CLUSTER_SCHEMES)
+
+
+class Layout:
+    """Where each piece of state lives. On a single Redis: ``prefix:name``, one events and one impressions
+    stream (the layout of every earlier version, so existing state reads as before). On a cluster: hash-tagged
+    keys and ``shards`` streams (see the module docstring)."""
+
+    def __init__(self, prefix: str, shards: int | None = None):
+        self.p, self.cluster = prefix, shards is not None
+        self.shards = shards or 1
+        if self.cluster:
+            if "{" in prefix or "}" in prefix:
+                raise ValueError(f"a Redis Cluster key prefix cannot hold braces (they make hash tags): {prefix!r}")
+            common = f"{{{prefix}}}"
+            self._tags = [_slot_tag(prefix, s, self.shards) for s in range(self.shards)]
+        else:
+            common = prefix
+            self._tags = [prefix]
+        self.catalog_seq, self.catalog, self.items = f"{common}:catalog:seq", f"{common}:catalog", f"{common}:items"
+        self.experiments, self.store_id = f"{common}:experiments", f"{common}:store-id"
+
+    def events(self, shard: int) -> str:
+        return f"{self._tags[shard]}:events"
+
+    def impressions(self, shard: int) -> str:
+        return f"{self._tags[shard]}:impressions"
+
+    def user(self, user_id: str) -> tuple[int, str, str]:
+        """The user's shard, history key and version key."""
+        shard = self.shard_of(user_id)
+        return shard, f"{self._tags[shard]}:hist:{user_id}", f"{self._tags[shard]}:ver:{user_id}"
+
+    def impression(self, request_id: str) -> tuple[int, str]:
+        shard = self.shard_of(request_id)
+        return shard, f"{self._tags[shard]}:imp:{request_id}"
+
+    def shard_of(self, key: str) -> int:
+        """Stable across processes and versions (not Python's salted ``hash``)."""
+        return zlib.crc32(key.encode()) % self.shards if self.cluster else 0
+
+    def position(self, entry_id: bytes | str, shard: int) -> Position:
+        """An events-stream entry's position: ``(ms, seq)``, with the shard on a cluster."""
+        return _position(entry_id) + (shard,) if self.cluster else _position(entry_id)
+
+
+def _slot_tag(prefix: str, shard: int, shards: int) -> str:
+    """The first hash tag ``{prefix.shard.k}`` whose slot lies in the shard's 1/shards of the slot space."""
+    k = 0
+    while key_slot(f"{prefix}.{shard}.{k}".encode()) * shards // REDIS_CLUSTER_HASH_SLOTS != shard:
+        k += 1
+    return f"{{{prefix}.{shard}.{k}}}"
+
+
 class RedisStateStore:
     def __init__(self, url: str, history_cap: int, prefix: str = "recsys", events_maxlen: int = 10_000_000,
                  catalog_maxlen: int = 100_000, timeout_s: float = 0.5, impression_retention: int = 1_000_000,
-                 feedback_window_s: int = 1800):
-        self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                           health_check_interval=10)
-        # blocking reads (XREAD BLOCK) wait longer than a command may take: their own connection and timeout
-        self.blocking = redis.Redis.from_url(url, socket_timeout=MAX_WAIT_S + timeout_s, socket_connect_timeout=timeout_s)
+                 feedback_window_s: int = 1800, shards: int = 16, wait_replicas: int | None = None):
+        self.raw_url, self.cluster = url, is_cluster_url(url)
         self.url, self.history_cap = _without_password(url), history_cap
         self.p, self.events_maxlen, self.catalog_maxlen = prefix, events_maxlen, catalog_maxlen
         self.impression_retention, self.feedback_window_s = impression_retention, feedback_window_s
+        self.timeout_s, self.configured_shards = timeout_s, shards
+        self.wait_replicas = (1 if self.cluster else 0) if wait_replicas is None else wait_replicas
         self._failed_at: float | None = None
         self._failure = ""
         self._source: str | None = None
-        self._append_change = self.client.register_script(APPEND_CHANGE)
-        self._append_event = self.client.register_script(APPEND_EVENT)
-        self._append_impressions = self.client.register_script(APPEND_IMPRESSIONS)
+        self._lock = threading.Lock()
+        self._layout: Layout | None = None if self.cluster else Layout(prefix)
+
+    # ------------------------------------------------------------------ connections and layout
+    @cached_property
+    def client(self) -> redis.Redis | RedisCluster:
+        return self._connect(self.timeout_s)
+
+    @cached_property
+    def blocking(self) -> redis.Redis | RedisCluster:
+        """Blocking reads (XREAD BLOCK) wait longer than a command may take: their own connections and timeout."""
+        return self._connect(MAX_WAIT_S + self.timeout_s)
+
+    def _connect(self, socket_timeout: float) -> redis.Redis | RedisCluster:
+        """A cluster client reads the slot map when made: it is made at first use, inside ``_call``, so a cluster
+        that is down at start-up is a store that is unavailable, as a single Redis is."""
+        if self.cluster:
+            url = self.raw_url.replace("+cluster://", "://", 1)
+            return RedisCluster.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=self.timeout_s)
+        return redis.Redis.from_url(self.raw_url, socket_timeout=socket_timeout, socket_connect_timeout=self.timeout_s,
+                                    health_check_interval=10 if socket_timeout == self.timeout_s else 0)
+
+    @property
+    def layout(self) -> Layout:
+        """On a cluster, the shard count is the one the deployment was created with (``SET NX`` at its first
+        open): a replica configured otherwise still finds every user's history."""
+        if self._layout is None:
+            with self._lock:
+                if self._layout is None:
+                    key = f"{{{self.p}}}:shards"
+                    self.client.set(key, self.configured_shards, nx=True)
+                    self._layout = Layout(self.p, int(self.client.get(key)))
+        return self._layout
 
     # ------------------------------------------------------------------ events
     def append_event(self, user_id: str, event: Event) -> int:
-        hist, ver = self._user_keys(user_id)
         packed = orjson.dumps(list(event.interaction[:3]))[:-1]  # '["item",rating,ts' : the script appends the stream id
         rating = "" if event.rating is None else repr(event.rating)
         feedback = [x for k in FEEDBACK_FIELDS if getattr(event, k) is not None for x in (k, str(getattr(event, k)))]
         with self._call("record the event"):
-            return int(self._append_event(keys=[f"{self.p}:events", hist, ver],
-                                          args=[self.events_maxlen, user_id, event.item_id, rating, event.timestamp,
-                                                packed, self.history_cap, *feedback]))
+            shard, hist, ver = self.layout.user(user_id)
+            keys = [self.layout.events(shard), hist, ver]
+            return int(self._write(keys[0], "EVAL", APPEND_EVENT, 3, *keys, self.events_maxlen, user_id, event.item_id,
+                                   rating, event.timestamp, packed, self.history_cap, *feedback))
 
     def history(self, user_id: str, after: Position | None = None) -> tuple[int, list[Event]]:
         """Read together (MULTI), so the version always describes the events returned."""
         if self._failed_at is not None and time.monotonic() - self._failed_at < RETRY_AFTER_S:
             raise StoreUnavailable(self._failure)
-        hist, ver = self._user_keys(user_id)
         with self._call("read the history"):
+            shard, hist, ver = self.layout.user(user_id)
             pipe = self.client.pipeline(transaction=True)
             pipe.get(ver)
             pipe.lrange(hist, 0, -1)
             version, packed = pipe.execute()
         events = (orjson.loads(e) for e in packed)  # [item, rating, ts, stream id]
-        return int(version or 0), [Event(*e[:3]) for e in events if after is None or _position(e[3]) > after]
+        return int(version or 0), [Event(*e[:3]) for e in events
+                                   if recorded_after(self.layout.position(e[3], shard), after)]
 
     def events_since(self, after: Position | None = None, batch: int = 10_000) -> list[tuple[Position, str, Event]]:
-        """The events stream after ``after``, read in batches (what a trainer reads)."""
-        out, start = [], "-" if after is None else "(%d-%d" % after
+        """The events after ``after`` (a watermark: ``mark_of`` positions this store returned), read in batches
+        (what a trainer reads); on a cluster each shard from where the watermark left it, merged by time."""
+        with self._call("read the events stream", trips_breaker=False):
+            layout = self.layout
+            shards = [[(layout.position(entry_id, s), f[b"user_id"].decode(), _event(f))
+                       for entry_id, f in self._read_stream(layout.events(s), _start(after, s, layout.cluster), batch)]
+                      for s in range(layout.shards)]
+        return list(heapq.merge(*shards, key=lambda e: e[0]))
+
+    def feedback_since(self, since_ms: int) -> list[tuple[str, Event]]:
+        start = (max(since_ms, 1) - 1, 2**63 - 1)
+        with self._call("read the events stream", trips_breaker=False):
+            layout = self.layout
+        return [(user, event) for _, user, event in self.events_since(start * layout.shards if layout.cluster else start)
+                if event.request_id is not None]
+
+    def _read_stream(self, key: str, start: str, batch: int) -> list[tuple[bytes, dict]]:
+        """Every entry of a stream from ``start`` (an XRANGE bound), in batches."""
+        out = []
         while True:
-            with self._call("read the events stream", trips_breaker=False):
-                entries = self.client.xrange(f"{self.p}:events", start, "+", count=batch)
-            out.extend((_position(entry_id), f[b"user_id"].decode(), _event(f)) for entry_id, f in entries)
+            entries = self.client.xrange(key, start, "+", count=batch)
+            out.extend(entries)
             if len(entries) < batch:
                 return out
             start = "(" + entries[-1][0].decode()
-
-    def feedback_since(self, since_ms: int) -> list[tuple[str, Event]]:
-        return [(user, event) for _, user, event in self.events_since((max(since_ms, 1) - 1, 2**63 - 1))
-                if event.request_id is not None]
 
     # ------------------------------------------------------------------ impressions and experiments
     def append_impressions(self, records: list[dict]) -> None:
-        """One script call per batch (``APPEND_IMPRESSIONS``)."""
-        keys = [f"{self.p}:impressions", *(f"{self.p}:imp:{r['request_id']}" for r in records)]
+        """One script call per batch and shard (``APPEND_IMPRESSIONS``). Impressions are not acknowledged to
+        a client, so they are not held for ``WAIT``."""
         with self._call("log impressions", trips_breaker=False):
-            self._append_impressions(keys=keys, args=[self.impression_retention, self.feedback_window_s,
-                                                      *(orjson.dumps(r) for r in records)])
+            by_shard: dict[int, tuple[list[str], list[bytes]]] = {}
+            for r in records:
+                shard, key = self.layout.impression(r["request_id"])
+                keys, bodies = by_shard.setdefault(shard, ([self.layout.impressions(shard)], []))
+                keys.append(key)
+                bodies.append(orjson.dumps(r))
+            for keys, bodies in by_shard.values():
+                self.client.execute_command("EVAL", APPEND_IMPRESSIONS, len(keys), *keys, self.impression_retention,
+                                            self.feedback_window_s, *bodies)
 
     def impression(self, request_id: str) -> dict | None:
         with self._call("read the impression"):
-            body = self.client.get(f"{self.p}:imp:{request_id}")
+            body = self.client.get(self.layout.impression(request_id)[1])
         return None if body is None else orjson.loads(body)
 
     def impressions_since(self, since_ms: int, batch: int = 10_000) -> list[dict]:
-        out, start = [], f"{since_ms}-0"
-        while True:
-            with self._call("read the impressions stream", trips_breaker=False):
-                entries = self.client.xrange(f"{self.p}:impressions", start, "+", count=batch)
-            out.extend(orjson.loads(f[b"r"]) for _, f in entries)
-            if len(entries) < batch:
-                return out
-            start = "(" + entries[-1][0].decode()
+        with self._call("read the impressions stream", trips_breaker=False):
+            layout = self.layout
+            shards = [[(_position(entry_id), f[b"r"]) for entry_id, f in
+                       self._read_stream(layout.impressions(s), f"{since_ms}-0", batch)] for s in range(layout.shards)]
+        return [orjson.loads(body) for _, body in heapq.merge(*shards, key=lambda e: e[0])]
 
     def experiments(self) -> dict[str, dict]:
         with self._call("read the experiments"):
-            records = self.client.hgetall(f"{self.p}:experiments")
+            records = self.client.hgetall(self.layout.experiments)
         return {k.decode(): orjson.loads(v) for k, v in records.items()}
 
     def put_experiment(self, name: str, record: dict) -> None:
         with self._call("record the experiment"):
-            self.client.hset(f"{self.p}:experiments", name, orjson.dumps(record))
+            self._write(self.layout.experiments, "HSET", self.layout.experiments, name, orjson.dumps(record))
 
     def delete_experiment(self, name: str) -> bool:
         with self._call("delete the experiment"):
-            return bool(self.client.hdel(f"{self.p}:experiments", name))
+            return bool(self._write(self.layout.experiments, "HDEL", self.layout.experiments, name))
 
     # ------------------------------------------------------------------ catalogue
     def append_change(self, item_id: str, item: dict | None) -> Position:
         """Numbered, streamed and folded in one script (atomic: concurrent writers cannot interleave
         the number and the stream order)."""
         body = orjson.dumps(item) if item is not None else b""
-        keys = [f"{self.p}:catalog:seq", f"{self.p}:catalog", f"{self.p}:items"]
         with self._call("record the catalogue change"):
-            entry_id = self._append_change(keys=keys, args=[item_id, body, self.catalog_maxlen])
+            keys = [self.layout.catalog_seq, self.layout.catalog, self.layout.items]
+            entry_id = self._write(keys[0], "EVAL", APPEND_CHANGE, 3, *keys, item_id, body, self.catalog_maxlen)
         return _position(entry_id)
 
     def catalog(self) -> tuple[dict[str, dict | None], Position]:
         with self._call("read the catalogue"):
             pipe = self.client.pipeline(transaction=True)
-            pipe.hgetall(f"{self.p}:items")
-            pipe.xrevrange(f"{self.p}:catalog", count=1)
+            pipe.hgetall(self.layout.items)
+            pipe.xrevrange(self.layout.catalog, count=1)
             items, last = pipe.execute()
         fold = {k.decode(): (orjson.loads(v) if v else None) for k, v in items.items()}
         return fold, _position(last[0][0]) if last else (0, 0)
@@ -178,10 +302,10 @@ class RedisStateStore:
     def changes_since(self, position: Position, wait_s: float = 0.0) -> list[Change]:
         """Blocks up to ``wait_s`` (XREAD BLOCK, at most ``MAX_WAIT_S``) for changes after ``position``."""
         block = int(min(wait_s, MAX_WAIT_S) * 1000) if wait_s > 0 else None
-        client = self.blocking if block else self.client
         with self._call("read catalogue changes", trips_breaker=not block):
-            reply = client.xread({f"{self.p}:catalog": "%d-%d" % position}, count=1000, block=block)
-        entries = reply[0][1] if reply else []
+            client = self.blocking if block else self.client
+            reply = client.xread({self.layout.catalog: "%d-%d" % position}, count=1000, block=block)
+        entries = _entries(reply)
         changes = [(_position(entry_id), f[b"item_id"].decode(), orjson.loads(f[b"item"]) if f[b"item"] else None, int(f[b"seq"]))
                    for entry_id, f in entries]
         if changes and position != (0, 0) and not self._contiguous(position, changes[0][3], trips_breaker=not block):
@@ -191,14 +315,14 @@ class RedisStateStore:
     def _contiguous(self, position: Position, first_seq: int, trips_breaker: bool) -> bool:
         """Whether the entry at ``position`` is numbered ``first_seq - 1`` (nothing was trimmed in between)."""
         with self._call("read catalogue changes", trips_breaker):
-            before = self.client.xrange(f"{self.p}:catalog", "%d-%d" % position, "%d-%d" % position)
+            before = self.client.xrange(self.layout.catalog, "%d-%d" % position, "%d-%d" % position)
         return bool(before) and int(before[0][1][b"seq"]) == first_seq - 1
 
     # ------------------------------------------------------------------ health
     def health(self) -> str | None:
         try:
             with self._call("ping"):
-                self.client.ping()
+                self.client.ping()  # on a cluster, every master
         except StoreUnavailable:
             return self._failure
         return None
@@ -209,16 +333,37 @@ class RedisStateStore:
         flushed or replaced Redis, or another spelling of the same URL, is judged by what it holds."""
         if self._source is None:
             with self._call("read the store id"):
-                self.client.set(f"{self.p}:store-id", uuid.uuid4().hex, nx=True)
-                self._source = f"redis:{self.client.get(f'{self.p}:store-id').decode()}"
+                key = self.layout.store_id
+                self.client.set(key, uuid.uuid4().hex, nx=True)
+                self._source = f"{'redis-cluster' if self.cluster else 'redis'}:{self.client.get(key).decode()}"
         return self._source
 
     def close(self) -> None:
-        self.client.close()
-        self.blocking.close()
+        for name in ("client", "blocking"):
+            if name in self.__dict__:  # made only if used
+                self.__dict__[name].close()
 
-    def _user_keys(self, user_id: str) -> tuple[str, str]:
-        return f"{self.p}:hist:{user_id}", f"{self.p}:ver:{user_id}"
+    # ------------------------------------------------------------------ plumbing
+    def _write(self, key: str, *command) -> object:
+        """Run one write command on ``key``'s node; with ``wait_replicas``, followed on the same connection by
+        ``WAIT``, and acknowledged only when that many replicas hold it."""
+        if not self.wait_replicas:
+            return self.client.execute_command(*command)
+        timeout_ms = max(1, int(self.timeout_s * 1000 * 0.8))  # the WAIT ends before the socket gives up
+        pipe = self.client.pipeline(transaction=False)
+        pipe.execute_command(*command)
+        if self.cluster:
+            node = self.client.get_node_from_key(key)
+            pipe.execute_command("WAIT", self.wait_replicas, timeout_ms, target_nodes=node)
+        else:
+            pipe.execute_command("WAIT", self.wait_replicas, timeout_ms)
+        result, replicas = pipe.execute()
+        if self.cluster and self.client.get_node_from_key(key) is not node:
+            raise redis.ConnectionError("the key's slot moved during the write: its replication is unconfirmed")
+        if replicas < self.wait_replicas:
+            raise redis.TimeoutError(f"written, but {replicas} of {self.wait_replicas} replicas confirmed it within "
+                                     f"{timeout_ms} ms: it may not survive a failover")
+        return result
 
     @contextmanager
     def _call(self, what: str, trips_breaker: bool = True) -> Iterator[None]:
@@ -228,9 +373,10 @@ class RedisStateStore:
         request's.)"""
         try:
             yield
-        except redis.RedisError as err:
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as err:
             failure = self._describe(err)
-            if trips_breaker and isinstance(err, (redis.ConnectionError, redis.TimeoutError)):
+            if trips_breaker and isinstance(err, (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError,
+                                                  redis.exceptions.RedisClusterException)):
                 self._failed_at, self._failure = time.monotonic(), failure  # a reply (OOM...) is not an outage
             raise StoreUnavailable(f"cannot {what}: {failure}") from err
         if trips_breaker:
@@ -238,6 +384,23 @@ class RedisStateStore:
 
     def _describe(self, err: Exception) -> str:
         return f"redis at {self.url} unavailable ({type(err).__name__}: {err})"
+
+
+def _start(after: Position | None, shard: int, cluster: bool) -> str:
+    """The XRANGE bound just after a watermark's entry for ``shard`` (the start of the stream when none)."""
+    if after is None:
+        return "-"
+    pair = tuple(after[2 * shard:2 * shard + 2]) if cluster else tuple(after)
+    return "(%d-%d" % pair if len(pair) == 2 else "-"
+
+
+def _entries(reply) -> list:
+    """XREAD's entries for its one stream (a cluster client answers a dict, a single one a list)."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):
+        return next(iter(reply.values()))[0]
+    return reply[0][1]
 
 
 def _event(f: dict) -> Event:

@@ -236,6 +236,14 @@ def test_state_startup(bundle, tmp_path):
     assert "250 records" in section(tmp_path, "state-startup")
 
 
+def test_redis_writes(tmp_path):
+    if shutil.which("redis-server") is None:
+        pytest.skip(reason="redis-server not installed (.ci/run installs it)")
+    out = run_bench("redis_writes", "--events", 40, "--threads", 2, "--runs", 1, "--docs", tmp_path)
+    assert "| cluster, 3 masters + 3 replicas | always | 1 |" in out and "| single Redis | everysec | 0 |" in out
+    assert "<!-- redis-writes:start -->" in (tmp_path / "benchmarks.md").read_text()
+
+
 def test_screenshot(bundle, catalog, tmp_path):
     if NO_BROWSER:
         pytest.skip(reason=NO_BROWSER)

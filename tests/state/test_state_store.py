@@ -17,7 +17,7 @@ from loguru import logger
 from recsys.bundle import resolve
 from recsys.state import files as store_module
 from recsys.state.files import FileStateStore
-from recsys.state.protocol import Event, StoreUnavailable
+from recsys.state.protocol import Event, StoreUnavailable, mark_of
 from tests.servicekit import AUTH, unique_prefix
 
 ITEM = {"item_id": "new", "title": "", "genres": [], "year": None, "features": {}}
@@ -32,7 +32,7 @@ def warnings():
     logger.remove(sink)
 
 
-@pytest.fixture(params=["file", "redis"])
+@pytest.fixture(params=["file", "redis", "redis-cluster"])
 def make_store(request, tmp_path):
     """``make_store(cap=...)``: a store of the parametrised backend on this test's state."""
     opened = []
@@ -46,7 +46,8 @@ def make_store(request, tmp_path):
         else:
             from recsys.state.redis import RedisStateStore
 
-            store = RedisStateStore(request.getfixturevalue("redis_url"), cap, prefix, **kw)
+            url = request.getfixturevalue("redis_cluster_url" if request.param == "redis-cluster" else "redis_url")
+            store = RedisStateStore(url, cap, prefix, **kw)
         opened.append(store)
         return store
 
@@ -79,18 +80,26 @@ def test_events_are_kept_in_order_and_versioned(make_store):
 
 def test_events_read_back_in_order_and_history_skips_what_a_watermark_covers(make_store):
     s = make_store()
-    recorded = [("u1", Event("i1", 4.0, 10)), ("u2", Event("i2", None, 11)), ("u1", Event("i3", 2.5, 12))]
+    recorded = [("u1", Event("i1", 4.0, 10)), ("u2", Event("i2", None, 11)), ("u1", Event("i3", 2.5, 12)),
+                ("u3", Event("i1", 1.0, 13))]
     for user, event in recorded:
         s.append_event(user, event)
     logged = s.events_since()
-    assert [(user, event) for _, user, event in logged] == recorded
+    if make_store.backend == "redis-cluster":  # users on different shards: each user's events in order
+        assert sorted((user, event) for _, user, event in logged) == sorted(recorded)
+        assert [e for _, u, e in logged if u == "u1"] == [Event("i1", 4.0, 10), Event("i3", 2.5, 12)]
+    else:
+        assert [(user, event) for _, user, event in logged] == recorded
     positions = [at for at, _, _ in logged]
-    assert positions == sorted(positions) and len(set(positions)) == 3
-    watermark = positions[1]  # a bundle trained on the first two events
+    assert positions == sorted(positions) and len(set(positions)) == 4
+    watermark = mark_of(positions[:2])  # a bundle trained on the first two events read
     assert s.events_since(watermark) == logged[2:]
-    assert s.history("u1", after=watermark) == (2, [Event("i3", 2.5, 12)])  # the version still counts both
-    assert s.history("u2", after=watermark) == (1, [])
-    assert make_store().history("u1", after=watermark) == (2, [Event("i3", 2.5, 12)])  # kept across restarts
+    for user in ("u1", "u2", "u3"):
+        later = [e for _, u, e in logged[2:] if u == user]
+        total = sum(u == user for u, _ in recorded)
+        assert s.history(user, after=watermark) == (total, later)  # the version still counts them all
+        assert make_store().history(user, after=watermark) == (total, later)  # kept across restarts
+    assert s.events_since(mark_of(positions)) == []
 
 
 def test_history_is_capped_but_its_version_keeps_counting(make_store):
@@ -301,7 +310,7 @@ def test_a_bundle_trained_up_to_a_watermark_does_not_count_those_events_again(ba
         state = client.app.state.service
         for item in ("i1", "i2"):
             assert client.post("/events", json={"user_id": "walk-in", "item_id": item}).status_code == 200
-        watermark = state.store.events_since()[-1][0]
+        watermark = mark_of([at for at, _, _ in state.store.events_since()])
         for source, answer in ((state.store.source + "-elsewhere", 200), (state.store.source, 404)):
             manifest = json.loads((vdir / "manifest.json").read_text())
             manifest["version"] = f"with-watermark-{answer}"
