@@ -33,9 +33,12 @@ RUN useradd --create-home --uid 10001 --user-group app \
     && chown app:app /artifacts /data
 USER app
 
+# numba compiles the feature kernel once and caches it; the package directory is not writable here (and the
+# root filesystem is read-only under Kubernetes), /tmp is.
 ENV RECSYS_BUNDLE_DIR=/artifacts \
     RECSYS_DATA_DIR=/data/ml-100k \
-    RECSYS_TEXT_MODEL_DIR=/data/all-MiniLM-L6-v2
+    RECSYS_TEXT_MODEL_DIR=/data/all-MiniLM-L6-v2 \
+    NUMBA_CACHE_DIR=/tmp/numba-cache
 
 EXPOSE 8000
 

@@ -3,13 +3,17 @@
 ``ranker_features`` turns one request (a user's time-ordered history, demographics and the
 recall stage's candidates) into a ``[n_candidates, F]`` float32 matrix. The trainer calls it
 once per query; the service calls it once per request with the same arrays from the bundle,
-so training and serving cannot drift apart. It is plain vectorised numpy: about 0.4 ms for
-200 candidates on one core (docs/benchmarks.md, "Re-ranker").
+so training and serving cannot drift apart.
 
 Statistics that come from interactions (popularity, average rating, item neighbours)
 are computed on the train window only (``ranker_arrays``), so the ranker's labels,
 which come from the later valid window, never leak into its features. The values here are
 raw; the ranker standardises them with statistics it stores itself.
+
+A request's columns are of two kinds: those that vary by candidate (``candidate_block``, one compiled pass
+over the candidates, ``_fill_block``) and those that are the user's alone (``UserFeatures.constant``: history
+length, mean rating, demographics), computed once per history version. ``assemble`` lays them out as
+``feature_names`` says; the MLP ranker never needs the assembled matrix (``recsys.scorer``).
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from recsys.topk import row_top
 
@@ -129,6 +134,27 @@ def ranker_features(tables: RankerTables, history_items: np.ndarray, history_rat
     return candidate_features(tables, user, candidates, recall_scores, n_tower)
 
 
+VARYING = FEATURE_NAMES.index("history_log_len")  # the fixed block's leading columns that vary by candidate
+USER_FIXED = len(FEATURE_NAMES) - VARYING  # then history_log_len and user_mean_rating: the user's alone
+
+
+def layout(n_genres: int, n_features: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where ``candidate_block``'s columns and ``UserFeatures.constant``'s sit in ``feature_names``' order."""
+    block = np.r_[0:VARYING, len(FEATURE_NAMES):len(FEATURE_NAMES) + n_genres]
+    constant = np.r_[VARYING:len(FEATURE_NAMES), len(FEATURE_NAMES) + n_genres:n_features]
+    return block, constant
+
+
+def assemble(block: np.ndarray, constant: np.ndarray) -> np.ndarray:
+    """The ``[n, F]`` features from a candidate block and the user's constant columns."""
+    n_genres = block.shape[1] - VARYING
+    cols_block, cols_constant = layout(n_genres, block.shape[1] + len(constant))
+    out = np.empty((len(block), len(cols_block) + len(cols_constant)), np.float32)
+    out[:, cols_block] = block
+    out[:, cols_constant] = constant
+    return out
+
+
 @dataclass(frozen=True)
 class UserFeatures:
     """Everything in a request's features that depends on the user alone (history, demographics)."""
@@ -139,7 +165,7 @@ class UserFeatures:
     log_pop: float
     year: float
     mean_rating: float
-    recent_vectors: np.ndarray  # [r, d] the recent items' vectors, newest first
+    sim_matrix: np.ndarray  # [d, r + 1]: the recent items' vectors (newest first), then ``profile``
     recent_weights: np.ndarray  # [r] recency weights
     neighbour_ids: np.ndarray  # sorted item rows that are neighbours of a recent item
     neighbour_total: np.ndarray  # their recency-weighted summed neighbour weight
@@ -147,7 +173,7 @@ class UserFeatures:
     seq_ids: np.ndarray  # the same from the sequence neighbour lists
     seq_total: np.ndarray
     seq_best: np.ndarray
-    demographics: np.ndarray
+    constant: np.ndarray  # [USER_FIXED + demographics] the columns every candidate shares
 
 
 def user_features(tables: RankerTables, history_items: np.ndarray, history_ratings: np.ndarray,
@@ -159,42 +185,94 @@ def user_features(tables: RankerTables, history_items: np.ndarray, history_ratin
     weights = np.exp(-np.arange(len(recent)) / RECENCY_HALFLIFE).astype(np.float32)
     ease = _neighbour_evidence(tables.item_neighbours, tables.item_neighbour_sims, recent, weights)
     seq = _neighbour_evidence(tables.item_seq_neighbours, tables.item_seq_neighbour_sims, recent, weights)
-    demographics = np.concatenate([np.asarray(user_num, np.float32), _one_hot(tables, user_cat)])
-    return UserFeatures(len(history_items), profile["genres"], profile["profile"], profile["log_pop"], profile["year"],
-                        profile["mean_rating"], tables.item_vectors[recent], weights, *ease, *seq, demographics)
+    constant = np.concatenate([[np.log1p(len(history_items)), profile["mean_rating"]], np.asarray(user_num, np.float32),
+                               _one_hot(tables, user_cat)]).astype(np.float32)
+    sim_matrix = np.ascontiguousarray(np.column_stack([tables.item_vectors[recent].T, profile["profile"]]), np.float32)
+    return UserFeatures(len(history_items), profile["genres"].astype(np.float32), profile["profile"], profile["log_pop"],
+                        profile["year"], profile["mean_rating"], sim_matrix, weights, *ease, *seq, constant)
 
 
 def candidate_features(tables: RankerTables, user: UserFeatures, candidates: np.ndarray, recall_scores: np.ndarray,
                        n_tower: int | None = None) -> np.ndarray:
     """The request's ``[n_candidates, F]`` features from the user's part and the candidates (the
     first ``n_tower`` from the two-tower, default all; the rest from the item-item channel)."""
-    n = len(candidates)
-    n_tower = n if n_tower is None else n_tower
-    scores = np.asarray(recall_scores, np.float32)
-    cand_vecs = tables.item_vectors[candidates]
-    static = tables.item_static[candidates]
-    genres = tables.item_genres[candidates]
-    fixed = np.column_stack([
-        scores,
-        np.log1p(np.arange(n)),
-        scores - (scores.max() if n else 0.0),
-        (scores - scores.mean()) / (scores.std() + 1e-6) if n else scores,
-        np.arange(n) >= n_tower,
-        *_vector_similarities(cand_vecs, user),
-        *_neighbour_weights(user.neighbour_ids, user.neighbour_total, user.neighbour_best, np.asarray(candidates, np.int64)),
-        *_neighbour_weights(user.seq_ids, user.seq_total, user.seq_best, np.asarray(candidates, np.int64)),
-        genres @ user.genres / np.maximum(genres.sum(axis=1), 1.0),
-        static[:, 0],
-        static[:, 0] - user.log_pop,
-        static[:, 1],
-        static[:, 2],
-        static[:, 3],
-        static[:, 2] - user.year,
-        np.full(n, np.log1p(user.n_history)),
-        np.full(n, user.mean_rating),
-    ])
-    return np.concatenate([fixed, genres, np.broadcast_to(user.demographics, (n, len(user.demographics)))],
-                          axis=1).astype(np.float32)
+    return assemble(candidate_block(tables, user, candidates, recall_scores, n_tower), user.constant)
+
+
+def candidate_block(tables: RankerTables, user: UserFeatures, candidates: np.ndarray, recall_scores: np.ndarray,
+                    n_tower: int | None = None) -> np.ndarray:
+    """The columns that vary by candidate, ``[n, VARYING + n_genres]``: one matmul for every vector similarity,
+    then one compiled pass (``_fill_block``) instead of some forty numpy calls on short arrays."""
+    cands = np.asarray(candidates, np.int64)
+    n_tower = len(cands) if n_tower is None else n_tower
+    sims = np.take(tables.item_vectors, cands, axis=0) @ user.sim_matrix
+    out = np.empty((len(cands), VARYING + tables.item_genres.shape[1]), np.float32)
+    _fill_block(out, cands, np.asarray(recall_scores, np.float32), n_tower, sims, user.recent_weights,
+                user.neighbour_ids, user.neighbour_total, user.neighbour_best, user.seq_ids, user.seq_total, user.seq_best,
+                tables.item_static, tables.item_genres, user.genres, user.log_pop, user.year)
+    return out
+
+
+def compile_kernels(tables: RankerTables) -> None:
+    """Compile the feature kernel (or load it from numba's cache, ``NUMBA_CACHE_DIR``) for these tables' types, so
+    that the first request does not pay the seconds it takes."""
+    user = user_features(tables, np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(len(tables.user_cat_sizes), np.int64),
+                         np.zeros(0, np.float32))
+    candidate_block(tables, user, np.zeros(1, np.int64), np.zeros(1, np.float32))
+
+
+@njit(cache=True, nogil=True)
+def _fill_block(out, cands, scores, n_tower, sims, weights, nb_ids, nb_total, nb_best, seq_ids, seq_total, seq_best,
+                item_static, item_genres, user_genres, user_log_pop, user_year):  # pragma: no cover (compiled)
+    """``candidate_block``'s columns in FEATURE_NAMES order, then the item's genres. ``sims``: each candidate's
+    cosine to the recent items (newest first) and, last, to the history's profile."""
+    n, r, n_genres = len(cands), len(weights), item_genres.shape[1]
+    top, total = -np.inf, 0.0
+    for i in range(n):
+        top = max(top, scores[i])
+        total += scores[i]
+    mean = total / max(n, 1)
+    spread = 0.0
+    for i in range(n):
+        spread += (scores[i] - mean) ** 2
+    std = np.sqrt(spread / max(n, 1))
+    weight_sum = 0.0
+    for j in range(r):
+        weight_sum += weights[j]
+    for i in range(n):
+        c, s = cands[i], scores[i]
+        out[i, 0], out[i, 1], out[i, 2] = s, np.log1p(i), s - top
+        out[i, 3], out[i, 4] = (s - mean) / (std + 1e-6), 1.0 if i >= n_tower else 0.0
+        if r:
+            best, at, weighted = sims[i, 0], 0, 0.0
+            for j in range(r):
+                weighted += sims[i, j] * weights[j]
+                if sims[i, j] > best:
+                    best, at = sims[i, j], j
+            out[i, 5], out[i, 6], out[i, 7], out[i, 8] = sims[i, 0], best, weighted / weight_sum, at
+        else:
+            out[i, 5], out[i, 6], out[i, 7], out[i, 8] = 0.0, 0.0, 0.0, RECENT
+        out[i, 9] = sims[i, r]
+        out[i, 10], out[i, 11] = _evidence(nb_ids, nb_total, nb_best, c)
+        out[i, 12], out[i, 13] = _evidence(seq_ids, seq_total, seq_best, c)
+        has, taste = 0.0, 0.0
+        for g in range(n_genres):
+            has += item_genres[c, g]
+            taste += item_genres[c, g] * user_genres[g]
+            out[i, VARYING + g] = item_genres[c, g]
+        out[i, 14] = taste / max(has, 1.0)
+        log_pop, rating, year, missing = item_static[c, 0], item_static[c, 1], item_static[c, 2], item_static[c, 3]
+        out[i, 15], out[i, 16], out[i, 17] = log_pop, log_pop - user_log_pop, rating
+        out[i, 18], out[i, 19], out[i, 20] = year, missing, year - user_year
+
+
+@njit(cache=True, nogil=True)
+def _evidence(ids, totals, bests, item):  # pragma: no cover (compiled)
+    """An item's neighbour evidence from the user's sorted lists: (recency-weighted total, max weight, >= 0)."""
+    at = np.searchsorted(ids, item)
+    if at < len(ids) and ids[at] == item:
+        return totals[at], max(bests[at], 0.0)
+    return 0.0, 0.0
 
 
 def merge_candidates(user: UserFeatures, items: np.ndarray, scores: np.ndarray, user_vector: np.ndarray,
@@ -249,17 +327,6 @@ def _user_profile(tables: RankerTables, items: np.ndarray, ratings: np.ndarray) 
             "year": float(static[:, 2].mean()), "mean_rating": float(ratings.mean())}
 
 
-def _vector_similarities(cand_vecs: np.ndarray, user: UserFeatures) -> list[np.ndarray]:
-    """Cosine to the newest item, max and recency-weighted mean over the recent ones, how many steps
-    back the most similar recent item lies, and cosine to the mean of the whole history."""
-    n = len(cand_vecs)
-    if not len(user.recent_weights):
-        return [np.zeros(n, np.float32)] * 3 + [np.full(n, float(RECENT), np.float32), np.zeros(n, np.float32)]
-    sims = cand_vecs @ user.recent_vectors.T  # [n, r], column 0 = newest
-    w = user.recent_weights
-    return [sims[:, 0], sims.max(axis=1), sims @ w / w.sum(), sims.argmax(axis=1).astype(np.float32), cand_vecs @ user.profile]
-
-
 def _neighbour_evidence(nbrs: np.ndarray, nbr_sims: np.ndarray, recent: np.ndarray,
                         weights: np.ndarray) -> tuple[np.ndarray, ...]:
     """Item-item evidence from the train window, per item: the recency-weighted sum and the max of its
@@ -275,19 +342,6 @@ def _neighbour_evidence(nbrs: np.ndarray, nbr_sims: np.ndarray, recent: np.ndarr
     best = np.full(len(ids), -np.inf)
     np.maximum.at(best, slot, sims.ravel()[keep].astype(np.float64))
     return ids, total, best
-
-
-def _neighbour_weights(ids: np.ndarray, totals: np.ndarray, bests: np.ndarray, candidates: np.ndarray) -> list[np.ndarray]:
-    """The candidates' neighbour evidence (0 for a candidate no recent item points at)."""
-    n = len(candidates)
-    total, best = np.zeros(n, np.float32), np.zeros(n, np.float32)
-    if not len(ids) or not n:
-        return [total, best]
-    pos = np.clip(np.searchsorted(ids, candidates), 0, len(ids) - 1)
-    hit = ids[pos] == candidates
-    total[hit] = totals[pos[hit]]
-    best[hit] = np.maximum(bests[pos[hit]], 0.0)
-    return [total, best]
 
 
 def _one_hot(tables: RankerTables, user_cat: np.ndarray) -> np.ndarray:

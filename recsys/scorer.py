@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from recsys.rank_features import FEATURE_NAMES, assemble, layout
+
 BLOCK = 2048  # rows per matmul block when scoring
 
 
@@ -24,33 +26,60 @@ class Ranker:
     def score(self, features: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def score_parts(self, blocks: list[np.ndarray], constants: list[np.ndarray]) -> np.ndarray:
+        """The scores of several users' candidates, given as each user's candidate block and constant columns
+        (``recsys.rank_features.candidate_block`` / ``UserFeatures.constant``): assembled, then ``score``."""
+        return self.score(np.concatenate([assemble(b, k) for b, k in zip(blocks, constants)]))
+
 
 class MLPRanker(Ranker):
-    """The MLP replayed with numpy matmuls: no torch on the request path."""
+    """The MLP replayed with numpy matmuls: no torch on the request path.
+
+    The stored standardisation is folded into the first layer (``(x - mean) / std @ W + b`` is ``x @ W' + b'``),
+    and that layer is split by column: the user's constant columns contribute one bias per user, so a request's
+    first layer multiplies only the columns that vary by candidate (``score_parts``)."""
 
     kind = "mlp"
 
     def __init__(self, state: dict):
         super().__init__(state)
-        self.mean = _np(state["mean"])
-        self.inv_std = 1.0 / _np(state["std"])
+        mean, inv_std = _np(state["mean"]), 1.0 / _np(state["std"])
         sd = state["state_dict"]
         linear = sorted({k.rsplit(".", 1)[0] for k in sd}, key=lambda k: int(k.split(".")[1]))
-        self.weights = [np.ascontiguousarray(_np(sd[f"{name}.weight"]).T) for name in linear]
-        self.biases = [_np(sd[f"{name}.bias"]) for name in linear]
+        weights = [np.ascontiguousarray(_np(sd[f"{name}.weight"]).T) for name in linear]
+        biases = [_np(sd[f"{name}.bias"]) for name in linear]
+        self.first = np.ascontiguousarray(weights[0] * inv_std[:, None])
+        self.first_bias = (biases[0] - (mean * inv_std) @ weights[0]).astype(np.float32)
+        self.first_block = self.first_constant = None  # a model of other inputs (tests, experiments) has no split
+        if self.feature_names[: len(FEATURE_NAMES)] == FEATURE_NAMES:
+            n_genres = sum(name.startswith("genre_") for name in self.feature_names[len(FEATURE_NAMES):])
+            block, constant = layout(n_genres, len(self.feature_names))
+            self.first_block, self.first_constant = np.ascontiguousarray(self.first[block]), self.first[constant]
+        self.weights, self.biases = weights[1:], biases[1:]
 
     def score(self, features: np.ndarray) -> np.ndarray:
         """Scored in blocks of ``BLOCK`` rows, so that a batch's intermediates stay in cache (one pass over the
         250k candidates of a 943-user batch took twice as long as blocks of 2048)."""
         features = np.asarray(features, np.float32)
-        return np.concatenate([self._score(features[i : i + BLOCK]) for i in range(0, len(features), BLOCK)] or
+        return self._chunks(len(features), lambda rows: features[rows] @ self.first + self.first_bias)
+
+    def score_parts(self, blocks: list[np.ndarray], constants: list[np.ndarray]) -> np.ndarray:
+        if self.first_block is None:
+            return super().score_parts(blocks, constants)
+        x = np.concatenate(blocks) if len(blocks) != 1 else blocks[0]
+        bias = np.stack([self.first_bias + k @ self.first_constant for k in constants])
+        owner = np.repeat(np.arange(len(blocks)), [len(b) for b in blocks])
+        return self._chunks(len(x), lambda rows: x[rows] @ self.first_block + bias[owner[rows]])
+
+    def _chunks(self, n: int, first_layer) -> np.ndarray:
+        return np.concatenate([self._rest(first_layer(slice(i, i + BLOCK))) for i in range(0, n, BLOCK)] or
                               [np.zeros(0, np.float32)])
 
-    def _score(self, features: np.ndarray) -> np.ndarray:
-        x = (features - self.mean) * self.inv_std
-        for w, b in zip(self.weights[:-1], self.biases[:-1]):
-            x = np.maximum(x @ w + b, 0.0)
-        return (x @ self.weights[-1] + self.biases[-1]).ravel()
+    def _rest(self, x: np.ndarray) -> np.ndarray:
+        """The layers after the first (whose output ``x`` is; a linear model has none)."""
+        for w, b in zip(self.weights, self.biases):
+            x = np.maximum(x, 0.0) @ w + b
+        return x.ravel()
 
 
 class LambdaMARTRanker(Ranker):

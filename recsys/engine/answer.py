@@ -36,8 +36,11 @@ class Answers:
 
     def response(self, ctx: UserContext, catalog: Catalog, entries: list[Entry], fallback: str | None,
                  opts: RecommendOptions, cands: Candidates | None = None) -> dict:
+        rows = np.fromiter((entry[0] for entry in entries), np.int64, len(entries))
         out = {"user_id": ctx.raw_id, "fallback": fallback,
-               "items": [self.item(catalog, *entry[:5], entry[5] if opts.explain else None, entry[6]) for entry in entries]}
+               "items": [{**described, "recall_score": entry[1], "recall_rank": entry[3], "ranking_score": entry[2],
+                          "popularity": entry[4], "source": entry[6], **({"features": entry[5]} if opts.explain else {})}
+                         for described, entry in zip(self.describe(catalog, rows), entries)]}
         if opts.trace:
             out["trace"] = {"history": self._history(ctx, catalog), "history_length": len(ctx.hist_items),
                             "candidates": [] if cands is None else cands.trace(catalog)}
@@ -45,15 +48,23 @@ class Answers:
 
     def item(self, catalog: Catalog, row: int, recall_score, ranking_score, recall_rank, popularity=None, features=None,
              source=None) -> dict:
-        year = catalog.arrays["item_year"][row]
-        genres = catalog.arrays["item_genres"][row]
-        out = {"item_id": catalog.ids[row], "title": catalog.titles[row],
-               "genres": [self.genre_names[j] for j in np.flatnonzero(genres)], "year": None if np.isnan(year) else int(year),
-               "recall_score": recall_score, "recall_rank": recall_rank, "ranking_score": ranking_score,
-               "popularity": popularity, "source": source}
+        (out,) = self.describe(catalog, np.array([row]))
+        out.update(recall_score=recall_score, recall_rank=recall_rank, ranking_score=ranking_score, popularity=popularity,
+                   source=source)
         if features is not None:
             out["features"] = features
         return out
+
+    def describe(self, catalog: Catalog, rows: np.ndarray) -> list[dict]:
+        """Each row's id, title, genre names and year: the items' part of an answer, read in one gather per array."""
+        years = catalog.arrays["item_year"][rows].tolist()
+        has, genre = np.nonzero(catalog.arrays["item_genres"][rows])
+        names: list[list[str]] = [[] for _ in range(len(rows))]
+        for i, g in zip(has.tolist(), genre.tolist()):
+            names[i].append(self.genre_names[g])
+        return [{"item_id": catalog.ids[row], "title": catalog.titles[row], "genres": names[i],
+                 "year": None if year != year else int(year)}  # NaN: unknown year
+                for i, (row, year) in enumerate(zip(rows.tolist(), years))]
 
     def _reasons(self, ctx: UserContext, catalog: Catalog, c: Candidates, i: int) -> dict:
         """An answer's explanation: the ranker's features of candidate ``i``, or the recall reasons without a ranker."""

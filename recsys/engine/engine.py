@@ -27,7 +27,7 @@ from recsys.engine.upserts import CatalogChanges
 from recsys.engine.users import History, UserContext, Users
 from recsys.errors import InvalidInput, RecsysError
 from recsys.query import RecommendOptions, RecommendRequest
-from recsys.rank_features import readable_feature_names
+from recsys.rank_features import compile_kernels, readable_feature_names
 from recsys.scorer import Ranker, load_ranker
 from recsys.text import shared_encoder
 
@@ -58,6 +58,8 @@ class Engine:
                                 {k: v for k, v in a.items() if is_item_array(k, v, n)}, np.ones(n, bool),
                                 a if self.ranker is not None else None)
         self.live = LiveCatalog(bundle.index, catalog)
+        if catalog.ranker_tables is not None:
+            compile_kernels(catalog.ranker_tables)  # here, at load, not on the first request
         self.users = Users(bundle, self.spec, self.live, self.meta.n_items, cache_size=cache_size)
         encoder = shared_encoder(self.spec.text_encoder or {}) if self.spec.text_dim else None  # loaded here, not on a request
         self.changes = CatalogChanges(bundle, self.spec, self.live, self._genre_cols, self.meta.n_items, self.ranker is not None,

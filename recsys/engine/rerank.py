@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -11,7 +12,7 @@ from recsys.engine.allowed import Allowed
 from recsys.engine.catalog import NOTHING, Catalog
 from recsys.engine.search import Found
 from recsys.engine.users import UserContext
-from recsys.rank_features import RankerTables, UserFeatures, candidate_features, merge_candidates
+from recsys.rank_features import RankerTables, UserFeatures, assemble, candidate_block, merge_candidates
 from recsys.scorer import Ranker
 
 TOWER, ITEM_ITEM = "two-tower", "item-item"  # a recommended item's candidate source
@@ -20,14 +21,21 @@ TOWER, ITEM_ITEM = "two-tower", "item-item"  # a recommended item's candidate so
 @dataclass
 class Candidates:
     """One user's candidates as the re-ranker saw them: the two-tower's in recall order, then the item-item
-    channel's (``n_tower`` splits them); ``top`` indexes the returned ones, best first."""
+    channel's (``n_tower`` splits them); ``top`` indexes the returned ones, best first. Their ranker features
+    are kept as computed (the candidate block and the user's constant columns), assembled only for an
+    explanation."""
 
     items: np.ndarray
     recall: np.ndarray
     n_tower: int
-    features: np.ndarray | None = None
+    block: np.ndarray | None = None
+    constant: np.ndarray | None = None
     ranking: np.ndarray | None = None
     top: np.ndarray = field(default_factory=lambda: NOTHING)
+
+    @cached_property
+    def features(self) -> np.ndarray:
+        return assemble(self.block, self.constant)
 
     def order(self, k: int) -> np.ndarray:
         """The first ``k`` by ranking score (ties: recall order), or in recall order without a ranker."""
@@ -60,10 +68,10 @@ def rerank(ranker: Ranker | None, item_item_candidates: int, ctxs: Sequence[User
         user = user_features(ctx, tables)
         cands, scores, n_tower = merge_candidates(user, cands, scores, vec, tables.item_vectors, item_item_candidates,
                                                   admit=lambda ids, a=allowed, c=catalog: a.admits(ids, c))
-        lists.append(Candidates(cands, scores, n_tower, candidate_features(tables, user, cands, scores, n_tower)))
-    scored = [c for c in lists if c.features is not None]
+        lists.append(Candidates(cands, scores, n_tower, candidate_block(tables, user, cands, scores, n_tower), user.constant))
+    scored = [c for c in lists if c.block is not None]
     if scored:
-        ranking = ranker.score(np.concatenate([c.features for c in scored]))
+        ranking = ranker.score_parts([c.block for c in scored], [c.constant for c in scored])
         for c, part in zip(scored, np.split(ranking, np.cumsum([len(c.items) for c in scored])[:-1])):
             c.ranking = part
     return lists

@@ -394,3 +394,27 @@ def test_report_compares_rerankers_with_the_recall_order(bundle_root):
         assert f"two-tower + {name}" in metrics["test"]
         ci = ranker["test_ndcg@10_minus"][f"two-tower + {name}"]["two-tower (hnsw)"]
         assert ci["lo"] <= ci["mean"] <= ci["hi"] and ci["users"] > 0
+
+
+def test_the_split_first_layer_scores_as_the_assembled_features(bundle_root):
+    """The MLP's first layer, folded with its standardisation and split into the candidate block and one bias per
+    user (``score_parts``), scores what ``score`` gives the assembled ``[n, F]`` features, and the block plus the
+    user's constant columns assemble into ``candidate_features``."""
+    from recsys.rank_features import assemble, candidate_block, candidate_features, user_features
+
+    bundle = read_bundle(bundle_root)
+    a, ranker = bundle.arrays, load_ranker(bundle.ranker)
+    assert ranker.first_block is not None  # a bundle's ranker reads the standard layout
+    tables = RankerTables.from_arrays(a)
+    blocks, constants, full = [], [], []
+    for user, n in ((0, 30), (5, 1), (9, 17)):
+        lo, hi = a["history_offsets"][user : user + 2]
+        features = user_features(tables, a["history_items"][lo:hi], a["history_ratings"][lo:hi], a["user_cat"][user],
+                                 a["user_num"][user])
+        cands = np.arange(n, dtype=np.int64) * 3 % len(a["item_vectors"])
+        scores = np.linspace(1, 0, n, dtype=np.float32)
+        blocks.append(candidate_block(tables, features, cands, scores, n - 1))
+        constants.append(features.constant)
+        full.append(candidate_features(tables, features, cands, scores, n - 1))
+        assert np.array_equal(assemble(blocks[-1], constants[-1]), full[-1])
+    assert np.allclose(ranker.score_parts(blocks, constants), ranker.score(np.concatenate(full)), atol=1e-5)

@@ -87,7 +87,7 @@ def test_a_user_known_only_by_online_events_is_answered_in_a_batch(backend_start
 def test_one_tower_call_and_one_ranker_pass_for_the_whole_batch(client, monkeypatch):
     engine = app.state.service.engine
     calls = {"tower": 0, "ranker": 0, "ann": 0}
-    tower, score, index = engine.bundle.user_tower, engine.ranker.score, engine.live.index
+    tower, score, index = engine.bundle.user_tower, engine.ranker.score_parts, engine.live.index
 
     def counted(name, fn):
         def wrapper(*args, **kwargs):
@@ -100,7 +100,7 @@ def test_one_tower_call_and_one_ranker_pass_for_the_whole_batch(client, monkeypa
             return counted("ann", index.knn_query) if name == "knn_query" else getattr(index, name)
 
     monkeypatch.setattr(engine.bundle, "user_tower", counted("tower", tower))
-    monkeypatch.setattr(engine.ranker, "score", counted("ranker", score))
+    monkeypatch.setattr(engine.ranker, "score_parts", counted("ranker", score))
     monkeypatch.setattr(engine.live, "index", CountingIndex())
     monkeypatch.setattr(engine.users, "vector_cache", {})
     users = [f"u{i}" for i in range(40)]
