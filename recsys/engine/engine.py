@@ -22,7 +22,7 @@ from recsys.engine.answer import Answers
 from recsys.engine.catalog import Catalog, LiveCatalog, is_item_array
 from recsys.engine.filters import EXACT_LIMIT, RowFilter
 from recsys.engine.rerank import rerank
-from recsys.engine.search import Found, popular, search_many
+from recsys.engine.search import EXACT_FETCH_SHARE, Found, popular, search_many
 from recsys.engine.upserts import CatalogChanges
 from recsys.engine.users import History, UserContext, Users
 from recsys.errors import InvalidInput, RecsysError
@@ -51,6 +51,7 @@ class Engine:
         a, cat = bundle.arrays, bundle.catalog
         n = len(cat["item_ids"])
         self.bundle, self.exact_limit, self.meta = bundle, exact_limit, bundle.meta
+        self.exact_share = EXACT_FETCH_SHARE  # a first fetch of this share of the catalogue scores it exactly
         self.spec = self.meta.feature_spec
         self.ranker: Ranker | None = load_ranker(bundle.ranker) if bundle.ranker is not None else None
         self.genre_col = {g: j for j, g in enumerate(cat["genre_names"])}
@@ -182,7 +183,7 @@ class Engine:
                 vecs = self.users.vectors(ctxs)
             with metrics.timed("ann_search", timings, histogram):
                 depth = max(opts.candidates or default_candidates or self.bundle_candidates, opts.k)
-                found = search_many(self.live, vecs, depth, alloweds)
+                found = search_many(self.live, vecs, depth, alloweds, self.exact_share)
             with metrics.timed("rerank", timings, histogram):
                 lists = rerank(self.ranker if ranker else None, self.meta.item_item_candidates if item_item else 0, ctxs, found,
                                vecs, alloweds, self.users.ranker_features)
@@ -222,7 +223,7 @@ class Engine:
         return self.admission(catalog, filters)(seen)
 
     def search(self, vec: np.ndarray, depth: int, allowed: Allowed) -> Found:
-        return search_many(self.live, vec[None], depth, [allowed])[0]
+        return search_many(self.live, vec[None], depth, [allowed], self.exact_share)[0]
 
     def popular(self, catalog: Catalog, allowed: Allowed, k: int) -> list[tuple]:
         """The popularity fallback's entries: the ``k`` most popular allowed items."""

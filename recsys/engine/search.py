@@ -14,14 +14,20 @@ from recsys.engine.catalog import NOTHING, Catalog, LiveCatalog
 from recsys.topk import top_k
 
 EXACT_SEARCH_FACTOR = 2  # below depth * this many allowed items, scoring them all beats over-fetching
+# A first fetch of at least this share of the catalogue makes HNSW visit most of its graph (hnswlib's beam is
+# max(ef, k)): one matrix-vector product over the catalogue is then cheaper, and exact. On MovieLens-100K (depth
+# 200 plus the user's seen items, over 1,682 items) it is every request: docs/benchmarks.md, "Engine CPU".
+EXACT_FETCH_SHARE = 0.05
 FETCH_GROWTH = 4  # an over-fetch that did not fill the list asks for this many times more
 
 Found = tuple[Catalog, np.ndarray, np.ndarray]  # the snapshot searched, item rows, inner products (best first)
 
 
-def search_many(live: LiveCatalog, vecs: np.ndarray, depth: int, alloweds: Sequence[Allowed]) -> list[Found]:
-    """Each user's top-``depth`` allowed items: exact over a narrow filter's rows (or a tiny catalogue), else HNSW
-    with over-fetch, checking each result; the HNSW users in one batched query.
+def search_many(live: LiveCatalog, vecs: np.ndarray, depth: int, alloweds: Sequence[Allowed],
+                exact_share: float = EXACT_FETCH_SHARE) -> list[Found]:
+    """Each user's top-``depth`` allowed items: exact over a narrow filter's rows, or when the first fetch would be at
+    least ``exact_share`` of the catalogue (a small one), else HNSW with over-fetch, checking each result; the HNSW
+    users in one batched query.
 
     A broad filter that still leaves the list short after two growths admits far fewer rows than its bound: its
     rows are then listed and scored exactly. A batched query reads as deep as its widest fetch (hnswlib's beam is
@@ -35,10 +41,12 @@ def search_many(live: LiveCatalog, vecs: np.ndarray, depth: int, alloweds: Seque
         wanted = min(depth, n_allowed)
         if wanted == 0:
             out[u] = (catalog, NOTHING, np.zeros(0, np.float32))
-        elif allowed.rows is not None or (allowed.rule is None and n_allowed <= wanted * EXACT_SEARCH_FACTOR):
+            continue
+        first = allowed.first_fetch(catalog, wanted)
+        if allowed.rows is not None or (allowed.rule is None and n_allowed <= wanted * EXACT_SEARCH_FACTOR) \
+                or first >= exact_share * catalog.n_active:
             out[u] = (catalog, *exact(catalog, vecs[u], allowed.every_row(catalog), wanted))
         else:
-            first = allowed.first_fetch(catalog, wanted)
             pending[u] = (wanted, first, first)
     while pending:
         users = list(pending)
@@ -69,7 +77,13 @@ def search_many(live: LiveCatalog, vecs: np.ndarray, depth: int, alloweds: Seque
 
 
 def exact(catalog: Catalog, vec: np.ndarray, rows: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
-    top, scores = top_k(rows, np.take(catalog.vectors, rows, axis=0) @ vec, depth)  # take: half fancy indexing's time
+    """The ``depth`` best of ``rows``: their vectors gathered and scored, or for a good share of the catalogue every
+    vector scored in place (a matrix-vector product reads them once; a gather would copy them first)."""
+    if len(rows) * 4 >= len(catalog.vectors):
+        scores = (catalog.vectors @ vec)[rows]
+    else:
+        scores = np.take(catalog.vectors, rows, axis=0) @ vec  # take: half fancy indexing's time
+    top, scores = top_k(rows, scores, depth)
     return top, scores.astype(np.float32)
 
 

@@ -103,10 +103,31 @@ def test_one_tower_call_and_one_ranker_pass_for_the_whole_batch(client, monkeypa
     monkeypatch.setattr(engine.ranker, "score_parts", counted("ranker", score))
     monkeypatch.setattr(engine.live, "index", CountingIndex())
     monkeypatch.setattr(engine.users, "vector_cache", {})
+    monkeypatch.setattr(engine, "exact_share", 1.0)  # the HNSW path (this catalogue is small enough to score exactly)
     users = [f"u{i}" for i in range(40)]
     body = client.post("/recommend/batch", json={"user_ids": users, "k": 5}).json()
     assert all(r["error"] is None for r in body["results"])
     assert calls == {"tower": 1, "ranker": 1, "ann": 1}
+
+
+def test_a_small_catalogue_is_scored_exactly_and_answers_as_hnsw_does(client, monkeypatch):
+    """A first fetch of a good share of the catalogue scores every item (no ANN query); on this index, deep enough
+    to be exact over 150 items, both paths return the same lists."""
+    engine = app.state.service.engine
+    users = [f"u{i}" for i in range(40)]
+    index, queries = engine.live.index, []
+
+    class CountingIndex:
+        def __getattr__(self, name):
+            return (lambda *a, **kw: queries.append(1) or index.knn_query(*a, **kw)) if name == "knn_query" else getattr(index, name)
+
+    monkeypatch.setattr(engine.live, "index", CountingIndex())
+    exact = client.post("/recommend/batch", json={"user_ids": users, "k": 10}).json()["results"]
+    assert queries == []
+    monkeypatch.setattr(engine, "exact_share", 1.0)
+    hnsw = client.post("/recommend/batch", json={"user_ids": users, "k": 10}).json()["results"]
+    assert queries == [1]
+    assert [[i["item_id"] for i in r["items"]] for r in exact] == [[i["item_id"] for i in r["items"]] for r in hnsw]
 
 
 def test_trace_shows_the_history_and_every_candidate_with_where_it_ended(client, bundle):
