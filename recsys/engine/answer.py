@@ -37,10 +37,13 @@ class Answers:
     def response(self, ctx: UserContext, catalog: Catalog, entries: list[Entry], fallback: str | None,
                  opts: RecommendOptions, cands: Candidates | None = None) -> dict:
         rows = np.fromiter((entry[0] for entry in entries), np.int64, len(entries))
-        out = {"user_id": ctx.raw_id, "fallback": fallback,
-               "items": [{**described, "recall_score": entry[1], "recall_rank": entry[3], "ranking_score": entry[2],
-                          "popularity": entry[4], "source": entry[6], **({"features": entry[5]} if opts.explain else {})}
-                         for described, entry in zip(self.describe(catalog, rows), entries)]}
+        items = [{**described, "recall_score": entry[1], "recall_rank": entry[3], "ranking_score": entry[2],
+                  "popularity": entry[4], "source": entry[6]} for described, entry in zip(self.describe(catalog, rows), entries)]
+        if opts.explain:  # a fallback's entries have no explanation: no key, as before
+            for item, entry in zip(items, entries):
+                if entry[5] is not None:
+                    item["features"] = entry[5]
+        out = {"user_id": ctx.raw_id, "fallback": fallback, "items": items}
         if opts.trace:
             out["trace"] = {"history": self._history(ctx, catalog), "history_length": len(ctx.hist_items),
                             "candidates": [] if cands is None else cands.trace(catalog)}

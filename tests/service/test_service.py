@@ -220,6 +220,8 @@ def test_explain_flag_adds_reasons(client, bundle):
         assert it["features"]["recall_score"] == pytest.approx(it["recall_score"], abs=1e-4)
     if bundle.ranker is not None:
         assert len(explained[0]["features"]) == len(bundle.ranker["feature_names"])
+    fallback = client.post("/recommend", json={"features": {}, "k": 3, "explain": True}).json()
+    assert fallback["fallback"] == "popularity" and all("features" not in it for it in fallback["items"])
 
 
 # --------------------------------------------------------------------------- filters
