@@ -236,6 +236,12 @@ def test_state_startup(bundle, tmp_path):
     assert "250 records" in section(tmp_path, "state-startup")
 
 
+def test_engine_cpu(bundle, tmp_path):
+    out = run_bench("engine_cpu", "--bundle", bundle, "--runs", 1, "--passes", 1, "--docs", tmp_path)
+    assert "| this tree " in out and "ms per request" in out
+    assert "<!-- engine-cpu:start -->" in (tmp_path / "benchmarks.md").read_text()
+
+
 def test_redis_writes(tmp_path):
     if shutil.which("redis-server") is None:
         pytest.skip(reason="redis-server not installed (.ci/run installs it)")
