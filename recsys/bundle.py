@@ -11,6 +11,7 @@ A bundle is a directory per version under a root::
         item_tower.pt2
         item_index.bin        # hnswlib, inner product over unit vectors, labels = item rows
         arrays.npz            # feature tables, item vectors, histories, popularity, re-ranker item statistics
+                              # (each array's data 64-byte aligned: the reader maps them, ``map_arrays``)
         catalog.json          # raw ids, titles, genre names, categorical vocabularies
         ranker.pt             # re-ranker state (offline/ranker.py: load_ranker), optional
         holdout/              # optional: a whole bundle of the same layout (see below)
@@ -25,11 +26,14 @@ way without that window, and ``holdout_path`` hands a promotion check the twin.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
+import struct
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,7 +116,7 @@ def _write_files(vdir: Path, bundle: Bundle, version: str, extra: dict[str, str]
     _export_tower(bundle.user_tower, _user_example(bundle), vdir / "user_tower.pt2")
     _export_tower(bundle.item_tower, _item_example(bundle), vdir / "item_tower.pt2")
     bundle.index.save_index(str(vdir / "item_index.bin"))
-    np.savez(vdir / "arrays.npz", **bundle.arrays)
+    save_arrays(vdir / "arrays.npz", bundle.arrays)
     (vdir / "catalog.json").write_text(json.dumps(bundle.catalog))
     files = list(FILES)
     if bundle.ranker is not None:
@@ -175,8 +179,7 @@ def read_bundle(path: Path, index_threads: int = 1) -> Bundle:
         if _sha256(vdir / name) != digest:
             raise BundleError(f"{vdir / name}: checksum mismatch (corrupt or modified)")
     try:
-        with np.load(vdir / "arrays.npz", allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
+        arrays = map_arrays(vdir / "arrays.npz")
         catalog = json.loads((vdir / "catalog.json").read_text())
         user_tower = torch.export.load(str(vdir / "user_tower.pt2")).module()
         item_tower = torch.export.load(str(vdir / "item_tower.pt2")).module()
@@ -205,6 +208,58 @@ def read_bundle(path: Path, index_threads: int = 1) -> Bundle:
     except ManifestError as err:
         raise BundleError(f"{vdir / 'manifest.json'}: {err}") from err
     return bundle
+
+
+ALIGN = 64  # each array's data starts at a multiple of this in arrays.npz, so that it can be mapped as it lies
+_PADDING_FIELD = 0xD935  # a zip "extra" field id readers skip (zipalign's): the padding that aligns the data
+
+
+def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """An ``.npz`` (a stored, uncompressed zip of ``.npy`` files, as ``np.savez`` writes and ``np.load`` reads) whose
+    array data start at multiples of ``ALIGN`` bytes, so that ``map_arrays`` can map them instead of reading them."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, array in arrays.items():
+            array = np.asarray(array)
+            array = array if array.flags.c_contiguous else array.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            header = _npy_header(array)
+            # local header: 30 bytes, the name, our padding field (4 + pad), zipfile's zip64 field (20: forced below)
+            start = zf.fp.tell() + 30 + len(info.filename.encode()) + 4 + 20 + len(header)
+            info.extra = struct.pack("<HH", _PADDING_FIELD, -start % ALIGN) + b"\0" * (-start % ALIGN)
+            with zf.open(info, "w", force_zip64=True) as f:
+                f.write(header)
+                f.write(array.data if array.size else b"")
+
+
+def map_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz``, read-only: each mapped from the file where its data lies stored and aligned (pages the
+    processes of one host share, and nothing read until used), else read (compressed or unaligned members, e.g.
+    bundles written by ``np.savez``)."""
+    out = {}
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
+        for info in zf.infolist():
+            name = info.filename.removesuffix(".npy")
+            raw.seek(info.header_offset)
+            local = raw.read(30)
+            raw.seek(info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little"))
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(np.lib.format.read_magic(raw),
+                                                                             np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(raw)
+            offset = raw.tell()
+            if info.compress_type != zipfile.ZIP_STORED or dtype.hasobject or offset % max(dtype.alignment, 1) \
+                    or not shape or not np.prod(shape, dtype=np.int64):
+                with zf.open(info) as f:
+                    out[name] = np.lib.format.read_array(f, allow_pickle=False)
+            else:
+                out[name] = np.memmap(path, dtype, "r", offset, shape, "F" if fortran else "C").view(np.ndarray)
+    return out
+
+
+def _npy_header(array: np.ndarray) -> bytes:
+    """The ``.npy`` magic and header of a C-contiguous ``array``, as ``np.save`` writes them."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, np.lib.format.header_data_from_array_1_0(array))
+    return buffer.getvalue()
 
 
 def _read_manifest(vdir: Path) -> dict[str, Any]:

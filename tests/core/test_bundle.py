@@ -146,3 +146,31 @@ def test_current_pointer_to_missing_version_is_refused(bundle_root, tmp_path):
         read_bundle(root)
     with pytest.raises(BundleError, match="no such bundle version"):
         set_current(root, "nope")
+
+
+def test_arrays_are_mapped_from_the_file_where_they_lie(bundle_root, tmp_path):
+    """The reader maps each array of arrays.npz (read-only pages that the worker processes of one host share) and
+    reads what it cannot map; the file stays an ``.npz`` that ``np.load`` reads, and one written by ``np.savez``
+    (every bundle before alignment) loads to the same values."""
+    from recsys.bundle import ALIGN, map_arrays, save_arrays
+
+    bundle = read_bundle(bundle_root)
+    vectors = bundle.arrays["item_vectors"]
+    assert not vectors.flags.writeable and isinstance(vectors.base, np.memmap)
+    with pytest.raises(ValueError, match="read-only"):
+        vectors[0, 0] = 1.0
+    with np.load(resolve(bundle_root) / "arrays.npz") as npz:
+        assert sorted(npz.files) == sorted(bundle.arrays)
+        assert all(np.array_equal(npz[k], bundle.arrays[k]) for k in npz.files)
+    odd = {"a": np.arange(7, dtype=np.float32), "b" * 13: np.arange(12).reshape(3, 4).T, "empty": np.zeros((0, 3), np.int64),
+           "scalar": np.array(2.5), "text": np.array(["x", "yy"]), "half": np.ones((5, 3), np.float16)}
+    save_arrays(tmp_path / "aligned.npz", odd)
+    np.savez(tmp_path / "savez.npz", **odd)
+    for path in (tmp_path / "aligned.npz", tmp_path / "savez.npz"):
+        loaded = map_arrays(path)
+        assert {k: (v.dtype, v.shape) for k, v in loaded.items()} == {k: (v.dtype, v.shape) for k, v in odd.items()}
+        assert all(np.array_equal(loaded[k], v) for k, v in odd.items())
+    aligned = map_arrays(tmp_path / "aligned.npz")
+    mapped = [k for k, v in aligned.items() if isinstance(v.base, np.memmap)]
+    assert sorted(mapped) == sorted(["a", "b" * 13, "text", "half"])  # not the empty or 0-d ones
+    assert all(aligned[k].ctypes.data % ALIGN == 0 for k in mapped)
