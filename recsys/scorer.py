@@ -35,9 +35,10 @@ class Ranker:
 class MLPRanker(Ranker):
     """The MLP replayed with numpy matmuls: no torch on the request path.
 
-    The stored standardisation is folded into the first layer (``(x - mean) / std @ W + b`` is ``x @ W' + b'``),
-    and that layer is split by column: the user's constant columns contribute one bias per user, so a request's
-    first layer multiplies only the columns that vary by candidate (``score_parts``)."""
+    The stored scale is folded into the first layer (``(x - mean) / std @ W`` is ``(x - mean) @ W'``; the mean
+    stays a subtraction, so that a feature far from zero loses no precision), and that layer is split by column:
+    the user's constant columns contribute one bias per user, so a request's first layer multiplies only the
+    columns that vary by candidate (``score_parts``)."""
 
     kind = "mlp"
 
@@ -48,28 +49,28 @@ class MLPRanker(Ranker):
         linear = sorted({k.rsplit(".", 1)[0] for k in sd}, key=lambda k: int(k.split(".")[1]))
         weights = [np.ascontiguousarray(_np(sd[f"{name}.weight"]).T) for name in linear]
         biases = [_np(sd[f"{name}.bias"]) for name in linear]
-        self.first = np.ascontiguousarray(weights[0] * inv_std[:, None])
-        self.first_bias = (biases[0] - (mean * inv_std) @ weights[0]).astype(np.float32)
-        self.first_block = self.first_constant = None  # a model of other inputs (tests, experiments) has no split
+        self.mean, self.first, self.first_bias = mean, np.ascontiguousarray(weights[0] * inv_std[:, None]), biases[0]
+        self.split = None  # a model of other inputs (tests, experiments) has no split
         if self.feature_names[: len(FEATURE_NAMES)] == FEATURE_NAMES:
             n_genres = sum(name.startswith("genre_") for name in self.feature_names[len(FEATURE_NAMES):])
             block, constant = layout(n_genres, len(self.feature_names))
-            self.first_block, self.first_constant = np.ascontiguousarray(self.first[block]), self.first[constant]
+            self.split = (mean[block], np.ascontiguousarray(self.first[block]), mean[constant], self.first[constant])
         self.weights, self.biases = weights[1:], biases[1:]
 
     def score(self, features: np.ndarray) -> np.ndarray:
         """Scored in blocks of ``BLOCK`` rows, so that a batch's intermediates stay in cache (one pass over the
         250k candidates of a 943-user batch took twice as long as blocks of 2048)."""
         features = np.asarray(features, np.float32)
-        return self._chunks(len(features), lambda rows: features[rows] @ self.first + self.first_bias)
+        return self._chunks(len(features), lambda rows: (features[rows] - self.mean) @ self.first + self.first_bias)
 
     def score_parts(self, blocks: list[np.ndarray], constants: list[np.ndarray]) -> np.ndarray:
-        if self.first_block is None:
+        if self.split is None:
             return super().score_parts(blocks, constants)
+        block_mean, block_weights, constant_mean, constant_weights = self.split
         x = np.concatenate(blocks) if len(blocks) != 1 else blocks[0]
-        bias = np.stack([self.first_bias + k @ self.first_constant for k in constants])
+        bias = np.stack([self.first_bias + (k - constant_mean) @ constant_weights for k in constants])
         owner = np.repeat(np.arange(len(blocks)), [len(b) for b in blocks])
-        return self._chunks(len(x), lambda rows: x[rows] @ self.first_block + bias[owner[rows]])
+        return self._chunks(len(x), lambda rows: (x[rows] - block_mean) @ block_weights + bias[owner[rows]])
 
     def _chunks(self, n: int, first_layer) -> np.ndarray:
         return np.concatenate([self._rest(first_layer(slice(i, i + BLOCK))) for i in range(0, n, BLOCK)] or

@@ -404,7 +404,7 @@ def test_the_split_first_layer_scores_as_the_assembled_features(bundle_root):
 
     bundle = read_bundle(bundle_root)
     a, ranker = bundle.arrays, load_ranker(bundle.ranker)
-    assert ranker.first_block is not None  # a bundle's ranker reads the standard layout
+    assert ranker.split is not None  # a bundle's ranker reads the standard layout
     tables = RankerTables.from_arrays(a)
     blocks, constants, full = [], [], []
     for user, n in ((0, 30), (5, 1), (9, 17)):
