@@ -162,8 +162,10 @@ def service(bundle: Path, tmp: Path, log: Path):
     env = {**os.environ, "RECSYS_BUNDLE_DIR": str(bundle), "RECSYS_STATE_DIR": str(tmp / "state"),
            "RECSYS_STATE_BACKEND": "file", "RECSYS_ADMIN_TOKEN": TOKEN, "RECSYS_MAX_EXPERIMENTS": "200",
            "RECSYS_LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT)}
+    # keep-alive longer than the report cache's wait between reads (REPORT_TTL_S): with uvicorn's 5 s default the
+    # server closes an idle pooled connection just as the client reuses it ("Server disconnected", seen in CI)
     cmd = [sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1],
-           "--log-level", "warning"]
+           "--log-level", "warning", "--timeout-keep-alive", "75"]
     with server(cmd, env, url, log):
         yield url
 
