@@ -135,7 +135,6 @@ def ranker_features(tables: RankerTables, history_items: np.ndarray, history_rat
 
 
 VARYING = FEATURE_NAMES.index("history_log_len")  # the fixed block's leading columns that vary by candidate
-USER_FIXED = len(FEATURE_NAMES) - VARYING  # then history_log_len and user_mean_rating: the user's alone
 
 
 def layout(n_genres: int, n_features: int) -> tuple[np.ndarray, np.ndarray]:
@@ -173,7 +172,7 @@ class UserFeatures:
     seq_ids: np.ndarray  # the same from the sequence neighbour lists
     seq_total: np.ndarray
     seq_best: np.ndarray
-    constant: np.ndarray  # [USER_FIXED + demographics] the columns every candidate shares
+    constant: np.ndarray  # [history_log_len, user_mean_rating, demographics...] the columns every candidate shares
 
 
 def user_features(tables: RankerTables, history_items: np.ndarray, history_ratings: np.ndarray,

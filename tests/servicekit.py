@@ -267,12 +267,10 @@ def redis_command(directory: Path, port: int) -> list[str]:
 @dataclass
 class RedisCluster:
     """A running cluster: its URL for the store (``redis+cluster://``, one seed node) and each node's process,
-    which a test may kill and start again (same port, directory and cluster bus port: it rejoins)."""
+    which a test may kill."""
 
     url: str
     nodes: dict[int, subprocess.Popen]  # by port
-    commands: dict[int, list[str]]
-    stack: ExitStack
 
     def masters(self) -> dict[int, list[tuple[int, int]]]:
         """The nodes serving slots now (by port, with their slot ranges), as a live node sees the cluster."""
@@ -295,11 +293,6 @@ class RedisCluster:
         self.nodes[port].kill()
         self.nodes[port].wait()
 
-    def restart(self, port: int) -> None:
-        log = Path(self.commands[port][self.commands[port].index("--dir") + 1]) / f"redis-{time.monotonic_ns()}.log"
-        self.nodes[port] = self.stack.enter_context(spawned(self.commands[port], log))
-        wait_for_redis(f"redis://127.0.0.1:{port}/0", self.nodes[port])
-
 
 @contextmanager
 def redis_cluster(directory: Path, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000) -> Iterator[RedisCluster]:
@@ -311,13 +304,13 @@ def redis_cluster(directory: Path, masters: int = 3, replicas: int = 1, node_tim
         pytest.skip(reason="redis-server / redis-cli not installed (.ci/run installs them: apt-get install redis-server)")
     ports = [free_port() for _ in range(masters * (1 + replicas))]
     with ExitStack() as stack:
-        cluster = RedisCluster(f"redis+cluster://127.0.0.1:{ports[0]}", {}, {}, stack)
+        cluster = RedisCluster(f"redis+cluster://127.0.0.1:{ports[0]}", {})
         for port in ports:
             node_dir = directory / str(port)
-            cluster.commands[port] = redis_command(node_dir, port) + [
-                "--cluster-enabled", "yes", "--cluster-port", str(free_port()), "--cluster-config-file",
-                str(node_dir / "nodes.conf"), "--cluster-node-timeout", str(node_timeout_ms)]
-            cluster.nodes[port] = stack.enter_context(spawned(cluster.commands[port], node_dir / "redis.log"))
+            cmd = redis_command(node_dir, port) + ["--cluster-enabled", "yes", "--cluster-port", str(free_port()),
+                                                   "--cluster-config-file", str(node_dir / "nodes.conf"),
+                                                   "--cluster-node-timeout", str(node_timeout_ms)]
+            cluster.nodes[port] = stack.enter_context(spawned(cmd, node_dir / "redis.log"))
         for port, proc in cluster.nodes.items():
             wait_for_redis(f"redis://127.0.0.1:{port}/0", proc)
         subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-replicas", str(replicas),
