@@ -287,7 +287,8 @@ def _load_index(path: Path, params: dict, n_items: int, threads: int) -> hnswlib
         if not isinstance(params, dict) or not isinstance(params.get(key), int) or params[key] < 1:
             raise BundleError(f"{path.parent / 'manifest.json'}: field 'index.{key}' must be a positive integer")
     index = hnswlib.Index(space="ip", dim=int(params["dim"]))
-    index.load_index(str(path), max_elements=int(params.get("max_elements", n_items)), allow_replace_deleted=True)
+    room = n_items + max(1024, n_items // 8)  # items added online go here before a resize (a copy of the graph)
+    index.load_index(str(path), max_elements=max(int(params.get("max_elements", n_items)), room), allow_replace_deleted=True)
     index.set_ef(int(params["ef"]))
     index.set_num_threads(threads)
     if index.get_current_count() != n_items:

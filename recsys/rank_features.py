@@ -55,22 +55,35 @@ class RankerTables:
     item_seq_neighbours: np.ndarray  # [n_items, K] int64 sequence neighbours (train window), -1 padding
     item_seq_neighbour_sims: np.ndarray  # [n_items, K] float32 their weights
     user_cat_sizes: np.ndarray  # [C] int64 codes per user categorical column (0 = unknown)
+    # Derived once (``__post_init__``) so that a request only gathers rows; the statistics of the whole catalogue
+    # (mean year, rating prior) are the bundle's: an item added online is described on the same scale.
+    year_fill: float | None = None
+    rating_prior: float | None = None
+    item_static: np.ndarray | None = None  # [n_items, 4] log popularity, shrunk rating, year (filled), year unknown
+    one_hot_columns: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        """Derived per-item columns, computed once so a request only gathers rows."""
-        known = np.isfinite(self.item_year)
-        self.year_fill = float(self.item_year[known].mean()) if known.any() else 0.0
-        self.item_log_pop = np.log1p(self.item_popularity).astype(np.float32)
-        rated = np.isfinite(self.item_avg_rating) & (self.item_popularity > 0)
-        counts = np.where(rated, self.item_popularity, 0.0)
-        prior = float(np.average(self.item_avg_rating[rated], weights=counts[rated])) if rated.any() else 0.0
-        mean = np.where(rated, self.item_avg_rating, prior)
-        shrunk = (mean * counts + prior * RATING_PRIOR_WEIGHT) / (counts + RATING_PRIOR_WEIGHT)
-        self.rating_prior = prior
-        self.item_static = np.column_stack([
-            self.item_log_pop, shrunk, np.where(known, self.item_year, self.year_fill), ~known,
-        ]).astype(np.float32)
-        self.one_hot_columns = np.flatnonzero(self.user_cat_sizes <= ONE_HOT_MAX)
+        if self.year_fill is None:
+            known = np.isfinite(self.item_year)
+            self.year_fill = float(self.item_year[known].mean()) if known.any() else 0.0
+        if self.rating_prior is None:
+            rated = np.isfinite(self.item_avg_rating) & (self.item_popularity > 0)
+            self.rating_prior = float(np.average(self.item_avg_rating[rated], weights=self.item_popularity[rated])) \
+                if rated.any() else 0.0
+        if self.item_static is None:
+            self.item_static = self.static_rows(slice(None))
+        if self.one_hot_columns is None:
+            self.one_hot_columns = np.flatnonzero(self.user_cat_sizes <= ONE_HOT_MAX)
+
+    def static_rows(self, rows) -> np.ndarray:
+        """``item_static`` of ``rows`` (an item written online gets its row from this, on the bundle's scale)."""
+        year, popularity, avg = self.item_year[rows], self.item_popularity[rows], self.item_avg_rating[rows]
+        known = np.isfinite(year)
+        rated = np.isfinite(avg) & (popularity > 0)
+        counts = np.where(rated, popularity, 0.0)
+        mean = np.where(rated, avg, self.rating_prior)
+        shrunk = (mean * counts + self.rating_prior * RATING_PRIOR_WEIGHT) / (counts + RATING_PRIOR_WEIGHT)
+        return np.column_stack([np.log1p(popularity), shrunk, np.where(known, year, self.year_fill), ~known]).astype(np.float32)
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "RankerTables":

@@ -80,7 +80,7 @@ def admission(catalog: Catalog, rule: RowFilter | None, exact_limit: int) -> Cal
     admitted, bound = None, 0
     if rule is not None:
         slices = rule.slices(catalog.filters)
-        bound = sum(len(rows) for _, rows in slices)
+        bound = sum(len(rows) for _, rows in slices) + len(catalog.filters.changed)  # (checked one by one)
         if bound <= exact_limit:
             admitted = rule.admitted(catalog.filters, slices)
 

@@ -1,19 +1,28 @@
-"""The catalogue a request reads: an immutable snapshot, and the index it answers for.
+"""The catalogue a request reads, the index it answers for, and the changes made to both while serving.
 
-Snapshots are replaced whole (copy-on-write), so a request that took one never sees a half-applied
-change; the hnswlib index is only touched under ``LiveCatalog.lock`` (hnswlib is not safe when
-``add_items`` runs during ``knn_query``), and a change swaps in its snapshot under the same lock.
+Item arrays are ``Column``s (``recsys.engine.items``): one span per array, with room to grow, shared by the
+catalogue, the ranker tables and the filter index, so that no array exists twice. A change writes only the rows
+it changes (O(changed items)): the item arrays, the columns derived from them (the ranker's ``item_static``, the
+filter's genre bits), the popularity order (an added item, popularity 0, goes last, where a stable sort puts
+it), the hnswlib index. Only the filter's year-ordered lists cost O(n_items log n_items) to make; they are rebuilt
+aside in a thread once enough rows changed, and the rows changed since are checked one by one meanwhile.
+
+Requests read under ``LiveCatalog.rw``'s read lock and a change writes under its write lock, so a request sees a
+change whole or not at all: ``Catalog``, the view a request reads, is made anew by each change (views of the
+columns at the new item count, no copy).
 """
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, replace
-from functools import cached_property
 
 import hnswlib
 import numpy as np
+from loguru import logger
 
-from recsys.engine.filters import FilterIndex
+from recsys.engine.filters import FilterIndex, genre_words, year_lists
+from recsys.engine.items import ROOM, Column
+from recsys.engine.locks import ReadWriteLock
 from recsys.rank_features import RankerTables
 from recsys.topk import in_sorted
 
@@ -23,11 +32,16 @@ NOTHING = np.zeros(0, np.int64)
 # (An item is "cold" while its popularity is 0: ``Engine.similar_items`` answers it from content.)
 NEW_ITEM_DEFAULTS = {"popularity": 0.0, "item_neighbours": -1, "item_neighbour_sims": 0.0, "item_seq_neighbours": -1,
                      "item_seq_neighbour_sims": 0.0}
+# The filter's lists are rebuilt once this many rows changed (or 1/64 of the catalogue, if more): a filtered
+# request checks each changed row itself meanwhile.
+REBUILD_AFTER = 4096
 
 
 @dataclass(frozen=True)
 class Catalog:
-    """Immutable catalogue snapshot; item-level arrays share the row order of the index labels."""
+    """The live catalogue at one item count, as a request reads it (under ``LiveCatalog.rw``'s read lock); item
+    arrays share the row order of the index labels. ``ids``, ``row_of`` and ``titles`` are the live ones: a
+    request reads them only through its rows."""
 
     ids: list[str]
     row_of: dict[str, int]
@@ -37,85 +51,209 @@ class Catalog:
     ranker_tables: RankerTables | None
     filters: FilterIndex
     by_popularity: np.ndarray  # rows, most popular first (ties by row)
-
-    @classmethod
-    def build(cls, ids: list[str], row_of: dict[str, int], titles: list[str], arrays: dict[str, np.ndarray],
-              active: np.ndarray, ranked_with: dict[str, np.ndarray] | None) -> "Catalog":
-        """A snapshot with what requests read precomputed (ranker tables, filter index, popularity order): this
-        costs O(n_items log n_items) once per bundle load or catalogue upsert, so that no request pays it (a
-        removal only flips ``active`` and keeps them). ``ranked_with``: the bundle's arrays when a ranker is
-        served (its user-side columns come from the bundle, the item-side ones from this catalogue)."""
-        tables = None if ranked_with is None else RankerTables.from_arrays({**ranked_with, **arrays})
-        return cls(ids, row_of, titles, arrays, active, tables, FilterIndex.build(arrays["item_genres"], arrays["item_year"]),
-                   np.argsort(-arrays["popularity"], kind="stable"))
+    written_at: np.ndarray  # the change that last wrote each row (0: the bundle's): user feature caches check it
+    n_active: int
+    changes: int  # catalogue changes made so far
 
     @property
     def vectors(self) -> np.ndarray:
         return self.arrays["item_vectors"]
 
-    @cached_property
-    def n_active(self) -> int:
-        """Counted once per snapshot (snapshots are immutable), not once per request."""
-        return int(self.active.sum())
-
     def live(self, rows: np.ndarray, excluded: np.ndarray) -> np.ndarray:
-        """``rows`` less removed items, rows past this snapshot and ``excluded`` (O(len(rows)))."""
+        """``rows`` less removed items, rows past this catalogue and ``excluded`` (O(len(rows)))."""
         rows = rows[rows < len(self.active)]
         rows = rows[self.active[rows]]
         return rows[~in_sorted(rows, excluded)]
 
-    def without(self, row: int) -> "Catalog":
-        """This snapshot with ``row`` removed: only ``active`` changes, the precomputed parts are kept."""
-        return replace(self, active=set_rows(self.active, np.array([row]), False, False, len(self.active)))
-
 
 @dataclass(frozen=True)
 class Upsert:
-    """Validated catalogue changes, computed but not yet live (one batch, one rebuild)."""
+    """Validated, encoded items, not yet live (one batch, one write): their ids, titles and array values."""
 
-    rows: np.ndarray
-    vectors: np.ndarray
-    catalog: Catalog
+    raws: list[str]
+    titles: list[str | None]
+    values: dict[str, np.ndarray]  # item array -> [len(raws), ...] rows; arrays not named keep (or default) theirs
 
 
 class LiveCatalog:
-    """The index and the snapshot it answers for, changed together under ``lock``."""
+    """The index and the item columns, changed together under the write lock of ``rw``."""
 
-    def __init__(self, index: hnswlib.Index, catalog: Catalog):
-        self.index, self.catalog = index, catalog
-        self.lock = threading.Lock()
+    def __init__(self, index: hnswlib.Index, ids: list[str], titles: list[str], arrays: dict[str, np.ndarray],
+                 ranked_with: dict[str, np.ndarray] | None, rebuild_after: int = REBUILD_AFTER):
+        """``arrays``: the bundle's item arrays (mapped: their pages stay shared until a row changes);
+        ``ranked_with``: the bundle's arrays when a ranker is served (its tables view the item columns)."""
+        self.index, self.rw, self.rebuild_after, self.rebuilding = index, ReadWriteLock(), rebuild_after, threading.Lock()
+        self.load(ids, titles, arrays, ranked_with)
 
-    def commit(self, change: Upsert) -> None:
-        """Put prepared items into the index and swap in their catalogue, together under ``lock``."""
-        with self.lock:
-            index = self.index
-            top = int(change.rows.max())
-            if top >= index.get_max_elements():
-                index.resize_index(max(2 * index.get_max_elements(), top + 1))
-            for row in change.rows[change.rows < index.get_current_count()]:
-                if not self.catalog.active[row]:
-                    index.unmark_deleted(int(row))
-            index.add_items(change.vectors, change.rows)
-            self.catalog = change.catalog
+    def load(self, ids: list[str], titles: list[str], arrays: dict[str, np.ndarray], ranked_with: dict[str, np.ndarray] | None) -> None:
+        """The catalogue made from these item arrays as a whole (the index is left as it is)."""
+        self.ids, self.titles, self.row_of = ids, titles, {raw: row for row, raw in enumerate(ids)}
+        n = self.n = len(ids)
+        capacity = 2 * n + ROOM
+        arrays = {**arrays, "item_year": arrays["item_year"].astype(np.float32, copy=False)}  # the filter reads it as is
+        tables = None if ranked_with is None else RankerTables.from_arrays({**ranked_with, **arrays})
+        self.columns = {k: Column(tables_dtype(v, tables, k), capacity, NEW_ITEM_DEFAULTS.get(k)) for k, v in arrays.items()}
+        derived = {"active": np.ones(n, bool), "written_at": np.zeros(n, np.int64), "stale": np.zeros(n, bool),
+                   "by_popularity": np.argsort(-arrays["popularity"], kind="stable"),
+                   **{f"genre_word_{w}": word for w, word in enumerate(genre_words(arrays["item_genres"]))}}
+        if tables is not None:
+            derived["item_static"] = tables.item_static
+        self.columns.update({k: Column(v, capacity, False if v.dtype == bool else None) for k, v in derived.items()})
+        self.n_genres = arrays["item_genres"].shape[1]
+        self.lists = year_lists(self._words(n), self.columns["item_year"].rows[:n], self.n_genres)
+        self.changed: list[int] = []  # rows written since ``lists`` were built, in order
+        self.n_active, self.changes = n, 0
+        self.tables = None if tables is None else self._tables_on_columns(tables)
+        self.catalog = self._view()
+
+    @property
+    def mapped_columns(self) -> list[str]:
+        """Item arrays whose unchanged rows are still the bundle file's pages (shared by this host's workers)."""
+        return [k for k, c in self.columns.items() if c.mapped]
+
+    # ---------------------------------------------------------------- changes
+    def commit(self, change: Upsert) -> np.ndarray:
+        """Write prepared items into their rows (a new id takes the next free row, a known one keeps its row) and
+        the index, together under the write lock; returns their rows."""
+        with self.rw.writing():
+            rows = self._rows_for(change)
+            top = int(rows.max()) + 1
+            if top > self.n:
+                self._grow(top)
+            for name, column in self.columns.items():
+                if name in change.values:
+                    column.rows[rows] = change.values[name]
+            self._write_index(rows, change.values["item_vectors"])
+            self._write_derived(rows)
+            for raw, row, title in zip(change.raws, rows, change.titles):
+                self.titles[row] = title or self.titles[row] or raw
+            self.catalog = self._view()
+        self._rebuild_lists_if_due()
+        return rows
 
     def remove(self, row: int) -> None:
-        with self.lock:
+        with self.rw.writing():
             self.index.mark_deleted(row)
-            self.catalog = self.catalog.without(row)
+            self.columns["active"].rows[row] = False
+            self.n_active -= 1
+            self.changes += 1
+            self.catalog = self._view()
+
+    def _rows_for(self, change: Upsert) -> np.ndarray:
+        """Rows for the change's ids, new ids appended to ``ids`` / ``titles`` / ``row_of``."""
+        rows = []
+        for raw in change.raws:
+            row = self.row_of.get(raw)
+            if row is None:
+                row = self.row_of[raw] = len(self.ids)
+                self.ids.append(raw)
+                self.titles.append("")
+            rows.append(row)
+        return np.array(rows, np.int64)
+
+    def _grow(self, top: int) -> None:
+        """Rows ``n:top`` added: set to their defaults, placed last in popularity order (popularity 0, ties by
+        row, as a stable sort puts them); a full span is re-reserved at twice the size first."""
+        if top > self.columns["active"].capacity:
+            capacity = 2 * top + ROOM
+            logger.info("item columns grow to {} rows (a copy of {} rows)", capacity, self.n)
+            for column in self.columns.values():
+                column.grow(self.n, capacity)
+            self.tables = None if self.tables is None else self._tables_on_columns(self.tables)
+        for column in self.columns.values():
+            column.append(self.n, top - self.n)
+        self.columns["by_popularity"].rows[self.n : top] = np.arange(self.n, top)
+        self.n = top
+
+    def _write_derived(self, rows: np.ndarray) -> None:
+        """The columns derived from written rows: the ranker's per-item statistics, the filter's genre bits, and
+        the bookkeeping (active, when written, stale in the filter's lists)."""
+        c = self.columns
+        if self.tables is not None:
+            c["item_static"].rows[rows] = self.tables.static_rows(rows)
+        for w, word in enumerate(genre_words(c["item_genres"].rows[rows])):
+            c[f"genre_word_{w}"].rows[rows] = word
+        active = c["active"].rows
+        self.n_active += int((~active[np.unique(rows)]).sum())
+        active[rows] = True
+        self.changes += 1
+        c["written_at"].rows[rows] = self.changes
+        c["stale"].rows[rows] = True
+        self.changed.extend(rows.tolist())
+
+    def _write_index(self, rows: np.ndarray, vectors: np.ndarray) -> None:
+        index = self.index
+        if self.n > index.get_max_elements():
+            index.resize_index(max(2 * index.get_max_elements(), self.n))
+        active = self.columns["active"].rows
+        for row in np.unique(rows[rows < index.get_current_count()]):
+            if not active[row]:
+                index.unmark_deleted(int(row))  # a removed item upserted again (add_items refuses a deleted label)
+        index.add_items(vectors, rows)
+
+    # ---------------------------------------------------------------- the filter's lists, rebuilt aside
+    def _rebuild_lists_if_due(self) -> None:
+        if len(self.changed) >= max(self.rebuild_after, self.n // 64) and self.rebuilding.acquire(blocking=False):
+            threading.Thread(target=self._rebuild_lists, name="filter-lists", daemon=True).start()
+
+    def rebuild_lists(self) -> None:
+        """The filter's lists made again now (waiting for a rebuild under way)."""
+        self.rebuilding.acquire()
+        self._rebuild_lists()
+
+    def _rebuild_lists(self) -> None:
+        """The filter's lists made again from a copy of the genre bits and years (no lock held while sorting);
+        the rows changed meanwhile stay stale. Releases ``rebuilding``, which its caller holds."""
+        try:
+            with self.rw.reading():
+                n, mark = self.n, len(self.changed)
+                words = tuple(w.copy() for w in self._words(n))
+                year = self.columns["item_year"].rows[:n].copy()
+            lists = year_lists(words, year, self.n_genres)
+            with self.rw.writing():
+                self.lists, self.changed = lists, self.changed[mark:]
+                stale = self.columns["stale"].rows
+                stale[:n] = False
+                stale[self.changed] = True
+                self.catalog = self._view()
+        finally:
+            self.rebuilding.release()
+
+    # ---------------------------------------------------------------- views
+    def _view(self) -> Catalog:
+        n, c = self.n, self.columns
+        arrays = {k: c[k].rows[:n] for k in self.columns if k not in DERIVED and not k.startswith("genre_word_")}
+        changed = np.unique(np.array(self.changed, np.int64))
+        filters = FilterIndex(self._words(n), c["item_year"].rows[:n], *self.lists,
+                              stale=c["stale"].rows[:n], changed=changed)
+        return Catalog(self.ids, self.row_of, self.titles, arrays, c["active"].rows[:n], self.tables, filters,
+                       c["by_popularity"].rows[:n], c["written_at"].rows[:n], self.n_active, self.changes)
+
+    def _words(self, n: int) -> tuple[np.ndarray, ...]:
+        return tuple(self.columns[f"genre_word_{w}"].rows[:n] for w in range(-(-self.n_genres // 64)))
+
+    def _tables_on_columns(self, tables: RankerTables) -> RankerTables:
+        """``tables`` reading the item columns' whole spans (rows past ``n`` are never asked for)."""
+        return replace(tables, **{field: self.columns[name].rows for name, field in TABLE_FIELDS.items()},
+                       item_static=self.columns["item_static"].rows)
+
+
+DERIVED = {"active", "written_at", "stale", "by_popularity", "item_static"}
+
+
+def tables_dtype(array: np.ndarray, tables: RankerTables | None, name: str) -> np.ndarray:
+    """``array`` in the type the ranker tables read it in (so that they can view the column, not copy it)."""
+    wanted = TABLE_FIELDS.get(name)
+    if tables is None or wanted is None:
+        return array
+    return array.astype(getattr(tables, wanted).dtype, copy=False)
+
+
+TABLE_FIELDS = {"item_vectors": "item_vectors", "item_genres": "item_genres", "item_year": "item_year",
+                "popularity": "item_popularity", "item_avg_rating": "item_avg_rating", "item_neighbours": "item_neighbours",
+                "item_neighbour_sims": "item_neighbour_sims", "item_seq_neighbours": "item_seq_neighbours",
+                "item_seq_neighbour_sims": "item_seq_neighbour_sims"}
 
 
 def is_item_array(name: str, value: np.ndarray, n_items: int) -> bool:
     return (name.startswith("item_") or name == "popularity") and value.ndim >= 1 and len(value) == n_items
-
-
-def set_rows(array: np.ndarray, rows: np.ndarray, values, default, n: int) -> np.ndarray:
-    """A copy of ``array`` grown to ``n`` rows with ``rows`` set to ``values``. Without values (an array the
-    item's features do not determine), existing rows keep theirs (a replaced item keeps its popularity)
-    and new rows get ``default``, or NaN / 0 when there is none."""
-    fill = default if default is not None else (np.nan if np.issubdtype(array.dtype, np.floating) else 0)
-    out = np.empty((n, *array.shape[1:]), array.dtype)
-    out[: len(array)] = array
-    out[len(array):] = fill
-    if values is not None:
-        out[rows] = values
-    return out

@@ -10,6 +10,7 @@ once per bundle; a reload builds a new one and swaps it in whole. It takes the p
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,12 +56,10 @@ class Engine:
         self.spec = self.meta.feature_spec
         self.ranker: Ranker | None = load_ranker(bundle.ranker) if bundle.ranker is not None else None
         self.genre_col = {g: j for j, g in enumerate(cat["genre_names"])}
-        catalog = Catalog.build(list(cat["item_ids"]), {r: i for i, r in enumerate(cat["item_ids"])}, list(cat["titles"]),
-                                {k: v for k, v in a.items() if is_item_array(k, v, n)}, np.ones(n, bool),
-                                a if self.ranker is not None else None)
-        self.live = LiveCatalog(bundle.index, catalog)
-        if catalog.ranker_tables is not None:
-            compile_kernels(catalog.ranker_tables)  # here, at load, not on the first request
+        self.live = LiveCatalog(bundle.index, list(cat["item_ids"]), list(cat["titles"]),
+                                {k: v for k, v in a.items() if is_item_array(k, v, n)}, a if self.ranker is not None else None)
+        if self.live.tables is not None:
+            compile_kernels(self.live.tables)  # here, at load, not on the first request
         self.users = Users(bundle, self.spec, self.live, self.meta.n_items, cache_size=cache_size)
         encoder = shared_encoder(self.spec.text_encoder or {}) if self.spec.text_dim else None  # loaded here, not on a request
         self.changes = CatalogChanges(bundle, self.spec, self.live, self._genre_cols, self.meta.n_items, self.ranker is not None,
@@ -81,11 +80,6 @@ class Engine:
     @property
     def catalog(self) -> Catalog:
         return self.live.catalog
-
-    @catalog.setter
-    def catalog(self, catalog: Catalog) -> None:
-        """Make ``catalog`` the live snapshot as is (the index is not touched)."""
-        self.live.catalog = catalog
 
     @property
     def history(self) -> History:
@@ -121,8 +115,9 @@ class Engine:
 
     def info(self, example_users: int = 20) -> dict:
         """What the engine serves (``GET /info``)."""
-        years = self.catalog.arrays["item_year"]
-        known = years[np.isfinite(years)]
+        with self.live.rw.reading():
+            years = self.catalog.arrays["item_year"]
+            known = years[np.isfinite(years)]
         low, high = self.rating_scale
         return {"bundle_version": self.version, "items": self.searchable_items, "users": len(self.user_row),
                 "genres": list(self.bundle.catalog["genre_names"]),
@@ -159,17 +154,29 @@ class Engine:
         popularity list to everyone (the baseline)."""
         timings: dict[str, float] = {}
         answers: list = [None] * len(users)
-        with metrics.timed("features", timings, histogram):
-            catalog = self.catalog
-            admit = self.admission(catalog, opts.filters)  # an unknown genre fails the call, not each user
-            live = []
-            for i, user in enumerate(users):
-                try:
-                    ctx = self.users.resolve(*user)
-                except RecsysError as err:
-                    answers[i] = err
-                    continue
-                live.append((i, ctx, admit(ctx.hist_items if opts.exclude_seen else None)))
+        with ExitStack() as reading:
+            with metrics.timed("features", timings, histogram):
+                fetched = [self.users.fetch_history(user[0]) for user in users]
+                reading.enter_context(self.live.rw.reading())  # after the store's I/O: a slow store holds up no change
+                catalog = self.catalog
+                admit = self.admission(catalog, opts.filters)  # an unknown genre fails the call, not each user
+                live = []
+                for i, (user, history) in enumerate(zip(users, fetched)):
+                    try:
+                        ctx = self.users.resolve(*user, fetched=history)
+                    except RecsysError as err:
+                        answers[i] = err
+                        continue
+                    live.append((i, ctx, admit(ctx.hist_items if opts.exclude_seen else None)))
+            self._recall_and_rank(live, answers, timings, opts, default_candidates, histogram, ranker, item_item, popularity)
+        return answers, timings
+
+    def _recall_and_rank(self, live: list, answers: list, timings: dict[str, float],
+                         opts: RecommendOptions, default_candidates: int | None, histogram: Histogram, ranker: bool,
+                         item_item: bool, popularity: bool) -> None:
+        """The stages after ``recommend_users`` resolved its users, under the catalogue's read lock: each answer
+        put in its place in ``answers``."""
+        catalog = self.catalog
         live, repeats = _distinct(live)
         for i, ctx, allowed in live:
             if ctx.empty or popularity:
@@ -192,13 +199,16 @@ class Engine:
                 answers[i] = self.answers.response(ctx, catalog, entries, None, opts, cands)
         for i, first in repeats:
             answers[i] = answers[first]
-        return answers, timings
 
     def similar_items(self, raw_item: str, k: int) -> dict:
         """Items near ``raw_item``: by the two-tower's item vectors through the index while the item has
         interactions; for an item nobody has interacted with yet ("cold": popularity 0, e.g. just upserted), by
         content, the cosine of the item tower's content-only vectors (text and metadata, id left out) over every
         live item, since its own vector knows nothing about who liked it."""
+        with self.live.rw.reading():
+            return self._similar_items(raw_item, k)
+
+    def _similar_items(self, raw_item: str, k: int) -> dict:
         catalog = self.catalog
         row = self.changes.require_item(raw_item, catalog)
         content = catalog.arrays.get("item_content_vectors")

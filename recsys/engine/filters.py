@@ -1,8 +1,8 @@
 """Filters at catalogue scale: the rows a filter admits, found without a pass over the catalogue.
 
-Each catalogue snapshot carries a ``FilterIndex``, built when the snapshot is made (bundle load, catalogue
-upsert), never per request: for every genre, for the items without a genre and for the whole catalogue, the
-item rows in year order. A year range is then one slice of such a list, found by binary search, and a
+The catalogue carries a ``FilterIndex``, built at bundle load and rebuilt aside after many changes, never per
+request: for every genre, for the items without a genre and for the whole catalogue, the item rows in year
+order (rows changed since it was built are checked one by one). A year range is then one slice of such a list, found by binary search, and a
 filter's admitted rows lie in the union of a few slices: the ``genres_any`` genres' lists, the whole
 catalogue's list, or (for ``genres_none``) the other genres' lists plus the genre-less items, whichever
 holds the fewest rows. Their lengths bound the admitted count before a single row is read.
@@ -14,7 +14,7 @@ catalogue, so a small over-fetch fills the list). Why that split: docs/benchmark
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -51,22 +51,24 @@ class YearOrdered:
 
 @dataclass(frozen=True)
 class FilterIndex:
-    """Per catalogue snapshot: genre bits and year per row, and the year-ordered row lists."""
+    """Per catalogue: genre bits and year per row, and the year-ordered row lists.
+
+    The lists are rebuilt in the background, not on each catalogue change: rows written since they were built are
+    ``stale`` (their list entries may be out of date, or missing for an added item), left out of the lists' rows
+    and checked one by one from ``changed`` instead."""
 
     genre_words: tuple[np.ndarray, ...]  # [n] uint64 each: bit g % 64 of word g // 64 is genre g
     year: np.ndarray  # [n] float32, NaN unknown
     everything: YearOrdered
     by_genre: tuple[YearOrdered, ...]
     genreless: YearOrdered
+    stale: np.ndarray | None = None  # [n] bool: written since the lists were built
+    changed: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # the stale rows, sorted
 
     @classmethod
     def build(cls, item_genres: np.ndarray, item_year: np.ndarray) -> "FilterIndex":
-        genres = item_genres > 0
-        year = item_year.astype(np.float32)
-        words = tuple(_word(genres[:, start : start + WORD]) for start in range(0, genres.shape[1], WORD))
-        return cls(words, year, YearOrdered.of(np.arange(len(year)), year),
-                   tuple(YearOrdered.of(np.flatnonzero(genres[:, g]), year) for g in range(genres.shape[1])),
-                   YearOrdered.of(np.flatnonzero(~genres.any(axis=1)), year))
+        words, year = genre_words(item_genres), item_year.astype(np.float32)
+        return cls(words, year, *year_lists(words, year, item_genres.shape[1]))
 
     @property
     def n_genres(self) -> int:
@@ -116,8 +118,8 @@ class RowFilter:
         return min(others, whole, key=lambda parts: sum(len(rows) for _, rows in parts))
 
     def admitted(self, index: FilterIndex, slices: list[tuple[int | None, np.ndarray]]) -> np.ndarray:
-        """Every admitted row, each once, from ``slices`` (O(rows in them)). The year range holds by
-        construction; the genre tests run only where the slices do not already guarantee them."""
+        """Every admitted row, each once, from ``slices`` (O(rows in them)) and the index's changed rows. The year
+        range holds by construction; the genre tests run only where the slices do not already guarantee them."""
         parts, earlier = [], []
         for col, rows in slices:
             if earlier:  # a row with several genres sits in several lists: keep it in the first only
@@ -126,8 +128,12 @@ class RowFilter:
                 earlier.append(col)
             parts.append(rows)
         rows = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        if len(index.changed):
+            rows = rows[~index.stale[rows]]
         if self.none_cols:
             rows = rows[~index.has_any(rows, self.none_cols)]
+        if len(index.changed):
+            rows = np.concatenate([rows, index.changed[self.admits(index, index.changed)]])
         return rows
 
     def admits(self, index: FilterIndex, rows: np.ndarray) -> np.ndarray:
@@ -143,6 +149,23 @@ class RowFilter:
         if self.year_max is not None:
             keep &= year <= self.year_max
         return keep
+
+
+def genre_words(item_genres: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Each row's genres as bits, 64 genres per uint64 word."""
+    genres = item_genres > 0
+    return tuple(_word(genres[:, start : start + WORD]) for start in range(0, genres.shape[1], WORD))
+
+
+def year_lists(words: tuple[np.ndarray, ...], year: np.ndarray, n_genres: int) -> tuple[YearOrdered, tuple, YearOrdered]:
+    """The year-ordered lists of every row, of each genre's rows and of the rows without a genre:
+    O(n_items log n_items), the cost a catalogue change does not pay (``LiveCatalog`` rebuilds them aside)."""
+    has = [(words[g // WORD] >> np.uint64(g % WORD)) & np.uint64(1) != 0 for g in range(n_genres)]
+    genreless = np.ones(len(year), bool)
+    for column in has:
+        genreless &= ~column
+    return (YearOrdered.of(np.arange(len(year)), year), tuple(YearOrdered.of(np.flatnonzero(c), year) for c in has),
+            YearOrdered.of(np.flatnonzero(genreless), year))
 
 
 def _word(genres: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ EXACT_SEARCH_FACTOR = 2  # below depth * this many allowed items, scoring them a
 EXACT_FETCH_SHARE = 0.05
 FETCH_GROWTH = 4  # an over-fetch that did not fill the list asks for this many times more
 
-Found = tuple[Catalog, np.ndarray, np.ndarray]  # the snapshot searched, item rows, inner products (best first)
+Found = tuple[Catalog, np.ndarray, np.ndarray]  # the catalogue searched, item rows, inner products (best first)
 
 
 def search_many(live: LiveCatalog, vecs: np.ndarray, depth: int, alloweds: Sequence[Allowed],
@@ -33,6 +33,11 @@ def search_many(live: LiveCatalog, vecs: np.ndarray, depth: int, alloweds: Seque
     rows are then listed and scored exactly. A batched query reads as deep as its widest fetch (hnswlib's beam is
     max(ef, k)), so sharing a batch can only add true neighbours to a user's list, never remove one.
     """
+    with live.rw.reading():  # (a request holds it already; a caller of one stage alone may not)
+        return _search_many(live, vecs, depth, alloweds, exact_share)
+
+
+def _search_many(live: LiveCatalog, vecs: np.ndarray, depth: int, alloweds: Sequence[Allowed], exact_share: float) -> list[Found]:
     catalog = live.catalog
     out: list = [None] * len(alloweds)
     pending: dict[int, tuple[int, int, int]] = {}  # user -> (depth, first fetch, fetch)
@@ -50,14 +55,12 @@ def search_many(live: LiveCatalog, vecs: np.ndarray, depth: int, alloweds: Seque
             pending[u] = (wanted, first, first)
     while pending:
         users = list(pending)
-        with live.lock:
-            catalog, index = live.catalog, live.index
-            searchable = catalog.n_active
-            k = min(max(pending[u][2] for u in users), searchable)
-            try:
-                labels, dists = index.knn_query(vecs[users], k=k)
-            except RuntimeError:  # hnswlib found fewer than k (deleted items): score exactly instead
-                labels = dists = None
+        searchable = catalog.n_active
+        k = min(max(pending[u][2] for u in users), searchable)
+        try:
+            labels, dists = live.index.knn_query(vecs[users], k=k)
+        except RuntimeError:  # hnswlib found fewer than k (deleted items): score exactly instead
+            labels = dists = None
         retry = {}
         for j, u in enumerate(users):
             wanted, first, fetch = pending[u]
@@ -89,7 +92,7 @@ def exact(catalog: Catalog, vec: np.ndarray, rows: np.ndarray, depth: int) -> tu
 
 def popular(catalog: Catalog, allowed: Allowed, k: int) -> np.ndarray:
     """The ``k`` most popular allowed rows: the top of a narrow filter's rows, or the first allowed ones in the
-    snapshot's popularity order, read in growing chunks: about ``k`` over the admitted share (more only for a
+    catalogue's popularity order, read in growing chunks: about ``k`` over the admitted share (more only for a
     broad filter that admits far fewer rows than its bound)."""
     pop = catalog.arrays["popularity"]
     if allowed.rows is not None:

@@ -1,8 +1,8 @@
 """Catalogue changes: items added, replaced or removed online, encoded by the bundle's item tower.
 
-A change is validated and computed beside the live catalogue (``prepare``), then made live with its index
-rows in one swap (``LiveCatalog.commit``). A batch costs one tower call and one copy of each item array, so
-applying a store's whole catalogue fold costs one rebuild.
+A change is validated and encoded beside the live catalogue (``prepare``), then written into its rows and the
+index at once (``LiveCatalog.commit``). A batch costs one tower call and one write of the rows it changes, so
+applying a store's whole catalogue fold costs what it holds, not a copy of the catalogue per item.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from loguru import logger
 
 from recsys.bundle import Bundle
-from recsys.engine.catalog import NEW_ITEM_DEFAULTS, Catalog, LiveCatalog, Upsert, set_rows
+from recsys.engine.catalog import Catalog, LiveCatalog, Upsert
 from recsys.engine.users import check_features
 from recsys.errors import RecsysError, UnknownId
 from recsys.features import FeatureSpec, encode_item_features
@@ -33,7 +33,7 @@ class CatalogChanges:
         """The row of a live (not removed) item, else ``UnknownId``."""
         catalog = catalog or self.live.catalog
         row = catalog.row_of.get(raw_item)
-        if row is None or not catalog.active[row]:
+        if row is None or row >= len(catalog.active) or not catalog.active[row]:  # (an id added since ``catalog``)
             raise UnknownId(f"unknown item_id '{raw_item}'")
         return row
 
@@ -84,36 +84,18 @@ class CatalogChanges:
         return ["replaced" if str(item.item_id) in self.live.catalog.row_of else "added" for item in items]
 
     def prepare(self, items: list[Item]) -> Upsert:
-        """Validate items and compute their rows of every array, touching nothing live."""
-        catalog = self.live.catalog
+        """Validate and encode items, touching nothing live: O(len(items)); ``LiveCatalog.commit`` writes them."""
         raws = [str(it.item_id) for it in items]
-        assigned: dict[str, int] = {}
-        n = len(catalog.ids)
-        for raw in raws:  # a new id takes the next free row; a repeated one keeps its first row
-            if raw not in assigned:
-                assigned[raw] = catalog.row_of.get(raw, n)
-                n += assigned[raw] == n
-        rows = [assigned[raw] for raw in raws]
+        row_of = self.live.row_of  # an id keeps its row for good: read here, it is still right at the commit
         encoded = [self._encode(it) for it in items]
         genres, dense, cat = (np.concatenate([e[j] for e in encoded]) for j in range(3))
-        ids = np.array([r + 1 if r < self.model_items else 0 for r in rows])  # only trained items have an id embedding
-        text = self.text_vectors(items)
+        ids = np.array([row + 1 if (row := row_of.get(raw, self.model_items)) < self.model_items else 0 for raw in raws])
+        text = self.text_vectors(items)  # (only trained items have an id embedding)
         vecs, content = self._tower(ids, genres, dense, cat, text)
         years = np.array([np.nan if it.year is None else it.year for it in items], np.float32)
-        new_values = {"item_vectors": vecs, "item_genres": genres, "item_dense": dense, "item_cat": cat, "item_year": years,
-                      "item_content_vectors": content, "item_text": text}
-        row_array = np.array(rows, np.int64)
-        arrays = {k: set_rows(v, row_array, new_values.get(k), NEW_ITEM_DEFAULTS.get(k), n) for k, v in catalog.arrays.items()}
-        ids, titles = list(catalog.ids), list(catalog.titles)
-        for raw, row, item in zip(raws, rows, items):
-            if row == len(ids):
-                ids.append(raw), titles.append(item.title or raw)
-            else:
-                titles[row] = item.title or titles[row]
-        active = set_rows(catalog.active, row_array, True, False, n)
-        updated = Catalog.build(ids, {**catalog.row_of, **dict(zip(raws, rows))}, titles, arrays, active,
-                                self.bundle.arrays if self.ranked else None)
-        return Upsert(row_array, vecs, updated)
+        values = {"item_vectors": vecs, "item_genres": genres, "item_dense": dense, "item_cat": cat, "item_year": years,
+                  "item_content_vectors": content, "item_text": text}
+        return Upsert(raws, [it.title for it in items], {k: v for k, v in values.items() if v is not None})
 
     def text_vectors(self, items: list[Item]) -> np.ndarray | None:
         """The items' sentence vectors as the bundle stores them (float16), one encoder call for the batch;

@@ -49,15 +49,17 @@ class Users:
     cache_size: int = 100_000
     user_row: dict[str, int] = field(init=False)  # raw id -> the bundle's user row
     vector_cache: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)  # user -> (history version, vector)
-    feature_cache: dict[str, tuple] = field(default_factory=dict)  # user -> (version, ranker tables, UserFeatures)
+    feature_cache: dict[str, tuple] = field(default_factory=dict)  # user -> (version, tables, UserFeatures, changes)
 
     def __post_init__(self) -> None:
         self.user_row = {r: i for i, r in enumerate(self.bundle.catalog["user_ids"])}
 
-    def resolve(self, user_id: str | int | None, features: dict | None = None, recent_items: list | None = None) -> UserContext:
-        """A known user (stored features + bundle history + online events) or a cold one."""
+    def resolve(self, user_id: str | int | None, features: dict | None = None, recent_items: list | None = None,
+                fetched: tuple[int, list[Event]] | None = None) -> UserContext:
+        """A known user (stored features + bundle history + online events) or a cold one. ``fetched``: the user's
+        ``fetch_history``, when the caller read it already (before taking the catalogue's read lock)."""
         raw = None if user_id is None else str(user_id)
-        version, online = self.online_history(raw)
+        version, online = self.online_history(raw, fetched)
         recent = self._item_rows(recent_items or [])
         extra_items = np.array([r for r, _, _ in online] + recent, np.int64)
         extra_ratings = np.array([rating for _, rating, _ in online] + [0.0] * len(recent), np.float32)
@@ -80,17 +82,21 @@ class Users:
         known = any(v is not None for v in features.values())
         return UserContext(raw, 0, cat[0], num[0], extra_items, extra_ratings, extra_times, key, version, known_features=known)
 
-    def online_history(self, raw: str | None) -> tuple[int, list[tuple[int, float, int]]]:
-        """The user's history version and online events as ``(item row, rating, timestamp)``. An event on an
-        item this bundle does not know (added online after it, then never replayed here) is skipped. If the
-        store cannot be reached the user is served from the bundle alone, and the degradation is counted."""
-        if raw is None:
+    def fetch_history(self, user_id: str | int | None) -> tuple[int, list[Event]]:
+        """The user's history version and online events, from the state store. If the store cannot be reached
+        the user is served from the bundle alone, and the degradation is counted."""
+        if user_id is None:
             return 0, []
         try:
-            version, events = self.history(raw)
+            return self.history(str(user_id))
         except StoreUnavailable:
             metrics.DEGRADED.labels("history").inc()
             return 0, []
+
+    def online_history(self, raw: str | None, fetched: tuple[int, list[Event]] | None = None) -> tuple[int, list[tuple[int, float, int]]]:
+        """The user's history version and online events as ``(item row, rating, timestamp)``. An event on an
+        item this bundle does not know (added online after it, then never replayed here) is skipped."""
+        version, events = self.fetch_history(raw) if fetched is None else fetched
         row_of = self.live.catalog.row_of
         return version, [(row_of[e.item_id], e.rating if e.rating is not None else 0.0, e.timestamp)
                          for e in events if e.item_id in row_of]
@@ -134,13 +140,15 @@ class Users:
 
     def ranker_features(self, ctx: UserContext, tables: RankerTables) -> UserFeatures:
         """The user's part of the ranker features, cached like the user vector: valid for one history
-        version and one catalogue snapshot (an upsert can change a history item's vector)."""
+        version while no item of that history is written again (an upsert can change its vector)."""
         key = ctx.cache_key
-        if key is not None and (hit := self.feature_cache.get(key)) is not None and hit[0] == ctx.version and hit[1] is tables:
+        catalog = self.live.catalog
+        if key is not None and (hit := self.feature_cache.get(key)) is not None and hit[0] == ctx.version \
+                and hit[1] is tables and not (len(ctx.hist_items) and catalog.written_at[ctx.hist_items].max() > hit[3]):
             return hit[2]
         user = user_features(tables, ctx.hist_items, ctx.hist_ratings, ctx.cat, ctx.num)
         if key is not None and (key in self.feature_cache or len(self.feature_cache) < self.cache_size):
-            self.feature_cache[key] = (ctx.version, tables, user)
+            self.feature_cache[key] = (ctx.version, tables, user, catalog.changes)
         return user
 
     def _item_rows(self, raw_items: list) -> list[int]:

@@ -183,16 +183,15 @@ def test_filters_follow_catalogue_changes_through_the_service(backend_start, tmp
 
 
 # --------------------------------------------------------------------------- per-request work vs catalogue size
-def grown_to(engine: Engine, n: int) -> Catalog:
-    """``engine``'s catalogue with rows up to ``n``: copies of row 0 without genre, year or popularity, which no
-    HNSW label points at, so every search and filter answer stays the same and only the catalogue is bigger."""
+def grow_to(engine: Engine, n: int) -> None:
+    """``engine``'s catalogue made again with rows up to ``n``: copies of row 0 without genre, year or popularity,
+    which no HNSW label points at, so every search and filter answer stays the same and only the catalogue is bigger."""
     catalog = engine.catalog
     extra = n - len(catalog.ids)
     arrays = {k: np.concatenate([v, np.repeat(v[:1], extra, axis=0)]) for k, v in catalog.arrays.items()}
     arrays["item_genres"][-extra:], arrays["item_year"][-extra:], arrays["popularity"][-extra:] = 0, np.nan, 0
     ids = catalog.ids + [f"pad{i}" for i in range(extra)]
-    return Catalog.build(ids, {r: i for i, r in enumerate(ids)}, catalog.titles + ids[-extra:], arrays,
-                         np.ones(n, bool), engine.bundle.arrays if engine.ranker is not None else None)
+    engine.live.load(ids, catalog.titles + ids[-extra:], arrays, engine.bundle.arrays if engine.ranker is not None else None)
 
 
 def peak_bytes(call) -> int:
@@ -219,7 +218,7 @@ def test_request_work_does_not_grow_with_the_catalogue(bundle_root):
             genres_any=engine.bundle.catalog["genre_names"][:2], year_min=year, year_max=year + 20)), 20),
     }
     small = {name: peak_bytes(call) for name, call in calls.items()}
-    engine.catalog = grown_to(engine, 200_000)
+    grow_to(engine, 200_000)
     large = {name: peak_bytes(call) for name, call in calls.items()}
     for name in calls:
         assert large[name] - small[name] < 64_000, (name, small[name], large[name])

@@ -1,0 +1,266 @@
+"""A live catalogue at scale: catalogue changes sustained while serving, memory per worker, start to ready.
+
+On a bundle ``bench/catalog_scale.py`` built (1M synthetic items by default), for this checkout and, with
+``--against DIR``, another one (a git worktree of an older commit) in the same run:
+
+1. Start to ``/ready`` and memory of one worker and of two (``uvicorn --workers 2``): resident (RSS) and
+   proportional (PSS, where pages two workers share count half to each, so the PSS sum is what the host pays).
+2. ``/recommend`` at a fixed 200 requests/s (``hey``: 150/s unfiltered, 50/s with a genre + decade filter, at
+   once) for ``--seconds``, first with no catalogue changes, then while a writer sends ``--change-rate`` item
+   changes per second through ``POST /admin/items:batch`` (batches every 100 ms, half replacing bundle items,
+   half adding new ones). Reported: changes acknowledged per second, the batch call's p50 / p99, and the
+   requests' p50 / p99 with and without changes. Median of ``--runs`` runs.
+3. One single-item upsert through ``/admin/items`` (the cost of one change alone).
+
+Writes the "catalog-changes" section of docs/benchmarks.md.
+
+    .venv/bin/python bench/catalog_changes.py --bundle-dir /tmp/catalog-1m [--against /tmp/base]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.report import BENCHMARKS, add_docs_option, machine, update_section  # noqa: E402
+from bench.serving import free_port, hey  # noqa: E402
+from recsys.bundle import resolve  # noqa: E402
+
+TOKEN = "catalog-changes-bench"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+FILTER = {"genres_any": ["genre3"], "year_min": 1990, "year_max": 1999}  # as catalog_scale's "genre + decade"
+BATCH_EVERY_S = 0.1
+
+
+# ----------------------------------------------------------------------------- the service and its memory
+def start(tree: Path, bundle: Path, state: Path, workers: int, log: Path) -> tuple[subprocess.Popen, str, float]:
+    """uvicorn from ``tree`` on ``bundle``; returns the process, its URL and the seconds until /ready."""
+    port = free_port()
+    env = {**os.environ, "RECSYS_BUNDLE_DIR": str(bundle), "RECSYS_STATE_DIR": str(state), "RECSYS_LOG_LEVEL": "WARNING",
+           "RECSYS_ADMIN_TOKEN": TOKEN, "PYTHONPATH": str(tree)}
+    cmd = [sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", str(workers), "--no-access-log", "--log-level", "warning"]
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=tree)
+    url = f"http://127.0.0.1:{port}"
+    while time.perf_counter() - started < 900:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the service exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                return proc, url, time.perf_counter() - started
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise TimeoutError(f"not ready; see {log}")
+
+
+def loaded(pids: list[int], deadline_s: float = 900) -> None:
+    """Until every worker's resident memory stopped growing for 2 s (with two workers /ready answers as soon as
+    one of them is up; the other may still be loading)."""
+    last, still_since, started = None, time.time(), time.time()
+    while time.time() - started < deadline_s:
+        now = [memory_mib(pid)["rss"] for pid in pids]
+        if last is None or any(abs(a - b) > 0.01 * b for a, b in zip(now, last)):
+            last, still_since = now, time.time()
+        elif time.time() - still_since >= 2:
+            return
+        time.sleep(0.2)
+
+
+def workers_of(proc: subprocess.Popen, workers: int) -> list[int]:
+    """The worker processes (uvicorn's children with several workers, the process itself with one)."""
+    if workers == 1:
+        return [proc.pid]
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    return [int(c) for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]  # not the resource tracker
+
+
+def memory_mib(pid: int) -> dict[str, float]:
+    """RSS and PSS of a process, MiB (smaps_rollup)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, value = line.split(":", 1)
+        fields[key] = int(value.split()[0]) / 1024
+    return {"rss": fields["Rss"], "pss": fields["Pss"]}
+
+
+def settle(url: str, users: list[str]) -> None:
+    """A few requests on every worker, so that what a served request touches is resident when measured."""
+    with httpx.Client(timeout=60) as client:
+        for user in users * 4:
+            client.post(f"{url}/recommend", json={"user_id": user, "k": 10})
+            client.post(f"{url}/recommend", json={"user_id": user, "k": 10, "filters": FILTER})
+
+
+def footprint(tree: Path, bundle: Path, users: list[str], workers: int) -> dict:
+    """Seconds to ready and memory per worker once settled."""
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, url, ready_s = start(tree, bundle, Path(tmp) / "state", workers, Path(tmp) / "log")
+        try:
+            pids = workers_of(proc, workers)
+            loaded(pids)
+            settle(url, users)
+            mem = [memory_mib(pid) for pid in pids]
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    return {"ready_s": ready_s, "workers": mem}
+
+
+# ----------------------------------------------------------------------------- changes while serving
+class Writer(threading.Thread):
+    """Item changes through the admin batch route at a fixed rate: half replace bundle items, half add new ones."""
+
+    def __init__(self, url: str, rate: int, item_ids: list[str], seconds: float, seed: int):
+        super().__init__(daemon=True)
+        self.url, self.per_batch, self.seconds = url, max(1, round(rate * BATCH_EVERY_S)), seconds
+        self.item_ids, self.rng = item_ids, np.random.default_rng(seed)
+        self.acked, self.latencies, self.errors, self.elapsed = 0, [], [], 0.0
+
+    def batch(self, n: int) -> list[dict]:
+        old = self.rng.choice(self.item_ids, n - n // 2, replace=False)
+        new = [f"churn-{self.rng.integers(1 << 62)}" for _ in range(n // 2)]
+        return [{"item_id": str(i), "genres": [f"genre{self.rng.integers(18)}"], "year": int(self.rng.integers(1950, 2020))}
+                for i in [*old, *new]]
+
+    def run(self) -> None:
+        started = time.perf_counter()
+        with httpx.Client(timeout=60, headers=AUTH) as client:
+            tick = started
+            while time.perf_counter() - started < self.seconds:
+                body = {"items": self.batch(self.per_batch)}
+                sent = time.perf_counter()
+                r = client.post(f"{self.url}/admin/items:batch", json=body)
+                self.latencies.append(time.perf_counter() - sent)
+                if r.status_code == 200:
+                    self.acked += len(body["items"])
+                else:
+                    self.errors.append(f"{r.status_code} {r.text[:200]}")
+                tick += BATCH_EVERY_S
+                time.sleep(max(0.0, tick - time.perf_counter()))
+        self.elapsed = time.perf_counter() - started
+
+
+def serve_with_changes(url: str, user: str, item_ids: list[str], args, rate: int, seed: int) -> dict:
+    """hey's two streams (150/s unfiltered, 50/s filtered) for ``args.seconds``, with a writer at ``rate`` changes/s."""
+    plain = json.dumps({"user_id": user, "k": 10})
+    filtered = json.dumps({"user_id": user, "k": 10, "filters": FILTER})
+    writer = Writer(url, rate, item_ids, args.seconds, seed) if rate else None
+    with ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(hey, f"{url}/recommend", args.seconds, 50, 3, plain),
+                pool.submit(hey, f"{url}/recommend", args.seconds, 50, 1, filtered)]
+        if writer:
+            writer.start()
+        unfiltered, with_filter = (r.result() for r in runs)
+    out = {"unfiltered": unfiltered, "filtered": with_filter}
+    if writer:
+        writer.join()
+        if writer.errors:
+            raise RuntimeError(f"catalogue changes refused: {writer.errors[:3]}")
+        lat = np.array(writer.latencies) * 1000
+        out["changes"] = {"per_s": writer.acked / writer.elapsed, "batch_p50": float(np.percentile(lat, 50)),
+                          "batch_p99": float(np.percentile(lat, 99)), "batch": writer.per_batch}
+    return out
+
+
+def one_upsert(url: str) -> float:
+    started = time.perf_counter()
+    httpx.post(f"{url}/admin/items", json={"item_id": "bench-one", "genres": ["genre3"], "year": 1995}, headers=AUTH,
+               timeout=600).raise_for_status()
+    return time.perf_counter() - started
+
+
+def churn(tree: Path, bundle: Path, users: list[str], item_ids: list[str], args) -> dict:
+    """The runs with and without changes (alternating, ``args.runs`` each) and one single upsert, on one worker."""
+    quiet, busy = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, url, _ = start(tree, bundle, Path(tmp) / "state", 1, Path(tmp) / "log")
+        try:
+            settle(url, users[:1])
+            single = one_upsert(url)
+            for run in range(args.runs):
+                quiet.append(serve_with_changes(url, users[0], item_ids, args, 0, run))
+                busy.append(serve_with_changes(url, users[0], item_ids, args, args.change_rate, run))
+                print(run, quiet[-1], busy[-1], flush=True)
+            memory = memory_mib(proc.pid)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    return {"single_upsert_s": single, "quiet": median_of(quiet), "busy": median_of(busy), "memory_after": memory}
+
+
+def median_of(runs: list[dict]) -> dict:
+    """Each leaf's median over runs."""
+    first = runs[0]
+    if isinstance(first, dict):
+        return {k: median_of([r[k] for r in runs]) for k in first}
+    return float(np.median(runs))
+
+
+# ----------------------------------------------------------------------------- report
+def write(results: dict[str, dict], bundle: Path, args) -> None:
+    n = len(json.loads((resolve(bundle) / "catalog.json").read_text())["item_ids"])
+    lines = [f"Machine: {machine()}; service, `hey` and the change writer on the same 2 cores. Bundle: {n:,} synthetic "
+             f"items (`bench/catalog_scale.py`), file state, `--runs {args.runs}` (medians), {args.seconds} s per run.", "",
+             "| checkout | start to ready, 1 worker | 2 workers | RSS per worker (1 / 2 workers) | PSS sum, 2 workers "
+             "| one upsert (`/admin/items`) |", "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        one, two = r["one"], r["two"]
+        rss2 = " + ".join(f"{w['rss']:,.0f}" for w in two["workers"])
+        lines.append(f"| {name} | {one['ready_s']:.1f} s | {two['ready_s']:.1f} s | {one['workers'][0]['rss']:,.0f} / {rss2} MiB "
+                     f"| {sum(w['pss'] for w in two['workers']):,.0f} MiB | {r['churn']['single_upsert_s'] * 1000:,.0f} ms |")
+    lines += ["", f"`/recommend` at 200 requests/s (150/s unfiltered + 50/s genre + decade filter), with no changes and "
+              f"while {args.change_rate} item changes/s are sent in batches every {BATCH_EVERY_S * 1000:.0f} ms "
+              "(`POST /admin/items:batch`, half replacements, half additions), 1 worker:", "",
+              "| checkout | changes | changes acked/s | batch call p50 / p99 ms | unfiltered p50 / p99 ms | filtered p50 / p99 ms |",
+              "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        for label, run in (("none", r["churn"]["quiet"]), (f"{args.change_rate}/s", r["churn"]["busy"])):
+            ch = run.get("changes")
+            acked = f"{ch['per_s']:.0f}" if ch else "-"
+            batch = f"{ch['batch_p50']:.1f} / {ch['batch_p99']:.1f}" if ch else "-"
+            lines.append(f"| {name} | {label} | {acked} | {batch} | {run['unfiltered']['p50']:.2f} / {run['unfiltered']['p99']:.2f} "
+                         f"| {run['filtered']['p50']:.2f} / {run['filtered']['p99']:.2f} |")
+    body = "## Catalogue changes at scale\n\n" + "\n".join(lines)
+    print(body)
+    if not args.no_write:
+        update_section("catalog-changes", body, args.docs / BENCHMARKS.name)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle-dir", type=Path, default=Path("/tmp/catalog-scale"), help="a bundle catalog_scale.py built")
+    p.add_argument("--against", type=Path, help="another checkout (e.g. a git worktree of main) measured in the same run")
+    p.add_argument("--change-rate", type=int, default=200, help="item changes per second sent while serving")
+    p.add_argument("--seconds", type=int, default=20)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-write", action="store_true")
+    add_docs_option(p)
+    args = p.parse_args()
+    catalog = json.loads((resolve(args.bundle_dir) / "catalog.json").read_text())
+    users, item_ids = list(catalog["user_ids"][:3]), list(catalog["item_ids"])
+    trees = {"this change": ROOT, **({f"before ({args.against.name})": args.against} if args.against else {})}
+    results = {}
+    for name, tree in trees.items():
+        results[name] = {"one": footprint(tree, args.bundle_dir, users, 1), "two": footprint(tree, args.bundle_dir, users, 2),
+                         "churn": churn(tree, args.bundle_dir, users, item_ids, args)}
+        print(name, results[name], flush=True)
+    write(results, args.bundle_dir, args)
+
+
+if __name__ == "__main__":
+    main()

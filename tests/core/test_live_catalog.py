@@ -1,0 +1,187 @@
+"""The live catalogue's changes: written in place, O(changed items), never seen half applied, and the same
+answers as a catalogue built whole from the changed arrays (recsys/engine/catalog.py, items.py, locks.py)."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from recsys.bundle import map_arrays, read_bundle, save_arrays
+from recsys.engine.engine import Engine
+from recsys.engine.filters import FilterIndex, RowFilter
+from recsys.engine.items import Column
+from recsys.engine.locks import ReadWriteLock
+from recsys.query import Filters, Item, RecommendRequest
+
+
+@pytest.fixture()
+def engine(bundle_root) -> Engine:
+    return Engine.from_bundle(read_bundle(bundle_root))
+
+
+# --------------------------------------------------------------------------- columns
+def test_a_column_maps_the_bundle_file_copy_on_write_and_grows(tmp_path):
+    path = tmp_path / "arrays.npz"
+    vectors = np.arange(30, dtype=np.float32).reshape(10, 3)
+    save_arrays(path, {"other": np.ones(7, np.int8), "item_vectors": vectors})
+    before = path.read_bytes()
+    column = Column(map_arrays(path)["item_vectors"], capacity=12)
+    assert column.mapped and column.capacity == 12
+    np.testing.assert_array_equal(column.rows[:10], vectors)
+    column.rows[3] = -1  # a private copy of that page: the file stays as it was
+    assert path.read_bytes() == before and map_arrays(path)["item_vectors"][3].tolist() == [9, 10, 11]
+    column.append(10, 2)
+    assert np.isnan(column.rows[10:12]).all()
+    column.grow(12, 40)  # past the room: a copy, the rows kept, no longer the file's pages
+    assert not column.mapped and column.capacity == 40
+    assert column.rows[3].tolist() == [-1, -1, -1] and column.rows[9].tolist() == [27, 28, 29]
+
+
+def test_a_column_of_an_array_in_memory_is_a_copy():
+    source = np.array([[1, 2], [3, 4]], np.int64)
+    column = Column(source, capacity=5, fill=-1)
+    column.rows[0, 0] = 9
+    column.append(2, 3)
+    assert not column.mapped and source[0, 0] == 1 and column.rows.tolist() == [[9, 2], [3, 4], [-1, -1], [-1, -1], [-1, -1]]
+
+
+# --------------------------------------------------------------------------- changes cost what they change
+def test_a_change_writes_its_rows_and_copies_no_item_array(engine):
+    before = engine.catalog
+    replaced = before.ids[5]
+    engine.live.commit(engine.changes.prepare([Item(item_id=replaced, genres=["genre1"], year=1999),
+                                               Item(item_id="brand-new", genres=["genre2"], year=2001, title="New")]))
+    after = engine.catalog
+    for name, array in before.arrays.items():
+        assert not array.size or np.shares_memory(array, after.arrays[name]), name  # the same memory, one row longer
+    tables = after.ranker_tables
+    assert tables is not None and np.shares_memory(tables.item_vectors, after.vectors)  # the ranker views the catalogue
+    assert np.shares_memory(tables.item_static, before.ranker_tables.item_static)
+    row = after.row_of["brand-new"]
+    assert row == len(before.active) and after.titles[row] == "New" and after.n_active == before.n_active + 1
+    assert after.arrays["popularity"][row] == 0 and (after.arrays["item_neighbours"][row] == -1).all()
+    assert after.by_popularity[-1] == row  # last, where a stable sort of popularity puts it
+    np.testing.assert_array_equal(after.by_popularity, np.argsort(-after.arrays["popularity"], kind="stable"))
+    fresh = type(tables).from_arrays({**engine.bundle.arrays, **after.arrays})  # as the ranker tables of a catalogue built whole
+    np.testing.assert_allclose(tables.item_static[: len(after.ids)][[5, row]], fresh.item_static[[5, row]], rtol=1e-6)
+    assert after.written_at[5] == after.written_at[row] == after.changes == 1 and after.written_at[4] == 0
+
+
+def test_filters_answer_as_if_rebuilt_before_and_after_the_lists_are_rebuilt(engine):
+    rng = np.random.default_rng(1)
+    names = list(engine.bundle.catalog["genre_names"])
+    ids = engine.catalog.ids
+    items = [Item(item_id=ids[i] if i < len(ids) else f"n{i}", genres=list(rng.choice(names, rng.integers(0, 3), replace=False)),
+                  year=None if rng.random() < 0.1 else int(rng.integers(1980, 2000))) for i in rng.choice(len(ids) + 50, 80, replace=False)]
+    engine.live.commit(engine.changes.prepare(items))
+    engine.changes.remove(ids[0])
+    rules = [RowFilter.of(f, engine._genre_cols) for f in (
+        Filters(genres_any=[names[1]], year_min=1985, year_max=1995), Filters(genres_none=[names[0], names[2]]),
+        Filters(year_min=1990), Filters(genres_any=[names[0], names[3]]))]
+
+    def admitted(catalog) -> list[set[int]]:
+        return [set(catalog.live(r.admitted(catalog.filters, r.slices(catalog.filters)), np.zeros(0, np.int64)).tolist())
+                for r in rules]
+
+    catalog = engine.catalog
+    assert len(catalog.filters.changed) == len({it.item_id for it in items})
+    whole = FilterIndex.build(catalog.arrays["item_genres"], catalog.arrays["item_year"])  # built from scratch
+    expected = [set(catalog.live(np.flatnonzero(r.admits(whole, np.arange(len(catalog.ids)))), np.zeros(0, np.int64)).tolist())
+                for r in rules]
+    assert admitted(catalog) == expected
+    engine.live.rebuild_lists()
+    assert len(engine.catalog.filters.changed) == 0 and not engine.catalog.filters.stale.any()
+    assert admitted(engine.catalog) == expected
+
+
+def test_lists_are_rebuilt_aside_once_enough_rows_changed(engine):
+    engine.live.rebuild_after = 10
+    engine.live.commit(engine.changes.prepare([Item(item_id=f"x{i}", genres=["genre1"], year=2000) for i in range(12)]))
+    deadline = time.time() + 30
+    while len(engine.catalog.filters.changed) and time.time() < deadline:
+        time.sleep(0.05)
+    assert len(engine.catalog.filters.changed) == 0
+    rows = engine.catalog.filters.everything.between(2000, 2000)
+    assert {engine.catalog.row_of[f"x{i}"] for i in range(12)} <= set(rows.tolist())
+
+
+def test_a_user_whose_history_item_changed_gets_features_computed_again(engine):
+    request = RecommendRequest(user_id="u1", k=5)
+    engine.recommend(request)
+    cached = engine.users.feature_cache["u1"]
+    engine.live.commit(engine.changes.prepare([Item(item_id="not-in-any-history", genres=["genre1"], year=2000)]))
+    engine.recommend(request)
+    assert engine.users.feature_cache["u1"][2] is cached[2]  # an unrelated change keeps the user's features
+    seen = engine.catalog.ids[int(engine.users.resolve("u1").hist_items[-1])]
+    engine.live.commit(engine.changes.prepare([Item(item_id=seen, genres=["genre2"], year=1950)]))
+    engine.recommend(request)
+    assert engine.users.feature_cache["u1"][2] is not cached[2]
+
+
+# --------------------------------------------------------------------------- no half-applied change
+def test_a_change_waits_for_reading_requests_and_new_requests_wait_for_it():
+    lock, order = ReadWriteLock(), []
+    reading, release = threading.Event(), threading.Event()
+
+    def reader() -> None:
+        with lock.reading():
+            with lock.reading():  # nested reads of one request do not wait
+                reading.set()
+                release.wait(5)
+                order.append("read done")
+
+    def writer() -> None:
+        with lock.writing():
+            order.append("written")
+
+    threads = [threading.Thread(target=reader)]
+    threads[0].start()
+    reading.wait(5)
+    threads.append(threading.Thread(target=writer))
+    threads[1].start()
+    time.sleep(0.2)
+    assert order == []  # the writer waits for the reader
+    late = threading.Thread(target=lambda: (lock.reading().__enter__(), order.append("late read")))
+    late.start()
+    time.sleep(0.2)
+    assert order == []  # a reader that came after the waiting writer waits too
+    release.set()
+    for t in [*threads, late]:
+        t.join(5)
+    assert order == ["read done", "written", "late read"]
+    with pytest.raises(RuntimeError, match="wait for itself"), lock.reading(), lock.writing():
+        pass
+
+
+def test_requests_under_changes_never_see_a_half_written_item(engine):
+    """Every answer, taken while a writer flips items between two versions, shows each item wholly in one."""
+    rows = list(range(20))
+    ids = [engine.catalog.ids[r] for r in rows]
+    versions = [[Item(item_id=i, genres=["genre1"], year=1901, title="A") for i in ids],
+                [Item(item_id=i, genres=["genre2"], year=1902, title="B") for i in ids]]
+    prepared = [engine.changes.prepare(v) for v in versions]
+    engine.live.commit(prepared[1])  # every item in one of the two versions before reading starts
+    stop = threading.Event()
+
+    def write() -> None:
+        j = 0
+        while not stop.is_set():
+            engine.live.commit(prepared[j % 2])
+            j += 1
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        for _ in range(200):
+            with engine.live.rw.reading():
+                catalog = engine.catalog
+                years = catalog.arrays["item_year"][rows]
+                titles = {catalog.titles[r] for r in rows}
+                genres = catalog.arrays["item_genres"][rows]
+            assert len(set(years.tolist())) == 1 and len(titles) == 1  # one version for every item at once
+            assert titles == {"A" if years[0] == 1901 else "B"} and (genres == genres[0]).all()
+    finally:
+        stop.set()
+        writer.join(10)
