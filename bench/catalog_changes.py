@@ -5,6 +5,7 @@ On a bundle ``bench/catalog_scale.py`` built (1M synthetic items by default), fo
 
 1. Start to ``/ready`` and memory of one worker and of two (``uvicorn --workers 2``): resident (RSS) and
    proportional (PSS, where pages two workers share count half to each, so the PSS sum is what the host pays).
+   State on a local redis-server (the file backend serves one process).
 2. ``/recommend`` at a fixed 200 requests/s (``hey``: 150/s unfiltered, 50/s with a genre + decade filter, at
    once) for ``--seconds``, first with no catalogue changes, then while a writer sends ``--change-rate`` item
    changes per second through ``POST /admin/items:batch`` (batches every 100 ms, half replacing bundle items,
@@ -45,11 +46,31 @@ BATCH_EVERY_S = 0.1
 
 
 # ----------------------------------------------------------------------------- the service and its memory
-def start(tree: Path, bundle: Path, state: Path, workers: int, log: Path) -> tuple[subprocess.Popen, str, float]:
-    """uvicorn from ``tree`` on ``bundle``; returns the process, its URL and the seconds until /ready."""
+class Redis:
+    """One local redis-server for the run (appendfsync always: an acknowledged change is on disk); each service
+    start gets a database of its own."""
+
+    def __init__(self, tmp: Path):
+        self.port, self.db = free_port(), 0
+        cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(tmp), "--save", "",
+               "--appendonly", "yes", "--appendfsync", "always", "--databases", "64"]
+        self.proc = subprocess.Popen(cmd, stdout=(tmp / "redis.log").open("w"), stderr=subprocess.STDOUT)
+        time.sleep(0.5)
+
+    def next_url(self) -> str:
+        self.db += 1
+        return f"redis://127.0.0.1:{self.port}/{self.db}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def start(tree: Path, bundle: Path, redis_url: str, workers: int, log: Path) -> tuple[subprocess.Popen, str, float]:
+    """uvicorn from ``tree`` on ``bundle``, state on Redis; returns the process, its URL and the seconds until /ready."""
     port = free_port()
-    env = {**os.environ, "RECSYS_BUNDLE_DIR": str(bundle), "RECSYS_STATE_DIR": str(state), "RECSYS_LOG_LEVEL": "WARNING",
-           "RECSYS_ADMIN_TOKEN": TOKEN, "PYTHONPATH": str(tree)}
+    env = {**os.environ, "RECSYS_BUNDLE_DIR": str(bundle), "RECSYS_STATE_BACKEND": "redis", "RECSYS_REDIS_URL": redis_url,
+           "RECSYS_LOG_LEVEL": "WARNING", "RECSYS_ADMIN_TOKEN": TOKEN, "PYTHONPATH": str(tree)}
     cmd = [sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port", str(port),
            "--workers", str(workers), "--no-access-log", "--log-level", "warning"]
     started = time.perf_counter()
@@ -105,10 +126,10 @@ def settle(url: str, users: list[str]) -> None:
             client.post(f"{url}/recommend", json={"user_id": user, "k": 10, "filters": FILTER})
 
 
-def footprint(tree: Path, bundle: Path, users: list[str], workers: int) -> dict:
+def footprint(tree: Path, bundle: Path, redis: Redis, users: list[str], workers: int) -> dict:
     """Seconds to ready and memory per worker once settled."""
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url, ready_s = start(tree, bundle, Path(tmp) / "state", workers, Path(tmp) / "log")
+        proc, url, ready_s = start(tree, bundle, redis.next_url(), workers, Path(tmp) / "log")
         try:
             pids = workers_of(proc, workers)
             loaded(pids)
@@ -131,7 +152,7 @@ class Writer(threading.Thread):
         self.acked, self.latencies, self.errors, self.elapsed = 0, [], [], 0.0
 
     def batch(self, n: int) -> list[dict]:
-        old = self.rng.choice(self.item_ids, n - n // 2, replace=False)
+        old = [self.item_ids[i] for i in self.rng.choice(len(self.item_ids), n - n // 2, replace=False)]
         new = [f"churn-{self.rng.integers(1 << 62)}" for _ in range(n // 2)]
         return [{"item_id": str(i), "genres": [f"genre{self.rng.integers(18)}"], "year": int(self.rng.integers(1950, 2020))}
                 for i in [*old, *new]]
@@ -183,23 +204,23 @@ def one_upsert(url: str) -> float:
     return time.perf_counter() - started
 
 
-def churn(tree: Path, bundle: Path, users: list[str], item_ids: list[str], args) -> dict:
+def churn(tree: Path, bundle: Path, redis: Redis, users: list[str], item_ids: list[str], args) -> dict:
     """The runs with and without changes (alternating, ``args.runs`` each) and one single upsert, on one worker."""
-    quiet, busy = [], []
+    runs: dict[int, list[dict]] = {rate: [] for rate in [0, *args.change_rate]}
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url, _ = start(tree, bundle, Path(tmp) / "state", 1, Path(tmp) / "log")
+        proc, url, _ = start(tree, bundle, redis.next_url(), 1, Path(tmp) / "log")
         try:
             settle(url, users[:1])
             single = one_upsert(url)
             for run in range(args.runs):
-                quiet.append(serve_with_changes(url, users[0], item_ids, args, 0, run))
-                busy.append(serve_with_changes(url, users[0], item_ids, args, args.change_rate, run))
-                print(run, quiet[-1], busy[-1], flush=True)
+                for rate, done in runs.items():
+                    done.append(serve_with_changes(url, users[0], item_ids, args, rate, run))
+                    print(run, rate, done[-1], flush=True)
             memory = memory_mib(proc.pid)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-    return {"single_upsert_s": single, "quiet": median_of(quiet), "busy": median_of(busy), "memory_after": memory}
+    return {"single_upsert_s": single, "rates": {rate: median_of(done) for rate, done in runs.items()}, "memory_after": memory}
 
 
 def median_of(runs: list[dict]) -> dict:
@@ -214,21 +235,23 @@ def median_of(runs: list[dict]) -> dict:
 def write(results: dict[str, dict], bundle: Path, args) -> None:
     n = len(json.loads((resolve(bundle) / "catalog.json").read_text())["item_ids"])
     lines = [f"Machine: {machine()}; service, `hey` and the change writer on the same 2 cores. Bundle: {n:,} synthetic "
-             f"items (`bench/catalog_scale.py`), file state, `--runs {args.runs}` (medians), {args.seconds} s per run.", "",
+             f"items (`bench/catalog_scale.py`), state on a local Redis (appendfsync always), `--runs {args.runs}` (medians), {args.seconds} s per run.", "",
              "| checkout | start to ready, 1 worker | 2 workers | RSS per worker (1 / 2 workers) | PSS sum, 2 workers "
-             "| one upsert (`/admin/items`) |", "|---|---|---|---|---|---|"]
+             "| RSS after the change runs (1 worker) | one upsert (`/admin/items`) |", "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         one, two = r["one"], r["two"]
         rss2 = " + ".join(f"{w['rss']:,.0f}" for w in two["workers"])
         lines.append(f"| {name} | {one['ready_s']:.1f} s | {two['ready_s']:.1f} s | {one['workers'][0]['rss']:,.0f} / {rss2} MiB "
-                     f"| {sum(w['pss'] for w in two['workers']):,.0f} MiB | {r['churn']['single_upsert_s'] * 1000:,.0f} ms |")
+                     f"| {sum(w['pss'] for w in two['workers']):,.0f} MiB | {r['churn']['memory_after']['rss']:,.0f} MiB "
+                     f"| {r['churn']['single_upsert_s'] * 1000:,.0f} ms |")
     lines += ["", f"`/recommend` at 200 requests/s (150/s unfiltered + 50/s genre + decade filter), with no changes and "
-              f"while {args.change_rate} item changes/s are sent in batches every {BATCH_EVERY_S * 1000:.0f} ms "
+              f"while item changes are sent at a fixed rate in batches every {BATCH_EVERY_S * 1000:.0f} ms "
               "(`POST /admin/items:batch`, half replacements, half additions), 1 worker:", "",
               "| checkout | changes | changes acked/s | batch call p50 / p99 ms | unfiltered p50 / p99 ms | filtered p50 / p99 ms |",
               "|---|---|---|---|---|---|"]
     for name, r in results.items():
-        for label, run in (("none", r["churn"]["quiet"]), (f"{args.change_rate}/s", r["churn"]["busy"])):
+        for rate, run in r["churn"]["rates"].items():
+            label = f"{rate}/s" if rate else "none"
             ch = run.get("changes")
             acked = f"{ch['per_s']:.0f}" if ch else "-"
             batch = f"{ch['batch_p50']:.1f} / {ch['batch_p99']:.1f}" if ch else "-"
@@ -244,7 +267,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle-dir", type=Path, default=Path("/tmp/catalog-scale"), help="a bundle catalog_scale.py built")
     p.add_argument("--against", type=Path, help="another checkout (e.g. a git worktree of main) measured in the same run")
-    p.add_argument("--change-rate", type=int, default=200, help="item changes per second sent while serving")
+    p.add_argument("--change-rate", type=lambda v: [int(x) for x in v.split(",")], default=[50, 200],
+                   help="item changes per second sent while serving, comma-separated rates (default 50,200)")
     p.add_argument("--seconds", type=int, default=20)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
@@ -255,10 +279,16 @@ def main() -> None:
     users, item_ids = list(catalog["user_ids"][:3]), list(catalog["item_ids"])
     trees = {"this change": ROOT, **({f"before ({args.against.name})": args.against} if args.against else {})}
     results = {}
-    for name, tree in trees.items():
-        results[name] = {"one": footprint(tree, args.bundle_dir, users, 1), "two": footprint(tree, args.bundle_dir, users, 2),
-                         "churn": churn(tree, args.bundle_dir, users, item_ids, args)}
-        print(name, results[name], flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        redis = Redis(Path(tmp))
+        try:
+            for name, tree in trees.items():
+                results[name] = {"one": footprint(tree, args.bundle_dir, redis, users, 1),
+                                 "two": footprint(tree, args.bundle_dir, redis, users, 2),
+                                 "churn": churn(tree, args.bundle_dir, redis, users, item_ids, args)}
+                print(name, results[name], flush=True)
+        finally:
+            redis.stop()
     write(results, args.bundle_dir, args)
 
 

@@ -265,15 +265,14 @@ class LiveEngine:
         store order together with whatever other replicas changed before it (one batch: ``catch_up``).
         Returns the last item's status, or (``each``) every item's."""
         status = self.engine.changes.check(items)
-        for item in items:
-            self.store.append_change(str(item.item_id), item.to_record())
+        self.store.append_changes([(str(item.item_id), item.to_record()) for item in items])  # one durable write
         self._catch_up_after_write()
         answers = [{"item_id": str(item.item_id), "status": s} for item, s in zip(items, status)]
         return {"items": answers} if each else answers[-1]
 
     def remove_item(self, item_id: str) -> dict:
         self.engine.changes.require_item(item_id)  # a 404 is not recorded
-        self.store.append_change(item_id, None)
+        self.store.append_changes([(item_id, None)])
         self._catch_up_after_write()
         return {"item_id": item_id, "status": "removed"}
 

@@ -5,14 +5,19 @@ import threading
 
 
 class ReadWriteLock:
-    """Many readers or one writer. A waiting writer stops new readers (so a steady stream of requests cannot
-    starve a change), and a thread that already reads may read again without waiting (a request's stages nest)."""
+    """Many readers or one writer, in phases. A waiting writer stops new readers (so a steady stream of requests
+    cannot starve a change), and the readers it stopped go before the next writer (so a change made in several
+    writes cannot starve requests). A thread that already reads may read again without waiting (a request's
+    stages nest)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
-        self._readers = 0
+        self._readers = 0  # reading now
         self._writing = False
         self._writers_waiting = 0
+        self._writes = 0  # writes completed
+        self._queued = 0  # readers waiting for the end of the current or next write
+        self._admitted = 0  # readers a completed write let in, not yet in
         self._depth = threading.local()
 
     def reading(self) -> "_Reading":
@@ -25,8 +30,11 @@ class ReadWriteLock:
         depth = getattr(self._depth, "n", 0)
         if not depth:
             with self._cond:
-                while self._writing or self._writers_waiting:
-                    self._cond.wait()
+                if self._writing or self._writers_waiting:
+                    written, self._queued = self._writes, self._queued + 1
+                    while self._writes == written:
+                        self._cond.wait()
+                    self._admitted -= 1
                 self._readers += 1
         self._depth.n = depth + 1
 
@@ -44,7 +52,7 @@ class ReadWriteLock:
         with self._cond:
             self._writers_waiting += 1
             try:
-                while self._writing or self._readers:
+                while self._writing or self._readers or self._admitted:
                     self._cond.wait()
             finally:
                 self._writers_waiting -= 1
@@ -53,6 +61,8 @@ class ReadWriteLock:
     def _release_write(self) -> None:
         with self._cond:
             self._writing = False
+            self._writes += 1
+            self._admitted, self._queued = self._admitted + self._queued, 0
             self._cond.notify_all()
 
 

@@ -85,12 +85,12 @@ class DurableLog:
     def size(self) -> int:
         return self.acked
 
-    def append(self, record: dict) -> int:
-        """Write, flush and fsync one record; returns the offset just past it. If any step fails, the file is
-        cut back to the last acknowledged record before ``StoreUnavailable`` is raised: a failed write must
-        not surface later (a buffered flush, a retry's duplicate) or be read back by ``read_valid``."""
+    def append(self, records: list[dict]) -> int:
+        """Write, flush and fsync records (one fsync for them all); returns the offset just past them. If any step
+        fails, the file is cut back to the last acknowledged record before ``StoreUnavailable`` is raised: a failed
+        write must not surface later (a buffered flush, a retry's duplicate) or be read back by ``read_valid``."""
         try:
-            self._file.write(orjson.dumps(record) + b"\n")
+            self._file.write(b"".join(orjson.dumps(record) + b"\n" for record in records))
             self._file.flush()
             os.fsync(self._file.fileno())
         except OSError as err:
@@ -215,7 +215,7 @@ class FileStateStore:
     def append_event(self, user_id: str, event: Event) -> int:
         record = event.record(user_id)
         with self.write_lock:
-            end = self._append(self.events, record)  # durable before anyone can read it
+            end = self._append(self.events, [record])  # durable before anyone can read it
             with self.lock:
                 version = self.online.add_event(user_id, event, (end, 0))
                 self.offsets = (end, self.offsets[1])
@@ -232,14 +232,16 @@ class FileStateStore:
     def events_since(self, after: Position | None = None) -> list[tuple[Position, str, Event]]:
         return read_event_log(self.dir, after)
 
-    def append_change(self, item_id: str, item: dict | None) -> Position:
-        record = {"op": "upsert", "item": item} if item is not None else {"op": "remove", "item_id": item_id}
+    def append_changes(self, changes: list[tuple[str, dict | None]]) -> Position:
+        records = [{"op": "upsert", "item": item} if item is not None else {"op": "remove", "item_id": item_id}
+                   for item_id, item in changes]
         with self.write_lock:
-            end = self._append(self.catalog_log, record)
+            end = self._append(self.catalog_log, records)
             with self.lock:
-                self.online.add_change(item_id, item)
+                for item_id, item in changes:
+                    self.online.add_change(item_id, item)
                 self.offsets = (self.offsets[0], end)
-            self._count_append()
+            self._count_append(len(records))
         return (end, 0)
 
     def catalog(self) -> tuple[dict[str, dict | None], Position]:
@@ -277,10 +279,10 @@ class FileStateStore:
         """Why the latest append failed, until one succeeds."""
         return self.failure
 
-    def _append(self, log: DurableLog, record: dict) -> int:
+    def _append(self, log: DurableLog, records: list[dict]) -> int:
         """``log.append`` under ``write_lock``, remembering a failure for ``health``."""
         try:
-            end = log.append(record)
+            end = log.append(records)
         except StoreUnavailable as err:
             self.failure = str(err)
             raise
@@ -313,8 +315,8 @@ class FileStateStore:
             logger.info("state snapshot written: {} users, {} changed items, offsets {}", len(state.users),
                         len(state.items), offsets)
 
-    def _count_append(self) -> None:
-        self.since_snapshot += 1
+    def _count_append(self, records: int = 1) -> None:
+        self.since_snapshot += records
         if self.since_snapshot >= self.compact_after and not self._compacting.locked():
             self.since_snapshot = 0
             threading.Thread(target=self._compact_quietly, name="state-compaction", daemon=True).start()

@@ -85,8 +85,10 @@ class StateStore(Protocol):
         trainer reads (``python -m offline train --events``); ``mark_of`` their positions is its watermark, and
         ``after`` is such a watermark."""
 
-    def append_change(self, item_id: str, item: dict | None) -> Position:
-        """Durably record an upsert (``item``) or removal (``None``); returns its position."""
+    def append_changes(self, changes: list[tuple[str, dict | None]]) -> Position:
+        """Durably record ``(item_id, item)`` upserts (``item``) or removals (``None``), in order, as one write (one
+        fsync, one round trip); returns the last one's position. If it fails, some may be recorded: retrying is
+        safe (an upsert or removal applied twice is applied once)."""
 
     def catalog(self) -> tuple[dict[str, dict | None], Position]:
         """Every changed item's latest state, and the position that fold covers."""

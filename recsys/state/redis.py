@@ -281,14 +281,15 @@ class RedisStateStore:
             return bool(self._write(self.layout.experiments, "HDEL", self.layout.experiments, name))
 
     # ------------------------------------------------------------------ catalogue
-    def append_change(self, item_id: str, item: dict | None) -> Position:
-        """Numbered, streamed and folded in one script (atomic: concurrent writers cannot interleave
-        the number and the stream order)."""
-        body = orjson.dumps(item) if item is not None else b""
-        with self._call("record the catalogue change"):
-            keys = [self.layout.catalog_seq, self.layout.catalog, self.layout.items]
-            entry_id = self._write(keys[0], "EVAL", APPEND_CHANGE, 3, *keys, item_id, body, self.catalog_maxlen)
-        return _position(entry_id)
+    def append_changes(self, changes: list[tuple[str, dict | None]]) -> Position:
+        """Each change numbered, streamed and folded in one script (atomic: concurrent writers cannot interleave
+        the number and the stream order), the scripts pipelined and followed by one ``WAIT``."""
+        keys = [self.layout.catalog_seq, self.layout.catalog, self.layout.items]
+        with self._call("record the catalogue changes"):
+            entry_ids = self._write_all(keys[0], [("EVAL", APPEND_CHANGE, 3, *keys, item_id,
+                                                orjson.dumps(item) if item is not None else b"", self.catalog_maxlen)
+                                               for item_id, item in changes])
+        return _position(entry_ids[-1])
 
     def catalog(self) -> tuple[dict[str, dict | None], Position]:
         with self._call("read the catalogue"):
@@ -345,19 +346,26 @@ class RedisStateStore:
 
     # ------------------------------------------------------------------ plumbing
     def _write(self, key: str, *command) -> object:
-        """Run one write command on ``key``'s node; with ``wait_replicas``, followed on the same connection by
-        ``WAIT``, and acknowledged only when that many replicas hold it."""
-        if not self.wait_replicas:
-            return self.client.execute_command(*command)
-        timeout_ms = max(1, int(self.timeout_s * 1000 * 0.8))  # the WAIT ends before the socket gives up
+        """One write command on ``key``'s node (``_write_all``)."""
+        return self._write_all(key, [command])[0]
+
+    def _write_all(self, key: str, commands: list[tuple]) -> list:
+        """Write commands on ``key``'s node, pipelined, and their results; with ``wait_replicas``, followed on the same
+        connection by one ``WAIT``, and acknowledged only when that many replicas hold them."""
+        if not self.wait_replicas and len(commands) == 1:
+            return [self.client.execute_command(*commands[0])]
         pipe = self.client.pipeline(transaction=False)
-        pipe.execute_command(*command)
+        for command in commands:
+            pipe.execute_command(*command)
+        if not self.wait_replicas:
+            return pipe.execute()
+        timeout_ms = max(1, int(self.timeout_s * 1000 * 0.8))  # the WAIT ends before the socket gives up
         if self.cluster:
             node = self.client.get_node_from_key(key)
             pipe.execute_command("WAIT", self.wait_replicas, timeout_ms, target_nodes=node)
         else:
             pipe.execute_command("WAIT", self.wait_replicas, timeout_ms)
-        result, replicas = pipe.execute()
+        *result, replicas = pipe.execute()
         if self.cluster and self.client.get_node_from_key(key) is not node:
             raise redis.ConnectionError("the key's slot moved during the write: its replication is unconfirmed")
         if replicas < self.wait_replicas:

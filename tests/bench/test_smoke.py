@@ -116,8 +116,9 @@ def test_batch(bundle, tmp_path):
 
 
 def test_catalog_scale(tmp_path):
-    """Builds its own bundle (synthetic data, one short two-tower epoch) through the pipeline's bundle contract."""
-    need("hey")
+    """Builds its own bundle (synthetic data, one short two-tower epoch) through the pipeline's bundle contract;
+    catalog_changes serves that bundle with changes."""
+    need("hey", "redis-server")
     out = run_bench("catalog_scale", "--items", 500, "--users", 100, "--epochs", 1, "--ef-construction", 50,
                     "--bundle-dir", tmp_path / "bundle", "--runs", 1, "--seconds", 1, "--queries", 10, "--passes", 1,
                     "--old-queries", 1, "--docs", tmp_path)

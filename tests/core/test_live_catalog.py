@@ -121,7 +121,7 @@ def test_a_user_whose_history_item_changed_gets_features_computed_again(engine):
 
 
 # --------------------------------------------------------------------------- no half-applied change
-def test_a_change_waits_for_reading_requests_and_new_requests_wait_for_it():
+def test_a_change_waits_for_reading_requests_and_the_requests_it_held_up_go_before_the_next_change():
     lock, order = ReadWriteLock(), []
     reading, release = threading.Event(), threading.Event()
 
@@ -132,36 +132,41 @@ def test_a_change_waits_for_reading_requests_and_new_requests_wait_for_it():
                 release.wait(5)
                 order.append("read done")
 
-    def writer() -> None:
+    def writer(name: str) -> None:
         with lock.writing():
-            order.append("written")
+            order.append(name)
 
-    threads = [threading.Thread(target=reader)]
-    threads[0].start()
+    def late_reader() -> None:
+        with lock.reading():
+            order.append("late read")
+
+    def start(target, *args) -> threading.Thread:
+        thread = threading.Thread(target=target, args=args)
+        thread.start()
+        time.sleep(0.2)
+        return thread
+
+    threads = [start(reader)]
     reading.wait(5)
-    threads.append(threading.Thread(target=writer))
-    threads[1].start()
-    time.sleep(0.2)
-    assert order == []  # the writer waits for the reader
-    late = threading.Thread(target=lambda: (lock.reading().__enter__(), order.append("late read")))
-    late.start()
-    time.sleep(0.2)
-    assert order == []  # a reader that came after the waiting writer waits too
+    threads += [start(writer, "write 1"), start(late_reader), start(writer, "write 2")]
+    assert order == []  # the first writer waits for the reader; the late reader waits for the first writer
     release.set()
-    for t in [*threads, late]:
+    for t in threads:
         t.join(5)
-    assert order == ["read done", "written", "late read"]
+    assert order == ["read done", "write 1", "late read", "write 2"]
     with pytest.raises(RuntimeError, match="wait for itself"), lock.reading(), lock.writing():
         pass
 
 
 def test_requests_under_changes_never_see_a_half_written_item(engine):
-    """Every answer, taken while a writer flips items between two versions, shows each item wholly in one."""
+    """Every read taken while a writer flips items between two versions shows each item wholly in one (a batch is
+    written a few items per hold of the lock, so different items may be in different versions)."""
     rows = list(range(20))
     ids = [engine.catalog.ids[r] for r in rows]
     versions = [[Item(item_id=i, genres=["genre1"], year=1901, title="A") for i in ids],
                 [Item(item_id=i, genres=["genre2"], year=1902, title="B") for i in ids]]
     prepared = [engine.changes.prepare(v) for v in versions]
+    genre = {1901.0: engine.genre_col["genre1"], 1902.0: engine.genre_col["genre2"]}
     engine.live.commit(prepared[1])  # every item in one of the two versions before reading starts
     stop = threading.Event()
 
@@ -174,14 +179,19 @@ def test_requests_under_changes_never_see_a_half_written_item(engine):
     writer = threading.Thread(target=write)
     writer.start()
     try:
-        for _ in range(200):
+        for _ in range(300):
             with engine.live.rw.reading():
                 catalog = engine.catalog
-                years = catalog.arrays["item_year"][rows]
-                titles = {catalog.titles[r] for r in rows}
+                years = catalog.arrays["item_year"][rows].tolist()
+                titles = [catalog.titles[r] for r in rows]
                 genres = catalog.arrays["item_genres"][rows]
-            assert len(set(years.tolist())) == 1 and len(titles) == 1  # one version for every item at once
-            assert titles == {"A" if years[0] == 1901 else "B"} and (genres == genres[0]).all()
+                vectors = catalog.vectors[rows]
+                indexed = np.array(engine.live.index.get_items(rows))
+            for j, year in enumerate(years):
+                assert titles[j] == ("A" if year == 1901 else "B")
+                assert np.flatnonzero(genres[j]).tolist() == [genre[year]]
+                np.testing.assert_array_equal(vectors[j], prepared[year == 1902].values["item_vectors"][j])
+                np.testing.assert_allclose(indexed[j], vectors[j], rtol=1e-6)  # the index holds that version too
     finally:
         stop.set()
         writer.join(10)

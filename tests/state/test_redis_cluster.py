@@ -95,7 +95,7 @@ def test_a_master_killed_mid_ingestion_fails_over_without_losing_an_acknowledged
                     acked_events.append((user, event))
                     if n % 5 == 0:
                         item = {**ITEM, "item_id": f"w{worker}-{n}"}
-                        store.append_change(item["item_id"], item)
+                        store.append_changes([(item["item_id"], item)])
                         acked_changes[item["item_id"]] = item
                 except StoreUnavailable as err:
                     refused.append(str(err))

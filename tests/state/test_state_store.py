@@ -114,15 +114,26 @@ def test_catalogue_changes_fold_and_stream_in_order(make_store):
     s = make_store()
     start_fold, start = s.catalog()
     assert start_fold == {}
-    first = s.append_change("new", ITEM)
-    second = s.append_change("i3", None)
-    third = s.append_change("new", {**ITEM, "title": "renamed"})
+    first = s.append_changes([("new", ITEM)])
+    second = s.append_changes([("i3", None)])
+    third = s.append_changes([("new", {**ITEM, "title": "renamed"})])
     assert start < first < second < third
     assert s.changes_since(start) == [(first, "new", ITEM), (second, "i3", None), (third, "new", {**ITEM, "title": "renamed"})]
     assert s.changes_since(second) == [(third, "new", {**ITEM, "title": "renamed"})]
     assert s.changes_since(third) == []
     other = make_store()  # opened after the changes: reads the fold
     assert other.catalog() == ({"new": {**ITEM, "title": "renamed"}, "i3": None}, third)
+
+
+def test_a_batch_of_changes_is_recorded_in_order_as_one_write(make_store):
+    s = make_store()
+    _, start = s.catalog()
+    batch = [("a", {**ITEM, "item_id": "a"}), ("i3", None), ("a", {**ITEM, "item_id": "a", "title": "again"})]
+    last = s.append_changes(batch)
+    streamed = s.changes_since(start)
+    assert [(item_id, item) for _, item_id, item in streamed] == batch and streamed[-1][0] == last
+    assert [at for at, _, _ in streamed] == sorted({at for at, _, _ in streamed})  # each its own position, in order
+    assert make_store().catalog() == ({"a": batch[2][1], "i3": None}, last)
 
 
 def test_a_healthy_store_says_so(make_store):
@@ -269,10 +280,10 @@ def test_a_replica_whose_changes_were_trimmed_is_told_to_re_read_the_fold(redis_
     from recsys.state.redis import RedisStateStore
 
     s = RedisStateStore(redis_url, 10, unique_prefix())
-    first = s.append_change("a", {**ITEM, "item_id": "a"})
-    s.append_change("b", {**ITEM, "item_id": "b"})
+    first = s.append_changes([("a", {**ITEM, "item_id": "a"})])
+    s.append_changes([("b", {**ITEM, "item_id": "b"})])
     s.client.xtrim(f"{s.p}:catalog", maxlen=0, approximate=False)  # as if it had been trimmed while a replica lagged
-    s.append_change("c", {**ITEM, "item_id": "c"})
+    s.append_changes([("c", {**ITEM, "item_id": "c"})])
     with pytest.raises(LookupError, match="trimmed"):
         s.changes_since(first)
     fold, position = s.catalog()
