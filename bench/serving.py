@@ -96,6 +96,8 @@ def hey(url: str, seconds: int, rate_per_worker: int | None, workers: int, body:
         cmd += ["-m", "POST", "-T", "application/json", "-d", body]
     out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout
     pct = {int(p): float(v) * 1000 for p, v in re.findall(r"(\d+)%% in ([\d.]+) secs".replace("%%", "%"), out)}
+    if 99 not in pct:  # hey prints a percentile only when enough answers came back to place it
+        raise RuntimeError(f"{url}: too few answers for a 99th percentile ({seconds} s, {workers} x {rate_per_worker}/s):\n{out}")
     codes = dict(re.findall(r"\[(\d+)\]\s+(\d+) responses", out))
     bad = {c: n for c, n in codes.items() if c != "200"}
     if bad:

@@ -2,6 +2,7 @@
 locust configuration. No Docker engine is needed; the files are parsed and cross-checked."""
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import re
 import shutil
@@ -175,6 +176,20 @@ def test_prometheus_config_passes_promtool():
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_prometheus_loads_the_alert_rules_and_they_pass_their_unit_tests():
+    """Compose mounts deploy/k8s/alert-rules.yml where prometheus.yml's rule_files look; promtool checks the rules
+    and runs tests/deploy/alert-rules.test.yml (each alert fires on the series that should fire it, and only then)."""
+    config = yaml.safe_load((ROOT / "deploy/prometheus.yml").read_text())
+    targets = [target for source, target in _mounts(SERVICES["prometheus"]) if source == "./deploy/k8s/alert-rules.yml"]
+    assert targets and any(fnmatch.fnmatch(targets[0], pattern) for pattern in config["rule_files"])
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip(reason="promtool not on PATH (apt-get install prometheus)")
+    for command in (["check", "rules", "deploy/k8s/alert-rules.yml"], ["test", "rules", "tests/deploy/alert-rules.test.yml"]):
+        result = subprocess.run([promtool, *command], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.fixture

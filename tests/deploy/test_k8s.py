@@ -52,7 +52,7 @@ def pod_specs(resources: list[dict]) -> list[tuple[str, dict]]:
 
 def test_the_rendered_set_is_what_the_readme_describes(resources):
     kinds = Counter(r["kind"] for r in resources)
-    assert kinds == {"ConfigMap": 1, "PersistentVolumeClaim": 1, "Service": 2, "StatefulSet": 1, "Deployment": 1,
+    assert kinds == {"ConfigMap": 2, "PersistentVolumeClaim": 1, "Service": 2, "StatefulSet": 1, "Deployment": 1,
                      "HorizontalPodAutoscaler": 1, "PodDisruptionBudget": 1, "Job": 1, "CronJob": 1}
 
 
@@ -138,3 +138,8 @@ def test_every_pod_runs_unprivileged_with_a_read_only_root(resources):
             assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False, owner
             assert sc["capabilities"]["drop"] == ["ALL"], owner
             assert "requests" in container["resources"] and "limits" in container["resources"], owner
+
+
+def test_the_alert_rules_ship_as_a_configmap(resources):
+    rules = one(resources, "ConfigMap", "recsys-alert-rules")
+    assert yaml.safe_load(rules["data"]["recsys.rules.yml"]) == yaml.safe_load((ROOT / "deploy/k8s/alert-rules.yml").read_text())

@@ -5,12 +5,16 @@ import os
 import shutil
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from tests.servicekit import free_port, spawned, wait_for
 
+RULES = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "alert-rules.yml"
+RULE_NAMES = [rule["alert"] for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("prometheus") is None, reason="Debian's prometheus is not installed (.ci/run installs it)")]
 
 
@@ -27,7 +31,7 @@ def test_prometheus_scrapes_recommender_metrics(bundle_root, tmp_path):
     api_cmd = [sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port", str(api_port)]
     config = tmp_path / "prometheus.yml"
     config.write_text(
-        "global:\n  scrape_interval: 1s\n"
+        f"global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files: ['{RULES}']\n"
         f"scrape_configs:\n  - job_name: recommender\n    static_configs:\n      - targets: ['127.0.0.1:{api_port}']\n"
     )
     prom_cmd = ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
@@ -54,3 +58,15 @@ def test_prometheus_scrapes_recommender_metrics(bundle_root, tmp_path):
         assert query(prom_url, "recsys_bundle_info")[0]["metric"]["version"] == user["bundle_version"]
         assert float(query(prom_url, "recsys_index_items")[0]["value"][1]) == user["items"]
         assert query(prom_url, 'up{job="recommender"}')[0]["value"][1] == "1"
+        assert rule_health(prom_url) == {name: "ok" for name in RULE_NAMES}  # every alert's query evaluates on real series
+
+
+def rule_health(prom: str, timeout_s: float = 30) -> dict[str, str]:
+    """Each loaded alert rule's health once every rule has been evaluated (``unknown`` before its first evaluation)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        groups = httpx.get(f"{prom}/api/v1/rules", timeout=5).json()["data"]["groups"]
+        health = {rule["name"]: rule["health"] for group in groups for rule in group["rules"]}
+        if "unknown" not in health.values() or time.monotonic() > deadline:
+            return health
+        time.sleep(0.5)
