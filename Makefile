@@ -1,4 +1,4 @@
-# Set-up commands (see README): `make serve` serves the bundle under $(OUT), training one on
+# Set-up commands (see README): `make serve` serves the bundle under $(OUT), training a quick one on
 # MovieLens-100K first only when none exists; `make test` installs what the tests need and runs them.
 PYTHON ?= python3
 VENV ?= .venv
@@ -29,9 +29,11 @@ train: install
 evaluate: install-dev
 	$(BIN)/python -m offline evaluate --out reports
 
-# The first bundle: trained only when $(OUT) has none, so `make serve` never retrains an existing one.
+# The first bundle: trained only when $(OUT) has none, so `make serve` never retrains an existing one, and with the
+# quick profile (serving within minutes; `make train` builds the full model).
 $(OUT)/current:
-	$(MAKE) train OUT=$(OUT)
+	$(MAKE) install
+	$(BIN)/python -m offline train --out $(OUT) --quick
 
 # Serve $(OUT)'s current bundle, training one first if there is none.
 serve: install | $(OUT)/current

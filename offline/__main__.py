@@ -106,12 +106,28 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     """Train every stage and write a bundle under --out. Under ``torchrun`` the processes train the
     two-tower model together and rank 0 alone goes on to write the bundle."""
+    if args.quick:
+        apply_quick_profile(args)
     configs = stage_configs(args)  # before the data: an inconsistent option fails before the data loads
     logged = read_logged(args)
     ds = load_dataset(args, logged)
     path = train_bundle(args, ds, configs, promote=True, clicks=read_clicks(args, ds, logged))
     if path is not None:
         print(f"bundle written: {path}")
+
+
+QUICK_EPOCHS = 5  # two-tower epochs of the quick profile
+
+
+def apply_quick_profile(args: argparse.Namespace) -> None:
+    """``--quick``: a first bundle in a couple of minutes (what the first ``make serve`` trains): no baselines or
+    peers, no refit, at most ``QUICK_EPOCHS`` two-tower epochs, one ranker loss and no LambdaMART. Said in the log,
+    with the command that trains the full model."""
+    args.skip_baselines, args.refit, args.ranker_lambdamart = True, False, False
+    args.recall_epochs = min(args.recall_epochs, QUICK_EPOCHS)
+    args.ranker_losses = args.ranker_losses.split(",")[0]
+    logger.info("quick profile: {} two-tower epochs, ranker loss {}, no refit, no baselines; `make train` (python -m "
+                "offline train without --quick) builds the full model", args.recall_epochs, args.ranker_losses)
 
 
 def read_clicks(args: argparse.Namespace, ds: Dataset, logged: LoggedState | None) -> "Clicks | None":
@@ -299,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", type=Path, default=Path("artifacts"), help="bundle root; versions go under it with a 'current' pointer")
     tr.add_argument("--skip-baselines", action="store_true", help="do not evaluate the baselines and peers (faster)")
     tr.add_argument("--resume", action="store_true", help="resume two-tower training from the run's last checkpoint")
+    tr.add_argument("--quick", action="store_true", help=f"a first bundle in minutes: --skip-baselines --no-refit, at most "
+                    f"{QUICK_EPOCHS} two-tower epochs, the first of --ranker-losses only, no LambdaMART (what the first "
+                    "`make serve` trains; `make train` trains the full model)")
     add_refit_option(tr)
     add_config_options(tr, RecallConfig, "recall_", "two-tower recall model")
     add_config_options(tr, IndexConfig, "index_", "HNSW index")

@@ -37,12 +37,13 @@ def test_serve_with_an_existing_bundle_serves_it_without_training(existing):
 
 def test_serve_without_a_bundle_trains_one_first_then_serves_it(tmp_path):
     commands = dry_run("serve", tmp_path / "empty")
-    assert f"{TRAIN} {tmp_path / 'empty'}" in commands
+    assert f"{TRAIN} {tmp_path / 'empty'} --quick" in commands  # the quick profile: serving within minutes
     assert commands.index(TRAIN) < commands.index(UVICORN)
 
 
-def test_train_always_trains_even_when_a_bundle_exists(existing):
-    assert f"{TRAIN} {existing}" in dry_run("train", existing)
+def test_train_always_trains_the_full_model_even_when_a_bundle_exists(existing):
+    commands = dry_run("train", existing)
+    assert f"{TRAIN} {existing}" in commands and "--quick" not in commands
 
 
 def test_run_never_trains_and_says_what_to_do_without_a_bundle(tmp_path, existing):

@@ -11,6 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+from loguru import logger
 
 from offline.__main__ import build_parser, main
 from offline.config import ConfigError
@@ -85,3 +86,22 @@ def test_an_inconsistent_option_is_one_line_and_exit_2_before_any_data_loads(cap
     assert code == 2
     assert err == ("python -m offline train: error: argument --ranker-default: 'ranknet' is not among the rankers this "
                    "run trains (lambdarank, lambdamart): see --ranker-losses and --ranker-lambdamart\n")
+
+
+@pytest.mark.parametrize("extra, epochs, losses", [([], 5, "lambdarank"), (["--recall-epochs", "2", "--ranker-losses", "bpr,hinge"], 2, "bpr")])
+def test_quick_profile_trains_less_and_says_how_to_train_the_full_model(extra, epochs, losses):
+    from offline.__main__ import apply_quick_profile, stage_configs
+
+    args = build_parser().parse_args(["train", "--quick", *extra])
+    said: list[str] = []
+    sink = logger.add(lambda m: said.append(str(m)), level="INFO", format="{message}")
+    try:
+        apply_quick_profile(args)
+    finally:
+        logger.remove(sink)
+    assert any(line.startswith("quick profile:") and "`make train`" in line for line in said)
+    recall, _, ranker = stage_configs(args)
+    assert (recall.epochs, ranker.losses, ranker.lambdamart) == (epochs, losses, False)
+    assert args.skip_baselines and not args.refit
+    full = build_parser().parse_args(["train"])  # without --quick: the full model
+    assert full.refit and not full.skip_baselines and full.recall_epochs == 40 and full.ranker_lambdamart
