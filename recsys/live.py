@@ -142,18 +142,19 @@ class LiveEngine:
         is retried at the next poll. Nothing stops the watcher but ``close``."""
         broken: Path | None = None
         while not self._stop.wait(self.config.bundle_poll_s):
+            target = None
             try:
                 target = resolve(self.config.bundle_dir)
-                if target in (self.engine.bundle.path, broken):
-                    continue
-                self.reload(self.config.bundle_dir)
-                broken = None
+                if target not in (self.engine.bundle.path, broken):
+                    self.reload(self.config.bundle_dir)
+                    broken = None
             except BundleError:
-                broken = target if "target" in locals() else None
+                broken = target
             except (OSError, StoreUnavailable) as err:  # a blip: the next poll tries again
                 logger.warning("bundle watcher: {}", err)
             except Exception:
                 logger.opt(exception=True).error("bundle watcher: unexpected failure; retrying at the next poll")
+            metrics.BEHIND.set(target is not None and target != self.engine.bundle.path)  # the alert's signal
 
     # ------------------------------------------------------------------ answers under the running experiments
     def recommend(self, req: RecommendRequest, default_candidates: int | None = None) -> dict:

@@ -963,7 +963,7 @@ def test_cached_user_features_answer_exactly_what_a_fresh_computation_does(backe
         newest = bundle.catalog["item_ids"][int(history(bundle, user_row(bundle, "u3"))[0][-1])]
         genres = [g for g in bundle.catalog["genre_names"]][:1]
         assert client.put("/admin/items", json={"item_id": newest, "genres": genres}, headers=AUTH).status_code == 200
-        after = ranked(client)  # a new catalogue snapshot: the cached entry is not reused
+        after = ranked(client)  # an item of the user's history rewritten: the cached entry is not reused
         assert after == fresh(client)
         assert client.post("/events", json={"user_id": "u3", "item_id": "i9"}).status_code == 200
         assert ranked(client) == fresh(client)  # a new history version likewise
@@ -972,12 +972,15 @@ def test_cached_user_features_answer_exactly_what_a_fresh_computation_does(backe
 def test_replicas_follow_current_by_themselves_and_keep_serving_through_a_bad_version(start, own_root):
     """The bundle watcher: a promoted version is loaded within the poll interval; one that fails to load
     is counted, logged and not retried, and the good bundle keeps serving."""
-    def reloads(client, result: str) -> float:
+    def metric(client, name: str, **labels: str) -> float:
         for family in text_string_to_metric_families(client.get("/metrics").text):
             for sample in family.samples:
-                if sample.name == "recsys_reloads_total" and sample.labels["result"] == result:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                     return sample.value
         return 0.0
+
+    def reloads(client, result: str) -> float:
+        return metric(client, "recsys_reloads_total", result=result)
 
     def wait_for_version(client, version: str) -> None:
         deadline = time.monotonic() + 10
@@ -1001,11 +1004,14 @@ def test_replicas_follow_current_by_themselves_and_keep_serving_through_a_bad_ve
         time.sleep(0.5)  # several polls later: not retried, still serving v2
         assert reloads(client, "failed") == failed_before + 1
         assert client.get("/ready").json()["bundle_version"] == "v2"
+        assert metric(client, "recsys_bundle_behind_current") == 1  # what RecsysServingOlderBundle alerts on
         assert client.get("/recommend", params={"user_id": "u1"}).status_code == 200
         set_current(own_root, "v2")  # moving current again (back to a good version) is followed
         second_version(own_root, "v4")
         set_current(own_root, "v4")
         wait_for_version(client, "v4")
+        time.sleep(0.3)  # the poll after the load
+        assert metric(client, "recsys_bundle_behind_current") == 0
 
 
 def test_unfiltered_search_skips_seen_and_removed_items_without_a_catalogue_mask(backend_start, bundle, eager):
