@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib.util
+import json
 import re
 import shutil
 import subprocess
@@ -190,6 +191,25 @@ def test_prometheus_loads_the_alert_rules_and_they_pass_their_unit_tests():
     for command in (["check", "rules", "deploy/k8s/alert-rules.yml"], ["test", "rules", "tests/deploy/alert-rules.test.yml"]):
         result = subprocess.run([promtool, *command], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_grafana_is_provisioned_with_prometheus_and_the_dashboard():
+    """Compose's Grafana reads its data source and dashboard provider from deploy/grafana/provisioning, the provider
+    looks where the dashboards are mounted, the data source is compose's Prometheus, and every panel queries it
+    (each query is checked against a real Prometheus in tests/service/test_prometheus_integration.py)."""
+    grafana = SERVICES["grafana"]
+    mounts = dict(_mounts(grafana))
+    assert mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
+    (source,) = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())["datasources"]
+    assert urlparse(source["url"]).hostname == "prometheus" and urlparse(source["url"]).port == 9090
+    assert "prometheus" in grafana["depends_on"]
+    (provider,) = yaml.safe_load((ROOT / "deploy/grafana/provisioning/dashboards/recsys.yml").read_text())["providers"]
+    assert mounts["./deploy/grafana/dashboards"] == provider["options"]["path"]
+    dashboard = json.loads((ROOT / "deploy/grafana/dashboards/recsys.json").read_text())
+    assert dashboard["panels"] and all(p["targets"] for p in dashboard["panels"])
+    uids = {p["datasource"]["uid"] for p in dashboard["panels"]} | {t["datasource"]["uid"] for p in dashboard["panels"]
+                                                                     for t in p["targets"]}
+    assert uids == {source["uid"]}
 
 
 @pytest.fixture
