@@ -30,8 +30,7 @@ class Column:
         """``initial``: the bundle's array (mapped, or in memory); ``fill``: what an added row holds until written
         (NaN / 0 by default)."""
         self.fill = fill if fill is not None else (np.nan if np.issubdtype(initial.dtype, np.floating) else 0)
-        self.rows, self.span = _span_over(initial, capacity)
-        self.mapped = self.span is not None and _mapped_source(initial) is not None
+        self.rows, self.mapped = _span_over(initial, capacity)  # (the array keeps its span alive)
 
     @property
     def capacity(self) -> int:
@@ -39,26 +38,26 @@ class Column:
 
     def grow(self, n_used: int, capacity: int) -> None:
         """A span of ``capacity`` rows holding the first ``n_used`` (a copy: they become this process's own)."""
-        rows, span = _reserve(self.rows.dtype, self.rows.shape[1:], capacity)
+        rows, _ = _reserve(self.rows.dtype, self.rows.shape[1:], capacity)
         rows[:n_used] = self.rows[:n_used]
-        self.rows, self.span, self.mapped = rows, span, False
+        self.rows, self.mapped = rows, False
 
     def append(self, start: int, count: int) -> None:
         """Rows ``start:start+count`` set to the fill (the room of an anonymous span is zeros, not the fill)."""
         self.rows[start : start + count] = self.fill
 
 
-def _span_over(initial: np.ndarray, capacity: int) -> tuple[np.ndarray, mmap.mmap | None]:
-    """``initial`` at the start of a span of ``capacity`` rows: its file pages mapped there when it is a mapped bundle
-    array, else copied there."""
+def _span_over(initial: np.ndarray, capacity: int) -> tuple[np.ndarray, bool]:
+    """``initial`` at the start of a span of ``capacity`` rows, and whether its file pages are mapped there (a mapped
+    bundle array) rather than copied."""
     source = _mapped_source(initial)
     if source is not None:
-        mapped = _map_file_rows(initial, capacity, *source)
-        if mapped is not None:
-            return mapped
-    rows, span = _reserve(initial.dtype, initial.shape[1:], capacity)
+        rows = _map_file_rows(initial, capacity, *source)
+        if rows is not None:
+            return rows, True
+    rows, _ = _reserve(initial.dtype, initial.shape[1:], capacity)
     rows[: len(initial)] = initial
-    return rows, span
+    return rows, False
 
 
 def _mapped_source(array: np.ndarray) -> tuple[str, int] | None:
@@ -71,15 +70,15 @@ def _mapped_source(array: np.ndarray) -> tuple[str, int] | None:
 
 
 def _reserve(dtype: np.dtype, row_shape: tuple, capacity: int, lead: int = 0) -> tuple[np.ndarray, mmap.mmap]:
-    """An anonymous span for ``capacity`` rows after ``lead`` bytes, reserved but not committed."""
+    """Rows viewing an anonymous span for ``capacity`` rows after ``lead`` bytes, reserved but not committed, and the
+    span (the rows hold it: it is unmapped with the last view of it)."""
     row_bytes = int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
     size = max(-(-(lead + capacity * row_bytes) // mmap.PAGESIZE), 1) * mmap.PAGESIZE
     span = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | MAP_NORESERVE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    rows = np.frombuffer(span, np.uint8, capacity * row_bytes, lead).view(dtype).reshape(capacity, *row_shape)
-    return rows, span
+    return np.frombuffer(span, np.uint8, capacity * row_bytes, lead).view(dtype).reshape(capacity, *row_shape), span
 
 
-def _map_file_rows(initial: np.ndarray, capacity: int, path: str, offset: int) -> tuple[np.ndarray, mmap.mmap] | None:
+def _map_file_rows(initial: np.ndarray, capacity: int, path: str, offset: int) -> np.ndarray | None:
     """A span whose first ``len(initial)`` rows are ``path``'s bytes at ``offset``, mapped private (copy-on-write)
     over the span's start with ``mmap(MAP_FIXED)``; None where that cannot be done here (then the caller copies)."""
     lead = offset % mmap.PAGESIZE
@@ -101,4 +100,4 @@ def _map_file_rows(initial: np.ndarray, capacity: int, path: str, offset: int) -
     if got != start:  # refused: the span is still the anonymous one
         logger.debug("item array copied, not mapped: mmap errno {}", ctypes.get_errno())
         return None
-    return rows, span
+    return rows
