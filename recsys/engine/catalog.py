@@ -104,7 +104,7 @@ class LiveCatalog:
         self.columns.update({k: Column(v, capacity, False if v.dtype == bool else None) for k, v in derived.items()})
         self.n_genres = arrays["item_genres"].shape[1]
         self.lists = year_lists(self._words(n), self.columns["item_year"].rows[:n], self.n_genres)
-        self.changed_rows = np.zeros(0, np.int64)  # rows written since ``lists`` were built, sorted
+        self._changed(np.zeros(0, np.int64))
         self.n_active, self.changes = n, 0
         self.tables = None if tables is None else self._tables_on_columns(tables)
         self.catalog = self._view()
@@ -189,8 +189,11 @@ class LiveCatalog:
         active[rows] = True
         self.changes += 1
         c["written_at"].rows[rows] = self.changes
-        c["stale"].rows[rows] = True
-        self.changed_rows = np.union1d(self.changed_rows, rows)  # a merge: O(changed)
+        stale = c["stale"].rows
+        fresh = np.unique(rows)
+        fresh = fresh[~stale[fresh]]
+        stale[fresh] = True
+        self._changed_more(fresh)
 
     def _write_index(self, rows: np.ndarray, vectors: np.ndarray) -> None:
         index = self.index
@@ -204,7 +207,7 @@ class LiveCatalog:
 
     # ---------------------------------------------------------------- the filter's lists, rebuilt aside
     def _rebuild_lists_if_due(self) -> None:
-        if len(self.changed_rows) >= max(self.rebuild_after, self.n // 64) and self.rebuilding.acquire(blocking=False):
+        if self.n_changed >= max(self.rebuild_after, self.n // 64) and self.rebuilding.acquire(blocking=False):
             threading.Thread(target=self._rebuild_lists, name="filter-lists", daemon=True).start()
 
     def rebuild_lists(self) -> None:
@@ -224,7 +227,8 @@ class LiveCatalog:
             with self.rw.writing():  # stale now: the rows written after the copy (O(n_items), a millisecond per 1M)
                 stale = self.columns["stale"].rows[: self.n]
                 np.greater(self.columns["written_at"].rows[: self.n], mark, out=stale)
-                self.lists, self.changed_rows = lists, np.flatnonzero(stale)
+                self.lists = lists
+                self._changed(np.flatnonzero(stale))
                 self.catalog = self._view()
         finally:
             self.rebuilding.release()
@@ -234,9 +238,25 @@ class LiveCatalog:
         n, c = self.n, self.columns
         arrays = {k: c[k].rows[:n] for k in self.columns if k not in DERIVED and not k.startswith("genre_word_")}
         filters = FilterIndex(self._words(n), c["item_year"].rows[:n], *self.lists,
-                              stale=c["stale"].rows[:n], changed=self.changed_rows)
+                              stale=c["stale"].rows[:n], changed=self.changed_buffer[: self.n_changed])
         return Catalog(self.ids, self.row_of, self.titles, arrays, c["active"].rows[:n], self.tables, filters,
                        c["by_popularity"].rows[:n], c["written_at"].rows[:n], self.n_active, self.changes)
+
+    def _changed(self, rows: np.ndarray) -> None:
+        """The rows written since the filter's lists were built (each once, in no order): ``rows``, with room after."""
+        self.changed_buffer = np.zeros(max(2 * len(rows), 1024), np.int64)
+        self.changed_buffer[: len(rows)] = rows
+        self.n_changed = len(rows)
+
+    def _changed_more(self, rows: np.ndarray) -> None:
+        """``rows`` (not yet among them) appended: O(len(rows)), a copy only when the room is full (views of the
+        old buffer stay valid: only places past their end were written)."""
+        end = self.n_changed + len(rows)
+        if end > len(self.changed_buffer):
+            self._changed(np.concatenate([self.changed_buffer[: self.n_changed], rows]))
+        else:
+            self.changed_buffer[self.n_changed : end] = rows
+            self.n_changed = end
 
     def _words(self, n: int) -> tuple[np.ndarray, ...]:
         return tuple(self.columns[f"genre_word_{w}"].rows[:n] for w in range(-(-self.n_genres // 64)))

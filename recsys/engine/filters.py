@@ -63,7 +63,7 @@ class FilterIndex:
     by_genre: tuple[YearOrdered, ...]
     genreless: YearOrdered
     stale: np.ndarray | None = None  # [n] bool: written since the lists were built
-    changed: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # the stale rows, sorted
+    changed: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # the stale rows, each once
 
     @classmethod
     def build(cls, item_genres: np.ndarray, item_year: np.ndarray) -> "FilterIndex":
