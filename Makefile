@@ -31,8 +31,7 @@ evaluate: install-dev
 
 # The first bundle: trained only when $(OUT) has none, so `make serve` never retrains an existing one, and with the
 # quick profile (serving within minutes; `make train` builds the full model).
-$(OUT)/current:
-	$(MAKE) install
+$(OUT)/current:  # (only `serve` asks for it, after its own install)
 	$(BIN)/python -m offline train --out $(OUT) --quick
 
 # Serve $(OUT)'s current bundle, training one first if there is none.

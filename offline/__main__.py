@@ -116,7 +116,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"bundle written: {path}")
 
 
-QUICK_EPOCHS = 5  # two-tower epochs of the quick profile
+QUICK_EPOCHS = 3  # two-tower epochs of the quick profile
 
 
 def apply_quick_profile(args: argparse.Namespace) -> None:

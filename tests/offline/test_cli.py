@@ -88,7 +88,7 @@ def test_an_inconsistent_option_is_one_line_and_exit_2_before_any_data_loads(cap
                    "run trains (lambdarank, lambdamart): see --ranker-losses and --ranker-lambdamart\n")
 
 
-@pytest.mark.parametrize("extra, epochs, losses", [([], 5, "lambdarank"), (["--recall-epochs", "2", "--ranker-losses", "bpr,hinge"], 2, "bpr")])
+@pytest.mark.parametrize("extra, epochs, losses", [([], 3, "lambdarank"), (["--recall-epochs", "2", "--ranker-losses", "bpr,hinge"], 2, "bpr")])
 def test_quick_profile_trains_less_and_says_how_to_train_the_full_model(extra, epochs, losses):
     from offline.__main__ import apply_quick_profile, stage_configs
 
