@@ -53,10 +53,13 @@ def browser() -> Iterator:
 
 
 def wait_until(driver, condition, message: str):
-    """``condition(driver)`` once it is truthy (the page fetches and renders asynchronously)."""
+    """``condition(driver)`` once it is truthy (the page fetches and renders asynchronously: an element read while the
+    page replaces it is stale, and the condition is asked again at the next poll)."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, TIMEOUT, poll_frequency=0.1).until(lambda d: condition(d), message)
+    return WebDriverWait(driver, TIMEOUT, poll_frequency=0.1, ignored_exceptions=[StaleElementReferenceException]).until(
+        lambda d: condition(d), message)
 
 
 def items(driver, list_id: str) -> list[str]:
