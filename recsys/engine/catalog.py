@@ -184,14 +184,12 @@ class LiveCatalog:
             c["item_static"].rows[rows] = self.tables.static_rows(rows)
         for w, word in enumerate(genre_words(c["item_genres"].rows[rows])):
             c[f"genre_word_{w}"].rows[rows] = word
-        active = c["active"].rows
-        self.n_active += int((~active[np.unique(rows)]).sum())
+        active, stale, distinct = c["active"].rows, c["stale"].rows, np.unique(rows)
+        self.n_active += int((~active[distinct]).sum())
         active[rows] = True
         self.changes += 1
         c["written_at"].rows[rows] = self.changes
-        stale = c["stale"].rows
-        fresh = np.unique(rows)
-        fresh = fresh[~stale[fresh]]
+        fresh = distinct[~stale[distinct]]
         stale[fresh] = True
         self._changed_more(fresh)
 
