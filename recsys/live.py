@@ -16,10 +16,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
+import orjson
 from loguru import logger
 
 from recsys import metrics
@@ -34,7 +36,7 @@ from recsys.experiments.serving import Served, serve
 from recsys.impressions import ImpressionConfig, ImpressionLog, Joined, join
 from recsys.query import Item, RecommendOptions, RecommendRequest
 from recsys.state.open import StoreConfig, open_store
-from recsys.state.protocol import Event, Position, StateStore, StoreUnavailable
+from recsys.state.protocol import AlreadyRecorded, Event, Once, Position, StateStore, StoreUnavailable
 
 FOLLOW_WAIT_S = 1.0  # how long one blocking read for other replicas' changes waits
 
@@ -58,10 +60,28 @@ class LiveConfig:
 
 @dataclass(frozen=True)
 class Recorded:
-    """An event recorded: the user's history length, and how its feedback joined its impression (if it named one)."""
+    """An event recorded: the user's history length, how its feedback joined its impression (if it named one), and
+    whether this was the retry of an event recorded before under the same idempotency key (nothing recorded again)."""
 
     history_length: int
     joined: Joined | None = None
+    replayed: bool = False
+
+
+class Written(NamedTuple):
+    """A catalogue write's answer, and whether it is the stored answer of an earlier write under the same key."""
+
+    body: dict
+    replayed: bool = False
+
+
+def _same_request(once: Once, seen: AlreadyRecorded) -> AlreadyRecorded:
+    """The earlier write under ``once``'s key, when it carried the same request; else the key was reused for another
+    write, which is refused rather than silently dropped."""
+    if seen.digest != once.digest:
+        raise InvalidInput(f"idempotency key {once.key!r} was already used for a different request within the "
+                           "idempotency window: use a new key for a new write")
+    return seen
 
 
 class LiveEngine:
@@ -241,41 +261,75 @@ class LiveEngine:
                 del self.variant_engines[version]
 
     # ------------------------------------------------------------------ writes
-    def record_event(self, user_id: str, event: Event) -> Recorded:
+    def record_event(self, user_id: str, event: Event, once: Once | None = None) -> Recorded:
         """Durably recorded before it is acknowledged; every later read sees it. Feedback naming a request is
         joined to that request's impression first (its position filled in from the impression when not given;
-        a position that contradicts it is refused) and counted for the impression's experiments."""
+        a position that contradicts it is refused) and counted for the impression's experiments. With an
+        idempotency key (``once``), a retry of an event already recorded is answered as the first time (its
+        join; the history as it is now) and neither recorded nor counted again."""
         engine = self.engine
-        engine.changes.require_item(event.item_id)
-        joined, impression = None, None
-        if event.request_id is not None:
-            window = self.config.impressions.feedback_window_s if self.config.impressions else 0
-            queued = self.impressions.find(event.request_id) if self.impressions is not None else None
-            impression = queued or self.store.impression(event.request_id)
-            joined = join(impression, user_id, event.item_id, event.position, event.timestamp, window)
-            if joined.position is not None:
-                event = event._replace(position=joined.position)
-        version = self.store.append_event(user_id, event)
-        if joined is not None and joined.position is not None:
-            kind = feedback_type(event)
-            self.experiments.count_feedback(impression, kind, joined.position, kind in self.config.positive_types)
-        return Recorded(engine.users.history_length(user_id, version), joined)
+        seen = self._unless_replayed(lambda: engine.changes.require_item(event.item_id), once, user_id)
+        if seen is None:
+            joined, impression = None, None
+            if event.request_id is not None:
+                window = self.config.impressions.feedback_window_s if self.config.impressions else 0
+                queued = self.impressions.find(event.request_id) if self.impressions is not None else None
+                impression = queued or self.store.impression(event.request_id)
+                joined = join(impression, user_id, event.item_id, event.position, event.timestamp, window)
+                if joined.position is not None:
+                    event = event._replace(position=joined.position)
+            answer = orjson.dumps(dataclasses.asdict(joined)).decode() if joined is not None else ""
+            try:
+                version = self.store.append_event(user_id, event, once and once._replace(answer=answer))
+            except AlreadyRecorded as err:
+                seen = _same_request(once, err)
+            else:
+                if joined is not None and joined.position is not None:
+                    kind = feedback_type(event)
+                    self.experiments.count_feedback(impression, kind, joined.position, kind in self.config.positive_types)
+                return Recorded(engine.users.history_length(user_id, version), joined)
+        joined = Joined(**orjson.loads(seen.answer)) if seen.answer else None
+        return Recorded(engine.users.history_length(user_id, seen.version), joined, replayed=True)
 
-    def upsert_items(self, items: list[Item], each: bool = False) -> dict:
+    def upsert_items(self, items: list[Item], each: bool = False, once: Once | None = None) -> Written:
         """Checked first (a bad item is refused before anything is recorded), then recorded, then applied in
         store order together with whatever other replicas changed before it (one batch: ``catch_up``).
-        Returns the last item's status, or (``each``) every item's."""
+        Answers the last item's status, or (``each``) every item's."""
         status = self.engine.changes.check(items)
-        self.store.append_changes([(str(item.item_id), item.to_record()) for item in items])  # one durable write
-        self._catch_up_after_write()
         answers = [{"item_id": str(item.item_id), "status": s} for item, s in zip(items, status)]
-        return {"items": answers} if each else answers[-1]
+        body = {"items": answers} if each else answers[-1]
+        return self._write_changes([(str(item.item_id), item.to_record()) for item in items], body, once)
 
-    def remove_item(self, item_id: str) -> dict:
-        self.engine.changes.require_item(item_id)  # a 404 is not recorded
-        self.store.append_changes([(item_id, None)])
+    def remove_item(self, item_id: str, once: Once | None = None) -> Written:
+        seen = self._unless_replayed(lambda: self.engine.changes.require_item(item_id), once)  # a 404 is not recorded
+        if seen is not None:
+            return Written(orjson.loads(seen.answer), replayed=True)
+        return self._write_changes([(item_id, None)], {"item_id": item_id, "status": "removed"}, once)
+
+    def _write_changes(self, changes: list[tuple[str, dict | None]], body: dict, once: Once | None) -> Written:
+        """Record the changes (one durable write), then apply them here; with a key already used, nothing is recorded
+        and the first write's answer is given back (applying what the store holds: the first write may have
+        committed after its caller gave up)."""
+        try:
+            self.store.append_changes(changes, once and once._replace(answer=orjson.dumps(body).decode()))
+            written = Written(body)
+        except AlreadyRecorded as err:
+            written = Written(orjson.loads(_same_request(once, err).answer), replayed=True)
         self._catch_up_after_write()
-        return {"item_id": item_id, "status": "removed"}
+        return written
+
+    def _unless_replayed(self, check: Callable[[], object], once: Once | None, user_id: str | None = None) -> AlreadyRecorded | None:
+        """Run ``check`` (an item that must exist); when it refuses a keyed write, the write may be the retry of one
+        that succeeded (a removal's retry finds the item gone): the earlier write under the key, if the store holds
+        one, else the refusal. Costs nothing on the path of a write that passes."""
+        try:
+            check()
+        except UnknownId:
+            seen = self.store.previous_write(once.key, user_id) if once is not None else None
+            if seen is None:
+                raise
+            return _same_request(once, seen)
+        return None
 
     def _catch_up_after_write(self) -> None:
         """Apply the change just recorded (read-your-writes). It is durable already: if the store cannot be

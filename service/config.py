@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     redis_wait_replicas: int | None = Field(None, ge=0, description="redis backend: replicas that must confirm a write "
                                             "(WAIT) before it is acknowledged; unset: 1 on a cluster (an acknowledged "
                                             "write survives a master's failover), 0 on a single Redis")
+    idempotency_window_s: int = Field(86_400, ge=60, description="how long a write's idempotency key (Idempotency-Key "
+                                      "header, or an event's event_id) is remembered: a retry within it is recorded once")
+    idempotency_keys: int = Field(200_000, ge=1000, description="file backend: the most idempotency keys remembered (the "
+                                  "oldest forgotten first, so memory stays bounded); on Redis keys expire by the window")
     admin_token: SecretStr | None = Field(None, description="bearer token for /admin/*; admin endpoints are off when unset "
                                           "(held as a secret: its repr and any log of these settings show '**********')")
     log_level: str = "INFO"
@@ -115,7 +119,8 @@ class Settings(BaseSettings):
         redis = self.state_backend == "redis"
         store = StoreConfig(self.state_backend, self.redis_url.get_secret_value() if redis else self.resolved_state_dir, self.history_cap,
                             self.compact_after, self.redis_prefix, self.redis_events_maxlen, self.redis_catalog_maxlen,
-                            self.impression_retention, self.feedback_window_s, self.redis_shards, self.redis_wait_replicas)
+                            self.impression_retention, self.feedback_window_s, self.redis_shards, self.redis_wait_replicas,
+                            self.idempotency_window_s, self.idempotency_keys)
         impressions = ImpressionConfig(self.impression_sample, self.impression_queue, linger_s=self.impression_linger_s,
                                        feedback_window_s=self.feedback_window_s) if self.impressions else None
         return LiveConfig(self.bundle_dir, store, self.index_threads, self.user_vector_cache, self.filter_exact_limit,

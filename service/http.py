@@ -32,7 +32,7 @@ ERROR_DESCRIPTIONS = {
     409: "the bundle could not be loaded; the old one keeps serving",
     413: "request body larger than RECSYS_MAX_BODY_BYTES",
     422: "a field is missing, of the wrong type or out of range; `details` names each",
-    503: "not ready, or the state store cannot be reached (nothing was recorded; retry)",
+    503: "not ready, or the state store cannot be reached (retry; a write retried with its Idempotency-Key is recorded once)",
 }
 # pydantic's union-branch and validator tags in an error location: noise to a client
 _LOC_TAG = re.compile(r"^(function-\w+\[.*\]|constrained-\w+|str|int|float|bool|list\[.*\]|dict\[.*\])$")

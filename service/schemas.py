@@ -113,6 +113,7 @@ class BatchRecommendRequest(RecommendOptions):
 
 
 RequestId = Annotated[StrictStr, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_\-]+$")]
+IDEMPOTENCY_KEY = dict(min_length=1, max_length=255, pattern=r"^[!-~]+$")  # visible ASCII, as HTTP header values allow
 
 
 class EventRequest(Strict):
@@ -128,6 +129,9 @@ class EventRequest(Strict):
                                          "answer's impression (within the feedback_window_s setting)")
     position: Annotated[StrictInt, Field(ge=1, le=10_000)] | None = Field(
         None, description="1-based position the item was shown at; default: found in the impression")
+    event_id: Annotated[StrictStr, Field(**IDEMPOTENCY_KEY)] | None = Field(
+        None, description="the client's id for this event (or the Idempotency-Key header): a retry with the same id "
+                          "and body within the idempotency window is recorded once")
 
 
 class VariantBody(Strict):

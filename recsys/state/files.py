@@ -29,7 +29,8 @@ from typing import Any
 import orjson
 from loguru import logger
 
-from recsys.state.protocol import Change, Event, Position, StoreUnavailable, parse_change, parse_event
+from recsys.state.protocol import (AlreadyRecorded, Change, Event, Once, Position, StoreUnavailable, parse_change,
+                                   parse_event)
 
 SNAPSHOT = "snapshot.json"
 
@@ -43,14 +44,45 @@ class UserHistory:
     events: deque[tuple[Position, Event]] = field(default_factory=deque)  # (where it was recorded, event)
 
 
+class OnceKeys:
+    """The idempotency keys of the last ``window_s`` seconds, at most ``limit`` of them (past that, the oldest are
+    forgotten first: memory stays bounded whatever the write rate): ``(scope, key) -> [digest, answer, at_ms]``,
+    the scope being the user for an event and None for a catalogue change."""
+
+    def __init__(self, window_s: int = 86_400, limit: int = 200_000):
+        self.window_ms, self.limit = window_s * 1000, limit
+        self.keys: OrderedDict[tuple[str | None, str], tuple[str, str, int]] = OrderedDict()
+
+    def seen(self, scope: str | None, key: str) -> tuple[str, str] | None:
+        """The digest and answer stored under the key, while within the window."""
+        entry = self.keys.get((scope, key))
+        return entry[:2] if entry is not None and entry[2] >= _now_ms() - self.window_ms else None
+
+    def add(self, scope: str | None, key: str, digest: str, answer: str, at_ms: int) -> None:
+        self.keys[(scope, key)] = (digest, answer, at_ms)
+        self.keys.move_to_end((scope, key))  # an expired key used again is new: it goes last
+        horizon = _now_ms() - self.window_ms
+        while self.keys and (len(self.keys) > self.limit or next(iter(self.keys.values()))[2] < horizon):
+            self.keys.popitem(last=False)
+
+    def copy(self) -> "OnceKeys":
+        out = OnceKeys(self.window_ms // 1000, self.limit)
+        out.keys = OrderedDict(self.keys)
+        return out
+
+    def dump(self) -> list[list]:
+        return [[scope, key, *entry] for (scope, key), entry in self.keys.items()]
+
+
 @dataclass
 class OnlineState:
-    """What serving needs from the logs: capped per-user histories and each changed item's latest
-    state (an ``ItemUpsert`` dump, or ``None`` once removed), in first-change order."""
+    """What serving needs from the logs: capped per-user histories, each changed item's latest state (an
+    ``ItemUpsert`` dump, or ``None`` once removed) in first-change order, and the recent idempotency keys."""
 
     history_cap: int
     users: dict[str, UserHistory] = field(default_factory=dict)
     items: dict[str, dict | None] = field(default_factory=dict)
+    once: OnceKeys = field(default_factory=OnceKeys)
 
     def add_event(self, user_id: str, event: Event, position: Position) -> int:
         history = self.users.setdefault(user_id, UserHistory(events=deque(maxlen=self.history_cap)))
@@ -63,7 +95,7 @@ class OnlineState:
 
     def copy(self) -> "OnlineState":
         users = {u: UserHistory(h.version, deque(h.events, maxlen=self.history_cap)) for u, h in self.users.items()}
-        return OnlineState(self.history_cap, users, dict(self.items))
+        return OnlineState(self.history_cap, users, dict(self.items), self.once.copy())
 
 
 class DurableLog:
@@ -186,8 +218,9 @@ class FileStateStore:
     """
 
     def __init__(self, state_dir: Path, history_cap: int, compact_after: int, impression_retention: int = 1_000_000,
-                 feedback_window_s: int = 1800):
+                 feedback_window_s: int = 1800, idempotency_window_s: int = 86_400, idempotency_keys: int = 200_000):
         self.dir = state_dir
+        self.once_limits = (idempotency_window_s, idempotency_keys)
         self._owner = _lock_dir(state_dir)
         self.id = store_id(state_dir)
         self.events = DurableLog(state_dir / "events.jsonl")
@@ -198,12 +231,16 @@ class FileStateStore:
         self.compact_after = compact_after
         self._compacting = threading.Lock()
         self.online, (events_at, catalog_at) = self._read_snapshot(history_cap)
-        changes = read_valid(self.catalog_log.path, catalog_at, parse_change)
-        events = read_valid(self.events.path, events_at, parse_event)
-        for _, change in changes:
+        changes = read_valid(self.catalog_log.path, catalog_at, _with_once(parse_change))
+        events = read_valid(self.events.path, events_at, _with_once(parse_event))
+        for _, (change, once) in changes:
             self.online.add_change(*change)
-        for end, (user, event) in events:
+            if once:
+                self.online.once.add(None, *once)
+        for end, ((user, event), once) in events:
             self.online.add_event(user, event, (end, 0))
+            if once:
+                self.online.once.add(user, *once)
         self.offsets = (self.events.size, self.catalog_log.size)
         self.since_snapshot = len(changes) + len(events)
         if self.since_snapshot >= compact_after:
@@ -212,12 +249,19 @@ class FileStateStore:
         self._experiments = ExperimentFile(state_dir / "experiments.json")
 
     # ------------------------------------------------------------------ the interface
-    def append_event(self, user_id: str, event: Event) -> int:
+    def append_event(self, user_id: str, event: Event, once: Once | None = None) -> int:
+        """An event with a key carries it in its log record: the key is as durable as the event, and a start-up
+        that replays the log remembers it again."""
         record = event.record(user_id)
         with self.write_lock:
+            if once is not None:
+                self._refuse_seen(user_id, once.key)
+                record["once"] = [once.key, once.digest, once.answer, _now_ms()]
             end = self._append(self.events, [record])  # durable before anyone can read it
             with self.lock:
                 version = self.online.add_event(user_id, event, (end, 0))
+                if once is not None:
+                    self.online.once.add(user_id, *record["once"])
                 self.offsets = (end, self.offsets[1])
             self._count_append()
         return version
@@ -232,17 +276,36 @@ class FileStateStore:
     def events_since(self, after: Position | None = None) -> list[tuple[Position, str, Event]]:
         return read_event_log(self.dir, after)
 
-    def append_changes(self, changes: list[tuple[str, dict | None]]) -> Position:
+    def append_changes(self, changes: list[tuple[str, dict | None]], once: Once | None = None) -> Position:
+        """A key rides on the batch's last record: a crash that tears the batch cuts the key with it."""
         records = [{"op": "upsert", "item": item} if item is not None else {"op": "remove", "item_id": item_id}
                    for item_id, item in changes]
         with self.write_lock:
+            if once is not None:
+                self._refuse_seen(None, once.key)
+                records[-1]["once"] = [once.key, once.digest, once.answer, _now_ms()]
             end = self._append(self.catalog_log, records)
             with self.lock:
                 for item_id, item in changes:
                     self.online.add_change(item_id, item)
+                if once is not None:
+                    self.online.once.add(None, *records[-1]["once"])
                 self.offsets = (self.offsets[0], end)
             self._count_append(len(records))
         return (end, 0)
+
+    def previous_write(self, key: str, user_id: str | None = None) -> AlreadyRecorded | None:
+        with self.lock:
+            seen = self.online.once.seen(user_id, key)
+            history = self.online.users.get(user_id) if user_id is not None else None
+        return None if seen is None else AlreadyRecorded(*seen, version=history.version if history else 0)
+
+    def _refuse_seen(self, scope: str | None, key: str) -> None:
+        """Raise ``AlreadyRecorded`` for a key within the window (called under ``write_lock``, which every write of
+        the keys holds, so the check and the write that follows are one step)."""
+        seen = self.previous_write(key, scope)
+        if seen is not None:
+            raise seen
 
     def catalog(self) -> tuple[dict[str, dict | None], Position]:
         with self.lock:
@@ -303,7 +366,7 @@ class FileStateStore:
         """Write the fold and its offsets to ``snapshot.json`` atomically (temp file, fsync, rename, fsync dir)."""
         with self._compacting:
             state, offsets = self.state()
-            body = {"offsets": list(offsets), "history_cap": state.history_cap, "items": state.items,
+            body = {"offsets": list(offsets), "history_cap": state.history_cap, "items": state.items, "once": state.once.dump(),
                     "users": {u: [h.version, [[*at, *e] for at, e in h.events]] for u, h in state.users.items()}}
             tmp = self.dir / f".{SNAPSHOT}.tmp"
             with open(tmp, "wb") as f:
@@ -330,7 +393,7 @@ class FileStateStore:
     def _read_snapshot(self, history_cap: int) -> tuple[OnlineState, tuple[int, int]]:
         """The stored fold, or an empty one at offset 0 when there is none (or it cannot be trusted)."""
         path = self.dir / SNAPSHOT
-        state = OnlineState(history_cap)
+        state = OnlineState(history_cap, once=OnceKeys(*self.once_limits))
         if not path.exists():
             return state, (0, 0)
         try:
@@ -342,9 +405,11 @@ class FileStateStore:
                 pairs = (((int(e[0]), int(e[1])), Event(*e[2:])) for e in events)  # [offset, 0, item, rating, ts]
                 state.users[user] = UserHistory(int(version), deque(pairs, maxlen=history_cap))
             state.items = dict(body["items"])
+            for scope, key, digest, answer, at_ms in body.get("once", []):  # absent in snapshots of older versions
+                state.once.add(scope, key, digest, answer, int(at_ms))
         except (ValueError, KeyError, TypeError, orjson.JSONDecodeError) as err:
             logger.warning("{}: ignored ({}); replaying the logs from the start", path, err)
-            return OnlineState(history_cap), (0, 0)
+            return OnlineState(history_cap, once=OnceKeys(*self.once_limits)), (0, 0)
         return state, offsets
 
     def close(self) -> None:
@@ -440,6 +505,17 @@ class ImpressionSegments:
     def close(self) -> None:
         with self.lock:
             self._file.close()
+
+
+def _with_once(parse):
+    """``parse`` plus the record's idempotency key, ``[key, digest, answer, at_ms]`` or None (a malformed key is
+    dropped, not its record: the event or change itself was acknowledged)."""
+    def parse_with_once(record: Any) -> tuple[Any, list | None]:
+        once = record.get("once")
+        valid = (isinstance(once, list) and len(once) == 4 and all(isinstance(x, str) for x in once[:3])
+                 and isinstance(once[3], int))
+        return parse(record), once if valid else None
+    return parse_with_once
 
 
 def _impression(record: Any) -> dict:

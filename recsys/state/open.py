@@ -33,6 +33,8 @@ class StoreConfig:
     feedback_window_s: int = 1800  # how long after an impression feedback still joins it
     redis_shards: int = 16  # a Redis Cluster's events and impressions streams (fixed when its state is first written)
     redis_wait_replicas: int | None = None  # replicas that confirm each acknowledged write (None: 1 on a cluster, else 0)
+    idempotency_window_s: int = 86_400  # how long a write's idempotency key is remembered
+    idempotency_keys: int = 200_000  # file backend: the most keys remembered (the oldest forgotten first)
 
     @property
     def is_redis(self) -> bool:
@@ -51,9 +53,9 @@ def open_store(config: StoreConfig) -> StateStore:
         return RedisStateStore(str(config.location), config.history_cap, config.redis_prefix, config.redis_events_maxlen,
                                config.redis_catalog_maxlen, impression_retention=config.impression_retention,
                                feedback_window_s=config.feedback_window_s, shards=config.redis_shards,
-                               wait_replicas=config.redis_wait_replicas)
+                               wait_replicas=config.redis_wait_replicas, idempotency_window_s=config.idempotency_window_s)
     return FileStateStore(Path(config.location), config.history_cap, config.compact_after, config.impression_retention,
-                          config.feedback_window_s)
+                          config.feedback_window_s, config.idempotency_window_s, config.idempotency_keys)
 
 
 @dataclass

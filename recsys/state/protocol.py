@@ -71,9 +71,35 @@ class StoreUnavailable(RuntimeError):
     """The store cannot be reached: writes answer 503, reads fall back to the bundle."""
 
 
+class Once(NamedTuple):
+    """A write's idempotency key (chosen by the client, kept by the store for its window, scoped per user for
+    events and per catalogue for item changes), the ``digest`` of the request that carried it, and the ``answer``
+    (JSON text) a retry is given back. The key is recorded in the same atomic write as what it guards, so a retry
+    after a write that committed but whose reply was lost (a timeout) finds it."""
+
+    key: str
+    digest: str
+    answer: str = ""
+
+
+class AlreadyRecorded(Exception):
+    """A write whose key the store holds: nothing was written again. Carries what the first write stored (its
+    ``digest`` and ``answer``) and, for an event, the user's history version now."""
+
+    def __init__(self, digest: str, answer: str, version: int = 0):
+        super().__init__(f"already recorded (digest {digest})")
+        self.digest, self.answer, self.version = digest, answer, version
+
+
 class StateStore(Protocol):
-    def append_event(self, user_id: str, event: Event) -> int:
-        """Durably record an event; returns the user's history version after it (events ever recorded)."""
+    def append_event(self, user_id: str, event: Event, once: Once | None = None) -> int:
+        """Durably record an event; returns the user's history version after it (events ever recorded). With
+        ``once``, raises ``AlreadyRecorded`` instead when the user already has an event under that key within the
+        idempotency window (the check and the write are one atomic step)."""
+
+    def previous_write(self, key: str, user_id: str | None = None) -> AlreadyRecorded | None:
+        """The write recorded under an idempotency key within the window (the user's event key, or with no user a
+        catalogue write's), else None."""
 
     def history(self, user_id: str, after: Position | None = None) -> tuple[int, list[Event]]:
         """The user's version and most recent online events (oldest first, at most ``history_cap``);
@@ -85,10 +111,10 @@ class StateStore(Protocol):
         trainer reads (``python -m offline train --events``); ``mark_of`` their positions is its watermark, and
         ``after`` is such a watermark."""
 
-    def append_changes(self, changes: list[tuple[str, dict | None]]) -> Position:
-        """Durably record ``(item_id, item)`` upserts (``item``) or removals (``None``), in order, as one write (one
-        fsync, one round trip); returns the last one's position. If it fails, some may be recorded: retrying is
-        safe (an upsert or removal applied twice is applied once)."""
+    def append_changes(self, changes: list[tuple[str, dict | None]], once: Once | None = None) -> Position:
+        """Durably record ``(item_id, item)`` upserts (``item``) or removals (``None``), in order, as one atomic
+        write (one fsync, one round trip); returns the last one's position. With ``once``, raises
+        ``AlreadyRecorded`` instead when the catalogue already holds a write under that key within the window."""
 
     def catalog(self) -> tuple[dict[str, dict | None], Position]:
         """Every changed item's latest state, and the position that fold covers."""

@@ -1,16 +1,20 @@
 """What routes declare: the live engine (loaded in the lifespan), the settings, the admin check."""
 from __future__ import annotations
 
+import hashlib
 import hmac
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, Request
+import orjson
+from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from recsys.engine.engine import Engine
 from recsys.live import LiveEngine
+from recsys.state.protocol import Once
 from service.api.errors import ApiError
 from service.config import Settings
+from service.schemas import IDEMPOTENCY_KEY
 
 bearer = HTTPBearer(auto_error=False, description="RECSYS_ADMIN_TOKEN; admin routes answer 403 when it is not set")
 
@@ -39,7 +43,24 @@ def require_admin(settings: Annotated[Settings, Depends(get_served_settings)],
         raise ApiError(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
 
 
+def once(key: str | None, request: Any) -> Once | None:
+    """A write's idempotency key with the digest of what it asks (``request``: its JSON-able form), so that the key
+    reused for another request is told apart from a retry."""
+    if key is None:
+        return None
+    return Once(key, hashlib.sha256(orjson.dumps(request, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32])
+
+
+def replay_headers(replayed: bool) -> dict[str, str] | None:
+    """A retry answered from the store says so (the header Stripe's API uses)."""
+    return {"Idempotent-Replayed": "true"} if replayed else None
+
+
 EngineDep = Annotated[Engine, Depends(get_engine)]
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", description=(
+    "a client-chosen key for this write: a retry with the same key and request within the idempotency window "
+    "(RECSYS_IDEMPOTENCY_WINDOW_S) is recorded once and answered as the first time, with `Idempotent-Replayed: true`; "
+    "the same key with another request is refused (422)"), **IDEMPOTENCY_KEY)]
 LiveDep = Annotated[LiveEngine, Depends(get_live)]
 ServedSettings = Annotated[Settings, Depends(get_served_settings)]
 ADMIN = dict(dependencies=[Depends(require_admin)], tags=["admin"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from loguru import logger
 from recsys.bundle import resolve
 from recsys.state import files as store_module
 from recsys.state.files import FileStateStore
-from recsys.state.protocol import Event, StoreUnavailable, mark_of
+from recsys.state.protocol import AlreadyRecorded, Event, Once, StoreUnavailable, mark_of
 from tests.servicekit import AUTH, unique_prefix
 
 ITEM = {"item_id": "new", "title": "", "genres": [], "year": None, "features": {}}
@@ -38,16 +39,17 @@ def make_store(request, tmp_path):
     opened = []
     prefix = unique_prefix()
 
-    def make(cap: int = 100, **kw):
+    def make(cap: int = 100, window_s: int = 86_400, **kw):
         if request.param == "file":  # one process owns the directory: the second store is a restart
             for earlier in opened:
                 earlier.close()
-            store = FileStateStore(tmp_path / "state", history_cap=cap, compact_after=kw.get("compact_after", 1000))
+            store = FileStateStore(tmp_path / "state", history_cap=cap, compact_after=kw.get("compact_after", 1000),
+                                   idempotency_window_s=window_s)
         else:
             from recsys.state.redis import RedisStateStore
 
             url = request.getfixturevalue("redis_cluster_url" if request.param == "redis-cluster" else "redis_url")
-            store = RedisStateStore(url, cap, prefix, **kw)
+            store = RedisStateStore(url, cap, prefix, idempotency_window_s=window_s, **kw)
         opened.append(store)
         return store
 
@@ -134,6 +136,90 @@ def test_a_batch_of_changes_is_recorded_in_order_as_one_write(make_store):
     assert [(item_id, item) for _, item_id, item in streamed] == batch and streamed[-1][0] == last
     assert [at for at, _, _ in streamed] == sorted({at for at, _, _ in streamed})  # each its own position, in order
     assert make_store().catalog() == ({"a": batch[2][1], "i3": None}, last)
+
+
+def test_an_event_under_a_key_already_recorded_is_not_recorded_again(make_store):
+    s = make_store()
+    once = Once("evt-1", "digest-a", '{"position": 2, "reason": null}')
+    assert s.append_event("u1", Event("i1", 4.0, 10), once) == 1
+    with pytest.raises(AlreadyRecorded) as seen:
+        s.append_event("u1", Event("i1", 4.0, 10), once._replace(answer="another answer"))
+    assert (seen.value.digest, seen.value.answer, seen.value.version) == ("digest-a", '{"position": 2, "reason": null}', 1)
+    assert s.append_event("u2", Event("i1", None, 11), once) == 1  # a key names one event of one user
+    assert s.append_event("u1", Event("i2", None, 12)) == 2  # a write without a key is never held back
+    again = make_store()  # a restart, or another replica
+    with pytest.raises(AlreadyRecorded):
+        again.append_event("u1", Event("i1", 4.0, 10), once)
+    assert again.history("u1") == (2, [Event("i1", 4.0, 10), Event("i2", None, 12)])
+    assert [(user, e.item_id) for _, user, e in again.events_since()] == [("u1", "i1"), ("u2", "i1"), ("u1", "i2")]
+    previous = again.previous_write("evt-1", "u1")
+    assert (previous.digest, previous.answer, previous.version) == ("digest-a", '{"position": 2, "reason": null}', 2)
+    assert again.previous_write("evt-1", "u3") is None and again.previous_write("evt-1") is None
+
+
+def test_a_batch_under_a_key_already_recorded_is_not_recorded_again(make_store):
+    s = make_store()
+    _, start = s.catalog()
+    batch = [("a", {**ITEM, "item_id": "a"}), ("b", {**ITEM, "item_id": "b"})]
+    once = Once("batch-1", "digest-b", '{"items": ["a", "b"]}')
+    s.append_changes(batch, once)
+    later = s.append_changes([("a", None)])  # a change after it, which a blind retry would undo
+    with pytest.raises(AlreadyRecorded) as seen:
+        s.append_changes(batch, once)
+    assert (seen.value.digest, seen.value.answer) == ("digest-b", '{"items": ["a", "b"]}')
+    again = make_store()
+    with pytest.raises(AlreadyRecorded):
+        again.append_changes(batch, once)
+    assert [item_id for _, item_id, _ in again.changes_since(start)] == ["a", "b", "a"]
+    assert again.catalog() == ({"a": None, "b": batch[1][1]}, later)
+    assert again.previous_write("batch-1").answer == '{"items": ["a", "b"]}'
+    assert again.previous_write("batch-1", "u1") is None  # catalogue keys and a user's event keys are apart
+
+
+def test_concurrent_retries_under_one_key_are_recorded_once(make_store):
+    s = make_store()
+    outcomes: list[object] = []
+
+    def write():
+        try:
+            outcomes.append(s.append_event("u1", Event("i1", None, 1), Once("same", "d")))
+        except AlreadyRecorded as seen:
+            outcomes.append(f"seen at {seen.version}")
+
+    threads = [threading.Thread(target=write) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(map(str, outcomes)) == ["1"] + ["seen at 1"] * 7
+    assert s.history("u1") == (1, [Event("i1", None, 1)])
+
+
+def test_keys_are_forgotten_after_the_window(make_store):
+    s = make_store(window_s=1)
+    once = Once("k", "d")
+    s.append_event("u1", Event("i1", None, 1), once)
+    s.append_changes([("a", {**ITEM, "item_id": "a"})], once)
+    time.sleep(1.2)
+    assert s.previous_write("k", "u1") is None and s.previous_write("k") is None
+    assert s.append_event("u1", Event("i1", None, 1), once) == 2  # a new write now
+    s.append_changes([("a", None)], once)
+    assert s.catalog()[0] == {"a": None}
+
+
+def test_the_file_backend_remembers_its_newest_keys_across_snapshots_and_restarts(tmp_path):
+    s = FileStateStore(tmp_path, history_cap=10, compact_after=1000, idempotency_keys=3)
+    for n in range(5):
+        s.append_event("u1", Event("i1", None, n), Once(f"k{n}", "d"))
+    assert [s.previous_write(f"k{n}", "u1") is not None for n in range(5)] == [False, False, True, True, True]
+    s.compact()
+    s.append_event("u1", Event("i1", None, 5), Once("k5", "d"))  # in the log's tail, after the snapshot
+    s.close()
+    again = FileStateStore(tmp_path, history_cap=10, compact_after=1000, idempotency_keys=3)
+    assert [again.previous_write(f"k{n}", "u1") is not None for n in range(6)] == [False] * 3 + [True] * 3
+    with pytest.raises(AlreadyRecorded):
+        again.append_event("u1", Event("i1", None, 5), Once("k5", "d"))
+    assert again.history("u1")[0] == 6
 
 
 def test_a_healthy_store_says_so(make_store):
