@@ -330,7 +330,8 @@ def wait_for_cluster(cluster: RedisCluster, masters: int, replicas: int = 0, tim
             live = [redis.Redis(port=p, socket_timeout=1) for p, proc in cluster.nodes.items() if proc.poll() is None]
             serving = cluster.masters()
             if all(c.execute_command("CLUSTER INFO")["cluster_state"] == "ok" for c in live) and len(serving) == masters \
-                    and all(_replicas_online(redis.Redis(port=p, socket_timeout=1)) >= replicas for p in serving):
+                    and all(_replicas_confirm(redis.Redis(port=p, socket_timeout=2), ranges, replicas)
+                            for p, ranges in serving.items()):
                 return
         except redis.RedisError:
             pass
@@ -338,9 +339,14 @@ def wait_for_cluster(cluster: RedisCluster, masters: int, replicas: int = 0, tim
     raise TimeoutError(f"cluster at {cluster.url} not ok after {timeout} s")
 
 
-def _replicas_online(master) -> int:
-    info = master.info("replication")
-    return sum(1 for k, v in info.items() if k.startswith("slave") and isinstance(v, dict) and v.get("state") == "online")
+def _replicas_confirm(master, ranges: list[tuple[int, int]], replicas: int) -> bool:
+    """Whether ``replicas`` replicas confirm a write to this master within a second (``WAIT``), as the store asks: a
+    replica listed online may still be finishing its first sync."""
+    from redis.crc import key_slot
+
+    key = next(k for k in (f"probe-{i}" for i in range(100_000)) if any(lo <= key_slot(k.encode()) <= hi for lo, hi in ranges))
+    master.set(key, "1")
+    return master.execute_command("WAIT", replicas, 1000) >= replicas
 
 
 def wait_for_redis(url: str, proc: subprocess.Popen, timeout: float = 20) -> None:

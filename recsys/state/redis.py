@@ -50,7 +50,7 @@ from urllib.parse import urlsplit
 
 import orjson
 import redis
-from redis.cluster import RedisCluster
+from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from recsys.state.protocol import (FEEDBACK_FIELDS, AlreadyRecorded, Change, Event, Once, Position, StoreUnavailable,
@@ -201,10 +201,13 @@ class RedisStateStore:
 
     def _connect(self, socket_timeout: float) -> redis.Redis | RedisCluster:
         """A cluster client reads the slot map when made: it is made at first use, inside ``_call``, so a cluster
-        that is down at start-up is a store that is unavailable, as a single Redis is."""
+        that is down at start-up is a store that is unavailable, as a single Redis is. A second cluster client is
+        seeded with every node the first one knows, not only the URL's: the URL's node may be the one that died."""
         if self.cluster:
             url = self.raw_url.replace("+cluster://", "://", 1)
-            return RedisCluster.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=self.timeout_s)
+            seeds = [ClusterNode(n.host, n.port) for n in self.client.get_nodes()] if "client" in self.__dict__ else None
+            return RedisCluster.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=self.timeout_s,
+                                         startup_nodes=seeds)
         return redis.Redis.from_url(self.raw_url, socket_timeout=socket_timeout, socket_connect_timeout=self.timeout_s,
                                     health_check_interval=10 if socket_timeout == self.timeout_s else 0)
 
@@ -405,12 +408,13 @@ class RedisStateStore:
         if not self.wait_replicas:
             return self.client.execute_command(*command)
         pipe = self.client.pipeline(transaction=False)
-        pipe.execute_command(*command)
         timeout_ms = max(1, int(self.timeout_s * 1000 * 0.8))  # the WAIT ends before the socket gives up
-        if self.cluster:
-            node = self.client.get_node_from_key(key)
+        if self.cluster:  # both to the key's node, named: a cluster pipeline would otherwise ask the default node
+            node = self.client.get_node_from_key(key)  # for a script's keys (COMMAND GETKEYS) on every write
+            pipe.execute_command(*command, target_nodes=node)
             pipe.execute_command("WAIT", self.wait_replicas, timeout_ms, target_nodes=node)
         else:
+            pipe.execute_command(*command)
             pipe.execute_command("WAIT", self.wait_replicas, timeout_ms)
         result, replicas = pipe.execute()
         if self.cluster and self.client.get_node_from_key(key) is not node:
