@@ -23,7 +23,7 @@ from threadpoolctl import threadpool_limits
 from recsys.bundle import BundleError
 from recsys.live import LiveEngine
 from recsys.state.protocol import StoreUnavailable
-from service import metrics
+from service import metrics, tracing
 from service.api import errors, openapi
 from service.api.routes import admin, events, experiments, page, probes, recommend
 from service.config import get_settings
@@ -50,9 +50,12 @@ async def lifespan(app: FastAPI):
     app.state.io_limiter = anyio.CapacityLimiter(settings.io_threads)
     app.openapi_schema = None  # regenerated with these settings' limits on the next request
     logger.info("serving bundle {} ({} items)", live.engine.version, live.engine.searchable_items)
-    yield
-    live.close()
-    metrics.worker_exited(os.getpid())
+    try:  # the engine closes also when tracing cannot start (an OTEL_* variable it refuses)
+        with tracing.started(settings) as app.state.tracer_provider:
+            yield
+    finally:
+        live.close()
+        metrics.worker_exited(os.getpid())
 
 
 def create_app() -> FastAPI:
@@ -62,6 +65,7 @@ def create_app() -> FastAPI:
     app.add_middleware(BodyLimit)  # added first, so it runs inside ``Observe`` and its 413s / 408s are counted
     app.add_middleware(Observe)
     errors.install(app)
+    tracing.record_handled_errors(app)
     for router in (probes.router, recommend.router, page.router):
         include(app, router)
     app.mount("/static", StaticFiles(directory=page.STATIC), name="static")

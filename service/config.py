@@ -89,6 +89,12 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(10.0, gt=0, description="a request body that stalls this long between chunks gets 408")
     header_timeout_s: float = Field(10.0, gt=0, description="a request head not complete this long after the connection "
                                     "opened gets 408 (with --http service.protocol:HeadDeadline)")
+    # OpenTelemetry (service/tracing.py): the endpoint, headers, service name and sampler also follow the standard OTEL_*
+    tracing: Literal["off", "otlp", "console"] = Field("off", description="spans of each request and engine stage: off, "
+                                                       "exported by OTLP over HTTP (OTEL_EXPORTER_OTLP_ENDPOINT, default "
+                                                       "http://localhost:4318), or printed on stdout")
+    tracing_sample_ratio: float = Field(1.0, ge=0, le=1, description="share of the traces begun here that are recorded; "
+                                        "a caller's traceparent decides for its own (OTEL_TRACES_SAMPLER overrides both)")
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":

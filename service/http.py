@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from loguru import logger
 from starlette.routing import Match
 
-from service import metrics
+from service import metrics, tracing
 from service.config import get_settings
 from service.schemas import ErrorBody
 
@@ -106,7 +106,9 @@ class BodyLimit:
 
 
 class Observe:
-    """Request id, content-length limit, in-flight gauge, per-endpoint counts and latency."""
+    """Request id, content-length limit, in-flight gauge, per-endpoint counts and latency, the log of an unhandled
+    error; with tracing on, the request's server span (``service/tracing.py``), its trace and span ids in every log
+    line of the request next to the request id."""
 
     def __init__(self, app):
         self.app = app
@@ -126,18 +128,31 @@ class Observe:
             await send(message)
 
         metrics.IN_FLIGHT.inc()
+        span = None if tracing.TRACER is None else tracing.RequestSpan(tracing.TRACER, scope)
+        failure = None
         try:
-            with logger.contextualize(request_id=request_id):
-                length, limit = headers.get(b"content-length"), get_settings().max_body_bytes
-                if length is not None and (not length.isdigit() or int(length) > limit):
-                    await error(413, f"request body larger than {limit} bytes")(scope, receive, send_with_id)
-                else:
-                    await self.app(scope, receive, send_with_id)
+            with logger.contextualize(request_id=request_id, **(span.log_ids() if span is not None else {})):
+                try:
+                    await self._answer(scope, receive, send_with_id, headers.get(b"content-length"))
+                except Exception as err:  # logged here, with the request's ids: the outermost middleware answers
+                    failure = err         # it 500, outside this one
+                    logger.opt(exception=err).error("unhandled error")
+                    raise
         finally:
             metrics.IN_FLIGHT.dec()
             endpoint = getattr(scope.get("route"), "path", "unmatched")
             metrics.REQUESTS.labels(endpoint, scope["method"], str(status)).inc()
             metrics.LATENCY.labels(endpoint).observe(time.perf_counter() - start)
+            if span is not None:
+                span.end(scope, status, failure)
+
+    async def _answer(self, scope, receive, send, length: bytes | None) -> None:
+        """A 413 at once for a declared length over the limit (the body is never read), else the app's answer."""
+        limit = get_settings().max_body_bytes
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            await error(413, f"request body larger than {limit} bytes")(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 _IDS = itertools.count(1)

@@ -71,5 +71,5 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, err: Exception):
-        logger.opt(exception=err).error("unhandled error")
+        """Logged by ``service.http.Observe``, where the request's ids are (this runs outside it)."""
         return error(500, f"internal error ({type(err).__name__}); see logs")
