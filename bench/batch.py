@@ -27,7 +27,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import numpy as np
 from threadpoolctl import threadpool_limits
 
@@ -35,24 +34,25 @@ from bench.report import BENCHMARKS, add_docs_option, machine, update_section
 from bench.serving import WRK_USERS, free_port, server, wrk
 from offline.recommend import load_engine
 from recsys.query import RecommendOptions
+from service.client import NO_RETRY, RecsysClient
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 10
 
 
 def batch_endpoint(url: str, users: list[str], size: int, clients: int) -> float:
-    """Users per second for one pass over ``users`` in batches of ``size``, ``clients`` batches in flight."""
+    """Users per second for one pass over ``users`` in batches of ``size``, ``clients`` batches in flight (one
+    client's connection pool, shared by the threads)."""
     chunks = [users[i : i + size] for i in range(0, len(users), size)]
+    with RecsysClient(url, read_timeout=300, retry=NO_RETRY) as client:
 
-    def post(chunk: list[str]) -> None:
-        response = httpx.post(f"{url}/recommend/batch", json={"user_ids": chunk, "k": K}, timeout=300)
-        response.raise_for_status()
-        assert all(r["error"] is None for r in response.json()["results"])
+        def post(chunk: list[str]) -> None:
+            assert all(r.error is None for r in client.recommend_batch(chunk, k=K).results)
 
-    start = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(post, chunks))
-    return len(users) / (time.perf_counter() - start)
+        start = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            list(pool.map(post, chunks))
+        return len(users) / (time.perf_counter() - start)
 
 
 def offline_pass(engine, users: list[str], size: int) -> dict[str, float]:

@@ -38,9 +38,9 @@ sys.path.insert(0, str(ROOT))
 from bench.report import BENCHMARKS, add_docs_option, machine, update_section  # noqa: E402
 from bench.serving import free_port, hey  # noqa: E402
 from recsys.bundle import resolve  # noqa: E402
+from service.client import NO_RETRY, ApiError, CatalogItem, Filters, RecsysClient  # noqa: E402
 
 TOKEN = "catalog-changes-bench"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 FILTER = {"genres_any": ["genre3"], "year_min": 1990, "year_max": 1999}  # as catalog_scale's "genre + decade"
 BATCH_EVERY_S = 0.1
 
@@ -120,10 +120,10 @@ def memory_mib(pid: int) -> dict[str, float]:
 
 def settle(url: str, users: list[str]) -> None:
     """A few requests on every worker, so that what a served request touches is resident when measured."""
-    with httpx.Client(timeout=60) as client:
+    with RecsysClient(url, read_timeout=60, retry=NO_RETRY) as client:
         for user in users * 4:
-            client.post(f"{url}/recommend", json={"user_id": user, "k": 10})
-            client.post(f"{url}/recommend", json={"user_id": user, "k": 10, "filters": FILTER})
+            client.recommend(user, k=10)
+            client.recommend(user, k=10, filters=Filters(**FILTER))
 
 
 def footprint(tree: Path, bundle: Path, redis: Redis, users: list[str], workers: int) -> dict:
@@ -151,25 +151,25 @@ class Writer(threading.Thread):
         self.item_ids, self.rng = item_ids, np.random.default_rng(seed)
         self.acked, self.latencies, self.errors, self.elapsed = 0, [], [], 0.0
 
-    def batch(self, n: int) -> list[dict]:
+    def batch(self, n: int) -> list[CatalogItem]:
         old = [self.item_ids[i] for i in self.rng.choice(len(self.item_ids), n - n // 2, replace=False)]
         new = [f"churn-{self.rng.integers(1 << 62)}" for _ in range(n // 2)]
-        return [{"item_id": str(i), "genres": [f"genre{self.rng.integers(18)}"], "year": int(self.rng.integers(1950, 2020))}
+        return [CatalogItem(str(i), genres=[f"genre{self.rng.integers(18)}"], year=int(self.rng.integers(1950, 2020)))
                 for i in [*old, *new]]
 
     def run(self) -> None:
         started = time.perf_counter()
-        with httpx.Client(timeout=60, headers=AUTH) as client:
+        with RecsysClient(self.url, admin_token=TOKEN, read_timeout=60, retry=NO_RETRY) as client:
             tick = started
             while time.perf_counter() - started < self.seconds:
-                body = {"items": self.batch(self.per_batch)}
+                items = self.batch(self.per_batch)
                 sent = time.perf_counter()
-                r = client.post(f"{self.url}/admin/items:batch", json=body)
+                try:
+                    client.upsert_items(items)
+                    self.acked += len(items)
+                except ApiError as err:
+                    self.errors.append(f"{err.status} {err.message[:200]}")
                 self.latencies.append(time.perf_counter() - sent)
-                if r.status_code == 200:
-                    self.acked += len(body["items"])
-                else:
-                    self.errors.append(f"{r.status_code} {r.text[:200]}")
                 tick += BATCH_EVERY_S
                 time.sleep(max(0.0, tick - time.perf_counter()))
         self.elapsed = time.perf_counter() - started
@@ -198,10 +198,10 @@ def serve_with_changes(url: str, user: str, item_ids: list[str], args, rate: int
 
 
 def one_upsert(url: str) -> float:
-    started = time.perf_counter()
-    httpx.post(f"{url}/admin/items", json={"item_id": "bench-one", "genres": ["genre3"], "year": 1995}, headers=AUTH,
-               timeout=600).raise_for_status()
-    return time.perf_counter() - started
+    with RecsysClient(url, admin_token=TOKEN, read_timeout=600, retry=NO_RETRY) as client:
+        started = time.perf_counter()
+        client.upsert_item(CatalogItem("bench-one", genres=["genre3"], year=1995))
+        return time.perf_counter() - started
 
 
 def churn(tree: Path, bundle: Path, redis: Redis, users: list[str], item_ids: list[str], args) -> dict:

@@ -54,6 +54,8 @@ from recsys.engine.engine import Engine  # noqa: E402
 from recsys.engine.filters import RowFilter  # noqa: E402
 from recsys.query import Filters  # noqa: E402
 from recsys.topk import top_k  # noqa: E402
+from service.client import NO_RETRY, CatalogItem, RecsysClient  # noqa: E402
+from service.client import Filters as RequestFilters  # noqa: E402  (recsys.query's Filters is the engine's)
 
 N_GENRES = 18  # as MovieLens; each synthetic item has one genre, 40% a second: a genre holds ~8% of the items
 BUILD_THREADS = 2
@@ -306,35 +308,34 @@ def serve(root: Path, args) -> dict:
         try:
             out = {"load_s": load_s, "memory_ready": rss_mib(proc.pid), "latency": {}}
             users = json.loads((resolve(root) / "catalog.json").read_text())["user_ids"][: args.runs]
-            for name in ("unfiltered", *SERVED):
-                out["latency"][name] = latency(url, users, FILTERS.get(name), args)
-            out["memory_after"] = rss_mib(proc.pid)
-            out["catalogue_change_s"] = catalogue_change(url)
+            with RecsysClient(url, admin_token=ADMIN_TOKEN, read_timeout=300, retry=NO_RETRY) as client:
+                for name in ("unfiltered", *SERVED):
+                    out["latency"][name] = latency(client, users, FILTERS.get(name), args)
+                out["memory_after"] = rss_mib(proc.pid)
+                out["catalogue_change_s"] = catalogue_change(client)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
     return out
 
 
-def latency(url: str, users: list[str], filters: dict | None, args) -> dict:
+def latency(client: RecsysClient, users: list[str], filters: dict | None, args) -> dict:
     """Median over runs (one user each) of hey's p50 / p99 at 200 requests/s, and the mean time per stage."""
-    before, runs = stage_totals(url), []
+    before, runs = stage_totals(client), []
     for user in users:
         body = json.dumps({"user_id": user, "k": 10, **({"filters": filters} if filters else {})})
-        httpx.post(f"{url}/recommend", content=body, headers={"content-type": "application/json"}, timeout=30)
-        runs.append(hey(f"{url}/recommend", args.seconds, RATE // HEY_WORKERS, HEY_WORKERS, body))
+        client.recommend(user, k=10, filters=RequestFilters(**filters) if filters else None)  # warm what hey asks
+        runs.append(hey(f"{client.base_url}/recommend", args.seconds, RATE // HEY_WORKERS, HEY_WORKERS, body))
     return {"p50": float(np.median([r["p50"] for r in runs])), "p99": float(np.median([r["p99"] for r in runs])),
-            "rps": float(np.median([r["rps"] for r in runs])), "stages": stage_means(before, stage_totals(url))}
+            "rps": float(np.median([r["rps"] for r in runs])), "stages": stage_means(before, stage_totals(client))}
 
 
-def catalogue_change(url: str) -> dict[str, float]:
+def catalogue_change(client: RecsysClient) -> dict[str, float]:
     """Seconds to add one item and to remove it through the admin API (each rebuilds the snapshot)."""
-    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     started = time.perf_counter()
-    httpx.post(f"{url}/admin/items", json={"item_id": "bench-new", "genres": ["genre3"], "year": 1995}, headers=auth,
-               timeout=300).raise_for_status()
+    client.upsert_item(CatalogItem("bench-new", genres=["genre3"], year=1995))
     added = time.perf_counter() - started
-    httpx.delete(f"{url}/admin/items/bench-new", headers=auth, timeout=300).raise_for_status()
+    client.remove_item("bench-new")
     return {"add": added, "remove": time.perf_counter() - started - added}
 
 

@@ -49,9 +49,10 @@ from offline.train_ranker import MergedCandidates, RerankRecommender, train_rank
 from offline.train_recall import RecallConfig, deterministic_torch, train_two_tower
 from recsys.scorer import load_ranker
 from recsys.state.open import read_impressions, read_source
+from service.client import Variant
 
 EVALUATION = "evaluation.md"
-EXPLORE = {"variants": [{"name": "control", "share": 0.5}, {"name": "explore", "share": 0.5, "explore": 1.0}]}
+EXPLORE = [Variant("control", share=0.5), Variant("explore", share=0.5, explore=1.0)]
 VARIANTS = {  # name -> the click options (None: ratings only, today's ranker)
     "(a) ratings only": None,
     "(b) naive clicks": dict(pairs="naive", propensities="none"),

@@ -9,7 +9,9 @@ Starts the service (uvicorn) on a bundle, then drives it with a lean asyncio HTT
 - saturation: ``connections`` closed-loop clients for ``duration`` seconds.
 
 The stage breakdown is read from the service's own Prometheus metrics (sum / count of
-``recsys_stage_seconds`` over the run). Writes the "e2e" section of docs/benchmarks.md.
+``recsys_stage_seconds`` over the run). The sequential pass over every user, and the metrics, go through
+the project's Python client (service/client.py), as an application calls the service. Writes the "e2e"
+section of docs/benchmarks.md.
 
     python bench/e2e.py --bundle artifacts --rates 100 200 --duration 20
 """
@@ -31,6 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.report import BENCHMARKS, add_docs_option, machine, update_section  # noqa: E402
+from service.client import NO_RETRY, ApiError, RecsysClient  # noqa: E402
 
 
 class Connection:
@@ -115,10 +118,10 @@ def summary(latencies: list[float], errors: int, elapsed: float) -> dict:
             "p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)), "p99": float(np.percentile(lat, 99))}
 
 
-def stage_totals(base: str) -> dict[str, tuple[float, float]]:
+def stage_totals(client: RecsysClient) -> dict[str, tuple[float, float]]:
     """``stage -> (seconds sum, count)`` from the service's /metrics."""
     out: dict[str, list[float]] = {}
-    for kind, stage, value in re.findall(r'recsys_stage_seconds_(sum|count)\{stage="([^"]+)"\} (\S+)', httpx.get(f"{base}/metrics").text):
+    for kind, stage, value in re.findall(r'recsys_stage_seconds_(sum|count)\{stage="([^"]+)"\} (\S+)', client.metrics()):
         out.setdefault(stage, [0.0, 0.0])[0 if kind == "sum" else 1] = float(value)
     return {s: (v[0], v[1]) for s, v in out.items()}
 
@@ -160,37 +163,40 @@ def user_ids_of(bundle: Path) -> list[str]:
     return json.loads((resolve(bundle) / "catalog.json").read_text())["user_ids"]
 
 
-def sequential_every_user(base: str, users: list[str], k: int) -> dict:
+def sequential_every_user(client: RecsysClient, users: list[str], k: int) -> dict:
     """One request per known user, one after another, from a cold user-vector cache: every user
-    must get k items; latency and the service's stage breakdown over those requests."""
+    must get k items; latency (the client's reading of the answer included) and the service's stage
+    breakdown over those requests."""
     latencies, failures = [], []
-    with httpx.Client(base_url=base) as client:
-        before = stage_totals(base)
-        for user in users:
-            start = time.perf_counter()
-            r = client.get("/recommend", params={"user_id": user, "k": k})
-            latencies.append(time.perf_counter() - start)
-            if r.status_code != 200 or len(r.json()["items"]) != k:
-                failures.append(user)
-        stages = stage_means(before, stage_totals(base))
+    before = stage_totals(client)
+    for user in users:
+        start = time.perf_counter()
+        try:
+            served = len(client.recommend(user, k=k).items)
+        except ApiError:
+            served = None
+        latencies.append(time.perf_counter() - start)
+        if served != k:
+            failures.append(user)
+    stages = stage_means(before, stage_totals(client))
     return {**summary(latencies, len(failures), sum(latencies)), "stages": stages, "users": len(users)}
 
 
 def run(args) -> dict:
     users = user_ids_of(args.bundle)
     proc = start_service(args.bundle, args.port, args.workers, Path(args.log))
-    base = f"http://127.0.0.1:{args.port}"
+    client = RecsysClient(f"http://127.0.0.1:{args.port}", retry=NO_RETRY)  # a failure is counted, not hidden
     results = {"fixed": {}, "saturation": None, "stages": {}}
     try:
-        results["sequential"] = sequential_every_user(base, users, args.k)
+        results["sequential"] = sequential_every_user(client, users, args.k)
         print(f"sequential, every user once: {results['sequential']}")
         asyncio.run(saturate("127.0.0.1", args.port, args.warmup, users, args.k, 4))  # warm caches and threads
         for rate in args.rates:
             runs = []
             for _ in range(args.repeats):
-                before = stage_totals(base)
+                before = stage_totals(client)
                 runs.append(asyncio.run(fixed_rate("127.0.0.1", args.port, rate, args.duration, users, args.k, args.connections)))
-                results["stages"][rate] = stage_means(before, stage_totals(base))
+                results["stages"][rate] = stage_means(before, stage_totals(client))
             results["fixed"][rate] = median_run(runs)
             print(f"rate {rate}: {results['fixed'][rate]}")
         sat = [asyncio.run(saturate("127.0.0.1", args.port, args.duration, users, args.k, args.connections))
@@ -198,6 +204,7 @@ def run(args) -> dict:
         results["saturation"] = median_run(sat)
         print(f"saturation: {results['saturation']}")
     finally:
+        client.close()
         proc.terminate()
         proc.wait(timeout=20)
     return results
@@ -230,7 +237,7 @@ def markdown(res: dict, args) -> str:
     lines.append(f"| saturation ({args.connections} conns) | {s['throughput']:.0f} | {s['p50']:.2f} | {s['p95']:.2f} | "
                  f"{s['p99']:.2f} | {s['errors']:.0f} | - |")
     q = res["sequential"]
-    lines += ["", f"Every one of the {q['users']} known users once, sequentially, cold user-vector cache (httpx client): "
+    lines += ["", f"Every one of the {q['users']} known users once, sequentially, cold user-vector cache (the project's Python client): "
               f"p50 {q['p50']:.2f} ms, p95 {q['p95']:.2f} ms, p99 {q['p99']:.2f} ms, {q['errors']:.0f} users without "
               f"{args.k} items; stages (mean ms): " + ", ".join(f"{s} {v:.3f}" for s, v in q["stages"].items()) + "."]
     lines += ["", "Mean time per stage (ms, from the service's `recsys_stage_seconds`):", "",

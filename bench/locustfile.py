@@ -25,8 +25,12 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections.abc import Callable
 
-from locust import FastHttpUser, between, constant_throughput, task
+import httpx
+from locust import User, between, constant_throughput, task
+
+from service.client import NO_RETRY, ClientError, Filters, RecsysClient
 
 MOVIELENS_USER_IDS = "1-943"
 MOVIELENS_ITEM_IDS = "1-1682"
@@ -78,87 +82,70 @@ RPS_PER_USER = float(os.environ.get("LOCUST_RPS_PER_USER") or 0)
 GENRES = [g.strip() for g in (os.environ.get("LOCUST_GENRES") or ",".join(MOVIELENS_GENRES)).split(",")]
 
 
-class RecommenderUser(FastHttpUser):
-    """One client of the recommender; each task is one request of the mix."""
+class RecommenderUser(User):
+    """One client of the recommender, through the project's own client (service/client.py), as applications
+    call it; each task is one request of the mix, reported to locust's statistics under its name. No retries:
+    every request counts once, failed or not."""
 
     wait_time = constant_throughput(RPS_PER_USER) if RPS_PER_USER > 0 else between(0.1, 1.0)
 
-    def _expect_items(self, response) -> None:
-        """Fail a response unless it is a 200 whose JSON body has an ``items`` list."""
-        if response.status_code != 200:
-            response.failure(f"HTTP {response.status_code}: {response.text[:200] if response.text else ''}")
-            return
+    def __init__(self, environment):
+        super().__init__(environment)
+        self.client = RecsysClient(self.host, retry=NO_RETRY, connect_timeout=60, read_timeout=60,
+                                   event_hooks={"response": [self._measure]})
+        self.response_length = 0
+
+    def on_stop(self) -> None:
+        self.client.close()
+
+    def _measure(self, response: httpx.Response) -> None:
+        """The body's size, for locust's statistics (the typed answer no longer knows it)."""
+        response.read()
+        self.response_length = len(response.content)
+
+    def _timed(self, request_type: str, name: str, call: Callable[[], object]) -> None:
+        """Run ``call`` and report it to locust: its time, size, and the client's error if it failed (an error
+        status, no answer, or an answer it cannot read)."""
+        started, error, self.response_length = time.perf_counter(), None, 0
         try:
-            body = response.json()
-        except ValueError:
-            response.failure("response body is not JSON")
-            return
-        if not isinstance(body, dict) or not isinstance(body.get("items"), list):
-            response.failure("JSON response has no 'items' list")
-        else:
-            response.success()
+            call()
+        except ClientError as err:
+            error = err
+        self.environment.events.request.fire(
+            request_type=request_type, name=name, response_time=(time.perf_counter() - started) * 1000,
+            response_length=self.response_length, response=None, context={}, exception=error)
 
     @task(10)
     def recommend_known_user(self) -> None:
         user_id = random.choice(USER_IDS)
-        with self.client.get(
-            f"/recommend?user_id={user_id}&k=10", name="GET /recommend", catch_response=True
-        ) as response:
-            self._expect_items(response)
+        self._timed("GET", "GET /recommend", lambda: self.client.recommend(user_id, k=10))
 
     @task(3)
     def recommend_known_user_filtered(self) -> None:
         start_year = random.choice([1970, 1980, 1990])
-        payload = {
-            "user_id": random.choice(USER_IDS),
-            "k": 20,
-            "exclude_seen": True,
-            "filters": {
-                "genres_any": random.sample(GENRES, 2),
-                "year_min": start_year,
-                "year_max": start_year + 19,
-            },
-        }
-        with self.client.post(
-            "/recommend", json=payload, name="POST /recommend (filters)", catch_response=True
-        ) as response:
-            self._expect_items(response)
+        filters = Filters(genres_any=random.sample(GENRES, 2), year_min=start_year, year_max=start_year + 19)
+        user_id = random.choice(USER_IDS)
+        self._timed("POST", "POST /recommend (filters)", lambda: self.client.recommend(user_id, k=20, filters=filters))
 
     @task(2)
     def recommend_cold_start(self) -> None:
-        payload = {
-            "features": {
-                "age": random.randint(16, 70),
-                "gender": random.choice(GENDERS),
-                "occupation": random.choice(OCCUPATIONS),
-            },
-            "recent_items": random.sample(ITEM_IDS, min(len(ITEM_IDS), random.randint(1, 5))),
-            "k": 10,
+        features = {
+            "age": random.randint(16, 70),
+            "gender": random.choice(GENDERS),
+            "occupation": random.choice(OCCUPATIONS),
         }
-        with self.client.post(
-            "/recommend", json=payload, name="POST /recommend (cold start)", catch_response=True
-        ) as response:
-            self._expect_items(response)
+        recent = random.sample(ITEM_IDS, min(len(ITEM_IDS), random.randint(1, 5)))
+        self._timed("POST", "POST /recommend (cold start)",
+                    lambda: self.client.recommend(features=features, recent_items=recent, k=10))
 
     @task(3)
     def post_event(self) -> None:
-        payload = {
-            "user_id": random.choice(EVENT_USER_IDS),
-            "item_id": random.choice(ITEM_IDS),
-            "rating": random.randint(1, 5),
-            "timestamp": int(time.time()),
-        }
-        with self.client.post("/events", json=payload, name="POST /events", catch_response=True) as response:
-            # An event has no items to return; any 2xx means it was written durably.
-            if not 200 <= response.status_code < 300:
-                response.failure(f"HTTP {response.status_code}: {response.text[:200] if response.text else ''}")
-            else:
-                response.success()
+        user_id, item_id = random.choice(EVENT_USER_IDS), random.choice(ITEM_IDS)
+        rating, timestamp = random.randint(1, 5), int(time.time())
+        self._timed("POST", "POST /events",
+                    lambda: self.client.record_event(user_id, item_id, rating=rating, timestamp=timestamp))
 
     @task(2)
     def similar_items(self) -> None:
         item_id = random.choice(ITEM_IDS)
-        with self.client.get(
-            f"/similar-items/{item_id}?k=10", name="GET /similar-items/[id]", catch_response=True
-        ) as response:
-            self._expect_items(response)
+        self._timed("GET", "GET /similar-items/[id]", lambda: self.client.similar_items(item_id, k=10))

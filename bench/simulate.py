@@ -50,20 +50,19 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 from bench.report import add_docs_option, machine, update_section
 from bench.serving import free_port, server
 from offline.synthetic import planted
 from recsys.experiments.stats import wilson
+from service.client import ExperimentReport, RecsysClient, Variant
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = "experiments.md"
 HEADER = ("# Online experiments\n\nNumbers written by `bench/simulate.py`: simulated users with planted tastes click "
           "on what the service shows; the service's own experiment reports are read. Each section names its machine.\n")
 TOKEN = "simulate-admin-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 REPORT_TTL_S = 5.2  # the service caches a report 5 s (recsys/experiments/registry.py report_ttl_s)
 ALPHA = 0.05
 K = 10
@@ -113,27 +112,23 @@ class Traffic:
         self.quality: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)  # (exp, arm) -> scores
         self.counts = defaultdict(int)
 
-    def client(self) -> httpx.Client:
+    def client(self) -> RecsysClient:
         c = getattr(self.local, "client", None)
         if c is None:
-            c = self.local.client = httpx.Client(base_url=self.url, timeout=60)
+            c = self.local.client = RecsysClient(self.url, read_timeout=60)
         return c
 
     def one(self, study: int, index: int, watch: tuple[str, ...]) -> None:
         rng = np.random.default_rng([self.seed, study, index])
         user = int(rng.integers(self.users.n_users))
         c = self.client()
-        r = c.get("/recommend", params={"user_id": f"u{user}", "k": K})
-        r.raise_for_status()
-        body = r.json()
-        items = [int(x["item_id"][1:]) for x in body["items"]]
+        answer = c.recommend(f"u{user}", k=K)
+        items = [int(item_id[1:]) for item_id in answer.item_ids]
         clicked = self.users.clicks(user, items, rng)
         joined = 0
         for pos in clicked:
-            e = c.post("/events", json={"user_id": f"u{user}", "item_id": f"i{items[pos]}", "type": "click",
-                                        "request_id": body["request_id"], "position": pos + 1})
-            e.raise_for_status()
-            joined += bool(e.json().get("joined"))
+            event = c.record_event(f"u{user}", f"i{items[pos]}", type="click", request_id=answer.request_id, position=pos + 1)
+            joined += bool(event.joined)
         score = self.users.score(user, items) if items else (0.0, 0.0)
         with self.lock:
             self.counts["impressions"] += 1
@@ -141,7 +136,7 @@ class Traffic:
             self.counts["joined"] += joined
             self.counts["short_lists"] += len(items) < K
             for exp in watch:
-                arm = body["assignments"].get(exp)
+                arm = answer.assignments.get(exp)
                 if arm is not None:
                     self.quality[(exp, arm)].append(score)
 
@@ -171,30 +166,27 @@ def service(bundle: Path, tmp: Path, log: Path):
 
 
 class Admin:
+    """The experiments, defined and deleted with the admin token, and read fresh."""
+
     def __init__(self, url: str):
-        self.http = httpx.Client(base_url=url, timeout=300)
+        self.api = RecsysClient(url, admin_token=TOKEN, read_timeout=300)
         self.last_read: dict[str, float] = {}
 
-    def put(self, name: str, body: dict) -> None:
-        r = self.http.put(f"/admin/experiments/{name}", json=body, headers=AUTH)
-        if r.status_code >= 300:
-            raise RuntimeError(f"PUT {name}: {r.status_code} {r.text}")
+    def put(self, name: str, variants: list[Variant], mode: str = "split") -> None:
+        self.api.define_experiment(name, variants, mode=mode)
 
     def delete(self, name: str) -> None:
-        r = self.http.delete(f"/admin/experiments/{name}", headers=AUTH)
-        if r.status_code >= 300:
-            raise RuntimeError(f"DELETE {name}: {r.status_code} {r.text}")
+        self.api.delete_experiment(name)
         self.last_read.pop(name, None)
 
-    def report(self, name: str) -> dict:
+    def report(self, name: str) -> ExperimentReport:
         """A fresh report: waits out the service's report cache since this experiment's last read."""
         wait = self.last_read.get(name, -math.inf) + REPORT_TTL_S - time.monotonic()
         if wait > 0:
             time.sleep(wait)
-        r = self.http.get(f"/experiments/{name}")
-        r.raise_for_status()
+        report = self.api.experiment_report(name)
         self.last_read[name] = time.monotonic()
-        return r.json()
+        return report
 
 
 def settle() -> None:
@@ -206,7 +198,7 @@ def settle() -> None:
 def study_aa(admin: Admin, traffic: Traffic, n_exp: int, impressions: int, looks: int) -> dict:
     names = [f"aa-{i:03d}" for i in range(n_exp)]
     for name in names:
-        admin.put(name, {"variants": [{"name": "a", "share": 0.5}, {"name": "b", "share": 0.5}]})
+        admin.put(name, [Variant("a", share=0.5), Variant("b", share=0.5)])
     ever = {n: False for n in names}
     srm_ever = {n: False for n in names}
     per_look, done, t0 = [], 0, time.monotonic()
@@ -219,36 +211,36 @@ def study_aa(admin: Admin, traffic: Traffic, n_exp: int, impressions: int, looks
         sig = srm = 0
         for name in names:
             rep = reps[name] = admin.report(name)
-            b = next(v for v in rep["variants"] if v["name"] == "b")
+            b = rep.variant("b")
             s = bool(b["vs_control"]["significant"])
             ever[name] |= s
             sig += s
-            m = bool(rep["sample_ratio"]["mismatch"])
+            m = bool(rep.sample_ratio["mismatch"])
             srm_ever[name] |= m
             srm += m
         per_look.append({"impressions": done, "significant": sig, "ever": sum(ever.values()), "srm": srm})
         print(f"  A/A look at {done} impressions: {sig} significant now, {sum(ever.values())} ever; {srm} SRM "
               f"({time.monotonic() - t0:.0f} s)", flush=True)
     final = [reps[n] for n in names]
-    served = [sum(v["impressions"] for v in r["variants"]) for r in final]
-    clicks = [sum(v["clicks"] for v in r["variants"]) for r in final]
-    p_values = [next(v for v in r["variants"] if v["name"] == "b")["vs_control"]["p_value"] for r in final]
-    srm_p = [r["sample_ratio"]["p_value"] for r in final]
+    served = [sum(v["impressions"] for v in r.variants) for r in final]
+    clicks = [sum(v["clicks"] for v in r.variants) for r in final]
+    p_values = [r.variant("b")["vs_control"]["p_value"] for r in final]
+    srm_p = [r.sample_ratio["p_value"] for r in final]
     for name in names:
         admin.delete(name)
     alarms = sum(ever.values())
     return {"experiments": n_exp, "impressions": impressions, "looks": looks, "per_look": per_look, "alarms": alarms,
             "wilson": wilson(alarms, n_exp, ALPHA), "srm_ever": sum(srm_ever.values()),
-            "srm_final": sum(r["sample_ratio"]["mismatch"] for r in final),
+            "srm_final": sum(r.sample_ratio["mismatch"] for r in final),
             "report_impressions": (min(served), max(served)), "report_clicks": float(np.mean(clicks)),
             "final_p_below_05": sum(p <= ALPHA for p in p_values), "srm_p_below_05": sum(p <= 0.05 for p in srm_p),
-            "users_per_exp": float(np.mean([sum(v["users"] for v in r["variants"]) for r in final]))}
+            "users_per_exp": float(np.mean([sum(v["users"] for v in r.variants) for r in final]))}
 
 
 def study_ab(admin: Admin, traffic: Traffic, name: str, study: int, every: int, max_impressions: int) -> dict:
     arms = ["control", "no-ranker", "popular"]
-    admin.put(name, {"variants": [{"name": "control", "share": 1 / 3}, {"name": "no-ranker", "share": 1 / 3, "ranker": False},
-                                  {"name": "popular", "share": 1 - 2 / 3, "popularity": True}]})
+    admin.put(name, [Variant("control", share=1 / 3), Variant("no-ranker", share=1 / 3, ranker=False),
+                     Variant("popular", share=1 - 2 / 3, popularity=True)])
     first: dict[str, int | None] = {a: None for a in arms[1:]}
     wrong_way: dict[str, int] = {a: 0 for a in arms[1:]}
     done, rep = 0, None
@@ -258,26 +250,26 @@ def study_ab(admin: Admin, traffic: Traffic, name: str, study: int, every: int, 
         done += n
         settle()
         rep = admin.report(name)
-        for v in rep["variants"]:
+        for v in rep.variants:
             if v["name"] in first and v["vs_control"]["significant"]:
                 if v["vs_control"]["difference"] > 0:
                     wrong_way[v["name"]] += 1
                 if first[v["name"]] is None:
                     first[v["name"]] = done
     out = {"name": name, "impressions": done, "first": first, "wrong_way": wrong_way, "variants": {}}
-    for v in rep["variants"]:
+    for v in rep.variants:
         q = np.array(traffic.quality.get((name, v["name"]), [(np.nan, np.nan)]))
         out["variants"][v["name"]] = {
             "users": v["users"], "impressions": v["impressions"], "clicks": v["clicks"], "ctr": v["ctr"],
             "vs_control": v.get("vs_control"), "true_ndcg": _mean_ci(q[:, 0]), "true_ctr": _mean_ci(q[:, 1])}
-    out["sample_ratio"] = rep["sample_ratio"]
+    out["sample_ratio"] = rep.sample_ratio
     admin.delete(name)
     print(f"  A/B {name}: first significant at {first} impressions (read every {every}); read {done}", flush=True)
     return out
 
 
 def study_il(admin: Admin, traffic: Traffic, name: str, study: int, every: int, max_impressions: int) -> dict:
-    admin.put(name, {"mode": "interleave", "variants": [{"name": "ranked"}, {"name": "recall", "ranker": False}]})
+    admin.put(name, [Variant("ranked"), Variant("recall", ranker=False)], mode="interleave")
     first, done, rep, wrong_way = None, 0, None, 0
     while done < max_impressions and first is None:
         n = min(every, max_impressions - done)
@@ -285,11 +277,11 @@ def study_il(admin: Admin, traffic: Traffic, name: str, study: int, every: int, 
         done += n
         settle()
         rep = admin.report(name)
-        pref = rep["interleave"]["preference_b"]
+        pref = rep.interleave["preference_b"]
         if pref["significant"]:
             first = done
             wrong_way += pref["difference"] > 0
-    il = rep["interleave"]
+    il = rep.interleave
     admin.delete(name)
     print(f"  interleave {name}: first significant at {first} impressions; wins A {il['wins_a']} B {il['wins_b']} "
           f"ties {il['ties']}", flush=True)

@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -120,6 +121,19 @@ def test_locust_targets_the_recommender():
 
     host = urlparse(_option(locust["command"], "--host"))
     assert (host.hostname, host.port) == ("nginx", _nginx_config()[1])
+
+
+def test_locust_has_the_client_its_locustfile_imports():
+    """The locustfile drives the service through service/client.py: mounted beside it as a package, with the
+    httpx that pyproject.toml pins installed first (the locust image has none)."""
+    locust = SERVICES["locust"]
+    package = Path(_option(locust["command"], "-f")).parent / "service"
+    mounted = {target: source for source, target in _mounts(locust)}
+    for module in ("__init__.py", "client.py"):
+        assert mounted.get(str(package / module)) == f"./service/{module}", mounted
+    pins = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    httpx = next(pin for pin in pins if pin.startswith("httpx=="))
+    assert f"pip install --quiet --no-cache-dir {httpx} && exec locust" in " ".join(locust["entrypoint"])
 
 
 def test_nginx_fronts_the_recommender_and_is_the_only_published_http_port():

@@ -13,11 +13,12 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-import httpx
 import pytest
 import redis
 
-from tests.servicekit import AUTH, REDIS, TOKEN, free_port, redis_command, spawned, unique_prefix, wait_for, wait_for_redis
+from service.client import (NO_RETRY, ApiError, CatalogItem, ConnectionFailed, Filters, NotFound, RecsysClient, Unavailable,
+                            Variant)
+from tests.servicekit import REDIS, TOKEN, free_port, redis_command, spawned, unique_prefix, wait_for, wait_for_redis
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(REDIS is None, reason="redis-server not installed (.ci/run installs it)")]
 
@@ -68,8 +69,9 @@ class Cluster:
     def restart_redis(self) -> None:
         self.redis_url = self._start_redis()
 
-    def client(self, name: str) -> httpx.Client:
-        return httpx.Client(base_url=self.urls[name], timeout=10)
+    def client(self, name: str) -> RecsysClient:
+        """The project's client on one replica, without retries: each test sees every answer as it came."""
+        return RecsysClient(self.urls[name], admin_token=TOKEN, read_timeout=10, retry=NO_RETRY)
 
     def close(self) -> None:
         self.stack.close()
@@ -83,82 +85,85 @@ def cluster(bundle_root, tmp_path_factory):
     c.close()
 
 
-def ids(response: httpx.Response) -> list[str]:
-    assert response.status_code == 200, response.text
-    return [it["item_id"] for it in response.json()["items"]]
+def serves(client: RecsysClient, item_id: str) -> bool:
+    """Whether the replica knows the item (its similar items answer rather than 404)."""
+    try:
+        client.similar_items(item_id)
+    except NotFound:
+        return False
+    return True
 
 
 def test_an_event_posted_to_one_replica_changes_the_others_next_answer(cluster):
     with cluster.client("a") as a, cluster.client("b") as b:
-        assert b.get("/recommend", params={"user_id": "walk-in-1"}).status_code == 404
+        with pytest.raises(NotFound):
+            b.recommend("walk-in-1")
         for item in ("i1", "i2", "i3"):
-            assert a.post("/events", json={"user_id": "walk-in-1", "item_id": item}).status_code == 200
-        after = b.get("/recommend", params={"user_id": "walk-in-1", "k": 20})
-        assert after.json()["fallback"] is None and not {"i1", "i2", "i3"} & set(ids(after))
+            a.record_event("walk-in-1", item)
+        after = b.recommend("walk-in-1", k=20)
+        assert after.fallback is None and not {"i1", "i2", "i3"} & set(after.item_ids)
         # a known user: B's cached vector is dropped because the history version moved
-        before = ids(b.get("/recommend", params={"user_id": "u7", "k": 5}))
-        assert a.post("/events", json={"user_id": "u7", "item_id": before[0], "rating": 5}).status_code == 200
-        assert before[0] not in ids(b.get("/recommend", params={"user_id": "u7", "k": 5}))
+        before = b.recommend("u7", k=5).item_ids
+        a.record_event("u7", before[0], rating=5)
+        assert before[0] not in b.recommend("u7", k=5).item_ids
 
 
 def test_catalogue_changes_reach_the_other_replica_within_a_second(cluster):
     with cluster.client("a") as a, cluster.client("b") as b:
-        item = {"item_id": "fresh/1", "title": "Fresh", "genres": ["genre2"], "year": 2999}
-        assert a.post("/admin/items", json=item, headers=AUTH).status_code == 200
+        a.upsert_item(CatalogItem("fresh/1", title="Fresh", genres=["genre2"], year=2999))
         started = time.monotonic()
-        while b.get("/similar-items/fresh/1").status_code != 200:
+        while not serves(b, "fresh/1"):
             assert time.monotonic() - started < 1.0, "B did not serve the new item within a second"
             time.sleep(0.02)
-        only_new = {"k": 5, "filters": {"year_min": 2999}}
-        assert ids(b.post("/recommend", json={"user_id": "u3", **only_new})) == ["fresh/1"]
-        assert a.delete("/admin/items/fresh/1", headers=AUTH).status_code == 200
+        only_new = Filters(year_min=2999)
+        assert b.recommend("u3", k=5, filters=only_new).item_ids == ["fresh/1"]
+        assert a.remove_item("fresh/1").status == "removed"
         started = time.monotonic()
-        while b.get("/similar-items/fresh/1").status_code != 404:
+        while serves(b, "fresh/1"):
             assert time.monotonic() - started < 1.0, "B still served the removed item after a second"
             time.sleep(0.02)
         for user in ("u1", "u2", "u3", "u4", "u5"):
-            assert ids(b.post("/recommend", json={"user_id": user, **only_new})) == []
-            assert "fresh/1" not in ids(b.get("/recommend", params={"user_id": user, "k": 100, "exclude_seen": False}))
+            assert b.recommend(user, k=5, filters=only_new).item_ids == []
+            assert "fresh/1" not in b.recommend(user, k=100, exclude_seen=False).item_ids
 
 
 def test_two_replicas_run_one_experiment_and_their_impressions_and_feedback_add_up(cluster):
     """Defined on A, run by B within its poll; a user is in the same variant on both; feedback sent to B for an
     answer A served joins it; both report the same totals."""
-    body = {"variants": [{"name": "control", "share": 0.5}, {"name": "shallow", "share": 0.5, "candidates": 20}]}
+    variants = [Variant("control", share=0.5), Variant("shallow", share=0.5, candidates=20)]
     with cluster.client("a") as a, cluster.client("b") as b:
-        assert a.put("/admin/experiments/replicas", json=body, headers=AUTH).status_code == 201
+        assert a.define_experiment("replicas", variants).created
         started = time.monotonic()
-        while "replicas" not in [e["name"] for e in b.get("/experiments").json()["experiments"]]:
+        while "replicas" not in [e.name for e in b.experiments()]:
             assert time.monotonic() - started < 3, "B did not see the experiment"
             time.sleep(0.05)
         users = [f"u{i}" for i in range(20)]
-        from_a = {u: a.get("/recommend", params={"user_id": u, "k": 5}).json() for u in users}
-        from_b = {u: b.get("/recommend", params={"user_id": u, "k": 5}).json() for u in users}
-        assert all(from_a[u]["assignments"] == from_b[u]["assignments"] for u in users)
+        from_a = {u: a.recommend(u, k=5) for u in users}
+        from_b = {u: b.recommend(u, k=5) for u in users}
+        assert all(from_a[u].assignments == from_b[u].assignments for u in users)
         time.sleep(1.0)  # the impression writers gather for RECSYS_IMPRESSION_LINGER_S (0.25 s), then write to Redis
         for u in users[:10]:
-            click = {"user_id": u, "item_id": from_a[u]["items"][1]["item_id"], "type": "click",
-                     "request_id": from_a[u]["request_id"]}
-            assert b.post("/events", json=click).json()["joined"] is True
-        reports = [client.get("/experiments/replicas").json() for client in (a, b)]
-        assert reports[0]["variants"] == reports[1]["variants"]
-        assert sum(v["impressions"] for v in reports[0]["variants"]) == 40
-        assert sum(v["clicks"] for v in reports[0]["variants"]) == 10
-        assert a.delete("/admin/experiments/replicas", headers=AUTH).status_code == 200
+            assert b.record_event(u, from_a[u].item_ids[1], type="click", request_id=from_a[u].request_id).joined is True
+        reports = [client.experiment_report("replicas") for client in (a, b)]
+        assert reports[0].variants == reports[1].variants
+        assert sum(v["impressions"] for v in reports[0].variants) == 40
+        assert sum(v["clicks"] for v in reports[0].variants) == 10
+        a.delete_experiment("replicas")
 
 
 def _ingest(url: str, user: str, acked: list[int], stop: threading.Event) -> None:
     """Post events with increasing timestamps until stopped or the server dies; record the acknowledged ones."""
-    with httpx.Client(base_url=url, timeout=5) as client:
+    with RecsysClient(url, read_timeout=5, retry=NO_RETRY) as client:
         for t in range(1, 100_000):
             if stop.is_set():
                 return
             try:
-                response = client.post("/events", json={"user_id": user, "item_id": f"i{t % 100}", "timestamp": t})
-            except httpx.HTTPError:
+                client.record_event(user, f"i{t % 100}", timestamp=t)
+            except ConnectionFailed:
                 return
-            if response.status_code == 200:
-                acked.append(t)
+            except ApiError:
+                continue
+            acked.append(t)
 
 
 def _stored_timestamps(url: str, prefix: str, user: str) -> set[int]:
@@ -183,51 +188,49 @@ def test_a_replica_killed_during_ingestion_loses_no_acknowledged_event(cluster):
     assert len(acked) >= 200
     assert set(acked) <= _stored_timestamps(cluster.redis_url, cluster.prefix, "ingest-kill")
     with cluster.client("b") as b:  # the other replica serves the whole acknowledged history
-        version = b.post("/events", json={"user_id": "ingest-kill", "item_id": "i1"}).json()["history_length"]
-        assert version >= len(acked) + 1
+        assert b.record_event("ingest-kill", "i1").history_length >= len(acked) + 1
     cluster.start("a")
 
 
 def test_redis_restarted_keeps_every_acknowledged_event(cluster):
-    acked: list[int] = []
+    acked = list(range(1, 101))
     with cluster.client("a") as a:
-        for t in range(1, 101):
-            if a.post("/events", json={"user_id": "restart", "item_id": f"i{t % 50}", "timestamp": t}).status_code == 200:
-                acked.append(t)
+        for t in acked:  # each acknowledged, or the call raises
+            a.record_event("restart", f"i{t % 50}", timestamp=t)
     cluster.stop_redis(hard=True)  # kill -9: only what the AOF holds survives
     cluster.restart_redis()
-    assert set(acked) == _stored_timestamps(cluster.redis_url, cluster.prefix, "restart") and len(acked) == 100
+    assert set(acked) == _stored_timestamps(cluster.redis_url, cluster.prefix, "restart")
     with cluster.client("b") as b:
         deadline = time.monotonic() + 10
-        while b.get("/ready").json()["status"] != "ready" and time.monotonic() < deadline:
+        while b.ready().status != "ready" and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert b.post("/events", json={"user_id": "restart", "item_id": "i1"}).json()["history_length"] == 101
+        assert b.record_event("restart", "i1").history_length == 101
 
 
 def test_with_redis_down_writes_get_503_reads_keep_serving_and_it_recovers(cluster):
     with cluster.client("a") as a, cluster.client("b") as b:
         cluster.stop_redis()
         try:
-            response = a.post("/events", json={"user_id": "u1", "item_id": "i1"})
-            assert response.status_code == 503 and "state store unavailable" in response.json()["error"]
-            assert "same Idempotency-Key" in response.json()["error"]
-            assert a.post("/admin/items", json={"item_id": "lost"}, headers=AUTH).status_code == 503
+            with pytest.raises(Unavailable) as refused:
+                a.record_event("u1", "i1")
+            assert refused.value.status == 503 and "state store unavailable" in refused.value.message
+            assert "same Idempotency-Key" in refused.value.message
+            with pytest.raises(Unavailable):
+                a.upsert_item(CatalogItem("lost"))
             for client in (a, b):
-                assert len(ids(client.get("/recommend", params={"user_id": "u1", "k": 5}))) == 5
-                ready = client.get("/ready")
-                assert ready.status_code == 200 and ready.json()["status"] == "degraded", ready.text
-                assert "unavailable" in ready.json()["state_store"]
+                assert len(client.recommend("u1", k=5).items) == 5
+                ready = client.ready()  # a 200: the replica stays in the load balancer
+                assert ready.status == "degraded" and "unavailable" in ready.state_store, ready
         finally:
             cluster.restart_redis()
         deadline = time.monotonic() + 15
-        while a.get("/ready").json()["status"] != "ready" and time.monotonic() < deadline:
+        while a.ready().status != "ready" and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert a.get("/ready").json()["status"] == "ready"
-        assert a.post("/events", json={"user_id": "u1", "item_id": "i1"}).status_code == 200
-        item = {"item_id": "after-outage", "genres": ["genre1"]}
-        assert a.post("/admin/items", json=item, headers=AUTH).status_code == 200
+        assert a.ready().status == "ready"
+        a.record_event("u1", "i1")
+        a.upsert_item(CatalogItem("after-outage", genres=["genre1"]))
         started = time.monotonic()  # B's follower reconnected by itself
-        while b.get("/similar-items/after-outage").status_code != 200:
+        while not serves(b, "after-outage"):
             assert time.monotonic() - started < 5, "B's catalogue follower did not recover"
             time.sleep(0.05)
 
@@ -244,12 +247,13 @@ def test_nginx_spreads_requests_over_both_replicas(cluster, tmp_path):
     text = text.replace("access_log /dev/stdout main;", f"access_log {tmp_path / 'access.log'} main;")
     (tmp_path / "nginx.conf").write_text(text)
     command = [nginx, "-c", str(tmp_path / "nginx.conf"), "-e", "stderr", "-g", f"daemon off; pid {tmp_path / 'nginx.pid'};"]
-    with spawned(command, tmp_path / "nginx.log") as proc, httpx.Client(base_url=f"http://127.0.0.1:{edge}", timeout=10) as lb:
+    with spawned(command, tmp_path / "nginx.log") as proc, \
+            RecsysClient(f"http://127.0.0.1:{edge}", read_timeout=10, retry=NO_RETRY) as lb:
         wait_for(f"http://127.0.0.1:{edge}/health", 30, proc)
         for n in range(3):
-            assert lb.post("/events", json={"user_id": "via-nginx", "item_id": f"i{n}"}).status_code == 200
+            lb.record_event("via-nginx", f"i{n}")
         for _ in range(40):  # whichever replica answers, it sees every event
-            assert not {"i0", "i1", "i2"} & set(ids(lb.get("/recommend", params={"user_id": "via-nginx", "k": 20})))
+            assert not {"i0", "i1", "i2"} & set(lb.recommend("via-nginx", k=20).item_ids)
     upstreams = re.findall(r"upstream=(\S+)", (tmp_path / "access.log").read_text())
     assert {u.removeprefix("http://") for u in cluster.urls.values()} <= set(upstreams), set(upstreams)
 
@@ -260,14 +264,14 @@ def test_worker_processes_share_state_and_their_metrics_add_up(cluster, tmp_path
            "RECSYS_REDIS_URL": cluster.redis_url, "RECSYS_REDIS_PREFIX": cluster.prefix, "RECSYS_LOG_LEVEL": "WARNING",
            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics")}
     cmd = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"]
-    with spawned(cmd, tmp_path / "workers.log", env) as proc, httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+    # a new connection per request, so that the kernel hands requests to both workers
+    with spawned(cmd, tmp_path / "workers.log", env) as proc, \
+            RecsysClient(f"http://127.0.0.1:{port}", retry=NO_RETRY, headers={"Connection": "close"}) as client:
         wait_for(f"http://127.0.0.1:{port}/ready", 120, proc)
-        pids = set()
         for n in range(60):
-            response = client.get("/recommend", params={"user_id": f"u{n % 20}", "k": 3}, headers={"Connection": "close"})
-            assert response.status_code == 200
+            assert len(client.recommend(f"u{n % 20}", k=3).items) == 3
         for _ in range(10):  # every scrape, whichever worker answers it, counts all 60
-            text = client.get("/metrics", headers={"Connection": "close"}).text
+            text = client.metrics()
             count = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                         if line.startswith('recsys_requests_total{endpoint="/recommend",method="GET",status="200"}'))
             assert count == 60, text[:2000]
