@@ -39,12 +39,14 @@ def install(app: FastAPI) -> None:
         return error(status_of(err), err.message)
 
     @app.exception_handler(StoreUnavailable)
-    async def store_unavailable(_: Request, err: StoreUnavailable):
+    async def store_unavailable(request: Request, err: StoreUnavailable):
         """A write may or may not have been recorded (a reply lost after the store committed it): the client retries
         with the same idempotency key, which records it once. Reads keep serving from the bundle meanwhile."""
         logger.warning("state store unavailable: {}", err)
-        return error(503, f"state store unavailable: {err}. A write may have been recorded before the failure: retry "
-                     "it with the same Idempotency-Key (or event_id) and it is recorded once", {"Retry-After": "1"})
+        retry = "retry" if request.method in ("GET", "HEAD") else ("a write may have been recorded before the failure: "
+                                                                  "retry it with the same Idempotency-Key (or event_id) "
+                                                                  "and it is recorded once")
+        return error(503, f"state store unavailable: {err}; {retry}", {"Retry-After": "1"})
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, err: RequestValidationError):
