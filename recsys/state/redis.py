@@ -1,6 +1,6 @@
 """Online state on Redis, shared by every replica and worker process (``RECSYS_STATE_BACKEND=redis``): a single
 Redis (``redis://``, ``rediss://``, ``unix://``) or a Redis Cluster (``redis+cluster://`` or ``rediss+cluster://``,
-any node as the seed).
+any node as the seed, or several: ``redis+cluster://h1:6379,h2:6379``).
 
 What is kept, each under ``prefix`` (``Layout`` says where):
 
@@ -204,8 +204,9 @@ class RedisStateStore:
         that is down at start-up is a store that is unavailable, as a single Redis is. A second cluster client is
         seeded with every node the first one knows, not only the URL's: the URL's node may be the one that died."""
         if self.cluster:
-            url = self.raw_url.replace("+cluster://", "://", 1)
-            seeds = [ClusterNode(n.host, n.port) for n in self.client.get_nodes()] if "client" in self.__dict__ else None
+            url, seeds = _cluster_seeds(self.raw_url)
+            if "client" in self.__dict__:
+                seeds = [ClusterNode(n.host, n.port) for n in self.client.get_nodes()]
             return RedisCluster.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=self.timeout_s,
                                          startup_nodes=seeds)
         return redis.Redis.from_url(self.raw_url, socket_timeout=socket_timeout, socket_connect_timeout=self.timeout_s,
@@ -482,10 +483,29 @@ def _position(entry_id: bytes | str) -> Position:
     return int(ms), int(seq or 0)
 
 
+def _cluster_seeds(url: str) -> tuple[str, list[ClusterNode]]:
+    """A cluster URL may name several nodes, ``redis+cluster://[auth@]host1:port1,host2:port2/...``, so that a client
+    starting while one of them is down still finds the cluster: redis-py's URL for the first, and all as seeds."""
+    url = url.replace("+cluster://", "://", 1)
+    parts = urlsplit(url)
+    auth, at, hosts = parts.netloc.rpartition("@")
+    seeds = [_node(h) for h in hosts.split(",") if h]
+    return parts._replace(netloc=f"{auth}{at}{hosts.split(',')[0]}").geturl(), seeds
+
+
+def _node(address: str) -> ClusterNode:
+    """``host:port``, ``[v6 address]:port`` or a bare host (port 6379)."""
+    host, colon, port = address.rpartition(":")
+    if not colon or not port.isdigit() or (":" in host and not host.endswith("]")):
+        host, port = address, "6379"
+    return ClusterNode(host.strip("[]"), int(port))
+
+
 def _without_password(url: str) -> str:
-    """The URL as it may appear in logs, error bodies and manifests: scheme, host, port and path only (a
+    """The URL as it may appear in logs, error bodies and manifests: scheme, host(s), port and path only (a
     password can sit in the user part, even after an '@' of its own, or in the query string)."""
     parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
+    hosts = parts.netloc.rpartition("@")[2]
+    if "," not in hosts:
+        hosts = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    return f"{parts.scheme}://{hosts}{parts.path}"

@@ -72,6 +72,19 @@ def test_an_unreachable_cluster_is_a_store_unavailable_not_a_crash():
     store.close()
 
 
+def test_a_url_may_name_several_nodes_so_one_down_at_start_is_no_outage(redis_cluster_url):
+    """``redis+cluster://dead,live``: a replica starting while the first node it names is down finds the cluster
+    through the next; the URL as logged lists the nodes, never the password."""
+    live = redis_cluster_url.split("://", 1)[1]
+    url = f"redis+cluster://:secret@127.0.0.1:{free_port()},{live}"
+    store = RedisStateStore(url, 10, unique_prefix(), timeout_s=0.5)
+    assert store.append_event("alice", Event("i1", None, 1)) == 1
+    assert store.history("alice") == (1, [Event("i1", None, 1)])
+    assert store.health() is None
+    assert "secret" not in store.url and store.url.endswith(live)
+    store.close()
+
+
 def test_a_master_killed_mid_ingestion_fails_over_without_losing_an_acknowledged_write(tmp_path):
     """Four writers append events (and catalogue changes) while a master is killed (SIGKILL): the one the store's URL
     names (its seed, and its cluster client's default node) and that holds the catalogue and a share of the event
