@@ -140,20 +140,27 @@ def test_a_change_waits_for_reading_requests_and_the_requests_it_held_up_go_befo
         with lock.reading():
             order.append("late read")
 
-    def start(target, *args) -> threading.Thread:
+    def start(target, *args, until) -> threading.Thread:
+        """Start a thread and wait until the lock shows it waiting (no sleep to guess how long that takes)."""
         thread = threading.Thread(target=target, args=args)
         thread.start()
-        time.sleep(0.2)
+        deadline = time.monotonic() + 10
+        while not until() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert until(), "the thread never got to wait on the lock"
         return thread
 
-    threads = [start(reader)]
-    reading.wait(5)
-    threads += [start(writer, "write 1"), start(late_reader), start(writer, "write 2")]
-    assert order == []  # the first writer waits for the reader; the late reader waits for the first writer
+    threads = [start(reader, until=reading.is_set)]
+    threads += [start(writer, "write 1", until=lambda: lock._writers_waiting == 1),
+                start(late_reader, until=lambda: lock._queued == 1),
+                start(writer, "write 2", until=lambda: lock._writers_waiting == 2)]
+    assert order == []  # the writers wait for the reader; the late reader waits for a writer
     release.set()
     for t in threads:
         t.join(5)
-    assert order == ["read done", "write 1", "late read", "write 2"]
+    # the reader first; then one write (the two writers wake together, either may win); then the read that write
+    # held up, before the other write
+    assert order[0] == "read done" and order[2] == "late read" and sorted(order[1::2]) == ["write 1", "write 2"]
     with pytest.raises(RuntimeError, match="wait for itself"), lock.reading(), lock.writing():
         pass
 
