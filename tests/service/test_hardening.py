@@ -229,6 +229,10 @@ def test_openapi_describes_the_real_bodies_statuses_and_security(client):
         assert op["security"] == [{"HTTPBearer": []}] and set(op["responses"]) >= statuses, (path, op)
         assert op["responses"]["401"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
     assert doc["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    operation_ids = [op["operationId"] for ops in paths.values() for op in ops.values()]
+    assert len(operation_ids) == len(set(operation_ids))  # a client generator names a method by it
+    assert paths["/admin/items"]["put"]["security"] == paths["/admin/items"]["post"]["security"]
+    assert "Idempotency-Key" in {p["name"] for p in paths["/events"]["post"]["parameters"]}
     every_200 = [(p, m) for p, ops in paths.items() for m, op in ops.items() if "schema" not in
                  op["responses"]["200"].get("content", {}).get("application/json", {}) and p != "/metrics"]
     assert every_200 == []

@@ -14,8 +14,8 @@ from service.schemas import ItemBatch, ItemBatchResponse, ItemChangeResponse, It
 router = APIRouter(**ADMIN)
 
 
-@router.api_route("/admin/items", methods=["PUT", "POST"], response_model=ItemChangeResponse,
-                  responses=errors(400, 401, 403, 408, 413, 422, 503))
+@router.put("/admin/items", response_model=ItemChangeResponse, responses=errors(400, 401, 403, 408, 413, 422, 503))
+@router.post("/admin/items", response_model=ItemChangeResponse, responses=errors(400, 401, 403, 408, 413, 422, 503))
 def upsert_item(body: ItemUpsert, live: LiveDep, idempotency_key: IdempotencyKey = None):
     """Add an item or replace one (same id): item tower for its vector, then live in the index.
     Validated and encoded first, fsynced to the catalogue log, then made live: acknowledged means durable."""
