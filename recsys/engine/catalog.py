@@ -4,18 +4,25 @@ Item arrays are ``Column``s (``recsys.engine.items``): one span per array, with 
 catalogue, the ranker tables and the filter index, so that no array exists twice. A change writes only the rows
 it changes (O(changed items)): the item arrays, the columns derived from them (the ranker's ``item_static``, the
 filter's genre bits), the popularity order (an added item, popularity 0, goes last, where a stable sort puts
-it), the hnswlib index. Only the filter's year-ordered lists cost O(n_items log n_items) to make; they are rebuilt
-aside in a thread once enough rows changed, and the rows changed since are checked one by one meanwhile.
+it). Only the filter's year-ordered lists cost O(n_items log n_items) to make; they are rebuilt aside in a thread
+once enough rows changed, and the rows changed since are checked one by one meanwhile.
 
-Requests read under ``LiveCatalog.rw``'s read lock and a change writes under its write lock, so a request sees an
-item's change whole or not at all (a batch is written a few items per hold of the lock, so that requests are not
-held up for all of it): ``Catalog``, the view a request reads, is made anew by each write (views of the columns
+The hnswlib graph is the one part a change cannot write in microseconds (an insertion costs about a millisecond at
+1M items) and hnswlib cannot search while it inserts. So a change's rows are first "unindexed": served by exact
+scoring beside the graph (``Catalog.unindexed``, a few rows: each search scores them and ignores the graph's stale
+entries for them), and a merge thread inserts them into the graph one at a time, each insertion a short hold of the
+write lock taken when no request is reading (``ReadWriteLock.writing(patience_s)``). A change is therefore served
+as soon as its columns are written, and requests never wait for a batch's insertions.
+
+Requests read under ``LiveCatalog.rw``'s read lock and a change writes under its write lock, so a request sees a
+change whole or not at all: ``Catalog``, the view a request reads, is made anew by each write (views of the columns
 at the new item count, no copy).
 """
 from __future__ import annotations
 
 import os
 import threading
+from collections import deque
 from dataclasses import dataclass, replace
 
 import hnswlib
@@ -37,7 +44,12 @@ NEW_ITEM_DEFAULTS = {"popularity": 0.0, "item_neighbours": -1, "item_neighbour_s
 # The filter's lists are rebuilt once this many rows changed (or 1/64 of the catalogue, if more): a filtered
 # request checks each changed row itself meanwhile.
 REBUILD_AFTER = 4096
-WRITE_CHUNK = 4  # items written per hold of the write lock (requests go between holds)
+WRITE_CHUNK = 4  # items written per hold of the write lock when a change is indexed at once (loading the store's fold)
+# The merge waits up to this long for a moment with no request reading before it queues for the lock like any
+# change. Past MERGE_BACKLOG unindexed rows (each search scores them all) it waits for nothing and inserts
+# WRITE_CHUNK rows per hold, and a change of more rows than that is indexed before its write returns.
+MERGE_PATIENCE_S = 0.05
+MERGE_BACKLOG = 1024
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,7 @@ class Catalog:
     written_at: np.ndarray  # the change that last wrote each row (0: the bundle's): user feature caches check it
     n_active: int
     changes: int  # catalogue changes made so far
+    unindexed: np.ndarray  # sorted rows whose vector the HNSW graph does not hold yet: scored exactly
 
     @property
     def vectors(self) -> np.ndarray:
@@ -86,6 +99,10 @@ class LiveCatalog:
         """``arrays``: the bundle's item arrays (mapped: their pages stay shared until a row changes);
         ``ranked_with``: the bundle's arrays when a ranker is served (its tables view the item columns)."""
         self.index, self.rw, self.rebuild_after, self.rebuilding = index, ReadWriteLock(), rebuild_after, threading.Lock()
+        self.merging = threading.Lock()  # held by the merge thread
+        self.unindexed: set[int] = set()  # rows written since the graph held their vector (or never in it)
+        self.merge_queue: deque[int] = deque()  # the unindexed rows in the order written (some since indexed)
+        self.deleted_in_graph: set[int] = set()  # labels marked deleted in the graph (removed items)
         self.load(ids, titles, arrays, ranked_with)
 
     def load(self, ids: list[str], titles: list[str], arrays: dict[str, np.ndarray], ranked_with: dict[str, np.ndarray] | None) -> None:
@@ -97,6 +114,7 @@ class LiveCatalog:
         tables = None if ranked_with is None else RankerTables.from_arrays({**ranked_with, **arrays})
         self.columns = {k: Column(tables_dtype(v, tables, k), capacity, NEW_ITEM_DEFAULTS.get(k)) for k, v in arrays.items()}
         derived = {"active": np.ones(n, bool), "written_at": np.zeros(n, np.int64), "stale": np.zeros(n, bool),
+                   "in_graph": np.ones(n, bool),  # the graph holds a vector (maybe an older one) under this label
                    "by_popularity": np.argsort(-arrays["popularity"], kind="stable"),
                    **{f"genre_word_{w}": word for w, word in enumerate(genre_words(arrays["item_genres"]))}}
         if tables is not None:
@@ -115,17 +133,27 @@ class LiveCatalog:
         return [k for k, c in self.columns.items() if c.mapped]
 
     # ---------------------------------------------------------------- changes
-    def commit(self, change: Upsert) -> np.ndarray:
-        """Write prepared items into their rows (a new id takes the next free row, a known one keeps its row) and
-        the index; returns their rows. Each item is written whole under the write lock, ``WRITE_CHUNK`` items at a
-        time: an HNSW insertion costs about a millisecond at 1M items, and requests wait while the lock is held."""
-        rows = []
-        for start in range(0, len(change.raws), WRITE_CHUNK):
-            part = slice(start, start + WRITE_CHUNK)
+    def commit(self, change: Upsert, index_now: bool = False) -> np.ndarray:
+        """Write prepared items into their rows (a new id takes the next free row, a known one keeps its row);
+        returns their rows. Online, the whole change is written in one hold of the write lock (microseconds: no
+        request sees part of it) and left to the merge thread to insert into the graph. ``index_now`` (and a
+        change of more than ``MERGE_BACKLOG`` items) inserts them before returning, ``WRITE_CHUNK`` items per hold:
+        a long backlog would make every search score it (loading the store's fold at start, a bulk import)."""
+        if index_now or len(change.raws) > MERGE_BACKLOG:
+            rows = []
+            for start in range(0, len(change.raws), WRITE_CHUNK):
+                part = slice(start, start + WRITE_CHUNK)
+                with self.rw.writing():
+                    rows.append(self._write(change.raws[part], change.titles[part], {k: v[part] for k, v in change.values.items()}))
+                    self._index(rows[-1])
+                    self.catalog = self._view()
+            rows = np.concatenate(rows)
+        else:
             with self.rw.writing():
-                rows.append(self._write(change.raws[part], change.titles[part], {k: v[part] for k, v in change.values.items()}))
+                rows = self._write(change.raws, change.titles, change.values)
+            self._merge_if_due()
         self._rebuild_lists_if_due()
-        return np.concatenate(rows)
+        return rows
 
     def _write(self, raws: list[str], titles: list[str | None], values: dict[str, np.ndarray]) -> np.ndarray:
         rows = self._rows_for(raws)
@@ -135,8 +163,10 @@ class LiveCatalog:
         for name, column in self.columns.items():
             if name in values:
                 column.rows[rows] = values[name]
-        self._write_index(rows, values["item_vectors"])
         self._write_derived(rows)
+        fresh = [row for row in rows.tolist() if row not in self.unindexed]
+        self.unindexed.update(fresh)
+        self.merge_queue.extend(fresh)
         for raw, row, title in zip(raws, rows, titles):
             self.titles[row] = title or self.titles[row] or raw
         self.catalog = self._view()
@@ -144,7 +174,10 @@ class LiveCatalog:
 
     def remove(self, row: int) -> None:
         with self.rw.writing():
-            self.index.mark_deleted(row)
+            if self.columns["in_graph"].rows[row] and row not in self.deleted_in_graph:
+                self.index.mark_deleted(row)
+                self.deleted_in_graph.add(row)
+            self.unindexed.discard(row)
             self.columns["active"].rows[row] = False
             self.n_active -= 1
             self.changes += 1
@@ -193,15 +226,63 @@ class LiveCatalog:
         stale[fresh] = True
         self._changed_more(fresh)
 
-    def _write_index(self, rows: np.ndarray, vectors: np.ndarray) -> None:
+    # ---------------------------------------------------------------- the graph, merged aside
+    def _index(self, rows: np.ndarray) -> None:
+        """Insert the current vectors of those of ``rows`` still unindexed into the graph (under the write lock)."""
+        rows = np.array(sorted(self.unindexed.intersection(rows.tolist())), np.int64)
+        if not len(rows):
+            return
         index = self.index
-        if self.n > index.get_max_elements():
+        if int(rows.max()) >= index.get_max_elements():
             index.resize_index(max(2 * index.get_max_elements(), self.n))
-        active = self.columns["active"].rows
-        for row in np.unique(rows[rows < index.get_current_count()]):
-            if not active[row]:
-                index.unmark_deleted(int(row))  # a removed item upserted again (add_items refuses a deleted label)
+        for row in self.deleted_in_graph.intersection(rows.tolist()):
+            index.unmark_deleted(row)  # a removed item upserted again (add_items refuses a deleted label)
+            self.deleted_in_graph.discard(row)
+        vectors = self.columns["item_vectors"].rows[rows]
         index.add_items(vectors, rows, num_threads=min(len(rows), os.cpu_count() or 1))  # requests wait: use every core
+        self.columns["in_graph"].rows[rows] = True
+        self.unindexed.difference_update(rows.tolist())
+        if not self.unindexed:
+            self.merge_queue.clear()  # (rows indexed by ``index_now`` or ``merge`` leave entries behind)
+
+    def _merge_if_due(self) -> None:
+        if self.unindexed and self.merging.acquire(blocking=False):
+            threading.Thread(target=self._merge, name="index-merge", daemon=True).start()
+
+    def _merge(self) -> None:
+        """Insert unindexed rows into the graph, oldest first, one per hold of the write lock taken at a moment
+        with no request reading (or after ``MERGE_PATIENCE_S``), until none is left. Releases ``merging``."""
+        failed = False
+        try:
+            while self.unindexed:
+                backlog = len(self.unindexed) > MERGE_BACKLOG
+                with self.rw.writing(0.0 if backlog else MERGE_PATIENCE_S):
+                    self._index(self._next_rows(WRITE_CHUNK if backlog else 1))
+                    self.catalog = self._view()
+        except Exception:  # the rows stay unindexed (still served, exactly): logged, retried at the next change
+            logger.opt(exception=True).error("index merge failed; {} rows left unindexed", len(self.unindexed))
+            failed = True
+        finally:
+            self.merging.release()
+        if not failed:
+            self._merge_if_due()  # rows a change added after the last look, while this thread still held ``merging``
+
+    def _next_rows(self, n: int) -> np.ndarray:
+        """Up to ``n`` of the oldest unindexed rows, taken off the queue (rows indexed or removed since skipped)."""
+        rows = []
+        while self.merge_queue and len(rows) < n:
+            row = self.merge_queue.popleft()
+            if row in self.unindexed:
+                rows.append(row)
+        return np.array(rows, np.int64)
+
+    def merge(self) -> None:
+        """Insert every unindexed row into the graph now (tests, and callers that save or time the index)."""
+        with self.merging:
+            with self.rw.writing():
+                self._index(np.array(sorted(self.unindexed), np.int64))
+                self.merge_queue.clear()
+                self.catalog = self._view()
 
     # ---------------------------------------------------------------- the filter's lists, rebuilt aside
     def _rebuild_lists_if_due(self) -> None:
@@ -237,8 +318,9 @@ class LiveCatalog:
         arrays = {k: c[k].rows[:n] for k in self.columns if k not in DERIVED and not k.startswith("genre_word_")}
         filters = FilterIndex(self._words(n), c["item_year"].rows[:n], *self.lists,
                               stale=c["stale"].rows[:n], changed=self.changed_buffer[: self.n_changed])
+        unindexed = np.array(sorted(self.unindexed), np.int64) if self.unindexed else NOTHING
         return Catalog(self.ids, self.row_of, self.titles, arrays, c["active"].rows[:n], self.tables, filters,
-                       c["by_popularity"].rows[:n], c["written_at"].rows[:n], self.n_active, self.changes)
+                       c["by_popularity"].rows[:n], c["written_at"].rows[:n], self.n_active, self.changes, unindexed)
 
     def _changed(self, rows: np.ndarray) -> None:
         """The rows written since the filter's lists were built (each once, in no order): ``rows``, with room after."""
@@ -265,7 +347,7 @@ class LiveCatalog:
                        item_static=self.columns["item_static"].rows)
 
 
-DERIVED = {"active", "written_at", "stale", "by_popularity", "item_static"}
+DERIVED = {"active", "written_at", "stale", "by_popularity", "item_static", "in_graph"}
 
 
 def tables_dtype(array: np.ndarray, tables: RankerTables | None, name: str) -> np.ndarray:

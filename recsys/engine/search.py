@@ -11,7 +11,7 @@ import numpy as np
 
 from recsys.engine.allowed import Allowed
 from recsys.engine.catalog import NOTHING, Catalog, LiveCatalog
-from recsys.topk import top_k
+from recsys.topk import in_sorted, top_k
 
 EXACT_SEARCH_FACTOR = 2  # below depth * this many allowed items, scoring them all beats over-fetching
 # A first fetch of at least this share of the catalogue makes HNSW visit most of its graph (hnswlib's beam is
@@ -31,7 +31,9 @@ def search_many(live: LiveCatalog, vecs: np.ndarray, depth: int, alloweds: Seque
 
     A broad filter that still leaves the list short after two growths admits far fewer rows than its bound: its
     rows are then listed and scored exactly. A batched query reads as deep as its widest fetch (hnswlib's beam is
-    max(ef, k)), so sharing a batch can only add true neighbours to a user's list, never remove one.
+    max(ef, k)), so sharing a batch can only add true neighbours to a user's list, never remove one. Rows changed
+    since the graph last held them (``Catalog.unindexed``) are scored exactly and merged into the graph's answer;
+    the graph's entries for them (an older vector) are ignored.
     """
     with live.rw.reading():  # (a request holds it already; a caller of one stage alone may not)
         return _search_many(live, vecs, depth, alloweds, exact_share)
@@ -69,14 +71,30 @@ def _search_many(live: LiveCatalog, vecs: np.ndarray, depth: int, alloweds: Sequ
                 continue
             found, dist = labels[j].astype(np.int64), dists[j]
             keep = alloweds[u].keep(found, catalog)
+            if len(catalog.unindexed):
+                keep &= ~in_sorted(found, catalog.unindexed)
             if keep.sum() >= wanted or k >= searchable:
-                out[u] = (catalog, found[keep][:wanted], (1.0 - dist[keep][:wanted]).astype(np.float32))
+                rows, scores = found[keep][:wanted], (1.0 - dist[keep][:wanted]).astype(np.float32)
+                out[u] = (catalog, *with_unindexed(catalog, vecs[u], alloweds[u], rows, scores, wanted))
             elif alloweds[u].rule is not None and fetch >= first * FETCH_GROWTH**2:
                 out[u] = (catalog, *exact(catalog, vecs[u], alloweds[u].every_row(catalog), wanted))
             else:
                 retry[u] = (wanted, first, min(max(fetch, k) * FETCH_GROWTH, searchable))
         pending = retry
     return out
+
+
+def with_unindexed(catalog: Catalog, vec: np.ndarray, allowed: Allowed, rows: np.ndarray, scores: np.ndarray,
+                   depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """The graph's ``rows`` (best first) merged with the allowed unindexed rows, scored exactly: the best ``depth``.
+    The graph's list reaches ``depth`` on its own, so nothing it did not return could displace one of these."""
+    extra = catalog.unindexed
+    if len(extra):
+        extra = extra[allowed.admits(extra, catalog)]
+    if not len(extra):
+        return rows, scores
+    extra_scores = (np.take(catalog.vectors, extra, axis=0) @ vec).astype(np.float32)
+    return top_k(np.concatenate([rows, extra]), np.concatenate([scores, extra_scores]), depth)
 
 
 def exact(catalog: Catalog, vec: np.ndarray, rows: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:

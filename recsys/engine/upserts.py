@@ -40,14 +40,15 @@ class CatalogChanges:
     def load(self, items: dict[str, dict | None]) -> None:
         """Apply a store's catalogue fold (every upsert in one batch). Changes that no longer apply to this bundle
         (a genre it lacks...) are counted and logged, not fatal."""
-        skipped = self.apply_all(list(items.items()))
+        skipped = self.apply_all(list(items.items()), index_now=True)
         if skipped:
             logger.warning("catalogue on bundle {}: {} changes skipped (first: {})", self.bundle.version, len(skipped), skipped[:3])
 
-    def apply_all(self, changes: list[tuple[str, dict | None]]) -> list[str]:
+    def apply_all(self, changes: list[tuple[str, dict | None]], index_now: bool = False) -> list[str]:
         """Changes from the store, in their order: each run of upserts in one batch (one tower call, one text
-        encoder call, one rebuild), a removal between them in its place. A batch that fails is applied item by
-        item, so one bad item cannot lose the others; returns what was skipped and why."""
+        encoder call, one write), a removal between them in its place. A batch that fails is applied item by
+        item, so one bad item cannot lose the others; returns what was skipped and why. ``index_now``: into the
+        HNSW graph before returning (the fold at start), not by the merge thread (``LiveCatalog.commit``)."""
         skipped: list[str] = []
         run: list[Item] = []
         for item_id, record in [*changes, ("", None)]:  # the sentinel flushes the last run
@@ -59,19 +60,19 @@ class CatalogChanges:
                 continue
             if run:
                 try:
-                    self.live.commit(self.prepare(run))
+                    self.live.commit(self.prepare(run), index_now)
                 except RecsysError as err:
-                    skipped += self._upsert_each(run, err)
+                    skipped += self._upsert_each(run, err, index_now)
                 run = []
             if item_id and (row := self.live.catalog.row_of.get(item_id)) is not None and self.live.catalog.active[row]:
                 self.remove(item_id)
         return skipped
 
-    def _upsert_each(self, items: list[Item], first_error: RecsysError) -> list[str]:
+    def _upsert_each(self, items: list[Item], first_error: RecsysError, index_now: bool) -> list[str]:
         skipped = []
         for item in items:
             try:
-                self.live.commit(self.prepare([item]))
+                self.live.commit(self.prepare([item]), index_now)
             except RecsysError as err:
                 skipped.append(f"{item.item_id}: {err.message}")
         return skipped or [first_error.message]

@@ -166,8 +166,8 @@ def test_a_change_waits_for_reading_requests_and_the_requests_it_held_up_go_befo
 
 
 def test_requests_under_changes_never_see_a_half_written_item(engine):
-    """Every read taken while a writer flips items between two versions shows each item wholly in one (a batch is
-    written a few items per hold of the lock, so different items may be in different versions)."""
+    """Every read taken while a writer flips items between two versions shows each item wholly in one, and the
+    graph holds that version of every row it serves (a row not yet merged is served from its column)."""
     rows = list(range(20))
     ids = [engine.catalog.ids[r] for r in rows]
     versions = [[Item(item_id=i, genres=["genre1"], year=1901, title="A") for i in ids],
@@ -194,11 +194,130 @@ def test_requests_under_changes_never_see_a_half_written_item(engine):
                 genres = catalog.arrays["item_genres"][rows]
                 vectors = catalog.vectors[rows]
                 indexed = np.array(engine.live.index.get_items(rows))
+                unindexed = set(catalog.unindexed.tolist())
+            assert len(set(years)) == 1  # one write per change: a change is seen whole
             for j, year in enumerate(years):
                 assert titles[j] == ("A" if year == 1901 else "B")
                 assert np.flatnonzero(genres[j]).tolist() == [genre[year]]
                 np.testing.assert_array_equal(vectors[j], prepared[year == 1902].values["item_vectors"][j])
-                np.testing.assert_allclose(indexed[j], vectors[j], rtol=1e-6)  # the index holds that version too
+                if rows[j] not in unindexed:
+                    np.testing.assert_allclose(indexed[j], vectors[j], rtol=1e-6)  # the graph holds that version too
     finally:
         stop.set()
         writer.join(10)
+
+
+# --------------------------------------------------------------------------- the graph, merged aside
+def exact_top(catalog, vec: np.ndarray, depth: int) -> list[int]:
+    scores = catalog.vectors @ vec
+    scores[~catalog.active] = -np.inf
+    return np.argsort(-scores, kind="stable")[:depth].tolist()
+
+
+def test_changed_rows_are_served_exactly_before_the_graph_holds_them_and_the_same_after(engine):
+    """A replaced item's new vector and an added item are found by the search at once (the graph still holds
+    the old vector, or nothing): the rows are scored exactly beside it, the graph's stale entry ignored."""
+    live, catalog = engine.live, engine.catalog
+    engine.exact_share = 2.0  # search through the graph, as a large catalogue does (this one is tiny)
+    assert len(catalog.ids) > 10 * 2
+    user = engine.users.vectors([engine.users.resolve("u1")])[0]
+    order = np.argsort(catalog.vectors @ user)
+    far, near = int(order[0]), int(order[-1])  # the user's worst item becomes the best, the best the worst
+    best = user / np.linalg.norm(user) * np.abs(catalog.vectors @ user).max() * 4
+    change = engine.changes.prepare([Item(item_id=catalog.ids[far], genres=["genre1"], year=1999),
+                                     Item(item_id="added", genres=["genre1"], year=2001),
+                                     Item(item_id=catalog.ids[near], genres=["genre1"], year=1999)])
+    values = {**change.values, "item_vectors": np.stack([best, best * 0.9, -best]).astype(np.float32)}
+    live.merging.acquire()  # hold the merge back: the rows stay unindexed while we look
+    try:
+        live.commit(type(change)(change.raws, change.titles, values))
+        catalog = engine.catalog
+        added = catalog.row_of["added"]
+        assert catalog.unindexed.tolist() == sorted([far, near, added])
+        _, rows, scores = engine.search(user, 10, engine.allowed(catalog, None, None))
+        assert rows[:2].tolist() == [far, added] and near not in rows  # the graph's old vector for `near` ignored
+        np.testing.assert_allclose(scores, catalog.vectors[rows] @ user, rtol=1e-5)  # no stale score
+        assert sorted(rows.tolist()) == sorted(exact_top(catalog, user, 10))
+        engine.changes.remove("added")  # an unindexed row removed: no longer served, never merged
+        assert engine.catalog.unindexed.tolist() == sorted([far, near])
+        assert added not in engine.search(user, 10, engine.allowed(engine.catalog, None, None))[1]
+    finally:
+        live.merging.release()
+    live._merge_if_due()
+    deadline = time.monotonic() + 10
+    while len(engine.catalog.unindexed) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    catalog = engine.catalog
+    assert not len(catalog.unindexed) and not live.unindexed
+    np.testing.assert_allclose(live.index.get_items([far])[0], catalog.vectors[far], rtol=1e-6)
+    assert engine.search(user, 10, engine.allowed(catalog, None, None))[1][0] == far
+
+
+def test_a_removed_item_upserted_again_is_searchable_before_and_after_the_merge(engine):
+    ids = engine.catalog.ids
+    item = ids[3]
+    engine.changes.remove(item)
+    engine.live.commit(engine.changes.prepare([Item(item_id=item, genres=["genre2"], year=1990)]))
+    row = engine.catalog.row_of[item]
+    vec = engine.catalog.vectors[row]
+    assert engine.search(vec, 3, engine.allowed(engine.catalog, None, None))[1][0] == row
+    engine.live.merge()
+    assert not len(engine.catalog.unindexed) and not engine.live.deleted_in_graph
+    assert engine.search(vec, 3, engine.allowed(engine.catalog, None, None))[1][0] == row
+
+
+def test_the_store_fold_is_indexed_before_load_returns(engine):
+    engine.changes.load({f"fold{i}": Item(item_id=f"fold{i}", genres=["genre1"], year=2000).to_record() for i in range(9)})
+    assert not len(engine.catalog.unindexed)
+    rows = [engine.catalog.row_of[f"fold{i}"] for i in range(9)]
+    np.testing.assert_allclose(engine.live.index.get_items(rows), engine.catalog.vectors[rows], rtol=1e-6)
+
+
+def test_a_patient_writer_lets_new_readers_in_and_takes_the_lock_between_them():
+    """The merge's writer: while a request reads, later requests still get in (an ordinary writer would stop
+    them); it takes the lock once nobody reads, and after its patience it queues like any writer."""
+    lock, got, at_once = ReadWriteLock(), threading.Event(), threading.Event()
+    first_in, release_first = threading.Event(), threading.Event()
+    at_once.set()  # a reader that leaves as soon as it is in
+
+    def read(entered: threading.Event, release: threading.Event) -> None:
+        with lock.reading():
+            entered.set()
+            release.wait(5)
+
+    def write(patience: float) -> None:
+        with lock.writing(patience):
+            got.set()
+
+    threading.Thread(target=read, args=(first_in, release_first)).start()
+    first_in.wait(5)
+    writer = threading.Thread(target=write, args=(30.0,))
+    writer.start()
+    deadline = time.monotonic() + 10
+    while not lock._patient and time.monotonic() < deadline:
+        time.sleep(0.001)
+    second_in = threading.Event()
+    threading.Thread(target=read, args=(second_in, at_once)).start()
+    assert second_in.wait(5) and not got.is_set()  # a new reader got in while the writer waited
+    release_first.set()
+    assert got.wait(5)  # nobody reads now: the writer's turn
+    writer.join(5)
+
+    # Past its patience, a patient writer stops new readers like any writer.
+    first_in.clear(), release_first.clear()
+    threading.Thread(target=read, args=(first_in, release_first)).start()
+    first_in.wait(5)
+    got.clear()
+    writer = threading.Thread(target=write, args=(0.01,))
+    writer.start()
+    deadline = time.monotonic() + 10
+    while not lock._writers_waiting and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert lock._writers_waiting == 1 and not got.is_set()
+    late_in = threading.Event()
+    late = threading.Thread(target=read, args=(late_in, at_once))
+    late.start()
+    assert not late_in.wait(0.2)  # the late reader waits behind the writer
+    release_first.set()
+    assert got.wait(5) and late_in.wait(5)
+    writer.join(5), late.join(5)
