@@ -105,6 +105,30 @@ class RecommendRequest(RecommendOptions):
                                       recent_items=self.recent_items)
 
 
+class RecommendQuery(BaseModel):
+    """``GET /recommend``'s query parameters (lax: a query string is text). One model, so that FastAPI validates them
+    in one pass instead of one parameter at a time (a measurable share of a ~1 ms request)."""
+
+    user_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    k: int = Field(10, ge=1, le=10_000, description="items to return (at most the max_k setting)")
+    candidates: int | None = Field(None, ge=1, le=100_000, description="ANN recall depth (default from settings)")
+    exclude_seen: bool = True
+    explain: bool = False
+    genres_any: list[str] | None = Field(None, max_length=100, description="repeat the parameter for several genres")
+    genres_none: list[str] | None = Field(None, max_length=100)
+    year_min: int | None = Field(None, ge=YEAR_RANGE[0], le=YEAR_RANGE[1])
+    year_max: int | None = Field(None, ge=YEAR_RANGE[0], le=YEAR_RANGE[1])
+
+    def to_request(self) -> RecommendRequest:
+        """The POST body this asks for (its checks too: a year range the wrong way round, a blank id)."""
+        filters = None
+        if self.genres_any or self.genres_none or self.year_min is not None or self.year_max is not None:
+            filters = Filters(genres_any=self.genres_any, genres_none=self.genres_none, year_min=self.year_min,
+                              year_max=self.year_max)
+        return RecommendRequest(user_id=self.user_id, k=self.k, candidates=self.candidates, exclude_seen=self.exclude_seen,
+                                filters=filters, explain=self.explain)
+
+
 class BatchRecommendRequest(RecommendOptions):
     """Known users by id, each answered as a single ``/recommend`` would be (same options for all)."""
 

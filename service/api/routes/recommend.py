@@ -13,27 +13,16 @@ from service.api.deps import EngineDep, LiveDep
 from service.api.errors import ApiError, status_of
 from service.config import Settings, get_settings
 from service.http import FastJSONResponse, errors
-from service.schemas import (MAX_ID_CHARS, YEAR_RANGE, BatchRecommendRequest, BatchRecommendResponse, BundleInfo, Filters,
-                             RecommendOptions, RecommendRequest, RecommendResponse, SimilarItemsResponse)
+from service.schemas import (BatchRecommendRequest, BatchRecommendResponse, BundleInfo, RecommendOptions, RecommendQuery,
+                             RecommendRequest, RecommendResponse, SimilarItemsResponse)
 
 router = APIRouter(tags=["recommend"])
 
 
 @router.get("/recommend", response_model=RecommendResponse, responses=errors(404, 422))
-def recommend_get(live: LiveDep, user_id: Annotated[str, Query(min_length=1, max_length=MAX_ID_CHARS)],
-                  k: Annotated[int, Query(ge=1, le=10_000)] = 10,
-                  candidates: Annotated[int | None, Query(ge=1, le=100_000)] = None,
-                  exclude_seen: bool = True, explain: bool = False,
-                  genres_any: Annotated[list[str] | None, Query(max_length=100)] = None,
-                  genres_none: Annotated[list[str] | None, Query(max_length=100)] = None,
-                  year_min: Annotated[int | None, Query(ge=YEAR_RANGE[0], le=YEAR_RANGE[1])] = None,
-                  year_max: Annotated[int | None, Query(ge=YEAR_RANGE[0], le=YEAR_RANGE[1])] = None):
+def recommend_get(live: LiveDep, query: Annotated[RecommendQuery, Query()]):
     """The POST pipeline for a known user; filters as repeated query parameters (``genres_any=a&genres_any=b``)."""
-    filters = None
-    if genres_any or genres_none or year_min is not None or year_max is not None:
-        filters = Filters(genres_any=genres_any, genres_none=genres_none, year_min=year_min, year_max=year_max)
-    return recommend_post(RecommendRequest(user_id=user_id, k=k, candidates=candidates, exclude_seen=exclude_seen,
-                                           filters=filters, explain=explain), live)
+    return recommend_post(query.to_request(), live)
 
 
 @router.post("/recommend", response_model=RecommendResponse, responses=errors(400, 404, 408, 413, 422))
