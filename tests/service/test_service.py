@@ -1036,3 +1036,25 @@ def test_unfiltered_search_skips_seen_and_removed_items_without_a_catalogue_mask
             tower, merged = by_source(response)
             assert len(tower - item_ids_of(bundle, top[1:11])) <= 1  # HNSW is approximate; nearly exact here
             assert not merged & item_ids_of(bundle, top[1:11])
+
+
+@pytest.mark.parametrize("setting, expected", [(None, False), ("true", True), ("false", False)])
+def test_python_m_service_writes_uvicorn_access_lines_only_when_asked(monkeypatch, setting, expected):
+    """RECSYS_ACCESS_LOG reaches uvicorn (a line per request costs CPU that the metrics already spend counting)."""
+    import uvicorn
+
+    from service.__main__ import main
+    from service.config import get_settings
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append(kwargs))
+    if setting is None:
+        monkeypatch.delenv("RECSYS_ACCESS_LOG", raising=False)
+    else:
+        monkeypatch.setenv("RECSYS_ACCESS_LOG", setting)
+    get_settings.cache_clear()
+    try:
+        assert main(["--port", "1"]) == 0
+    finally:
+        get_settings.cache_clear()
+    assert calls[0]["access_log"] is expected and calls[0]["http"] == "service.protocol:HeadDeadline"
