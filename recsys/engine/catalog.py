@@ -247,7 +247,9 @@ class LiveCatalog:
 
     def _merge_if_due(self) -> None:
         if self.unindexed and self.merging.acquire(blocking=False):
-            threading.Thread(target=self._merge, name="index-merge", daemon=True).start()
+            # Not a daemon: Python ends daemon threads when they next take the GIL at exit, which inside hnswlib's
+            # add_items aborts the process (SIGABRT, "terminate called"); the exit waits for the backlog instead.
+            threading.Thread(target=self._merge, name="index-merge").start()
 
     def _merge(self) -> None:
         """Insert unindexed rows into the graph, oldest first, one per hold of the write lock taken at a moment
