@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
 
 from service.config import Settings, get_settings
 
@@ -37,3 +38,17 @@ def apply_limits(schema: dict, settings: Settings) -> None:
         for param in schema["paths"][path]["get"]["parameters"]:
             if param["name"] in ("k", "candidates"):
                 limit(param["schema"], "maximum", settings.max_k if param["name"] == "k" else settings.max_candidates)
+
+
+def query_parameters(model: type[BaseModel]) -> list[dict]:
+    """The OpenAPI parameters of a query-parameter model, as FastAPI writes them for ``Annotated[model, Query()]``
+    (a route that parses its query itself declares them with ``openapi_extra``; a test holds the two equal)."""
+    schema = model.model_json_schema()
+    params = []
+    for name, prop in schema["properties"].items():
+        prop = {k: v for k, v in prop.items() if not (k == "default" and v is None)}
+        param = {"name": name, "in": "query", "required": name in schema.get("required", []), "schema": prop}
+        if "description" in prop:
+            param["description"] = prop["description"]
+        params.append(param)
+    return params

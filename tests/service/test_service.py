@@ -1058,3 +1058,40 @@ def test_python_m_service_writes_uvicorn_access_lines_only_when_asked(monkeypatc
     finally:
         get_settings.cache_clear()
     assert calls[0]["access_log"] is expected and calls[0]["http"] == "service.protocol:HeadDeadline"
+
+
+def test_get_recommend_reads_its_query_as_fastapi_would_and_documents_it_the_same(client):
+    """GET /recommend parses its own query (one validation pass); what it accepts, refuses and documents must be
+    what FastAPI's ``Annotated[RecommendQuery, Query()]`` would."""
+    from typing import Annotated
+
+    from fastapi import FastAPI, Query
+    from fastapi.testclient import TestClient
+
+    from service.api.openapi import query_parameters
+    from service.schemas import RecommendQuery
+
+    def q(query):
+        return query.model_dump()
+
+    q.__annotations__["query"] = Annotated[RecommendQuery, Query()]  # (this module's annotations are strings)
+    reference = FastAPI()
+    reference.get("/q")(q)
+
+    assert query_parameters(RecommendQuery) == reference.openapi()["paths"]["/q"]["get"]["parameters"]
+    with TestClient(reference) as ref:
+        for params in ([("user_id", "u1"), ("k", "3"), ("k", "4"), ("genres_any", "genre1"), ("genres_any", "genre2"),
+                        ("unknown", "x"), ("exclude_seen", "no")], [("user_id", "u2")]):
+            parsed = ref.get("/q", params=params).json()
+            answer = client.get("/recommend", params=params)
+            assert answer.status_code == 200, answer.text
+            assert len(answer.json()["items"]) == parsed["k"]
+        for params, field in (([("k", "3")], "query.user_id"), ([("user_id", "u1"), ("k", "zero")], "query.k"),
+                              ([("user_id", "u1"), ("year_min", "-5")], "query.year_min"),
+                              ([("user_id", "")], "query.user_id"),
+                              ([("user_id", "u1")] + [("genres_none", f"g{i}") for i in range(101)], "query.genres_none")):
+            assert ref.get("/q", params=params).status_code == 422
+            answer = client.get("/recommend", params=params)
+            assert_client_error(answer, 422)
+            assert answer.json()["error"].startswith(f"invalid request: {field}: "), answer.json()
+    assert client.get("/recommend", params={"user_id": "u1", "year_min": 2000, "year_max": 1990}).status_code == 422
