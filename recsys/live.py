@@ -136,7 +136,11 @@ class LiveEngine:
         engine.changes.load(items)
         with self.follow_lock:
             position = self._apply(engine, position)
+            if self.engine is not None:
+                self.engine.live.report_backlog = None  # (the old engine's merge may still run: it no longer reports)
             self.engine, self.position = engine, position
+        engine.live.report_backlog = metrics.UNINDEXED.set
+        metrics.UNINDEXED.set(len(engine.live.unindexed))
         metrics.set_bundle(engine.version, engine.searchable_items)
 
     def reload(self, path: Path) -> tuple[str, str]:

@@ -25,6 +25,8 @@ BATCH_STAGE = Histogram("recsys_batch_stage_seconds", "Time per /recommend/batch
 FALLBACKS = Counter("recsys_fallbacks_total", "Recommendations served by a fallback", ["kind"])
 BUNDLE = Gauge("recsys_bundle_info", "Loaded bundle version (value 1)", ["version"], multiprocess_mode="livemax")
 INDEX_ITEMS = Gauge("recsys_index_items", "Items searchable in the ANN index", multiprocess_mode="livemax")
+UNINDEXED = Gauge("recsys_index_unindexed_items", "Changed items the HNSW graph does not hold yet: every search scores "
+                  "them exactly until the merge inserts them", multiprocess_mode="livemax")
 BEHIND = Gauge("recsys_bundle_behind_current", "1 while the bundle root's current names a version this replica does not "
                "serve (its load failed; set by the bundle watcher)", multiprocess_mode="livemax")
 RELOADS = Counter("recsys_reloads_total", "Bundle reloads (admin route or bundle watcher) by result", ["result"])

@@ -1,7 +1,6 @@
 """``python -m service``: uvicorn as production runs it.
 
 - the head-deadline protocol (``service.protocol.HeadDeadline``: 408 for a request head that trickles in);
-- uvicorn's access log only with ``RECSYS_ACCESS_LOG=true`` (a line per request is a measurable share of the CPU);
 - ``--workers N`` processes on one port, with Prometheus metrics summed over them (multiprocess mode,
   in a fresh ``PROMETHEUS_MULTIPROC_DIR``). Several workers share online state only through Redis:
   with the file backend the second worker would be refused its state directory, so this says so first.
@@ -34,11 +33,8 @@ def main(argv: list[str] | None = None) -> int:
             stale.unlink()  # (only prometheus_client's files: the directory may be shared, e.g. /tmp)
     import uvicorn  # after the environment is set: the workers inherit it
 
-    from service.config import get_settings
-
     uvicorn.run("service.app:app", host=args.host, port=args.port, workers=args.workers,
-                http="service.protocol:HeadDeadline", timeout_keep_alive=args.timeout_keep_alive,
-                access_log=get_settings().access_log)
+                http="service.protocol:HeadDeadline", timeout_keep_alive=args.timeout_keep_alive)
     return 0
 
 

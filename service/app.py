@@ -8,6 +8,7 @@ document, and the schemathesis test in CI checks that what is served matches it.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from contextlib import asynccontextmanager
@@ -36,6 +37,9 @@ async def lifespan(app: FastAPI):
     logger.remove()
     # diagnose=False: a traceback's local variables can hold request bodies and secrets
     logger.add(sys.stderr, level=settings.log_level, serialize=True, diagnose=settings.log_diagnose, backtrace=False)
+    if not settings.access_log:  # uvicorn writes an access line per request only while this logger has handlers
+        access = logging.getLogger("uvicorn.access")
+        access.handlers, access.propagate = [], False
     torch.set_num_threads(settings.torch_threads)
     # Requests already run in parallel on the thread pool; BLAS threads per call would only
     # oversubscribe the cores (measured: 8 ms instead of 0.6 ms for the ranker's matmuls).

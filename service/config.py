@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(None, description="bearer token for /admin/*; admin endpoints are off when unset "
                                           "(held as a secret: its repr and any log of these settings show '**********')")
     log_level: str = "INFO"
-    access_log: bool = Field(False, description="uvicorn's plain-text line per request on stdout (python -m service): "
+    access_log: bool = Field(False, description="uvicorn's plain-text line per request on stdout: "
                              "off by default, since the Prometheus metrics count every request by endpoint and status, "
                              "and the line costs about 7% of a worker's CPU at saturation")
     log_diagnose: bool = Field(False, description="tracebacks show local variable values: for debugging only, since "

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import hnswlib
@@ -103,6 +104,7 @@ class LiveCatalog:
         self.unindexed: set[int] = set()  # rows written since the graph held their vector (or never in it)
         self.merge_queue: deque[int] = deque()  # the unindexed rows in the order written (some since indexed)
         self.deleted_in_graph: set[int] = set()  # labels marked deleted in the graph (removed items)
+        self.report_backlog: Callable[[int], None] | None = None  # told the unindexed count after each write or merge
         self.load(ids, titles, arrays, ranked_with)
 
     def load(self, ids: list[str], titles: list[str], arrays: dict[str, np.ndarray], ranked_with: dict[str, np.ndarray] | None) -> None:
@@ -151,6 +153,7 @@ class LiveCatalog:
         else:
             with self.rw.writing():
                 rows = self._write(change.raws, change.titles, change.values)
+            self._report()
             self._merge_if_due()
         self._rebuild_lists_if_due()
         return rows
@@ -261,6 +264,7 @@ class LiveCatalog:
                 with self.rw.writing(0.0 if backlog else MERGE_PATIENCE_S):
                     self._index(self._next_rows(WRITE_CHUNK if backlog else 1))
                     self.catalog = self._view()
+                self._report()
         except Exception:  # the rows stay unindexed (still served, exactly): logged, retried at the next change
             logger.opt(exception=True).error("index merge failed; {} rows left unindexed", len(self.unindexed))
             failed = True
@@ -268,6 +272,10 @@ class LiveCatalog:
             self.merging.release()
         if not failed:
             self._merge_if_due()  # rows a change added after the last look, while this thread still held ``merging``
+
+    def _report(self) -> None:
+        if self.report_backlog is not None:
+            self.report_backlog(len(self.unindexed))
 
     def _next_rows(self, n: int) -> np.ndarray:
         """Up to ``n`` of the oldest unindexed rows, taken off the queue (rows indexed or removed since skipped)."""

@@ -348,3 +348,17 @@ def test_the_merge_thread_keeps_the_process_alive_until_the_backlog_is_merged(en
     for t in merges:
         t.join(10)
     assert not len(engine.catalog.unindexed)
+
+
+def test_the_backlog_is_reported_after_each_write_and_merge(engine):
+    """What feeds recsys_index_unindexed_items: the count after a change is written, then after each merge hold."""
+    reported: list[int] = []
+    engine.live.report_backlog = reported.append
+    with engine.live.merging:  # no merge until the change is written and reported
+        engine.live.commit(engine.changes.prepare([Item(item_id=f"b{i}", genres=["genre1"], year=2000) for i in range(3)]))
+    assert reported == [3]
+    engine.live._merge_if_due()
+    deadline = time.monotonic() + 10
+    while reported[-1] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert reported == [3, 2, 1, 0]  # one row per hold of the lock

@@ -642,6 +642,7 @@ def test_metrics_present_after_requests(client, bundle):
     assert value("recsys_fallbacks_total", kind="popularity") >= 1
     assert value("recsys_bundle_info", version=bundle.version) == 1
     assert value("recsys_index_items") == len(bundle.catalog["item_ids"])
+    assert value("recsys_index_unindexed_items") == 0  # nothing changed: the graph holds every item
     assert value("recsys_in_flight_requests") >= 1  # the scrape itself is in flight
     assert value("recsys_events_total") >= 0
 
@@ -1038,26 +1039,24 @@ def test_unfiltered_search_skips_seen_and_removed_items_without_a_catalogue_mask
             assert not merged & item_ids_of(bundle, top[1:11])
 
 
-@pytest.mark.parametrize("setting, expected", [(None, False), ("true", True), ("false", False)])
-def test_python_m_service_writes_uvicorn_access_lines_only_when_asked(monkeypatch, setting, expected):
-    """RECSYS_ACCESS_LOG reaches uvicorn (a line per request costs CPU that the metrics already spend counting)."""
-    import uvicorn
+@pytest.mark.parametrize("setting, kept", [(None, False), ("true", True), ("false", False)])
+def test_uvicorn_writes_access_lines_only_when_asked(monkeypatch, bundle_root, tmp_path, setting, kept):
+    """RECSYS_ACCESS_LOG: uvicorn formats an access line per request only while its access logger has handlers (a
+    line per request costs CPU that the metrics already spend counting). Decided in the worker's start-up, so it
+    holds however uvicorn is run; the supervisor of ``--workers`` imports nothing of the app."""
+    import logging
 
-    from service.__main__ import main
-    from service.config import get_settings
+    from tests.servicekit import serve
 
-    calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append(kwargs))
-    if setting is None:
-        monkeypatch.delenv("RECSYS_ACCESS_LOG", raising=False)
-    else:
-        monkeypatch.setenv("RECSYS_ACCESS_LOG", setting)
-    get_settings.cache_clear()
+    access = logging.getLogger("uvicorn.access")
+    access.addHandler(logging.NullHandler())  # as uvicorn's logging config installs one
+    env = {} if setting is None else {"access_log": setting}
     try:
-        assert main(["--port", "1"]) == 0
+        with serve(monkeypatch, bundle_root, tmp_path / "state", **env) as client:
+            assert client.get("/health").status_code == 200
+            assert access.hasHandlers() is kept
     finally:
-        get_settings.cache_clear()
-    assert calls[0]["access_log"] is expected and calls[0]["http"] == "service.protocol:HeadDeadline"
+        access.handlers, access.propagate = [], True
 
 
 def test_get_recommend_reads_its_query_as_fastapi_would_and_documents_it_the_same(client):
