@@ -280,7 +280,11 @@ class LiveCatalog:
     def _next_rows(self, n: int) -> np.ndarray:
         """Up to ``n`` of the oldest unindexed rows, taken off the queue (rows indexed or removed since skipped)."""
         rows = []
-        while self.merge_queue and len(rows) < n:
+        while len(rows) < n and self.unindexed:
+            if not self.merge_queue:  # (every unindexed row is queued; should that ever fail, the merge must not spin)
+                self.merge_queue.extend(sorted(self.unindexed.difference(rows)))
+                if not self.merge_queue:
+                    break
             row = self.merge_queue.popleft()
             if row in self.unindexed:
                 rows.append(row)
