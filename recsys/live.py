@@ -392,6 +392,7 @@ class LiveEngine:
 
     def close(self) -> None:
         self._stop.set()
+        self.engine.live.report_backlog = None  # (its merge may outlive the service: the gauge is the process's)
         for thread in self._threads:
             thread.join(timeout=FOLLOW_WAIT_S + 1)
         self.experiments.close()

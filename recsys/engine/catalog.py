@@ -232,19 +232,19 @@ class LiveCatalog:
     # ---------------------------------------------------------------- the graph, merged aside
     def _index(self, rows: np.ndarray) -> None:
         """Insert the current vectors of those of ``rows`` still unindexed into the graph (under the write lock)."""
-        rows = np.array(sorted(self.unindexed.intersection(rows.tolist())), np.int64)
-        if not len(rows):
+        listed = sorted(self.unindexed.intersection(rows.tolist()))
+        if not listed:
             return
-        index = self.index
-        if int(rows.max()) >= index.get_max_elements():
+        rows, index = np.array(listed, np.int64), self.index
+        if listed[-1] >= index.get_max_elements():
             index.resize_index(max(2 * index.get_max_elements(), self.n))
-        for row in self.deleted_in_graph.intersection(rows.tolist()):
+        for row in self.deleted_in_graph.intersection(listed):
             index.unmark_deleted(row)  # a removed item upserted again (add_items refuses a deleted label)
             self.deleted_in_graph.discard(row)
         vectors = self.columns["item_vectors"].rows[rows]
         index.add_items(vectors, rows, num_threads=min(len(rows), os.cpu_count() or 1))  # requests wait: use every core
         self.columns["in_graph"].rows[rows] = True
-        self.unindexed.difference_update(rows.tolist())
+        self.unindexed.difference_update(listed)
         if not self.unindexed:
             self.merge_queue.clear()  # (rows indexed by ``index_now`` or ``merge`` leave entries behind)
 

@@ -1,7 +1,7 @@
 """Recommendations: ``/recommend`` (GET and POST), ``/recommend/batch``, ``/similar-items``, ``/info``."""
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, get_args, get_origin
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -38,7 +38,8 @@ async def recommend_query(request: Request) -> RecommendQuery:
         raise RequestValidationError([{**e, "loc": ("query", *e["loc"])} for e in err.errors(include_url=False)]) from None
 
 
-QUERY_LISTS = {"genres_any", "genres_none"}
+QUERY_LISTS = {name for name, field in RecommendQuery.model_fields.items()  # parameters that repeat
+               if list in (get_origin(field.annotation), *map(get_origin, get_args(field.annotation)))}
 
 
 @router.get("/recommend", response_model=RecommendResponse, responses=errors(404, 422),
