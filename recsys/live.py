@@ -26,10 +26,10 @@ from loguru import logger
 
 from recsys import metrics
 from recsys.bundle import BundleError, read_bundle, resolve
-from recsys.engine.engine import BatchAnswer, Engine, UserQuery
+from recsys.engine.engine import BatchAnswer, Engine, Fetched, UserQuery
 from recsys.engine.filters import EXACT_LIMIT
 from recsys.errors import InvalidInput, RecsysError, UnknownId
-from recsys.experiments.definition import Experiment
+from recsys.experiments.definition import Experiment, Plan
 from recsys.experiments.registry import Registry
 from recsys.experiments.report import feedback_type
 from recsys.experiments.serving import Served, serve
@@ -126,6 +126,7 @@ class LiveEngine:
         except Exception as err:
             raise BundleError(f"{bundle.path}: cannot serve this bundle ({type(err).__name__}: {err})") from err
         engine.history = functools.partial(self.store.history, after=after)
+        engine.users.history_async = functools.partial(self.store.history_async, after=after)
         return engine
 
     def install(self, engine: Engine) -> None:
@@ -181,29 +182,47 @@ class LiveEngine:
             metrics.BEHIND.set(target is not None and target != self.engine.bundle.path)  # the alert's signal
 
     # ------------------------------------------------------------------ answers under the running experiments
-    def recommend(self, req: RecommendRequest, default_candidates: int | None = None) -> dict:
-        """One user, as ``Engine.recommend`` answers, in the variants the experiments assign them, with a
-        request id and the assignments; the impression is logged."""
-        served = self._serve([(req.user_id, req.features, req.recent_items)], req, default_candidates, metrics.STAGE)
+    async def recommend(self, req: RecommendRequest, default_candidates: int | None = None) -> dict:
+        """One user, as ``Engine.recommend`` answers, in the variants the experiments assign them, with a request id
+        and the assignments; the impression is logged. Awaited on the event loop: the user's history is awaited (for
+        every engine the user's plan runs), then the answer is computed on the loop itself. A thread hand-off per
+        request cost more than it saved: the loop and the worker traded the GIL on every release inside numpy and
+        torch, and a saturated worker spent half again the CPU per request. An engine swapped in between the read
+        and the answer reads its own history (at once from memory; on Redis the loop waits for that one read)."""
+        user = (req.user_id, req.features, req.recent_items)
+        plan = self.experiments.plan(None if req.user_id is None else str(req.user_id))
+        fetched = {engine: await engine.read_histories([user]) for engine in self._engines_of(plan)}
+        served = self._serve([user], req, default_candidates, metrics.STAGE, [plan], fetched)
         (answer,) = served.answers
         if isinstance(answer, RecsysError):
             raise answer
         return {**answer, "timings_ms": served.timings}
+
+    def _engines_of(self, plan: Plan) -> list[Engine]:
+        """The engines ``_serve`` runs for a user of this plan: the served configuration's, both of an interleaving's,
+        each shadow's."""
+        configs = [plan.options] + [{**plan.options, **o} for o in (plan.interleave or (None,))[1:]]
+        configs += [{**plan.options, **o} for _, _, o in plan.shadows]
+        return list(dict.fromkeys(self.engine_for(c.get("bundle")) for c in configs))
 
     def recommend_batch(self, user_ids: Sequence[str | int], opts: RecommendOptions, default_candidates: int | None = None,
                         histogram=metrics.BATCH_STAGE) -> BatchAnswer:
         served = self._serve([(user, None, None) for user in user_ids], opts, default_candidates, histogram)
         return BatchAnswer(list(user_ids), served.answers, self.engine.version, served.timings)
 
-    def _serve(self, users: list[UserQuery], opts: RecommendOptions, default_candidates: int | None, histogram) -> Served:
-        plans = [self.experiments.plan(None if user is None else str(user)) for user, _, _ in users]
+    def _serve(self, users: list[UserQuery], opts: RecommendOptions, default_candidates: int | None, histogram,
+               plans: list[Plan] | None = None, fetched: dict[Engine, Fetched] | None = None) -> Served:
+        """``plans``: the users' experiment plans, when the caller made them already; ``fetched``: their histories
+        read already, per engine."""
+        plans = plans or [self.experiments.plan(None if user is None else str(user)) for user, _, _ in users]
 
         def run(options: dict, places: list[int]):
             engine = self.engine_for(options.get("bundle"))
             o = dataclasses.replace(opts, candidates=options["candidates"]) if "candidates" in options else opts
+            read = None if fetched is None or engine not in fetched else fetched[engine].of(places)
             answers, timings = engine.recommend_users([users[i] for i in places], o, default_candidates, histogram,
                                                       ranker=options.get("ranker", True), item_item=options.get("item_item", True),
-                                                      popularity=options.get("popularity", False))
+                                                      popularity=options.get("popularity", False), fetched=read)
             for a in answers:
                 if not isinstance(a, RecsysError):
                     a["bundle_version"] = engine.version
@@ -389,6 +408,10 @@ class LiveEngine:
 
     def health(self) -> str | None:
         return self.store.health()
+
+    async def aclose(self) -> None:
+        """What the serving event loop holds (the store's asyncio connections): closed on that loop, before ``close``."""
+        await self.store.aclose()
 
     def close(self) -> None:
         self._stop.set()

@@ -52,18 +52,20 @@ class timed:
     __slots__ = ("stage", "timings", "child", "start", "span")
     _children: dict[tuple[Histogram, str], object] = {}
 
-    def __init__(self, stage: str, timings: dict[str, float], histogram: Histogram = STAGE):
+    def __init__(self, stage: str, timings: dict[str, float], histogram: Histogram = STAGE, since: float | None = None):
+        """``since``: the stage's start (``time.perf_counter()``) when it began before this block (an awaited read)."""
         key = (histogram, stage)
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = histogram.labels(stage)
-        self.stage, self.timings, self.child, self.span = stage, timings, child, None
+        self.stage, self.timings, self.child, self.span, self.start = stage, timings, child, None, since
 
     def __enter__(self) -> None:
         if _tracer is not None:  # current inside the stage: a span started there is the stage's child
             self.span = _tracer.start_as_current_span(self.stage)
             self.span.__enter__()
-        self.start = time.perf_counter()
+        if self.start is None:
+            self.start = time.perf_counter()
 
     def __exit__(self, *exc) -> None:
         elapsed = time.perf_counter() - self.start

@@ -1,8 +1,11 @@
 """The FastAPI app: the factory assembles middleware, error handlers, routers and the OpenAPI document;
 the lifespan loads the live engine. Start with ``uvicorn service.app:app``.
 
-Handlers that do CPU work are plain ``def`` so FastAPI runs them in its thread pool and the event loop
-stays free; the loaded engine is handed to routes as a dependency (``service/api/deps.py``). Routes
+``/recommend`` answers on the event loop: it awaits the user's history from the store, then computes its
+answer (under a millisecond) without a thread hand-off, which cost more CPU than it saved (the loop and the
+worker traded the GIL). Handlers with longer CPU work (batches, similar items, admin writes) are plain ``def``,
+run in FastAPI's thread pool so that the loop stays free; the loaded engine is handed to routes as a dependency
+(``service/api/deps.py``). Routes
 return their JSON already rendered (orjson): the response model documents the body in the OpenAPI
 document, and the schemathesis test in CI checks that what is served matches it.
 """
@@ -41,8 +44,8 @@ async def lifespan(app: FastAPI):
         access = logging.getLogger("uvicorn.access")
         access.handlers, access.propagate = [], False
     torch.set_num_threads(settings.torch_threads)
-    # Requests already run in parallel on the thread pool; BLAS threads per call would only
-    # oversubscribe the cores (measured: 8 ms instead of 0.6 ms for the ranker's matmuls).
+    # Workers (and the thread pool's routes) already share the cores; BLAS threads per call would only
+    # oversubscribe them (measured: 8 ms instead of 0.6 ms for the ranker's matmuls).
     threadpool_limits(settings.torch_threads, user_api="blas")
     anyio.to_thread.current_default_thread_limiter().total_tokens = settings.worker_threads
     try:
@@ -58,8 +61,11 @@ async def lifespan(app: FastAPI):
         with tracing.started(settings) as app.state.tracer_provider:
             yield
     finally:
-        live.close()
-        metrics.worker_exited(os.getpid())
+        try:
+            await live.aclose()
+        finally:
+            live.close()
+            metrics.worker_exited(os.getpid())
 
 
 def create_app() -> FastAPI:

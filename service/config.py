@@ -57,7 +57,8 @@ class Settings(BaseSettings):
     max_batch_users: int = Field(1000, ge=1, le=100_000, description="most user_ids one /recommend/batch call may send "
                                  "(a batch holds a worker thread for its whole run: about 1 ms per user)")
     max_recent_items: int = Field(200, ge=1, description="most recent_items a cold-start request may send")
-    worker_threads: int = Field(2, ge=1, description="threads running request handlers; CPU-bound work gains nothing "
+    worker_threads: int = Field(2, ge=1, description="threads running the handlers of batches, similar items and admin "
+                                "writes (/recommend answers on the event loop); CPU-bound work gains nothing "
                                 "from more threads than cores, and a GIL convoy of many threads costs throughput")
     io_threads: int = Field(16, ge=1, description="threads recording events: they wait on fsync or Redis, not the CPU, "
                             "and more of them in flight lets Redis commit them together")

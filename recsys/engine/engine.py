@@ -9,9 +9,11 @@ once per bundle; a reload builds a new one and swaps it in whole. It takes the p
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from prometheus_client import Histogram
@@ -30,9 +32,21 @@ from recsys.errors import InvalidInput, RecsysError
 from recsys.query import RecommendOptions, RecommendRequest
 from recsys.rank_features import compile_kernels, readable_feature_names
 from recsys.scorer import Ranker, load_ranker
+from recsys.state.protocol import Event
 from recsys.text import shared_encoder
 
 UserQuery = tuple[str | int | None, dict | None, list | None]  # (user_id, features, recent_items)
+
+
+class Fetched(NamedTuple):
+    """Users' online histories read before ``recommend_users`` (awaited on an event loop), and when the read began
+    (the ``features`` stage's start)."""
+
+    histories: list[tuple[int, list[Event]]]
+    started: float
+
+    def of(self, places: Sequence[int]) -> Fetched:
+        return Fetched([self.histories[i] for i in places], self.started)
 
 
 @dataclass
@@ -144,24 +158,25 @@ class Engine:
 
     def recommend_users(self, users: Sequence[UserQuery], opts: RecommendOptions, default_candidates: int | None = None,
                         histogram: Histogram = metrics.STAGE, ranker: bool = True, item_item: bool = True,
-                        popularity: bool = False) -> tuple[list[dict | RecsysError], dict[str, float]]:
+                        popularity: bool = False, fetched: Fetched | None = None) -> tuple[list[dict | RecsysError], dict[str, float]]:
         """Recall (two-tower, then the item-item channel), re-rank, top-k for each ``(user_id, features,
         recent_items)``, each stage once for them all: one tower call, one batched ANN query, one ranker pass.
         A user that cannot be answered (an unknown id) gets the error a single request would raise, in its
         place; a bad option (an unknown genre) fails the call. The two-tower's depth is the request's
         ``candidates``, else ``default_candidates`` (the operator's setting), else the bundle's own. An
         experiment's variant may serve without the ranker (recall order), without the item-item channel, or the
-        popularity list to everyone (the baseline)."""
+        popularity list to everyone (the baseline). ``fetched``: the users' histories, read already
+        (``read_histories``)."""
         timings: dict[str, float] = {}
         answers: list = [None] * len(users)
         with ExitStack() as reading:
-            with metrics.timed("features", timings, histogram):
-                fetched = [self.users.fetch_history(user[0]) for user in users]
+            with metrics.timed("features", timings, histogram, None if fetched is None else fetched.started):
+                histories = [self.users.fetch_history(user[0]) for user in users] if fetched is None else fetched.histories
                 reading.enter_context(self.live.rw.reading())  # after the store's I/O: a slow store holds up no change
                 catalog = self.catalog
                 admit = self.admission(catalog, opts.filters)  # an unknown genre fails the call, not each user
                 live = []
-                for i, (user, history) in enumerate(zip(users, fetched)):
+                for i, (user, history) in enumerate(zip(users, histories)):
                     try:
                         ctx = self.users.resolve(*user, fetched=history)
                     except RecsysError as err:
@@ -170,6 +185,12 @@ class Engine:
                     live.append((i, ctx, admit(ctx.hist_items if opts.exclude_seen else None)))
             self._recall_and_rank(live, answers, timings, opts, default_candidates, histogram, ranker, item_item, popularity)
         return answers, timings
+
+    async def read_histories(self, users: Sequence[UserQuery]) -> Fetched:
+        """The users' online histories, awaited: what ``recommend_users`` would read itself, for a caller that answers
+        on the event loop and must not block it on the store."""
+        started = time.perf_counter()
+        return Fetched([await self.users.fetch_history_async(user[0]) for user in users], started)
 
     def _recall_and_rank(self, live: list, answers: list, timings: dict[str, float],
                          opts: RecommendOptions, default_candidates: int | None, histogram: Histogram, ranker: bool,

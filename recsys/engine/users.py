@@ -4,7 +4,7 @@ vector, the ranker's user features), cached until an event changes it."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +19,7 @@ from recsys.rank_features import RankerTables, UserFeatures, user_features
 from recsys.state.protocol import Event, StoreUnavailable
 
 History = Callable[[str], tuple[int, list[Event]]]  # the state store's (version, online events) of a user
+AsyncHistory = Callable[[str], Awaitable[tuple[int, list[Event]]]]  # the same, read on an event loop
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Users:
     live: LiveCatalog
     model_items: int  # items the towers were trained on: rows below this have an id embedding, later ones do not
     history: History = lambda user: (0, [])
+    history_async: AsyncHistory | None = None  # None: ``fetch_history_async`` reads ``history`` (no store, or in memory)
     cache_size: int = 100_000
     user_row: dict[str, int] = field(init=False)  # raw id -> the bundle's user row
     vector_cache: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)  # user -> (history version, vector)
@@ -89,6 +91,16 @@ class Users:
             return 0, []
         try:
             return self.history(str(user_id))
+        except StoreUnavailable:
+            metrics.DEGRADED.labels("history").inc()
+            return 0, []
+
+    async def fetch_history_async(self, user_id: str | int | None) -> tuple[int, list[Event]]:
+        """``fetch_history`` awaited on an event loop, with the same degradation."""
+        if user_id is None or self.history_async is None:
+            return self.fetch_history(user_id)
+        try:
+            return await self.history_async(str(user_id))
         except StoreUnavailable:
             metrics.DEGRADED.labels("history").inc()
             return 0, []

@@ -273,6 +273,13 @@ class FileStateStore:
                 return 0, []
             return h.version, [e for at, e in h.events if after is None or at > after]
 
+    async def history_async(self, user_id: str, after: Position | None = None) -> tuple[int, list[Event]]:
+        """The fold is in memory and its lock is never held through I/O: read at once, on the loop."""
+        return self.history(user_id, after)
+
+    async def aclose(self) -> None:
+        """Nothing is bound to an event loop here."""
+
     def events_since(self, after: Position | None = None) -> list[tuple[Position, str, Event]]:
         return read_event_log(self.dir, after)
 

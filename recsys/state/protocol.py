@@ -106,6 +106,13 @@ class StateStore(Protocol):
         with ``after``, only the events recorded after that position (a bundle trained on the events up to
         its watermark already holds the earlier ones in its history)."""
 
+    async def history_async(self, user_id: str, after: Position | None = None) -> tuple[int, list[Event]]:
+        """``history`` for a caller on an event loop: it never blocks the loop (what ``/recommend`` awaits before it
+        answers on the loop itself)."""
+
+    async def aclose(self) -> None:
+        """Release what the running event loop holds (``history_async``'s connections); ``close`` releases the rest."""
+
     def events_since(self, after: Position | None = None) -> list[tuple[Position, str, Event]]:
         """Every recorded event after ``after`` (all when None), in order, with its position: what a
         trainer reads (``python -m offline train --events``); ``mark_of`` their positions is its watermark, and

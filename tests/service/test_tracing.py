@@ -122,8 +122,22 @@ def test_a_recommendation_is_a_server_span_with_a_child_per_stage(start, receive
         assert span.kind == SpanKind.INTERNAL
         assert span.context.trace_id == server.context.trace_id and span.parent.span_id == server.context.span_id
         assert server.start_time <= span.start_time <= span.end_time <= server.end_time
-    # the stages ran in a worker thread (the handler is sync), and are the request's children all the same
-    assert all(threads.started[name] != threads.started["GET"] for name in STAGES), threads.started
+    # /recommend answers on the event loop, in the request's own thread
+    assert all(threads.started[name] == threads.started["GET"] for name in STAGES), threads.started
+
+
+def test_a_batch_runs_its_stages_in_a_worker_thread_as_the_requests_children(start, receiver, monkeypatch):
+    with traced(start, receiver, monkeypatch) as (client, memory, threads):
+        response = client.post("/recommend/batch", json={"user_ids": [known_user(client)], "k": 3})
+        assert response.status_code == 200
+        spans = memory.get_finished_spans()
+    server = server_span(memory)
+    stages = {s.name: s for s in spans if s is not server}
+    assert server.name == "POST /recommend/batch" and set(stages) == STAGES
+    for span in stages.values():
+        assert span.context.trace_id == server.context.trace_id and span.parent.span_id == server.context.span_id
+    # the handler is sync: FastAPI's thread pool ran the stages, and the context crossed to it
+    assert all(threads.started[name] != threads.started["POST"] for name in STAGES), threads.started
 
 
 def test_a_caller_traceparent_is_continued(start, receiver, monkeypatch):

@@ -6,6 +6,7 @@ state (a restart, or another replica of the same deployment).
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import threading
@@ -102,6 +103,28 @@ def test_events_read_back_in_order_and_history_skips_what_a_watermark_covers(mak
         assert s.history(user, after=watermark) == (total, later)  # the version still counts them all
         assert make_store().history(user, after=watermark) == (total, later)  # kept across restarts
     assert s.events_since(mark_of(positions)) == []
+
+
+def test_the_history_awaited_on_an_event_loop_is_the_same_read(make_store):
+    """``history_async`` (what ``/recommend`` awaits) answers what ``history`` does, on any loop: each loop gets its
+    own connections (a second ``asyncio.run`` is a second loop), and ``aclose`` releases the running loop's."""
+    s = make_store(cap=3)
+    for t in range(5):
+        s.append_event(f"u{t % 2}", Event(f"i{t}", float(t), 10 + t))
+    watermark = mark_of([at for at, _, _ in s.events_since()][:2])
+    reads = [("u0", None), ("u1", None), ("nobody", None), ("u0", watermark), ("u1", watermark)]
+
+    async def read_all():
+        try:
+            return await asyncio.gather(*(s.history_async(user, after) for user, after in reads))
+        finally:
+            await s.aclose()
+
+    expected = [s.history(user, after) for user, after in reads]
+    assert expected[0] == (3, [Event("i0", 0.0, 10), Event("i2", 2.0, 12), Event("i4", 4.0, 14)])
+    assert expected[3][1] == [Event("i2", 2.0, 12), Event("i4", 4.0, 14)]
+    assert asyncio.run(read_all()) == expected
+    assert asyncio.run(read_all()) == expected
 
 
 def test_history_is_capped_but_its_version_keeps_counting(make_store):
@@ -387,6 +410,13 @@ def test_an_unreachable_redis_is_a_clear_store_unavailable(tmp_path):
         s.append_event("u1", Event("i1", None, 1))
     with pytest.raises(StoreUnavailable):
         s.history("u1")  # skipped at once for a while after a failure: reads fall back to the bundle
+    with pytest.raises(StoreUnavailable):
+        asyncio.run(s.history_async("u1"))  # the same breaker for the read awaited on the loop
+    fresh = RedisStateStore(f"redis://127.0.0.1:{port}/0", 10, unique_prefix(), timeout_s=0.2)
+    with pytest.raises(StoreUnavailable, match="cannot read the history: redis at .* unavailable"):
+        asyncio.run(fresh.history_async("u1"))
+    with pytest.raises(StoreUnavailable, match="^redis at "):  # the breaker's answer, without trying Redis again
+        fresh.history("u1")  # the awaited read's failure trips the breaker too
     assert "unavailable" in s.health() and "hun@ter2" not in s.health() and "hunter3" not in s.health()
 
 

@@ -44,19 +44,21 @@ QUERY_LISTS = {name for name, field in RecommendQuery.model_fields.items()  # pa
 
 @router.get("/recommend", response_model=RecommendResponse, responses=errors(404, 422),
             openapi_extra={"parameters": query_parameters(RecommendQuery)})
-def recommend_get(live: LiveDep, query: Annotated[RecommendQuery, Depends(recommend_query)]):
+async def recommend_get(live: LiveDep, query: Annotated[RecommendQuery, Depends(recommend_query)]):
     """The POST pipeline for a known user; filters as repeated query parameters (``genres_any=a&genres_any=b``)."""
-    return recommend_post(query.to_request(), live)
+    return await recommend_post(query.to_request(), live)
 
 
 @router.post("/recommend", response_model=RecommendResponse, responses=errors(400, 404, 408, 413, 422))
-def recommend_post(body: RecommendRequest, live: LiveDep):
-    """The answer carries a ``request_id`` (send it back with feedback) and the user's experiment ``assignments``."""
+async def recommend_post(body: RecommendRequest, live: LiveDep):
+    """The answer carries a ``request_id`` (send it back with feedback) and the user's experiment ``assignments``.
+    Answered on the event loop (the history read awaited, then under a millisecond of CPU): see
+    ``LiveEngine.recommend``."""
     settings = get_settings()
     check_options(body, settings)
     if body.recent_items is not None and len(body.recent_items) > settings.max_recent_items:
         raise ApiError(422, f"recent_items may hold at most {settings.max_recent_items} ids")
-    return FastJSONResponse(live.recommend(body.to_core(), settings.default_candidates))
+    return FastJSONResponse(await live.recommend(body.to_core(), settings.default_candidates))
 
 
 @router.post("/recommend/batch", response_model=BatchRecommendResponse, responses=errors(400, 408, 413, 422))
