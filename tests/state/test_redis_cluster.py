@@ -7,6 +7,7 @@ import threading
 import time
 from collections import defaultdict
 
+import anyio.from_thread
 import pytest
 import redis
 
@@ -92,8 +93,9 @@ def test_a_master_killed_mid_ingestion_fails_over_without_losing_an_acknowledged
     be confirmed by a replica (``WAIT``) and are refused, never acknowledged, while writes to the other masters are
     acknowledged again as soon as the slot map is re-read. (Restarting the killed node to rejoin as a replica is left
     out: under CI load its resync outlasted a minute once.) Every acknowledged write is then in the streams, the
-    histories and the catalogue fold."""
-    with redis_cluster(tmp_path / "cluster") as cluster:
+    histories and the catalogue fold, and the history read ``/recommend`` awaits (an asyncio cluster client whose
+    connections were made before the kill, on a loop that lives through it) reads it as the sync client does."""
+    with redis_cluster(tmp_path / "cluster") as cluster, anyio.from_thread.start_blocking_portal() as loop:
         victim = int(cluster.url.rsplit(":", 1)[1])
         prefix = next(p for p in (unique_prefix() for _ in range(500)) if cluster.master_of(Layout(p, 16).catalog) == victim)
         store = RedisStateStore(cluster.url, 10_000, prefix, timeout_s=0.5)
@@ -120,6 +122,7 @@ def test_a_master_killed_mid_ingestion_fails_over_without_losing_an_acknowledged
                     time.sleep(0.02)
                 n += 1
 
+        loop.call(store.history_async, "u0-0")  # the serving loop's client: connected to every master before the kill
         threads = [threading.Thread(target=ingest, args=(w,)) for w in range(4)]
         for t in threads:
             t.start()
@@ -151,6 +154,15 @@ def test_a_master_killed_mid_ingestion_fails_over_without_losing_an_acknowledged
             assert [e for e in history if e in set(events)] == events  # in the order acknowledged
         fold, _ = store.catalog()
         assert all(fold.get(item_id) == item for item_id, item in acked_changes.items())
+        deadline = time.monotonic() + 10  # the awaited read finds the new master (a failure trips the breaker for 1 s)
+        while True:
+            try:
+                assert all(loop.call(store.history_async, user) == store.history(user) for user in by_user)
+                break
+            except StoreUnavailable:
+                assert time.monotonic() < deadline, "the awaited history read did not recover from the failover"
+                time.sleep(0.2)
+        loop.call(store.aclose)
         store.close()
 
 
