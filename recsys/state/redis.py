@@ -65,7 +65,12 @@ RETRY_AFTER_S = 1.0  # after a failure, reads skip Redis (serving from the bundl
 MAX_WAIT_S = 5.0  # the longest blocking read for catalogue changes
 # A user's history version and events in one atomic step (both keys are in the user's slot). A script, not MULTI:
 # one command, and redis-py's asyncio cluster pipeline runs a transaction's commands on a thread's own event loop.
-READ_HISTORY = "return {redis.call('GET', KEYS[1]) or false, redis.call('LRANGE', KEYS[2], 0, -1)}"
+# The events (each a JSON array) come back joined into one JSON array: one reply element and one ``orjson.loads``,
+# where redis-py parses a list reply element by element in Python.
+READ_HISTORY = """
+local events = redis.call('LRANGE', KEYS[2], 0, -1)
+return {redis.call('GET', KEYS[1]) or false, '[' .. table.concat(events, ',') .. ']'}
+"""
 # One round trip per event (measured 0.31 ms in Python vs 0.36 for MULTI/EXEC): stream it, then keep it with
 # its stream id in the user's capped history (the id is Redis's, so it can only be added here), count it. With an
 # idempotency key (KEYS[4], in the user's slot), a key already held answers what it holds and writes nothing.
@@ -280,10 +285,11 @@ class RedisStateStore:
             version, packed = await self._async_client().eval(READ_HISTORY, 2, ver, hist)
         return self._history(version, packed, shard, after)
 
-    def _history(self, version: bytes | None, packed: list[bytes], shard: int, after: Position | None) -> tuple[int, list[Event]]:
-        events = (orjson.loads(e) for e in packed)  # [item, rating, ts, stream id]
-        return int(version or 0), [Event(*e[:3]) for e in events
-                                   if recorded_after(self.layout.position(e[3], shard), after)]
+    def _history(self, version: bytes | None, packed: bytes, shard: int, after: Position | None) -> tuple[int, list[Event]]:
+        events = orjson.loads(packed)  # [[item, rating, ts, stream id], ...]
+        if after is not None:  # (no watermark: no stream id to parse)
+            events = [e for e in events if recorded_after(self.layout.position(e[3], shard), after)]
+        return int(version or 0), [Event(*e[:3]) for e in events]
 
     def _breaker_open(self) -> None:
         """Within ``RETRY_AFTER_S`` of a failure, a read fails at once instead of waiting for Redis again."""
