@@ -1,8 +1,9 @@
 """The live engine plus the state store, and the one way catalogue changes reach an engine.
 
 Events need no replay: every request reads the user's online history from the store (in memory for
-the file backend, one MULTI for Redis), so a new engine serves them as soon as it is live, and an
-event recorded on any replica changes every replica's next answer. Catalogue changes do need
+the file backend, one script for Redis, awaited by ``/recommend`` on its event loop), so a new engine
+serves them as soon as it is live, and an event recorded on any replica changes every replica's next
+answer. Catalogue changes do need
 applying, since each engine holds its own index: they are applied in the store's order, under one
 lock, to the live engine. A write applies its own change before it returns (read-your-writes);
 with a shared store, a background thread also applies other replicas' changes as they land.
