@@ -3,10 +3,10 @@
 Events need no replay: every request reads the user's online history from the store (in memory for
 the file backend, one script for Redis, awaited by ``/recommend`` on its event loop), so a new engine
 serves them as soon as it is live, and an event recorded on any replica changes every replica's next
-answer. Catalogue changes do need
-applying, since each engine holds its own index: they are applied in the store's order, under one
-lock, to the live engine. A write applies its own change before it returns (read-your-writes);
-with a shared store, a background thread also applies other replicas' changes as they land.
+answer. Catalogue changes do need applying, since each engine holds its own index: they are applied in
+the store's order, under one lock, to the live engine. A write applies its own change before it returns
+(read-your-writes); with a shared store, a background thread also applies other replicas' changes as
+they land.
 
 A new engine (start-up or reload) gets the store's catalogue fold applied while the old engine keeps
 serving and writing, outside any lock; only the changes acknowledged meanwhile are applied under the

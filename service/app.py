@@ -5,9 +5,8 @@ the lifespan loads the live engine. Start with ``uvicorn service.app:app``.
 answer (under a millisecond) without a thread hand-off, which cost more CPU than it saved (the loop and the
 worker traded the GIL). Handlers with longer CPU work (batches, similar items, admin writes) are plain ``def``,
 run in FastAPI's thread pool so that the loop stays free; the loaded engine is handed to routes as a dependency
-(``service/api/deps.py``). Routes
-return their JSON already rendered (orjson): the response model documents the body in the OpenAPI
-document, and the schemathesis test in CI checks that what is served matches it.
+(``service/api/deps.py``). Routes return their JSON already rendered (orjson): the response model documents the
+body in the OpenAPI document, and the schemathesis test in CI checks that what is served matches it.
 """
 from __future__ import annotations
 

@@ -92,8 +92,7 @@ class Users:
         try:
             return self.history(str(user_id))
         except StoreUnavailable:
-            metrics.DEGRADED.labels("history").inc()
-            return 0, []
+            return _served_without_history()
 
     async def fetch_history_async(self, user_id: str | int | None) -> tuple[int, list[Event]]:
         """``fetch_history`` awaited on an event loop, with the same degradation."""
@@ -102,8 +101,7 @@ class Users:
         try:
             return await self.history_async(str(user_id))
         except StoreUnavailable:
-            metrics.DEGRADED.labels("history").inc()
-            return 0, []
+            return _served_without_history()
 
     def online_history(self, raw: str | None, fetched: tuple[int, list[Event]] | None = None) -> tuple[int, list[tuple[int, float, int]]]:
         """The user's history version and online events as ``(item row, rating, timestamp)``. An event on an
@@ -186,3 +184,8 @@ def check_features(raw: dict, categorical: list[str], numeric: list[str], what: 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
+
+def _served_without_history() -> tuple[int, list[Event]]:
+    """The store cannot be reached: the user is served from the bundle alone, and the degradation counted."""
+    metrics.DEGRADED.labels("history").inc()
+    return 0, []
