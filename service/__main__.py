@@ -1,7 +1,8 @@
 """``python -m service``: uvicorn as production runs it.
 
 - the head-deadline protocol (``service.protocol.HeadDeadline``: 408 for a request head that trickles in);
-- ``--workers N`` processes on one port, with Prometheus metrics summed over them (multiprocess mode,
+- ``--workers N`` processes on one port, each accepting from a socket of its own (``service.workers``: the
+  kernel spreads connections over them), with Prometheus metrics summed over them (multiprocess mode,
   in a fresh ``PROMETHEUS_MULTIPROC_DIR``). Several workers share online state only through Redis:
   with the file backend the second worker would be refused its state directory, so this says so first.
 """
@@ -31,10 +32,18 @@ def main(argv: list[str] | None = None) -> int:
         metrics_dir.mkdir(parents=True, exist_ok=True)
         for stale in metrics_dir.glob("*.db"):  # counts from an earlier run must not add up into this one
             stale.unlink()  # (only prometheus_client's files: the directory may be shared, e.g. /tmp)
-    import uvicorn  # after the environment is set: the workers inherit it
+    options = {"http": "service.protocol:HeadDeadline", "timeout_keep_alive": args.timeout_keep_alive}
+    from service import workers  # after the environment is set: the workers inherit it
 
-    uvicorn.run("service.app:app", host=args.host, port=args.port, workers=args.workers,
-                http="service.protocol:HeadDeadline", timeout_keep_alive=args.timeout_keep_alive)
+    if args.workers > 1 and workers.supported():
+        try:
+            return workers.Workers(args.workers, args.host, args.port, options).run()
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    import uvicorn
+
+    uvicorn.run(workers.APP, host=args.host, port=args.port, workers=args.workers, **options)
     return 0
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +15,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+import psutil
 import pytest
 import redis
 
@@ -277,6 +280,82 @@ def test_worker_processes_share_state_and_their_metrics_add_up(cluster, tmp_path
             assert count == 60, text[:2000]
         pids = {f.name for f in (tmp_path / "metrics").glob("counter_*.db")}
         assert len(pids) == 2, pids  # both workers served
+
+
+def _listening(supervisor: int, port: int) -> set[int]:
+    """The supervisor's children that listen on ``port``."""
+    return {child.pid for child in psutil.Process(supervisor).children()
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in _connections(child))}
+
+
+def _connections(process: psutil.Process) -> list:
+    try:
+        return process.net_connections(kind="tcp")
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _until(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.1)
+    raise TimeoutError(what)
+
+
+def test_each_worker_listens_on_its_own_socket_connections_spread_and_a_killed_worker_is_replaced(cluster, tmp_path):
+    """uvicorn's shared socket let the first worker awake accept every waiting connection (wrk's 16 all on one
+    worker in some runs); with a socket per worker in one SO_REUSEPORT group the kernel spreads them."""
+    port, metrics_dir = free_port(), tmp_path / "metrics"
+    env = {**os.environ, "RECSYS_BUNDLE_DIR": str(cluster.bundle), "RECSYS_STATE_BACKEND": "redis",
+           "RECSYS_REDIS_URL": cluster.redis_url, "RECSYS_REDIS_PREFIX": cluster.prefix, "RECSYS_LOG_LEVEL": "WARNING",
+           "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    cmd = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"]
+    with spawned(cmd, tmp_path / "workers.log", env) as proc:
+        wait_for(f"http://127.0.0.1:{port}/ready", 120, proc)
+        workers = _until(lambda: len(w := _listening(proc.pid, port)) == 2 and w, 120, "two listening workers")
+        connections = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(24)]  # all at once
+        for conn in connections:  # each a keep-alive connection, answered and left open
+            conn.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+        mine = {conn.getsockname()[1] for conn in connections}
+        held = {pid: {c.raddr.port for c in _connections(psutil.Process(pid))
+                      if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port} & mine for pid in workers}
+        assert set().union(*held.values()) == mine and all(held.values()), held  # all 24 on one: odds 2 in 2**24
+        for conn in connections:
+            conn.close()
+
+        victim = min(workers)
+        assert list(metrics_dir.glob(f"gauge_livesum_{victim}.db"))  # its in-flight gauge
+        os.kill(victim, signal.SIGKILL)
+        # A connection the kernel queued on the victim's socket in the moment before it closed is reset (the price
+        # of a socket per worker): a GET is retried, as the client does by default and a proxy's next upstream.
+        with RecsysClient(f"http://127.0.0.1:{port}", headers={"Connection": "close"}) as client:
+            replaced = set()
+            while len(replaced) < 2:  # the other worker answers meanwhile, every time
+                assert len(client.recommend("u1", k=3).items) == 3
+                replaced = _listening(proc.pid, port) - {victim}
+                assert proc.poll() is None
+        assert not list(metrics_dir.glob(f"gauge_livesum_{victim}.db"))  # dropped by the supervisor
+        serving = [psutil.Process(pid) for pid in replaced]
+    assert proc.returncode == 0  # SIGTERM: the workers stopped (gracefully) before the supervisor returned
+    assert not any(p.is_running() for p in serving)
+
+
+def test_workers_refuse_a_port_taken_and_stop_when_one_cannot_start(cluster, tmp_path):
+    env = {**os.environ, "RECSYS_STATE_BACKEND": "redis", "RECSYS_REDIS_URL": cluster.redis_url, "RECSYS_LOG_LEVEL": "WARNING"}
+    port = free_port()
+    with socket.create_server(("127.0.0.1", port)):  # another server there: its port is not joined
+        run = subprocess.run([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+                             env={**env, "RECSYS_BUNDLE_DIR": str(cluster.bundle)}, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 3 and f"cannot listen on 127.0.0.1:{port}" in run.stderr, run.stderr
+    run = subprocess.run([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(free_port()), "--workers", "2"],
+                         env={**env, "RECSYS_BUNDLE_DIR": str(tmp_path / "nothing")}, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 3 and "failed to start: stopping" in run.stderr and "no bundle here" in run.stderr, run.stderr
+    run = subprocess.run([sys.executable, "-m", "service", "--port", "0", "--workers", "2"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 2 and "need a fixed port" in run.stderr, run.stderr
 
 
 def test_several_workers_refuse_the_file_backend():
