@@ -174,7 +174,10 @@ def test_an_event_under_a_key_already_recorded_is_not_recorded_again(make_store)
     with pytest.raises(AlreadyRecorded):
         again.append_event("u1", Event("i1", 4.0, 10), once)
     assert again.history("u1") == (2, [Event("i1", 4.0, 10), Event("i2", None, 12)])
-    assert [(user, e.item_id) for _, user, e in again.events_since()] == [("u1", "i1"), ("u2", "i1"), ("u1", "i2")]
+    recorded = [(user, e.item_id) for _, user, e in again.events_since()]
+    # (a cluster merges its shards' streams by time: two users' events within one millisecond in either order)
+    assert sorted(recorded) == [("u1", "i1"), ("u1", "i2"), ("u2", "i1")]
+    assert [r for r in recorded if r[0] == "u1"] == [("u1", "i1"), ("u1", "i2")]
     previous = again.previous_write("evt-1", "u1")
     assert (previous.digest, previous.answer, previous.version) == ("digest-a", '{"position": 2, "reason": null}', 2)
     assert again.previous_write("evt-1", "u3") is None and again.previous_write("evt-1") is None
@@ -397,6 +400,48 @@ def test_a_replica_whose_changes_were_trimmed_is_told_to_re_read_the_fold(redis_
         s.changes_since(first)
     fold, position = s.catalog()
     assert sorted(fold) == ["a", "b", "c"] and s.changes_since(position) == []
+
+
+def test_history_reads_awaited_in_one_turn_go_to_a_single_redis_as_one_call(redis_url, monkeypatch):
+    """Requests that arrive together on one worker ask for their histories in one turn of its loop: one script
+    call reads them all (redis-py's cost per call is most of a read), more than ``READS_PER_CALL`` in several.
+    Each gets its own history, as read alone; a request cancelled meanwhile leaves the others their answers."""
+    import redis.asyncio
+
+    from recsys.state import redis as redis_store
+
+    s = redis_store.RedisStateStore(redis_url, 5, unique_prefix())
+    users = [f"u{n}" for n in range(redis_store.READS_PER_CALL + 6)]
+    for n, user in enumerate(users):
+        for t in range(n % 7):
+            s.append_event(user, Event(f"i{t}", float(t), 100 + t))
+    calls = []
+    real_eval = redis.asyncio.Redis.eval
+
+    async def counted(client, script, numkeys, *keys):
+        calls.append(numkeys // 2)
+        return await real_eval(client, script, numkeys, *keys)
+
+    monkeypatch.setattr(redis.asyncio.Redis, "eval", counted)
+
+    async def read_together():
+        try:
+            reads = [asyncio.ensure_future(s.history_async(user)) for user in users + ["nobody"]]
+            await asyncio.sleep(0)  # each has asked for its history: the call goes out in the loop's next turn
+            reads[1].cancel()
+            answers = await asyncio.gather(*reads, return_exceptions=True)
+            alone = await s.history_async("u3")
+            return answers, alone
+        finally:
+            await s.aclose()
+
+    answers, alone = asyncio.run(read_together())
+    assert calls == [redis_store.READS_PER_CALL, len(users) + 1 - redis_store.READS_PER_CALL, 1]
+    assert isinstance(answers[1], asyncio.CancelledError)
+    expected = [s.history(user) for user in users + ["nobody"]]
+    assert answers[:1] + answers[2:] == expected[:1] + expected[2:] and alone == expected[3]
+    assert expected[3] == (3, [Event(f"i{t}", float(t), 100 + t) for t in range(3)]) and expected[-1] == (0, [])
+    s.close()
 
 
 def test_an_unreachable_redis_is_a_clear_store_unavailable(tmp_path):
