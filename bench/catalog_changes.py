@@ -6,8 +6,8 @@ On a bundle ``bench/catalog_scale.py`` built (1M synthetic items by default), fo
 1. Start to ``/ready`` and memory of one worker and of two (``uvicorn --workers 2``): resident (RSS) and
    proportional (PSS, where pages two workers share count half to each, so the PSS sum is what the host pays).
    State on a local redis-server (the file backend serves one process).
-2. ``/recommend`` at a fixed 200 requests/s (``hey``: 150/s unfiltered, 50/s with a genre + decade filter, at
-   once) for ``--seconds``, first with no catalogue changes, then while a writer sends ``--change-rate`` item
+2. ``/recommend`` at 200 requests/s (150/s unfiltered, 50/s with a genre + decade filter, at once; from ``hey``,
+   whose connections fire together, and as Poisson arrivals from ``wrk``: ``--arrivals``) for ``--seconds``, first with no catalogue changes, then while a writer sends ``--change-rate`` item
    changes per second through ``POST /admin/items:batch`` (batches every 100 ms, half replacing bundle items,
    half adding new ones). Reported: changes acknowledged per second, the batch call's p50 / p99, and the
    requests' p50 / p99 with and without changes. Median of ``--runs`` runs.
@@ -36,13 +36,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.report import BENCHMARKS, add_docs_option, machine, update_section  # noqa: E402
-from bench.serving import free_port, hey  # noqa: E402
+from bench.serving import free_port, hey, poisson  # noqa: E402
 from recsys.bundle import resolve  # noqa: E402
 from service.client import NO_RETRY, ApiError, CatalogItem, Filters, RecsysClient  # noqa: E402
 
 TOKEN = "catalog-changes-bench"
 FILTER = {"genres_any": ["genre3"], "year_min": 1990, "year_max": 1999}  # as catalog_scale's "genre + decade"
 BATCH_EVERY_S = 0.1
+ARRIVALS = {"hey": "hey, bursts", "poisson": "Poisson"}
 
 
 # ----------------------------------------------------------------------------- the service and its memory
@@ -67,12 +68,12 @@ class Redis:
 
 
 def start(tree: Path, bundle: Path, redis_url: str, workers: int, log: Path) -> tuple[subprocess.Popen, str, float]:
-    """uvicorn from ``tree`` on ``bundle``, state on Redis; returns the process, its URL and the seconds until /ready."""
+    """``python -m service`` from ``tree`` on ``bundle``, state on Redis; returns the process, its URL and the seconds
+    until /ready."""
     port = free_port()
     env = {**os.environ, "RECSYS_BUNDLE_DIR": str(bundle), "RECSYS_STATE_BACKEND": "redis", "RECSYS_REDIS_URL": redis_url,
            "RECSYS_LOG_LEVEL": "WARNING", "RECSYS_ADMIN_TOKEN": TOKEN, "PYTHONPATH": str(tree)}
-    cmd = [sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port", str(port),
-           "--workers", str(workers), "--no-access-log", "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=tree)
     url = f"http://127.0.0.1:{port}"
@@ -102,7 +103,7 @@ def loaded(pids: list[int], deadline_s: float = 900) -> None:
 
 
 def workers_of(proc: subprocess.Popen, workers: int) -> list[int]:
-    """The worker processes (uvicorn's children with several workers, the process itself with one)."""
+    """The worker processes (the supervisor's children with several workers, the process itself with one)."""
     if workers == 1:
         return [proc.pid]
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
@@ -175,14 +176,20 @@ class Writer(threading.Thread):
         self.elapsed = time.perf_counter() - started
 
 
-def serve_with_changes(url: str, user: str, item_ids: list[str], args, rate: int, seed: int) -> dict:
-    """hey's two streams (150/s unfiltered, 50/s filtered) for ``args.seconds``, with a writer at ``rate`` changes/s."""
+def serve_with_changes(url: str, user: str, item_ids: list[str], args, rate: int, seed: int, arrivals: str, tmp: Path) -> dict:
+    """Two streams of requests (150/s unfiltered, 50/s filtered) for ``args.seconds``, with a writer at ``rate``
+    changes/s. ``arrivals``: "hey" (its 50 connections per stream fire on one tick: bursts) or "poisson" (wrk, each
+    connection an independent user: see ``bench.serving.poisson``)."""
     plain = json.dumps({"user_id": user, "k": 10})
     filtered = json.dumps({"user_id": user, "k": 10, "filters": FILTER})
     writer = Writer(url, rate, item_ids, args.seconds, seed) if rate else None
     with ThreadPoolExecutor(2) as pool:
-        runs = [pool.submit(hey, f"{url}/recommend", args.seconds, 50, 3, plain),
-                pool.submit(hey, f"{url}/recommend", args.seconds, 50, 1, filtered)]
+        if arrivals == "hey":
+            runs = [pool.submit(hey, f"{url}/recommend", args.seconds, 50, 3, plain),
+                    pool.submit(hey, f"{url}/recommend", args.seconds, 50, 1, filtered)]
+        else:
+            runs = [pool.submit(poisson, url, "/recommend", args.seconds, 150, tmp, plain, seed=seed),
+                    pool.submit(poisson, url, "/recommend", args.seconds, 50, tmp, filtered, seed=seed + 1000)]
         if writer:
             writer.start()
         unfiltered, with_filter = (r.result() for r in runs)
@@ -206,21 +213,21 @@ def one_upsert(url: str) -> float:
 
 def churn(tree: Path, bundle: Path, redis: Redis, users: list[str], item_ids: list[str], args) -> dict:
     """The runs with and without changes (alternating, ``args.runs`` each) and one single upsert, on one worker."""
-    runs: dict[int, list[dict]] = {rate: [] for rate in [0, *args.change_rate]}
+    runs: dict[tuple[str, int], list[dict]] = {(arrivals, rate): [] for arrivals in args.arrivals for rate in [0, *args.change_rate]}
     with tempfile.TemporaryDirectory() as tmp:
         proc, url, _ = start(tree, bundle, redis.next_url(), 1, Path(tmp) / "log")
         try:
             settle(url, users[:1])
             single = one_upsert(url)
             for run in range(args.runs):
-                for rate, done in runs.items():
-                    done.append(serve_with_changes(url, users[0], item_ids, args, rate, run))
-                    print(run, rate, done[-1], flush=True)
+                for (arrivals, rate), done in runs.items():
+                    done.append(serve_with_changes(url, users[0], item_ids, args, rate, run, arrivals, Path(tmp)))
+                    print(run, arrivals, rate, done[-1], flush=True)
             memory = memory_mib(proc.pid)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-    return {"single_upsert_s": single, "rates": {rate: median_of(done) for rate, done in runs.items()}, "memory_after": memory}
+    return {"single_upsert_s": single, "rates": {key: median_of(done) for key, done in runs.items()}, "memory_after": memory}
 
 
 def median_of(runs: list[dict]) -> dict:
@@ -247,16 +254,19 @@ def write(results: dict[str, dict], bundle: Path, args) -> None:
     lines += ["", f"`/recommend` at 200 requests/s (150/s unfiltered + 50/s genre + decade filter), with no changes and "
               f"while item changes are sent at a fixed rate in batches every {BATCH_EVERY_S * 1000:.0f} ms "
               "(`POST /admin/items:batch`, half replacements, half additions), 1 worker:", "",
-              "| checkout | changes | changes acked/s | batch call p50 / p99 ms | unfiltered p50 / p99 ms | filtered p50 / p99 ms |",
-              "|---|---|---|---|---|---|"]
+              "| checkout | arrivals | changes | changes acked/s | batch call p50 / p99 ms | unfiltered p50 / p99 ms "
+              "| filtered p50 / p99 ms |", "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
-        for rate, run in r["churn"]["rates"].items():
+        for (arrivals, rate), run in r["churn"]["rates"].items():
             label = f"{rate}/s" if rate else "none"
             ch = run.get("changes")
             acked = f"{ch['per_s']:.0f}" if ch else "-"
             batch = f"{ch['batch_p50']:.1f} / {ch['batch_p99']:.1f}" if ch else "-"
-            lines.append(f"| {name} | {label} | {acked} | {batch} | {run['unfiltered']['p50']:.2f} / {run['unfiltered']['p99']:.2f} "
+            lines.append(f"| {name} | {ARRIVALS[arrivals]} | {label} | {acked} | {batch} | {run['unfiltered']['p50']:.2f} / {run['unfiltered']['p99']:.2f} "
                          f"| {run['filtered']['p50']:.2f} / {run['filtered']['p99']:.2f} |")
+    lines += ["", "hey: 50 connections per stream at 3/s and 1/s each, fired on one tick (bursts of 50 every 333 ms and "
+              "every second). Poisson: wrk with 150 and 50 connections, each waiting an exponentially distributed time "
+              "(mean 1 s) before each request, as independent users send them (`poisson` in bench/serving.py)."]
     body = "## Catalogue changes at scale\n\n" + "\n".join(lines)
     print(body)
     if not args.no_write:
@@ -269,12 +279,16 @@ def main() -> None:
     p.add_argument("--against", type=Path, help="another checkout (e.g. a git worktree of main) measured in the same run")
     p.add_argument("--change-rate", type=lambda v: [int(x) for x in v.split(",")], default=[50, 200],
                    help="item changes per second sent while serving, comma-separated rates (default 50,200)")
+    p.add_argument("--arrivals", type=lambda v: v.split(","), default=["hey", "poisson"],
+                   help="request arrival patterns, comma-separated: hey (bursts), poisson (independent users)")
     p.add_argument("--seconds", type=int, default=20)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-write", action="store_true")
     add_docs_option(p)
     args = p.parse_args()
+    if set(args.arrivals) - set(ARRIVALS):
+        p.error(f"--arrivals {','.join(args.arrivals)}: each one of {', '.join(ARRIVALS)}")
     catalog = json.loads((resolve(args.bundle_dir) / "catalog.json").read_text())
     users, item_ids = list(catalog["user_ids"][:3]), list(catalog["item_ids"])
     trees = {"this change": ROOT, **({f"before ({args.against.name})": args.against} if args.against else {})}

@@ -8,10 +8,10 @@ In one run, on one bundle, against three servers started here one after the othe
 - ``service, 2 workers, Redis``: ``python -m service --workers 2`` over a local redis-server
   (AOF, appendfsync always), as each compose replica runs.
 
-For each: saturation (``wrk -c16``, requests/s, median of ``--runs``), latency at a fixed 200
-requests/s (``hey -q 50 -c 4``, p50 / p99, median of the runs) over ``GET /recommend`` for users
-rotating through the bundle's users, and durable ``POST /events`` per second (``hey -c 16``) for
-the two service configurations. Writes the "serving" section of docs/benchmarks.md.
+For each: saturation (``wrk -c16``, requests/s, median of ``--runs``) over ``GET /recommend`` for users
+rotating through the bundle's users, latency at 200 requests/s for one known user (p50 / p99, median of the
+runs) with three arrival patterns (hey's bursts of 4, hey one at a time, Poisson arrivals from wrk), and
+durable ``POST /events`` per second (``hey -c 16``) for the two service configurations. Writes the "serving" section of docs/benchmarks.md.
 
     python -m bench.serving --bundle artifacts --runs 3
 
@@ -88,6 +88,40 @@ def wrk(url: str, script: Path, seconds: int, connections: int = 16) -> float:
     return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 
 
+WRK_POISSON = """
+local mean_ms, path, body = %(mean_ms)f, "%(path)s", %(body)s
+math.randomseed(%(seed)d)
+request = function()
+  if body == nil then return wrk.format("GET", path) end
+  return wrk.format("POST", path, {["Content-Type"] = "application/json"}, body)
+end
+delay = function() return -mean_ms * math.log(1 - math.random()) end
+"""
+UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def poisson(url: str, path: str, seconds: int, rate: int, tmp: Path, body: str | None = None, clients: int | None = None,
+            seed: int = 0) -> dict[str, float]:
+    """p50 / p99 with requests arriving as independent users send them: ``clients`` connections (``rate`` by default),
+    each waiting an exponentially distributed time (mean ``clients / rate`` s) before each request, so that arrivals
+    are close to a Poisson stream of ``rate`` per second (the response time, a few ms against a mean wait of a second,
+    hardly delays the next request). hey's ``-q`` fires its connections on one tick instead: bursts no independent
+    users make. wrk times each request from its send, as hey does."""
+    clients = clients or rate
+    script = tmp / f"poisson-{seed}.lua"
+    lua_body = "nil" if body is None else "[==[" + body + "]==]"
+    script.write_text(WRK_POISSON % {"mean_ms": 1000.0 * clients / rate, "path": path, "body": lua_body, "seed": seed})
+    out = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+                         capture_output=True, text=True, check=True).stdout
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
+    if errors:
+        raise RuntimeError(f"{url}{path}: {errors.group(0)}\n{out}")
+    pct = {int(p): float(v) * UNITS_MS[unit] for p, v, unit in re.findall(r"^\s+(\d+)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)}
+    if 99 not in pct:
+        raise RuntimeError(f"{url}{path}: no latency distribution in wrk's output:\n{out}")
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50": pct[50], "p99": pct[99]}
+
+
 def hey(url: str, seconds: int, rate_per_worker: int | None, workers: int, body: str | None = None) -> dict[str, float]:
     cmd = ["hey", "-z", f"{seconds}s", "-c", str(workers)]
     if rate_per_worker:
@@ -113,9 +147,10 @@ def measure(url: str, script: Path, runs: int, seconds: int, user: str, event_it
     sat = [wrk(url, script, seconds) for _ in range(runs)]
     lat = [hey(f"{url}/recommend?user_id={user}&k=10", seconds, 50, 4) for _ in range(runs)]
     smooth = [hey(f"{url}/recommend?user_id={user}&k=10", seconds, 200, 1) for _ in range(runs)]
-    out = {"saturation": float(np.median(sat)), "p50": float(np.median([r["p50"] for r in lat])),
-           "p99": float(np.median([r["p99"] for r in lat])), "p50_1": float(np.median([r["p50"] for r in smooth])),
-           "p99_1": float(np.median([r["p99"] for r in smooth]))}
+    arrivals = [poisson(url, f"/recommend?user_id={user}&k=10", seconds, 200, script.parent, seed=run) for run in range(runs)]
+    out = {"saturation": float(np.median(sat))}
+    for key, results in (("", lat), ("_1", smooth), ("_poisson", arrivals)):
+        out |= {f"p50{key}": float(np.median([r["p50"] for r in results])), f"p99{key}": float(np.median([r["p99"] for r in results]))}
     if event_item is not None:
         body = '{"user_id": "bench-events", "item_id": "%s"}'
         ev = [hey(f"{url}/events", seconds, None, 16, body % event_item)["rps"] for _ in range(runs)]
@@ -152,7 +187,7 @@ def main() -> None:
         load = (args.runs, args.seconds, args.user)
         url = f"http://127.0.0.1:{port}"
         bare = [sys.executable, "-m", "uvicorn", "bench.bare_app:app", "--host", "127.0.0.1", "--port", str(port),
-                "--log-level", "warning"]
+                "--log-level", "warning", "--timeout-keep-alive", "75"]  # (the service's: idle users keep their connections)
         with server(bare, base, url, tmp / "bare.log"):
             rows["bare FastAPI + hnswlib knn_query"] = measure(url, script, *load, event_item=None)
         service = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
@@ -188,14 +223,17 @@ def write(rows: dict[str, dict[str, float]], args) -> None:
     lines = [f"Machine: {machine()}; load generators on the same 2 cores (wrk 1 thread, hey). Bundle `{args.bundle}`. "
              f"Median of {args.runs} runs of {args.seconds} s each.", "",
              "| server | saturation, wrk -c16 (req/s) | vs bare | p50 / p99 at 200 req/s, hey -c4 -q50 (ms) "
-             "| p50 / p99 at 200 req/s, hey -c1 -q200 (ms) | durable events/s (hey -c16) |",
-             "|---|---|---|---|---|---|"]
+             "| p50 / p99 at 200 req/s, hey -c1 -q200 (ms) | p50 / p99 at 200 req/s, Poisson arrivals (ms) "
+             "| durable events/s (hey -c16) |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         events = f"{r['events']:,.0f}" if "events" in r else "-"
         lines.append(f"| {name} | {r['saturation']:,.0f} | {r['saturation'] / bare:.0%} | {r['p50']:.2f} / {r['p99']:.2f} "
-                     f"| {r['p50_1']:.2f} / {r['p99_1']:.2f} | {events} |")
+                     f"| {r['p50_1']:.2f} / {r['p99_1']:.2f} | {r['p50_poisson']:.2f} / {r['p99_poisson']:.2f} | {events} |")
     lines += ["", "hey -c4 -q50 starts its 4 workers on the same tick, so requests arrive in bursts of 4 every 20 ms and "
-              "the 4th of a burst waits for the 3 before it; hey -c1 -q200 offers the same rate one request at a time."]
+              "the 4th of a burst waits for the 3 before it; hey -c1 -q200 offers the same rate one request at a time. "
+              "Poisson arrivals: wrk with 200 connections, each waiting an exponentially distributed time (mean 1 s) "
+              "before each request, as independent users arrive (`poisson` in bench/serving.py)."]
     body = "## Serving: bare endpoint vs the service (file state, one process) vs Redis state with 2 workers\n\n" + "\n".join(lines)
     print(body)
     if not args.no_write:

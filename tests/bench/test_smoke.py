@@ -118,7 +118,7 @@ def test_batch(bundle, tmp_path):
 def test_catalog_scale(tmp_path):
     """Builds its own bundle (synthetic data, one short two-tower epoch) through the pipeline's bundle contract;
     catalog_changes serves that bundle with changes."""
-    need("hey", "redis-server")
+    need("hey", "wrk", "redis-server")
     out = run_bench("catalog_scale", "--items", 500, "--users", 100, "--epochs", 1, "--ef-construction", 50,
                     "--bundle-dir", tmp_path / "bundle", "--runs", 1, "--seconds", 1, "--queries", 10, "--passes", 1,
                     "--old-queries", 1, "--docs", tmp_path)
@@ -128,7 +128,8 @@ def test_catalog_scale(tmp_path):
     run_bench("catalog_changes", "--bundle-dir", tmp_path / "bundle", "--runs", 1, "--seconds", 4, "--change-rate", 20,
               "--docs", tmp_path)
     written = section(tmp_path, "catalog-changes")
-    assert "| this change | 20/s |" in written and "| this change | none |" in written
+    for arrivals in ("hey, bursts", "Poisson"):
+        assert f"| this change | {arrivals} | 20/s |" in written and f"| this change | {arrivals} | none |" in written
 
 
 def test_e2e(bundle, tmp_path):
