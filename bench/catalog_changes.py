@@ -3,12 +3,12 @@
 On a bundle ``bench/catalog_scale.py`` built (1M synthetic items by default), for this checkout and, with
 ``--against DIR``, another one (a git worktree of an older commit) in the same run:
 
-1. Start to ``/ready`` and memory of one worker and of two (``uvicorn --workers 2``): resident (RSS) and
-   proportional (PSS, where pages two workers share count half to each, so the PSS sum is what the host pays).
-   State on a local redis-server (the file backend serves one process).
+1. Start to ``/ready`` and memory of one worker and of two (``python -m service --workers 2``): resident (RSS)
+   and proportional (PSS, where pages two workers share count half to each, so the PSS sum is what the host
+   pays). State on a local redis-server (the file backend serves one process).
 2. ``/recommend`` at 200 requests/s (150/s unfiltered, 50/s with a genre + decade filter, at once; from ``hey``,
-   whose connections fire together, and as Poisson arrivals from ``wrk``: ``--arrivals``) for ``--seconds``, first with no catalogue changes, then while a writer sends ``--change-rate`` item
-   changes per second through ``POST /admin/items:batch`` (batches every 100 ms, half replacing bundle items,
+   whose connections fire together, and as Poisson arrivals from ``wrk``: ``--arrivals``) for ``--seconds``,
+   first with no catalogue changes, then while a writer sends ``--change-rate`` item changes per second through ``POST /admin/items:batch`` (batches every 100 ms, half replacing bundle items,
    half adding new ones). Reported: changes acknowledged per second, the batch call's p50 / p99, and the
    requests' p50 / p99 with and without changes. Median of ``--runs`` runs.
 3. One single-item upsert through ``/admin/items`` (the cost of one change alone).
