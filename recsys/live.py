@@ -115,6 +115,7 @@ class LiveEngine:
         self.variant_engines: dict[str, list] = {}  # bundle version -> [engine, position]: bundles experiments serve
         try:
             self.install(self.build(config.bundle_dir))
+            settle_heap(collect=False)
             self.experiments = Registry(self.store, self._load_variant_bundles, config.max_experiments,
                                         config.experiments_poll_s if config.follow else 0.0)
         except BaseException:
@@ -153,14 +154,12 @@ class LiveEngine:
         engine.changes.load(items)
         with self.follow_lock:
             position = self._apply(engine, position)
-            swapped = self.engine is not None
-            if swapped:
+            if self.engine is not None:
                 self.engine.live.report_backlog = None  # (the old engine's merge may still run: it no longer reports)
             self.engine, self.position = engine, position
         engine.live.report_backlog = metrics.UNINDEXED.set
         metrics.UNINDEXED.set(len(engine.live.unindexed))
         metrics.set_bundle(engine.version, engine.searchable_items)
-        settle_heap(collect=swapped)
 
     def reload(self, path: Path) -> tuple[str, str]:
         """Load the bundle at ``path`` beside the live one and swap it in; returns (old, new) versions.
@@ -176,6 +175,7 @@ class LiveEngine:
                 raise
         metrics.RELOADS.labels("ok").inc()
         logger.info("reloaded: {} -> {}", old, engine.version)
+        settle_heap(collect=True)  # (after the reload is counted: the collection takes a while)
         return old, engine.version
 
     def _watch_bundle(self) -> None:
