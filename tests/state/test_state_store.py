@@ -111,7 +111,8 @@ def test_the_history_awaited_on_an_event_loop_is_the_same_read(make_store):
     s = make_store(cap=3)
     for t in range(5):
         s.append_event(f"u{t % 2}", Event(f"i{t}", float(t), 10 + t))
-    watermark = mark_of([at for at, _, _ in s.events_since()][:2])
+    first_two = s.events_since()[:2]  # i0 and i1, except on a cluster where a tick of the clock between appends
+    watermark = mark_of([at for at, _, _ in first_two])  # can list i2 (u0's shard) before i1: no common order
     reads = [("u0", None), ("u1", None), ("nobody", None), ("u0", watermark), ("u1", watermark)]
 
     async def read_all():
@@ -122,7 +123,8 @@ def test_the_history_awaited_on_an_event_loop_is_the_same_read(make_store):
 
     expected = [s.history(user, after) for user, after in reads]
     assert expected[0] == (3, [Event("i0", 0.0, 10), Event("i2", 2.0, 12), Event("i4", 4.0, 14)])
-    assert expected[3][1] == [Event("i2", 2.0, 12), Event("i4", 4.0, 14)]
+    read_first = [event for _, _, event in first_two]
+    assert expected[3][1] == [e for e in expected[0][1] if e not in read_first] != []
     assert asyncio.run(read_all()) == expected
     assert asyncio.run(read_all()) == expected
 
