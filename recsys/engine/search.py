@@ -69,7 +69,7 @@ def _search_many(live: LiveCatalog, vecs: np.ndarray, depth: int, alloweds: Sequ
             if labels is None:
                 out[u] = (catalog, *exact(catalog, vecs[u], alloweds[u].every_row(catalog), wanted))
                 continue
-            found, dist = labels[j].astype(np.int64), dists[j]
+            found, dist = live.label_row[labels[j]], dists[j]
             keep = alloweds[u].keep(found, catalog)
             if len(catalog.unindexed):
                 keep &= ~in_sorted(found, catalog.unindexed)

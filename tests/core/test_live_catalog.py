@@ -193,7 +193,7 @@ def test_requests_under_changes_never_see_a_half_written_item(engine):
                 titles = [catalog.titles[r] for r in rows]
                 genres = catalog.arrays["item_genres"][rows]
                 vectors = catalog.vectors[rows]
-                indexed = np.array(engine.live.index.get_items(rows))
+                indexed = np.array(engine.live.index.get_items(engine.live.labels_of(rows)))
                 unindexed = set(catalog.unindexed.tolist())
             assert len(set(years)) == 1  # one write per change: a change is seen whole
             for j, year in enumerate(years):
@@ -249,7 +249,7 @@ def test_changed_rows_are_served_exactly_before_the_graph_holds_them_and_the_sam
         time.sleep(0.01)
     catalog = engine.catalog
     assert not len(catalog.unindexed) and not live.unindexed
-    np.testing.assert_allclose(live.index.get_items([far])[0], catalog.vectors[far], rtol=1e-6)
+    np.testing.assert_allclose(live.index.get_items(live.labels_of([far]))[0], catalog.vectors[far], rtol=1e-6)
     assert engine.search(user, 10, engine.allowed(catalog, None, None))[1][0] == far
 
 
@@ -262,15 +262,43 @@ def test_a_removed_item_upserted_again_is_searchable_before_and_after_the_merge(
     vec = engine.catalog.vectors[row]
     assert engine.search(vec, 3, engine.allowed(engine.catalog, None, None))[1][0] == row
     engine.live.merge()
-    assert not len(engine.catalog.unindexed) and not engine.live.deleted_in_graph
+    assert not len(engine.catalog.unindexed) and engine.live.labels_of([row])[0] >= 0
     assert engine.search(vec, 3, engine.allowed(engine.catalog, None, None))[1][0] == row
+
+
+def test_a_replaced_vector_goes_into_the_graph_under_a_fresh_label_and_the_older_one_is_never_answered(engine):
+    """A replacement is a plain insertion plus a deletion mark (hnswlib's in-place update repairs every
+    neighbour's list: four times the cost at 1M items); the graph's labels map back to rows."""
+    live, catalog = engine.live, engine.catalog
+    row = 5
+    before, count = int(live.labels_of([row])[0]), live.index.get_current_count()
+    assert before == row  # the bundle's graph: each row under its own number
+    old_vec = catalog.vectors[row].copy()
+    live.commit(engine.changes.prepare([Item(item_id=catalog.ids[row], genres=["genre2"], year=1950)]))
+    live.merge()
+    catalog = engine.catalog
+    after = int(live.labels_of([row])[0])
+    assert after == len(catalog.ids) and live.label_row[after] == row  # the next label after the bundle's
+    assert live.index.get_current_count() == count + 1
+    np.testing.assert_allclose(live.index.get_items([after])[0], catalog.vectors[row], rtol=1e-6)
+    with pytest.raises(RuntimeError):
+        live.index.get_items([before])  # marked deleted
+    labels, _ = live.index.knn_query(old_vec[None], k=len(catalog.ids))
+    assert before not in labels[0].tolist() and after in labels[0].tolist()
+    # the search answers rows, once each: the row, by its new vector, first for a query equal to it
+    _, rows, _ = engine.search(catalog.vectors[row], 5, engine.allowed(catalog, None, None))
+    assert rows[0] == row and len(set(rows.tolist())) == len(rows)
+    engine.changes.remove(catalog.ids[row])  # a removal marks the current label
+    assert live.labels_of([row])[0] == -1
+    with pytest.raises(RuntimeError):
+        live.index.get_items([after])
 
 
 def test_the_store_fold_is_indexed_before_load_returns(engine):
     engine.changes.load({f"fold{i}": Item(item_id=f"fold{i}", genres=["genre1"], year=2000).to_record() for i in range(9)})
     assert not len(engine.catalog.unindexed)
     rows = [engine.catalog.row_of[f"fold{i}"] for i in range(9)]
-    np.testing.assert_allclose(engine.live.index.get_items(rows), engine.catalog.vectors[rows], rtol=1e-6)
+    np.testing.assert_allclose(engine.live.index.get_items(engine.live.labels_of(rows)), engine.catalog.vectors[rows], rtol=1e-6)
 
 
 def test_a_patient_writer_lets_new_readers_in_and_takes_the_lock_between_them():

@@ -944,8 +944,8 @@ def test_concurrent_writes_under_query_load_end_in_the_acknowledged_state(backen
             engine = client.app.state.service.engine
             for item in added:  # in the HNSW graph itself (the added items differ only by year: near ties)
                 row = engine.catalog.row_of[item]
-                labels, _ = engine.bundle.index.knn_query(engine.catalog.vectors[row][None], k=10)
-                assert row in labels[0]
+                labels, _ = engine.live.index.knn_query(engine.catalog.vectors[row][None], k=10)
+                assert row in engine.live.label_row[labels[0]]
             for item in gone:
                 assert_client_error(client.get(f"/similar-items/{item}"), 404)
             for user in users[:3]:
