@@ -8,9 +8,11 @@ On a bundle ``bench/catalog_scale.py`` built (1M synthetic items by default), fo
    pays). State on a local redis-server (the file backend serves one process).
 2. ``/recommend`` at 200 requests/s (150/s unfiltered, 50/s with a genre + decade filter, at once; from ``hey``,
    whose connections fire together, and as Poisson arrivals from ``wrk``: ``--arrivals``) for ``--seconds``,
-   first with no catalogue changes, then while a writer sends ``--change-rate`` item changes per second through ``POST /admin/items:batch`` (batches every 100 ms, half replacing bundle items,
-   half adding new ones). Reported: changes acknowledged per second, the batch call's p50 / p99, and the
-   requests' p50 / p99 with and without changes. Median of ``--runs`` runs.
+   first with no catalogue changes, then while a writer sends ``--change-rate`` item changes per second through
+   ``POST /admin/items:batch`` (batches every 100 ms, half replacing bundle items, half adding new ones), on
+   ``--workers`` workers. Reported: changes acknowledged per second, the batch call's p50 / p99, the requests'
+   p50 / p99 with and without changes, and the merge backlog (changed items not yet in the HNSW graph). Median
+   of ``--runs`` runs.
 3. One single-item upsert through ``/admin/items`` (the cost of one change alone).
 
 Writes the "catalog-changes" section of docs/benchmarks.md.
@@ -176,13 +178,44 @@ class Writer(threading.Thread):
         self.elapsed = time.perf_counter() - started
 
 
+class Backlog(threading.Thread):
+    """The merge backlog over a run: the service's ``recsys_index_unindexed_items`` gauge (changed items the HNSW
+    graph does not hold yet, which every search scores exactly), read every ``every_s`` until ``stop``."""
+
+    GAUGE = "recsys_index_unindexed_items"
+
+    def __init__(self, url: str, every_s: float = 0.5):
+        super().__init__(daemon=True)
+        self.url, self.every_s, self.done, self.readings = url, every_s, threading.Event(), []
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=10) as client:
+            while not self.done.wait(self.every_s):
+                self.readings.append(self.read(client))
+            self.readings.append(self.read(client))
+
+    def read(self, client: httpx.Client) -> float:
+        for line in client.get("/metrics").text.splitlines():
+            if line.startswith(self.GAUGE + " ") or line.startswith(self.GAUGE + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        raise RuntimeError(f"/metrics has no {self.GAUGE}")
+
+    def stop(self) -> dict:
+        self.done.set()
+        self.join()
+        return {"start": self.readings[0], "max": max(self.readings), "end": self.readings[-1]}
+
+
 def serve_with_changes(url: str, user: str, item_ids: list[str], args, rate: int, seed: int, arrivals: str, tmp: Path) -> dict:
     """Two streams of requests (150/s unfiltered, 50/s filtered) for ``args.seconds``, with a writer at ``rate``
     changes/s. ``arrivals``: "hey" (its 50 connections per stream fire on one tick: bursts) or "poisson" (wrk, each
-    connection an independent user: see ``bench.serving.poisson``)."""
+    connection an independent user: see ``bench.serving.poisson``). Also the merge backlog (``Backlog``) at its
+    largest and at the end of the run."""
     plain = json.dumps({"user_id": user, "k": 10})
     filtered = json.dumps({"user_id": user, "k": 10, "filters": FILTER})
     writer = Writer(url, rate, item_ids, args.seconds, seed) if rate else None
+    backlog = Backlog(url)
+    backlog.start()
     with ThreadPoolExecutor(2) as pool:
         if arrivals == "hey":
             runs = [pool.submit(hey, f"{url}/recommend", args.seconds, 50, 3, plain),
@@ -193,9 +226,10 @@ def serve_with_changes(url: str, user: str, item_ids: list[str], args, rate: int
         if writer:
             writer.start()
         unfiltered, with_filter = (r.result() for r in runs)
-    out = {"unfiltered": unfiltered, "filtered": with_filter}
     if writer:
         writer.join()
+    out = {"unfiltered": unfiltered, "filtered": with_filter, "unindexed": backlog.stop()}
+    if writer:
         if writer.errors:
             raise RuntimeError(f"catalogue changes refused: {writer.errors[:3]}")
         lat = np.array(writer.latencies) * 1000
@@ -212,18 +246,21 @@ def one_upsert(url: str) -> float:
 
 
 def churn(tree: Path, bundle: Path, redis: Redis, users: list[str], item_ids: list[str], args) -> dict:
-    """The runs with and without changes (alternating, ``args.runs`` each) and one single upsert, on one worker."""
+    """The runs with and without changes (alternating, ``args.runs`` each) and one single upsert, on
+    ``args.workers`` workers."""
     runs: dict[tuple[str, int], list[dict]] = {(arrivals, rate): [] for arrivals in args.arrivals for rate in [0, *args.change_rate]}
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url, _ = start(tree, bundle, redis.next_url(), 1, Path(tmp) / "log")
+        proc, url, _ = start(tree, bundle, redis.next_url(), args.workers, Path(tmp) / "log")
         try:
+            pids = workers_of(proc, args.workers)
+            loaded(pids)
             settle(url, users[:1])
             single = one_upsert(url)
             for run in range(args.runs):
                 for (arrivals, rate), done in runs.items():
                     done.append(serve_with_changes(url, users[0], item_ids, args, rate, run, arrivals, Path(tmp)))
                     print(run, arrivals, rate, done[-1], flush=True)
-            memory = memory_mib(proc.pid)
+            memory = max((memory_mib(pid) for pid in pids), key=lambda m: m["rss"])
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -244,7 +281,8 @@ def write(results: dict[str, dict], bundle: Path, args) -> None:
     lines = [f"Machine: {machine()}; service, `hey` and the change writer on the same 2 cores. Bundle: {n:,} synthetic "
              f"items (`bench/catalog_scale.py`), state on a local Redis (appendfsync always), `--runs {args.runs}` (medians), {args.seconds} s per run.", "",
              "| checkout | start to ready, 1 worker | 2 workers | RSS per worker (1 / 2 workers) | PSS sum, 2 workers "
-             "| RSS after the change runs (1 worker) | one upsert (`/admin/items`) |", "|---|---|---|---|---|---|---|"]
+             f"| RSS after the change runs ({args.workers} worker{'s' * (args.workers > 1)}, the largest) | one upsert (`/admin/items`) |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         one, two = r["one"], r["two"]
         rss2 = " + ".join(f"{w['rss']:,.0f}" for w in two["workers"])
@@ -253,9 +291,10 @@ def write(results: dict[str, dict], bundle: Path, args) -> None:
                      f"| {r['churn']['single_upsert_s'] * 1000:,.0f} ms |")
     lines += ["", f"`/recommend` at 200 requests/s (150/s unfiltered + 50/s genre + decade filter), with no changes and "
               f"while item changes are sent at a fixed rate in batches every {BATCH_EVERY_S * 1000:.0f} ms "
-              "(`POST /admin/items:batch`, half replacements, half additions), 1 worker:", "",
+              f"(`POST /admin/items:batch`, half replacements, half additions), {args.workers} worker{'s' * (args.workers > 1)}; "
+              "unindexed: the merge backlog (`recsys_index_unindexed_items`) at the run's start, its largest, at its end:", "",
               "| checkout | arrivals | changes | changes acked/s | batch call p50 / p99 ms | unfiltered p50 / p99 ms "
-              "| filtered p50 / p99 ms |", "|---|---|---|---|---|---|---|"]
+              "| filtered p50 / p99 ms | unindexed start / max / end |", "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         for (arrivals, rate), run in r["churn"]["rates"].items():
             label = f"{rate}/s" if rate else "none"
@@ -263,7 +302,8 @@ def write(results: dict[str, dict], bundle: Path, args) -> None:
             acked = f"{ch['per_s']:.0f}" if ch else "-"
             batch = f"{ch['batch_p50']:.1f} / {ch['batch_p99']:.1f}" if ch else "-"
             lines.append(f"| {name} | {ARRIVALS[arrivals]} | {label} | {acked} | {batch} | {run['unfiltered']['p50']:.2f} / {run['unfiltered']['p99']:.2f} "
-                         f"| {run['filtered']['p50']:.2f} / {run['filtered']['p99']:.2f} |")
+                         f"| {run['filtered']['p50']:.2f} / {run['filtered']['p99']:.2f} "
+                         f"| {run['unindexed']['start']:,.0f} / {run['unindexed']['max']:,.0f} / {run['unindexed']['end']:,.0f} |")
     lines += ["", "hey: 50 connections per stream at 3/s and 1/s each, fired on one tick (bursts of 50 every 333 ms and "
               "every second). Poisson: wrk with 150 and 50 connections, each waiting an exponentially distributed time "
               "(mean 1 s) before each request, as independent users send them (`poisson` in bench/serving.py)."]
@@ -281,6 +321,7 @@ def main() -> None:
                    help="item changes per second sent while serving, comma-separated rates (default 50,200)")
     p.add_argument("--arrivals", type=lambda v: v.split(","), default=["hey", "poisson"],
                    help="request arrival patterns, comma-separated: hey (bursts), poisson (independent users)")
+    p.add_argument("--workers", type=int, default=1, help="workers serving the change runs (default 1)")
     p.add_argument("--seconds", type=int, default=20)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)

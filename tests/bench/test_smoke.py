@@ -130,6 +130,9 @@ def test_catalog_scale(tmp_path):
     written = section(tmp_path, "catalog-changes")
     for arrivals in ("hey, bursts", "Poisson"):
         assert f"| this change | {arrivals} | 20/s |" in written and f"| this change | {arrivals} | none |" in written
+    rows = [line for line in written.splitlines() if line.startswith(("| this change | hey", "| this change | Poisson"))]
+    backlogs = [row.rsplit("|", 2)[1].split("/") for row in rows]  # unindexed start / max / end
+    assert backlogs and all(len(b) == 3 and all(v.strip().replace(",", "").isdigit() for v in b) for b in backlogs)
 
 
 def test_e2e(bundle, tmp_path):
