@@ -52,7 +52,7 @@ from recsys.bundle import CURRENT, read_bundle, resolve, write_bundle  # noqa: E
 from recsys.engine.allowed import FETCH_MARGIN  # noqa: E402
 from recsys.engine.engine import Engine  # noqa: E402
 from recsys.engine.filters import RowFilter  # noqa: E402
-from recsys.query import Filters  # noqa: E402
+from recsys.query import Filters, Item  # noqa: E402
 from recsys.topk import top_k  # noqa: E402
 from service.client import NO_RETRY, CatalogItem, RecsysClient  # noqa: E402
 from service.client import Filters as RequestFilters  # noqa: E402  (recsys.query's Filters is the engine's)
@@ -247,7 +247,27 @@ def in_process(root: Path, args) -> dict:
                 lambda f, q: mask_search(engine, f, q), filters, qs[: args.old_queries], truth[: args.old_queries], 1)
             out["partition"] = partition(engine, filters, qs, truth, args)
         print(name, {s: r for (f, s), r in out["rows"].items() if f == name}, flush=True)
+    out["merge"] = graph_merge(engine, args.merge_rows, args.seed)  # last: it changes the catalogue
     return out
+
+
+def graph_merge(engine: Engine, n: int, seed: int) -> dict[str, float]:
+    """CPU per item of inserting changed items into the HNSW graph as the merge thread does (one item per hold of
+    the write lock), for ``n`` replaced bundle items and ``n`` added ones, twice each: ms per item, median."""
+    live, rng, ids = engine.live, np.random.default_rng(seed), list(engine.catalog.ids)
+    took: dict[str, list[float]] = {"replaced": [], "added": []}
+    for kind in [*took] * 2:
+        raws = ([ids[i] for i in rng.choice(len(ids), n, replace=False)] if kind == "replaced"
+                else [f"merge-{rng.integers(1 << 62)}" for _ in range(n)])
+        items = [Item(item_id=raw, genres=[f"genre{rng.integers(18)}"], year=int(rng.integers(1950, 2020))) for raw in raws]
+        with live.merging:  # the merge thread held back: the rows wait, unindexed, for the loop below
+            rows = live.commit(engine.changes.prepare(items))
+            started = time.process_time()
+            for row in rows.tolist():
+                with live.rw.writing():
+                    live._index(np.array([row]))
+            took[kind].append((time.process_time() - started) / len(rows) * 1000)
+    return {kind: float(np.median(v)) for kind, v in took.items()}
 
 
 def partition(engine: Engine, filters: Filters, qs: list[Query], truth: list[np.ndarray], args) -> dict[str, float]:
@@ -384,7 +404,11 @@ def write(build: dict, search: dict, service: dict, args) -> None:
               f"p99 {part['p99']:.2f} ms, recall@{DEPTH} {part['recall']:.4f}, recall@{TOP} {part['recall_top']:.4f}. One index per genre would hold "
               f"{part['all_genres_items']:,} items (an item is in each of its genres' indexes) and take about "
               f"{part['all_genres_build_s']:.0f} s to build, on top of the main index, and every catalogue change would "
-              "touch several indexes."]
+              "touch several indexes.", "",
+              f"Inserting changed items into the graph (the merge thread's work, one item per hold of the write lock, in "
+              f"process, {args.merge_rows} items twice, median): {search['merge']['replaced']:.3f} ms of CPU per replaced "
+              f"item (its new vector under a fresh label, the older one marked deleted), {search['merge']['added']:.3f} ms "
+              "per added one."]
     size = f"{n // 1_000_000}M" if n % 1_000_000 == 0 else f"{n:,}"
     body = f"## Catalogue scale ({size} items)\n\n" + "\n".join(lines)
     print(body)
@@ -405,6 +429,7 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=200, help="users for the in-process filtered-search comparison")
     p.add_argument("--passes", type=int, default=3, help="timing passes over those users (median reported)")
     p.add_argument("--old-queries", type=int, default=3, help="users for the (slow) pre-change search")
+    p.add_argument("--merge-rows", type=int, default=300, help="replaced and added items timed into the graph")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-write", action="store_true", help="print the section, do not write docs/benchmarks.md")
     add_docs_option(p)
