@@ -16,7 +16,7 @@ therefore served as soon as its columns are written, and requests never wait for
 
 Graph labels are not rows: a replaced item's new vector goes in under a fresh label and the label of its older one
 is marked deleted (``label_row`` maps a label back to its row). hnswlib's own replacement of a label's vector
-repairs every neighbour's list and cost four times a fresh insertion at 1M items (1.6 against 0.42 ms); the marked
+repairs every neighbour's list: 1.4 ms a row at 1M items, against 0.4 ms this way (docs/benchmarks.md). The marked
 element stays in the graph, still a way through it but never an answer, until the next bundle.
 
 Requests read under ``LiveCatalog.rw``'s read lock and a change writes under its write lock, so a request sees a
