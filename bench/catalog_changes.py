@@ -209,8 +209,8 @@ class Backlog(threading.Thread):
 def serve_with_changes(url: str, user: str, item_ids: list[str], args, rate: int, seed: int, arrivals: str, tmp: Path) -> dict:
     """Two streams of requests (150/s unfiltered, 50/s filtered) for ``args.seconds``, with a writer at ``rate``
     changes/s. ``arrivals``: "hey" (its 50 connections per stream fire on one tick: bursts) or "poisson" (wrk, each
-    connection an independent user: see ``bench.serving.poisson``). Also the merge backlog (``Backlog``) at its
-    largest and at the end of the run."""
+    connection an independent user: see ``bench.serving.poisson``). Also the merge backlog (``Backlog``) at the
+    run's start, its largest and at its end."""
     plain = json.dumps({"user_id": user, "k": 10})
     filtered = json.dumps({"user_id": user, "k": 10, "filters": FILTER})
     writer = Writer(url, rate, item_ids, args.seconds, seed) if rate else None
