@@ -17,7 +17,11 @@ therefore served as soon as its columns are written, and requests never wait for
 Graph labels are not rows: a replaced item's new vector goes in under a fresh label and the label of its older one
 is marked deleted (``label_row`` maps a label back to its row). hnswlib's own replacement of a label's vector
 repairs every neighbour's list: 1.4 ms a row at 1M items, against 0.4 ms this way (docs/benchmarks.md). The marked
-element stays in the graph, still a way through it but never an answer, until the next bundle.
+element stays in the graph, still a way through it but never an answer. Such garbage (older vectors, removed
+items) is bounded: once it reaches ``garbage_room`` elements (1/16 of the bundle's items), a replaced item's
+vector is updated in place under its label, and while removals keep it above the room an added item takes a
+marked element's place (hnswlib's ``replace_deleted``), both at the repair's price (1.2-1.6 ms at 1M), so that a
+replica absorbing changes for days neither grows its graph without end nor searches ever more dead elements.
 
 Requests read under ``LiveCatalog.rw``'s read lock and a change writes under its write lock, so a request sees a
 change whole or not at all: ``Catalog``, the view a request reads, is made anew by each write (views of the columns
@@ -56,6 +60,10 @@ WRITE_CHUNK = 4  # items written per hold of the write lock when a change is ind
 # WRITE_CHUNK rows per hold, and a change of more rows than that is indexed before its write returns.
 MERGE_PATIENCE_S = 0.05
 MERGE_BACKLOG = 1024
+# Marked (dead) elements the graph may hold: this share of the bundle's items, at least GARBAGE_MIN. The bundle's
+# index has room for 1/8 more elements than items (recsys/bundle.py): half of it for garbage, half for additions.
+GARBAGE_SHARE = 16
+GARBAGE_MIN = 1024
 
 
 @dataclass(frozen=True)
@@ -130,6 +138,8 @@ class LiveCatalog:
         self.label_row = np.full(max(self.index.get_max_elements(), n), -1, np.int64)  # graph label -> row (-1: none)
         self.label_row[:n] = np.arange(n)  # the bundle's graph: each row under its own number
         self.next_label = n
+        self.garbage = 0  # elements of the graph marked deleted (a bundle's graph has none)
+        self.garbage_room = max(GARBAGE_MIN, n // GARBAGE_SHARE)
         self.n_genres = arrays["item_genres"].shape[1]
         self.lists = year_lists(self._words(n), self.columns["item_year"].rows[:n], self.n_genres)
         self._changed(np.zeros(0, np.int64))
@@ -189,6 +199,7 @@ class LiveCatalog:
             if label >= 0:
                 self.index.mark_deleted(label)
                 self.columns["graph_label"].rows[row] = -1
+                self.garbage += 1
             self.unindexed.discard(row)
             self.columns["active"].rows[row] = False
             self.n_active -= 1
@@ -240,33 +251,63 @@ class LiveCatalog:
 
     # ---------------------------------------------------------------- the graph, merged aside
     def _index(self, rows: np.ndarray) -> None:
-        """Insert the current vectors of those of ``rows`` still unindexed into the graph, each under a fresh label,
-        and mark their older labels deleted (under the write lock)."""
+        """Insert the current vectors of those of ``rows`` still unindexed into the graph (under the write lock)."""
         listed = sorted(self.unindexed.intersection(rows.tolist()))
         if not listed:
             return
-        rows, index, graph_label = np.array(listed, np.int64), self.index, self.columns["graph_label"].rows
-        labels = np.arange(self.next_label, self.next_label + len(rows))
-        if labels[-1] >= index.get_max_elements():
-            self._grow_graph(max(2 * index.get_max_elements(), int(labels[-1]) + 1))
-        vectors = self.columns["item_vectors"].rows[rows]
-        index.add_items(vectors, labels, num_threads=min(len(rows), os.cpu_count() or 1))  # requests wait: use every core
-        self.next_label += len(rows)
-        older = graph_label[rows]
-        for label in older[older >= 0].tolist():  # (after the insertion: a failed one leaves the row as it was)
-            index.mark_deleted(label)
+        rows, graph_label = np.array(listed, np.int64), self.columns["graph_label"].rows
+        vectors, older = self.columns["item_vectors"].rows[rows], graph_label[rows]
+        insert = self._insert_marking if self.garbage < self.garbage_room else self._insert_reusing
+        labels = insert(vectors, older)
         self.label_row[labels], graph_label[rows] = rows, labels
         self.unindexed.difference_update(listed)
         if not self.unindexed:
             self.merge_queue.clear()  # (rows indexed by ``index_now`` or ``merge`` leave entries behind)
 
-    def _grow_graph(self, capacity: int) -> None:
-        """Room for ``capacity`` labels in the graph and in ``label_row`` (a copy of both: rare, doubling)."""
-        logger.info("HNSW graph grows to {} elements (a copy of {})", capacity, self.next_label)
-        self.index.resize_index(capacity)
-        label_row = np.full(capacity, -1, np.int64)
-        label_row[: self.next_label] = self.label_row[: self.next_label]
-        self.label_row = label_row
+    def _insert_marking(self, vectors: np.ndarray, older: np.ndarray) -> np.ndarray:
+        """Each vector under a fresh label, the row's older label (if any) marked deleted: the labels."""
+        labels = self._new_labels(len(vectors))
+        self._add(vectors, labels)
+        for label in older[older >= 0].tolist():  # (after the insertion: a failed one leaves the row as it was)
+            self.index.mark_deleted(label)
+        self.garbage += int((older >= 0).sum())
+        return labels
+
+    def _insert_reusing(self, vectors: np.ndarray, older: np.ndarray) -> np.ndarray:
+        """With the garbage at its room: a row held in the graph gets its new vector in place, under its label; a row
+        not held, a fresh label, in a marked element's place while removals keep the garbage above the room."""
+        labels, held = older.copy(), older >= 0
+        self._add(vectors[held], older[held], grows=False)  # hnswlib updates a held label's vector in place
+        new = np.flatnonzero(~held)
+        labels[new] = self._new_labels(len(new))
+        reused = max(0, min(len(new), self.garbage - self.garbage_room))
+        self._add(vectors[new[:reused]], labels[new[:reused]], grows=False, replace=True)
+        self.garbage -= reused
+        self._add(vectors[new[reused:]], labels[new[reused:]])
+        return labels
+
+    def _add(self, vectors: np.ndarray, labels: np.ndarray, grows: bool = True, replace: bool = False) -> None:
+        """``add_items``: new elements (``grows``: the graph resized first when full), held labels' vectors updated
+        in place, or (``replace``) each into a marked element's place, of which the caller knows there are enough."""
+        if not len(labels):
+            return
+        index, needed = self.index, self.index.get_current_count() + len(labels)
+        if grows and needed > index.get_max_elements():
+            capacity = max(2 * index.get_max_elements(), needed)
+            logger.info("HNSW graph grows to {} elements (a copy of {})", capacity, index.get_current_count())
+            index.resize_index(capacity)
+        index.add_items(vectors, labels, num_threads=min(len(labels), os.cpu_count() or 1),  # requests wait: every core
+                        replace_deleted=replace)
+
+    def _new_labels(self, n: int) -> np.ndarray:
+        """The next ``n`` graph labels (``label_row`` grown by doubling when they pass its end)."""
+        labels = np.arange(self.next_label, self.next_label + n)
+        self.next_label += n
+        if self.next_label > len(self.label_row):
+            label_row = np.full(max(2 * len(self.label_row), self.next_label), -1, np.int64)
+            label_row[: len(self.label_row)] = self.label_row
+            self.label_row = label_row
+        return labels
 
     def labels_of(self, rows) -> np.ndarray:
         """The graph labels holding these rows' vectors (-1: none): what ``index.get_items`` reads them by."""

@@ -294,6 +294,47 @@ def test_a_replaced_vector_goes_into_the_graph_under_a_fresh_label_and_the_older
         live.index.get_items([after])
 
 
+def test_the_graphs_dead_elements_are_bounded_past_them_changes_reuse_their_places(engine):
+    """Older vectors and removed items stay in the graph as marked elements only up to ``garbage_room``; past it a
+    replacement updates its label's vector in place and an addition takes a marked element's place, so that a
+    replica absorbing changes for days keeps a graph of bounded size. Every answer stays the exact one."""
+    live, rng = engine.live, np.random.default_rng(3)
+    engine.exact_share = 2.0  # search through the graph, as a large catalogue does (this one is tiny)
+    live.garbage_room = 3
+    n, count, dim = len(engine.catalog.ids), live.index.get_current_count(), engine.catalog.vectors.shape[1]
+
+    def change(raws: list[str]) -> None:
+        prepared = engine.changes.prepare([Item(item_id=raw, genres=["genre1"], year=2000) for raw in raws])
+        vectors = rng.normal(size=(len(raws), dim)).astype(np.float32)
+        with live.merging:  # the merge thread held back: one insertion of the whole change below
+            live.commit(type(prepared)(prepared.raws, prepared.titles, {**prepared.values, "item_vectors": vectors}))
+        live.merge()
+
+    replaced = list(engine.catalog.ids[:5])
+    change(replaced)  # below the room: fresh labels, the older five marked
+    fresh = live.labels_of(range(5)).tolist()
+    assert fresh == list(range(n, n + 5)) and live.garbage == 5 and live.index.get_current_count() == count + 5
+    change(replaced)  # past it: the same labels, updated in place
+    assert live.labels_of(range(5)).tolist() == fresh and live.index.get_current_count() == count + 5
+    engine.changes.remove(replaced[0])
+    assert live.garbage == 6
+    change(["new-a", "new-b"])  # two marked elements' places taken (six marked, three past the room)
+    added = live.labels_of([engine.catalog.row_of["new-a"], engine.catalog.row_of["new-b"]]).tolist()
+    assert added == [n + 5, n + 6] and live.garbage == 4 and live.index.get_current_count() == count + 5
+    change(["new-c", "new-d"])  # one place taken, down to the room; the other a new element
+    assert live.garbage == 3 and live.index.get_current_count() == count + 6
+    catalog = engine.catalog
+    rows = np.flatnonzero(catalog.active)
+    assert len(rows) == n + 3
+    np.testing.assert_allclose(live.index.get_items(live.labels_of(rows)), catalog.vectors[rows], rtol=1e-6)
+    held = live.index.get_ids_list()  # every label in the graph, marked ones too
+    assert len(held) == len(rows) + live.garbage and set(live.labels_of(rows).tolist()) <= set(held)
+    for user in ("u1", "u2", "u3"):
+        vec = engine.users.vectors([engine.users.resolve(user)])[0]
+        _, found, _ = engine.search(vec, 10, engine.allowed(catalog, None, None))
+        assert sorted(found.tolist()) == sorted(exact_top(catalog, vec, 10))
+
+
 def test_the_store_fold_is_indexed_before_load_returns(engine):
     engine.changes.load({f"fold{i}": Item(item_id=f"fold{i}", genres=["genre1"], year=2000).to_record() for i in range(9)})
     assert not len(engine.catalog.unindexed)
