@@ -54,13 +54,19 @@ def exact_topk(user_vecs: np.ndarray, item_vectors: np.ndarray, k: int, historie
 
 
 def hnsw_topk(index: hnswlib.Index, user_vecs: np.ndarray, k: int, histories: list[np.ndarray]) -> np.ndarray:
-    """Top-k through the index, over-fetching by each user's history length, then excluding it."""
+    """Top-k through the index, over-fetching by each user's history length, then excluding it: each user searched
+    as deep as it would be alone (and in serving). hnswlib's beam is max(ef, fetch), so the users whose fetch
+    is within ef share one query and the rest are queried in groups of equal fetch; one query at the longest
+    history's fetch would search every user deeper than ef, flattering the index."""
     out = np.full((len(user_vecs), k), -1, dtype=np.int64)
-    fetch = min(index.get_current_count(), k + max((len(h) for h in histories), default=0))
-    labels, _ = index.knn_query(user_vecs, k=fetch)
-    for u, (row, hist) in enumerate(zip(labels, histories)):
-        kept = row[~np.isin(row, hist)][:k]
-        out[u, : len(kept)] = kept
+    fetches = np.minimum(index.get_current_count(), k + np.array([len(h) for h in histories], np.int64))
+    beams = np.maximum(fetches, index.ef)  # (users of one beam see the same search; each takes its own fetch)
+    for beam in np.unique(beams):
+        users = np.flatnonzero(beams == beam)
+        labels, _ = index.knn_query(user_vecs[users], k=int(fetches[users].max()))
+        for u, row in zip(users.tolist(), labels):
+            kept = row[: fetches[u]][~np.isin(row[: fetches[u]], histories[u])][:k]
+            out[u, : len(kept)] = kept
     return out
 
 

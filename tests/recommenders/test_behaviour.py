@@ -281,16 +281,12 @@ def test_two_tower_similar_items_rank_by_the_cosine_of_item_vectors(tower):
     assert (rest.max(axis=1) <= picked[:, -1] + 1e-6).all()  # nothing left out beats the last one listed
 
 
-# --------------------------------------------------------------------------- a known defect, pinned
+# --------------------------------------------------------------------------- a batch searches as one user alone
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "hnsw_topk fetches k + the longest history in the whole batch, and hnswlib searches with a beam of "
-    "max(ef, fetch): with ef below that, a user's list depends on who shares the batch. The evaluation "
-    "passes every user in one call, so its HNSW rows (and the re-ranker's candidates) search as deep as the "
-    "longest history of all, deeper than ef. The suite's index (ef=64 over 150 items) is deep enough to hide "
-    "it; strict: when fixed this passes, and the marker must go"))
 def test_hnsw_batch_equals_one_at_a_time_with_a_beam_narrower_than_the_fetch(tower, data):
+    """hnswlib's beam is max(ef, fetch) and each user's fetch is k + its history: a user batched with a longer
+    history must not search deeper than alone (the evaluation passes every user in one call; serving, one)."""
     narrow = build_index(tower.recall.vectors, m=4, ef_construction=20, ef=10)
     rec = TwoTowerRecommender(tower.model, tower.tables, narrow)
     hist = data.histories("test")
