@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from offline.baselines import EASE, Blend, ItemKNN, Popularity, ScoringRecommender, SeqKNN
 from offline.evaluate import BLEND, recommend_by_score
