@@ -113,12 +113,13 @@ def workers_of(proc: subprocess.Popen, workers: int) -> list[int]:
 
 
 def memory_mib(pid: int) -> dict[str, float]:
-    """RSS and PSS of a process, MiB (smaps_rollup)."""
+    """RSS, PSS and the anonymous (private, not file-backed) part of RSS of a process, MiB (smaps_rollup). The
+    rest of RSS is the bundle's mapped arrays that the process touched: page cache, shared with the other workers."""
     fields = {}
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
         key, value = line.split(":", 1)
         fields[key] = int(value.split()[0]) / 1024
-    return {"rss": fields["Rss"], "pss": fields["Pss"]}
+    return {"rss": fields["Rss"], "pss": fields["Pss"], "anon": fields["Anonymous"]}
 
 
 def settle(url: str, users: list[str]) -> None:
@@ -206,20 +207,22 @@ class Backlog(threading.Thread):
         return {"start": self.readings[0], "max": max(self.readings), "end": self.readings[-1]}
 
 
-def serve_with_changes(url: str, user: str, item_ids: list[str], args, rate: int, seed: int, arrivals: str, tmp: Path) -> dict:
+def serve_with_changes(url: str, users: list[str], item_ids: list[str], args, rate: int, seed: int, arrivals: str,
+                       tmp: Path) -> dict:
     """Two streams of requests (150/s unfiltered, 50/s filtered) for ``args.seconds``, with a writer at ``rate``
-    changes/s. ``arrivals``: "hey" (its 50 connections per stream fire on one tick: bursts) or "poisson" (wrk, each
-    connection an independent user: see ``bench.serving.poisson``). Also the merge backlog (``Backlog``) at the
-    run's start, its largest and at its end."""
-    plain = json.dumps({"user_id": user, "k": 10})
-    filtered = json.dumps({"user_id": user, "k": 10, "filters": FILTER})
+    changes/s. ``arrivals``: "hey" (its 50 connections per stream fire on one tick: bursts; one body, so the first
+    of ``users`` alone) or "poisson" (wrk, each connection an independent user: see ``bench.serving.poisson``; each
+    request for one of ``users`` at random). Also the merge backlog (``Backlog``) at the run's start, its largest
+    and at its end."""
+    plain = [json.dumps({"user_id": user, "k": 10}) for user in users]
+    filtered = [json.dumps({"user_id": user, "k": 10, "filters": FILTER}) for user in users]
     writer = Writer(url, rate, item_ids, args.seconds, seed) if rate else None
     backlog = Backlog(url)
     backlog.start()
     with ThreadPoolExecutor(2) as pool:
         if arrivals == "hey":
-            runs = [pool.submit(hey, f"{url}/recommend", args.seconds, 50, 3, plain),
-                    pool.submit(hey, f"{url}/recommend", args.seconds, 50, 1, filtered)]
+            runs = [pool.submit(hey, f"{url}/recommend", args.seconds, 50, 3, plain[0]),
+                    pool.submit(hey, f"{url}/recommend", args.seconds, 50, 1, filtered[0])]
         else:
             runs = [pool.submit(poisson, url, "/recommend", args.seconds, 150, tmp, plain, seed=seed),
                     pool.submit(poisson, url, "/recommend", args.seconds, 50, tmp, filtered, seed=seed + 1000)]
@@ -258,7 +261,7 @@ def churn(tree: Path, bundle: Path, redis: Redis, users: list[str], item_ids: li
             single = one_upsert(url)
             for run in range(args.runs):
                 for (arrivals, rate), done in runs.items():
-                    done.append(serve_with_changes(url, users[0], item_ids, args, rate, run, arrivals, Path(tmp)))
+                    done.append(serve_with_changes(url, users, item_ids, args, rate, run, arrivals, Path(tmp)))
                     print(run, arrivals, rate, done[-1], flush=True)
             memory = max((memory_mib(pid) for pid in pids), key=lambda m: m["rss"])
         finally:
@@ -277,17 +280,19 @@ def median_of(runs: list[dict]) -> dict:
 
 # ----------------------------------------------------------------------------- report
 def write(results: dict[str, dict], bundle: Path, args) -> None:
-    n = len(json.loads((resolve(bundle) / "catalog.json").read_text())["item_ids"])
+    catalog = json.loads((resolve(bundle) / "catalog.json").read_text())
+    n, n_users = len(catalog["item_ids"]), min(args.users, len(catalog["user_ids"]))
     lines = [f"Machine: {machine()}; service, `hey` and the change writer on the same 2 cores. Bundle: {n:,} synthetic "
              f"items (`bench/catalog_scale.py`), state on a local Redis (appendfsync always), `--runs {args.runs}` (medians), {args.seconds} s per run.", "",
              "| checkout | start to ready, 1 worker | 2 workers | RSS per worker (1 / 2 workers) | PSS sum, 2 workers "
-             f"| RSS after the change runs ({args.workers} worker{'s' * (args.workers > 1)}, the largest) | one upsert (`/admin/items`) |",
+             f"| RSS after the change runs ({args.workers} worker{'s' * (args.workers > 1)}, the largest; anonymous) | one upsert (`/admin/items`) |",
              "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         one, two = r["one"], r["two"]
         rss2 = " + ".join(f"{w['rss']:,.0f}" for w in two["workers"])
         lines.append(f"| {name} | {one['ready_s']:.1f} s | {two['ready_s']:.1f} s | {one['workers'][0]['rss']:,.0f} / {rss2} MiB "
-                     f"| {sum(w['pss'] for w in two['workers']):,.0f} MiB | {r['churn']['memory_after']['rss']:,.0f} MiB "
+                     f"| {sum(w['pss'] for w in two['workers']):,.0f} MiB "
+                     f"| {r['churn']['memory_after']['rss']:,.0f} MiB ({r['churn']['memory_after']['anon']:,.0f}) "
                      f"| {r['churn']['single_upsert_s'] * 1000:,.0f} ms |")
     lines += ["", f"`/recommend` at 200 requests/s (150/s unfiltered + 50/s genre + decade filter), with no changes and "
               f"while item changes are sent at a fixed rate in batches every {BATCH_EVERY_S * 1000:.0f} ms "
@@ -305,8 +310,9 @@ def write(results: dict[str, dict], bundle: Path, args) -> None:
                          f"| {run['filtered']['p50']:.2f} / {run['filtered']['p99']:.2f} "
                          f"| {run['unindexed']['start']:,.0f} / {run['unindexed']['max']:,.0f} / {run['unindexed']['end']:,.0f} |")
     lines += ["", "hey: 50 connections per stream at 3/s and 1/s each, fired on one tick (bursts of 50 every 333 ms and "
-              "every second). Poisson: wrk with 150 and 50 connections, each waiting an exponentially distributed time "
-              "(mean 1 s) before each request, as independent users send them (`poisson` in bench/serving.py)."]
+              f"every second), all for one user. Poisson: wrk with 150 and 50 connections, each waiting an exponentially "
+              f"distributed time (mean 1 s) before each request, as independent users send them (`poisson` in "
+              f"bench/serving.py), each request for one of {n_users:,} users at random."]
     body = "## Catalogue changes at scale\n\n" + "\n".join(lines)
     print(body)
     if not args.no_write:
@@ -322,6 +328,7 @@ def main() -> None:
     p.add_argument("--arrivals", type=lambda v: v.split(","), default=["hey", "poisson"],
                    help="request arrival patterns, comma-separated: hey (bursts), poisson (independent users)")
     p.add_argument("--workers", type=int, default=1, help="workers serving the change runs (default 1)")
+    p.add_argument("--users", type=int, default=1000, help="the bundle's first N users, whom the Poisson arrivals ask for")
     p.add_argument("--seconds", type=int, default=20)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
@@ -331,15 +338,15 @@ def main() -> None:
     if set(args.arrivals) - set(ARRIVALS):
         p.error(f"--arrivals {','.join(args.arrivals)}: each one of {', '.join(ARRIVALS)}")
     catalog = json.loads((resolve(args.bundle_dir) / "catalog.json").read_text())
-    users, item_ids = list(catalog["user_ids"][:3]), list(catalog["item_ids"])
+    users, item_ids = list(catalog["user_ids"][: args.users]), list(catalog["item_ids"])
     trees = {"this change": ROOT, **({f"before ({args.against.name})": args.against} if args.against else {})}
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         redis = Redis(Path(tmp))
         try:
             for name, tree in trees.items():
-                results[name] = {"one": footprint(tree, args.bundle_dir, redis, users, 1),
-                                 "two": footprint(tree, args.bundle_dir, redis, users, 2),
+                results[name] = {"one": footprint(tree, args.bundle_dir, redis, users[:3], 1),
+                                 "two": footprint(tree, args.bundle_dir, redis, users[:3], 2),
                                  "churn": churn(tree, args.bundle_dir, redis, users, item_ids, args)}
                 print(name, results[name], flush=True)
         finally:

@@ -90,26 +90,29 @@ def wrk(url: str, script: Path, seconds: int, connections: int = 16) -> float:
 
 
 WRK_POISSON = """
-local mean_ms, path, body = %(mean_ms)f, "%(path)s", %(body)s
+local mean_ms, path, bodies = %(mean_ms)f, "%(path)s", {%(bodies)s}
 math.randomseed(%(seed)d)
 request = function()
-  if body == nil then return wrk.format("GET", path) end
-  return wrk.format("POST", path, {["Content-Type"] = "application/json"}, body)
+  if #bodies == 0 then return wrk.format("GET", path) end
+  return wrk.format("POST", path, {["Content-Type"] = "application/json"}, bodies[math.random(#bodies)])
 end
 delay = function() return -mean_ms * math.log(1 - math.random()) end
 """
 UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
-def poisson(url: str, path: str, seconds: int, rate: int, tmp: Path, body: str | None = None, seed: int = 0) -> dict[str, float]:
+def poisson(url: str, path: str, seconds: int, rate: int, tmp: Path, body: str | list[str] | None = None,
+            seed: int = 0) -> dict[str, float]:
     """p50 / p99 with requests arriving as independent users send them: ``rate`` connections, each waiting an
     exponentially distributed time (mean 1 s) before each request, so that arrivals are close to a Poisson stream of
     ``rate`` per second (the response time, a few ms against a mean wait of a second, hardly delays the next
     request). hey's ``-q`` fires its connections on one tick instead: bursts no independent users make. wrk times
-    each request from its send, as hey does; one slower than 10 s counts as an error."""
+    each request from its send, as hey does; one slower than 10 s counts as an error. ``body``: a POST body, or a
+    list of them (each request one drawn at random: many users); None: GET."""
     script = tmp / f"poisson-{seed}.lua"
-    lua_body = "nil" if body is None else "[==[" + body + "]==]"
-    script.write_text(WRK_POISSON % {"mean_ms": 1000.0, "path": path, "body": lua_body, "seed": seed})
+    bodies = [] if body is None else [body] if isinstance(body, str) else body
+    script.write_text(WRK_POISSON % {"mean_ms": 1000.0, "path": path, "seed": seed,
+                                     "bodies": ", ".join("[==[" + b + "]==]" for b in bodies)})
     out = subprocess.run(["wrk", "-t1", f"-c{rate}", f"-d{seconds}s", "--timeout", "10s", "--latency", "-s", str(script),
                           url], capture_output=True, text=True, check=True).stdout
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
