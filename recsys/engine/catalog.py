@@ -20,7 +20,7 @@ repairs every neighbour's list: 1.4 ms a row at 1M items, against 0.4 ms this wa
 element stays in the graph, still a way through it but never an answer. Such garbage (older vectors, removed
 items) is bounded: once it reaches ``garbage_room`` elements (1/16 of the bundle's items), a replaced item's
 vector is updated in place under its label, and while removals keep it above the room an added item takes a
-marked element's place (hnswlib's ``replace_deleted``), both at the repair's price (1.2-1.6 ms at 1M), so that a
+marked element's place (hnswlib's ``replace_deleted``), both at the repair's price (1.2-2.0 ms at 1M), so that a
 replica absorbing changes for days neither grows its graph without end nor searches ever more dead elements.
 
 Requests read under ``LiveCatalog.rw``'s read lock and a change writes under its write lock, so a request sees a
