@@ -9,6 +9,7 @@ from offline.metrics import ranking_metrics, summarize
 from offline.split import TemporalSplit, history_matrix
 from offline.tower_tables import TowerTables
 from offline.two_tower import TwoTower
+from recsys.engine.search import EXACT_FETCH_SHARE
 from recsys.topk import topk_items
 
 
@@ -67,6 +68,21 @@ def hnsw_topk(index: hnswlib.Index, user_vecs: np.ndarray, k: int, histories: li
         for u, row in zip(users.tolist(), labels):
             kept = row[: fetches[u]][~np.isin(row[: fetches[u]], histories[u])][:k]
             out[u, : len(kept)] = kept
+    return out
+
+
+def served_topk(index: hnswlib.Index, user_vecs: np.ndarray, item_vectors: np.ndarray, k: int,
+                histories: list[np.ndarray], exact_share: float = EXACT_FETCH_SHARE) -> np.ndarray:
+    """The top-k as the service searches it (``recsys.engine.search``): exact for a user whose first fetch (k plus
+    the history) is at least ``exact_share`` of the catalogue, through the index for the others. The re-ranker
+    trains and is scored on the candidates it will be served."""
+    out = np.full((len(user_vecs), k), -1, dtype=np.int64)
+    exact = k + np.array([len(h) for h in histories], np.int64) >= exact_share * len(item_vectors)
+    scored, searched = np.flatnonzero(exact), np.flatnonzero(~exact)
+    if len(scored):
+        out[scored] = exact_topk(user_vecs[scored], item_vectors, k, [histories[u] for u in scored])
+    if len(searched):
+        out[searched] = hnsw_topk(index, user_vecs[searched], k, [histories[u] for u in searched])
     return out
 
 

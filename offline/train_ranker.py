@@ -25,7 +25,7 @@ from loguru import logger
 from offline.evaluate import paired_bootstrap
 from offline.clicks import Clicks, click_queries
 from offline.ranker import Queries, QuerySet, RankerConfig, fit_lambdamart, fit_mlp
-from offline.recall_eval import TwoTowerRecommender, exact_topk, hnsw_topk
+from offline.recall_eval import TwoTowerRecommender, exact_topk, served_topk
 from offline.split import TemporalSplit, seeded_sample
 from offline.stages import stage
 from recsys.rank_features import RankerTables, candidate_features, feature_names, merge_candidates, user_features
@@ -52,8 +52,8 @@ class RankContext:
         """``(items [U, depth], scores [U, depth], user vectors [U, d])`` from the two-tower, history
         excluded, -1 / -inf padding."""
         user_vecs = self.recall.user_vectors(users, histories)
-        if self.recall.index is not None:
-            items = hnsw_topk(self.recall.index, user_vecs, self.depth, histories)
+        if self.recall.index is not None:  # (exact where the service scores exactly: a small catalogue)
+            items = served_topk(self.recall.index, user_vecs, self.recall.item_vectors, self.depth, histories)
         else:
             items = exact_topk(user_vecs, self.recall.item_vectors, self.depth, histories)
         scores = np.einsum("ud,ukd->uk", user_vecs, self.recall.item_vectors[np.maximum(items, 0)])

@@ -17,7 +17,7 @@ from offline.baselines import Popularity
 from offline.batches import hard_negative_draws
 from offline.evaluate import evaluate
 from offline.negatives import HardPool, mine_hard_negatives, mix_negatives
-from offline.recall_eval import TwoTowerRecommender, build_index, hnsw_topk
+from offline.recall_eval import TwoTowerRecommender, build_index, exact_topk, hnsw_topk, served_topk
 from offline.split import history_matrix, temporal_split
 from offline.synthetic import generate
 from offline.tower_tables import TowerTables, training_examples
@@ -511,6 +511,27 @@ def test_refit_for_the_chosen_epochs_replays_the_selected_weights(toy, tmp_path)
 # ---------------------------------------------------------------------------------------------
 # HNSW against exact search on the toy model
 # ---------------------------------------------------------------------------------------------
+def test_the_rankers_candidates_are_searched_as_the_service_searches(toy, trained):
+    """``served_topk``: exact for a user whose fetch (K + history) is at least the share of the catalogue at
+    which the service scores exactly, through the index for the others (a coarse index here, so the two differ)."""
+    _, split = toy
+    model, tables, _ = trained
+    exact = TwoTowerRecommender(model, tables)
+    coarse = build_index(exact.item_vectors, m=2, ef_construction=4, ef=4)
+    histories = split.history_before("test")
+    users = np.arange(split.n_users)
+    hist = [histories[u] for u in users]
+    vecs = exact.user_vectors(users, hist)
+    fetches = K + np.array([len(h) for h in hist])
+    share = float(np.median(fetches)) / len(exact.item_vectors)
+    got = served_topk(coarse, vecs, exact.item_vectors, K, hist, exact_share=share)
+    scored = fetches >= share * len(exact.item_vectors)
+    assert 0 < scored.sum() < len(users)
+    brute, searched = exact_topk(vecs, exact.item_vectors, K, hist), hnsw_topk(coarse, vecs, K, hist)
+    assert np.array_equal(got[scored], brute[scored]) and np.array_equal(got[~scored], searched[~scored])
+    assert not np.array_equal(brute[scored], searched[scored])  # the coarse index would have answered otherwise
+
+
 def test_hnsw_top20_excludes_history_and_agrees_with_exact_search(toy, trained):
     _, split = toy
     model, tables, _ = trained
