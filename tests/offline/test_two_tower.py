@@ -511,16 +511,19 @@ def test_refit_for_the_chosen_epochs_replays_the_selected_weights(toy, tmp_path)
 # ---------------------------------------------------------------------------------------------
 # HNSW against exact search on the toy model
 # ---------------------------------------------------------------------------------------------
+def _test_users(toy, trained) -> tuple[TwoTowerRecommender, np.ndarray, list[np.ndarray]]:
+    """The toy model's exact recommender, every user, and each one's history before the test window."""
+    model, tables, _ = trained
+    histories = toy[1].history_before("test")
+    users = np.arange(toy[1].n_users)
+    return TwoTowerRecommender(model, tables), users, [histories[u] for u in users]
+
+
 def test_the_rankers_candidates_are_searched_as_the_service_searches(toy, trained):
     """``served_topk``: exact for a user whose fetch (K + history) is at least the share of the catalogue at
     which the service scores exactly, through the index for the others (a coarse index here, so the two differ)."""
-    _, split = toy
-    model, tables, _ = trained
-    exact = TwoTowerRecommender(model, tables)
+    exact, users, hist = _test_users(toy, trained)
     coarse = build_index(exact.item_vectors, m=2, ef_construction=4, ef=4)
-    histories = split.history_before("test")
-    users = np.arange(split.n_users)
-    hist = [histories[u] for u in users]
     vecs = exact.user_vectors(users, hist)
     fetches = K + np.array([len(h) for h in hist])
     share = float(np.median(fetches)) / len(exact.item_vectors)
@@ -533,14 +536,9 @@ def test_the_rankers_candidates_are_searched_as_the_service_searches(toy, traine
 
 
 def test_hnsw_top20_excludes_history_and_agrees_with_exact_search(toy, trained):
-    _, split = toy
-    model, tables, _ = trained
-    exact = TwoTowerRecommender(model, tables)
+    exact, users, hist = _test_users(toy, trained)
     index = build_index(exact.item_vectors, m=16, ef_construction=200, ef=200)
-    histories = split.history_before("test")
-    users = np.arange(split.n_users)
-    hist = [histories[u] for u in users]
-    via_index = TwoTowerRecommender(model, tables, index).recommend(users, hist, K)
+    via_index = TwoTowerRecommender(exact.model, exact.tables, index).recommend(users, hist, K)
     brute = exact.recommend(users, hist, K)
     # the same result straight from hnsw_topk
     assert np.array_equal(hnsw_topk(index, exact.user_vectors(users, hist), K, hist), via_index)
