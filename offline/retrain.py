@@ -39,7 +39,7 @@ BATCH = 1000  # users per engine pass
 
 class ServedBundle:
     """A bundle as the service serves it, answering the evaluation's ``recommend(users, histories, k)`` through
-    the engine's batch path (one tower call, one ANN query and one ranker pass per ``BATCH`` users)."""
+    the engine's batch path (one tower call, one ANN query per search beam and one ranker pass per ``BATCH`` users)."""
 
     def __init__(self, path: Path, ds: Dataset, split: TemporalSplit, candidates: int, catalog: dict[str, dict | None]):
         bundle = read_bundle(path)

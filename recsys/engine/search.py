@@ -30,8 +30,9 @@ def search_many(live: LiveCatalog, vecs: np.ndarray, depth: int, alloweds: Seque
     users in one batched query.
 
     A broad filter that still leaves the list short after two growths admits far fewer rows than its bound: its
-    rows are then listed and scored exactly. A batched query reads as deep as its widest fetch (hnswlib's beam is
-    max(ef, k)), so sharing a batch can only add true neighbours to a user's list, never remove one. Rows changed
+    rows are then listed and scored exactly. hnswlib's beam is max(ef, k), so the users of a batch are queried in
+    groups of one beam, each taking its own fetch from the answer: a user's list is the one it gets alone, whoever
+    shares its batch. Rows changed
     since the graph last held them (``Catalog.unindexed``) are scored exactly and merged into the graph's answer;
     the graph's entries for them (an older vector) are ignored.
     """
@@ -56,32 +57,42 @@ def _search_many(live: LiveCatalog, vecs: np.ndarray, depth: int, alloweds: Sequ
         else:
             pending[u] = (wanted, first, first)
     while pending:
-        users = list(pending)
-        searchable = catalog.n_active
-        k = min(max(pending[u][2] for u in users), searchable)
-        try:
-            labels, dists = live.index.knn_query(vecs[users], k=k)
-        except RuntimeError:  # hnswlib found fewer than k (deleted items): score exactly instead
-            labels = dists = None
-        retry = {}
-        for j, u in enumerate(users):
-            wanted, first, fetch = pending[u]
-            if labels is None:
-                out[u] = (catalog, *exact(catalog, vecs[u], alloweds[u].every_row(catalog), wanted))
-                continue
-            found, dist = live.label_row[labels[j]], dists[j]
-            keep = alloweds[u].keep(found, catalog)
-            if len(catalog.unindexed):
-                keep &= ~in_sorted(found, catalog.unindexed)
-            if keep.sum() >= wanted or k >= searchable:
-                rows, scores = found[keep][:wanted], (1.0 - dist[keep][:wanted]).astype(np.float32)
-                out[u] = (catalog, *with_unindexed(catalog, vecs[u], alloweds[u], rows, scores, wanted))
-            elif alloweds[u].rule is not None and fetch >= first * FETCH_GROWTH**2:
-                out[u] = (catalog, *exact(catalog, vecs[u], alloweds[u].every_row(catalog), wanted))
-            else:
-                retry[u] = (wanted, first, min(max(fetch, k) * FETCH_GROWTH, searchable))
+        searchable, ef = catalog.n_active, live.index.ef
+        fetch = {u: min(pending[u][2], searchable) for u in pending}
+        retry: dict[int, tuple[int, int, int]] = {}
+        for beam in sorted({max(ef, f) for f in fetch.values()}):  # one query per beam: each user as deep as alone
+            users = [u for u in pending if max(ef, fetch[u]) == beam]
+            try:
+                labels, dists = live.index.knn_query(vecs[users], k=max(fetch[u] for u in users))
+            except RuntimeError:  # hnswlib found fewer than k (deleted items): score exactly instead
+                labels = dists = None
+            for j, u in enumerate(users):
+                got = None if labels is None else (live.label_row[labels[j][: fetch[u]]], dists[j][: fetch[u]])
+                done = _taken(catalog, vecs[u], alloweds[u], *pending[u][:2], fetch[u], got, searchable)
+                if done is None:
+                    retry[u] = (pending[u][0], pending[u][1], min(fetch[u] * FETCH_GROWTH, searchable))
+                else:
+                    out[u] = (catalog, *done)
         pending = retry
     return out
+
+
+def _taken(catalog: Catalog, vec: np.ndarray, allowed: Allowed, wanted: int, first: int, fetch: int,
+           got: tuple[np.ndarray, np.ndarray] | None, searchable: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """A user's answer from the graph's ``got`` (rows, distances; None: the graph could not answer), or exact when
+    the graph could not or a filter admits far fewer rows than its bound; None: fetch deeper."""
+    if got is None:
+        return exact(catalog, vec, allowed.every_row(catalog), wanted)
+    found, dist = got
+    keep = allowed.keep(found, catalog)
+    if len(catalog.unindexed):
+        keep &= ~in_sorted(found, catalog.unindexed)
+    if keep.sum() >= wanted or fetch >= searchable:
+        rows, scores = found[keep][:wanted], (1.0 - dist[keep][:wanted]).astype(np.float32)
+        return with_unindexed(catalog, vec, allowed, rows, scores, wanted)
+    if allowed.rule is not None and fetch >= first * FETCH_GROWTH**2:
+        return exact(catalog, vec, allowed.every_row(catalog), wanted)
+    return None
 
 
 def with_unindexed(catalog: Catalog, vec: np.ndarray, allowed: Allowed, rows: np.ndarray, scores: np.ndarray,

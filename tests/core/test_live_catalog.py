@@ -13,6 +13,7 @@ from recsys.engine.engine import Engine
 from recsys.engine.filters import FilterIndex, RowFilter
 from recsys.engine.items import Column
 from recsys.engine.locks import ReadWriteLock
+from recsys.engine.search import search_many
 from recsys.query import Filters, Item, RecommendRequest
 
 
@@ -333,6 +334,23 @@ def test_the_graphs_dead_elements_are_bounded_past_them_changes_reuse_their_plac
         vec = engine.users.vectors([engine.users.resolve(user)])[0]
         _, found, _ = engine.search(vec, 10, engine.allowed(catalog, None, None))
         assert sorted(found.tolist()) == sorted(exact_top(catalog, vec, 10))
+
+
+def test_a_user_in_a_batch_gets_the_list_it_gets_alone_whoever_shares_the_batch(engine):
+    """hnswlib's beam is max(ef, k), and each user's fetch is the depth plus its seen items: a batch is queried in
+    groups of one beam, so a user with few seen items is not searched deeper for sharing a batch with many."""
+    engine.exact_share = 2.0  # through the graph, as a large catalogue does
+    engine.live.index.set_ef(4)  # a beam narrower than every fetch: each user's depth decides it
+    catalog = engine.catalog
+    ctxs = [engine.users.resolve(f"u{i}") for i in range(40)]
+    vecs = engine.users.vectors(ctxs)
+    alloweds = [engine.allowed(catalog, None, ctx.hist_items) for ctx in ctxs]
+    assert len({len(a.excluded) for a in alloweds}) > 5  # fetches (and so beams) of many sizes
+    together = search_many(engine.live, vecs, 8, alloweds, engine.exact_share)
+    for u in range(len(ctxs)):
+        _, rows, scores = search_many(engine.live, vecs[u : u + 1], 8, alloweds[u : u + 1], engine.exact_share)[0]
+        assert together[u][1].tolist() == rows.tolist()
+        np.testing.assert_allclose(together[u][2], scores, rtol=1e-6)
 
 
 def test_the_store_fold_is_indexed_before_load_returns(engine):
