@@ -27,7 +27,7 @@ def search_many(live: LiveCatalog, vecs: np.ndarray, depth: int, alloweds: Seque
                 exact_share: float = EXACT_FETCH_SHARE) -> list[Found]:
     """Each user's top-``depth`` allowed items: exact over a narrow filter's rows, or when the first fetch would be at
     least ``exact_share`` of the catalogue (a small one), else HNSW with over-fetch, checking each result; the HNSW
-    users in one batched query.
+    users in one batched query per beam.
 
     A broad filter that still leaves the list short after two growths admits far fewer rows than its bound: its
     rows are then listed and scored exactly. hnswlib's beam is max(ef, k), so the users of a batch are queried in
