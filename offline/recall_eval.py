@@ -9,7 +9,7 @@ from offline.metrics import ranking_metrics, summarize
 from offline.split import TemporalSplit, history_matrix
 from offline.tower_tables import TowerTables
 from offline.two_tower import TwoTower
-from recsys.engine.search import EXACT_FETCH_SHARE
+from recsys.engine.search import EXACT_FETCH_SHARE, beam_groups
 from recsys.topk import topk_items
 
 
@@ -61,12 +61,11 @@ def hnsw_topk(index: hnswlib.Index, user_vecs: np.ndarray, k: int, histories: li
     history's fetch would search every user deeper than ef, flattering the index."""
     out = np.full((len(user_vecs), k), -1, dtype=np.int64)
     fetches = np.minimum(index.get_current_count(), k + np.array([len(h) for h in histories], np.int64))
-    beams = np.maximum(fetches, index.ef)  # (users of one beam see the same search; each takes its own fetch)
-    for beam in np.unique(beams):
-        users = np.flatnonzero(beams == beam)
+    for users in beam_groups(fetches, index.ef):
         labels, _ = index.knn_query(user_vecs[users], k=int(fetches[users].max()))
         for u, row in zip(users.tolist(), labels):
-            kept = row[: fetches[u]][~np.isin(row[: fetches[u]], histories[u])][:k]
+            row = row[: fetches[u]]
+            kept = row[~np.isin(row, histories[u])][:k]
             out[u, : len(kept)] = kept
     return out
 

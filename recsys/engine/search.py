@@ -57,11 +57,11 @@ def _search_many(live: LiveCatalog, vecs: np.ndarray, depth: int, alloweds: Sequ
         else:
             pending[u] = (wanted, first, first)
     while pending:
-        searchable, ef = catalog.n_active, live.index.ef
-        fetch = {u: min(pending[u][2], searchable) for u in pending}
+        searchable, keys = catalog.n_active, list(pending)
+        fetch = {u: min(pending[u][2], searchable) for u in keys}
         retry: dict[int, tuple[int, int, int]] = {}
-        for beam in sorted({max(ef, f) for f in fetch.values()}):  # one query per beam: each user as deep as alone
-            users = [u for u in pending if max(ef, fetch[u]) == beam]
+        for group in beam_groups([fetch[u] for u in keys], live.index.ef):
+            users = [keys[i] for i in group]
             try:
                 labels, dists = live.index.knn_query(vecs[users], k=max(fetch[u] for u in users))
             except RuntimeError:  # hnswlib found fewer than k (deleted items): score exactly instead
@@ -75,6 +75,13 @@ def _search_many(live: LiveCatalog, vecs: np.ndarray, depth: int, alloweds: Sequ
                     out[u] = (catalog, *done)
         pending = retry
     return out
+
+
+def beam_groups(fetches: Sequence[int] | np.ndarray, ef: int) -> list[np.ndarray]:
+    """Positions in ``fetches`` grouped by hnswlib's beam, max(ef, fetch): one query per group at its largest fetch,
+    each user taking its own fetch from the answer, searches each as deep as it would be alone."""
+    beams = np.maximum(np.asarray(fetches, np.int64), ef)
+    return [np.flatnonzero(beams == beam) for beam in np.unique(beams)]
 
 
 def _taken(catalog: Catalog, vec: np.ndarray, allowed: Allowed, wanted: int, first: int, fetch: int,
