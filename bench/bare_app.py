@@ -11,7 +11,8 @@ from fastapi.responses import Response
 
 from recsys.bundle import read_bundle
 
-bundle = read_bundle(os.environ.get("RECSYS_BUNDLE_DIR", "artifacts"))
+bundle = read_bundle(os.environ.get("RECSYS_BUNDLE_DIR", "artifacts"),
+                     index_ef=int(os.environ.get("RECSYS_INDEX_EF") or 0) or None)  # the service's beam, if set
 vectors, item_ids = bundle.arrays["item_vectors"], bundle.catalog["item_ids"]
 app = FastAPI()
 

@@ -169,8 +169,9 @@ def resolve(path: Path) -> Path:
     return path / version
 
 
-def read_bundle(path: Path, index_threads: int = 1) -> Bundle:
-    """Load and validate a bundle; every failure names the file or field."""
+def read_bundle(path: Path, index_threads: int = 1, index_ef: int | None = None) -> Bundle:
+    """Load and validate a bundle; every failure names the file or field. ``index_ef``: the HNSW search beam, if
+    not the one the bundle was evaluated with (a query-time setting of hnswlib, so a replica may tune it)."""
     vdir = resolve(path)
     manifest = _read_manifest(vdir)
     for name, digest in manifest["files"].items():
@@ -197,7 +198,7 @@ def read_bundle(path: Path, index_threads: int = 1) -> Bundle:
         raise BundleError(f"{vdir / 'manifest.json'}: field 'index.dim' is {dim!r}, "
                           f"item_vectors have {arrays['item_vectors'].shape[-1]} dimensions")
     try:
-        index = _load_index(vdir / "item_index.bin", manifest["index"], len(arrays["item_vectors"]), index_threads)
+        index = _load_index(vdir / "item_index.bin", manifest["index"], len(arrays["item_vectors"]), index_threads, index_ef)
     except BundleError:
         raise
     except Exception as err:  # hnswlib raises RuntimeError on a truncated file, the manifest may lack a field
@@ -282,14 +283,14 @@ def _read_manifest(vdir: Path) -> dict[str, Any]:
     return manifest
 
 
-def _load_index(path: Path, params: dict, n_items: int, threads: int) -> hnswlib.Index:
+def _load_index(path: Path, params: dict, n_items: int, threads: int, ef: int | None = None) -> hnswlib.Index:
     for key in ("dim", "ef"):
         if not isinstance(params, dict) or not isinstance(params.get(key), int) or params[key] < 1:
             raise BundleError(f"{path.parent / 'manifest.json'}: field 'index.{key}' must be a positive integer")
     index = hnswlib.Index(space="ip", dim=int(params["dim"]))
     room = n_items + max(1024, n_items // 8)  # items added online go here before a resize (a copy of the graph)
     index.load_index(str(path), max_elements=max(int(params.get("max_elements", n_items)), room), allow_replace_deleted=True)
-    index.set_ef(int(params["ef"]))
+    index.set_ef(ef or int(params["ef"]))
     index.set_num_threads(threads)
     if index.get_current_count() != n_items:
         raise BundleError(f"{path}: index holds {index.get_current_count()} items, item_vectors has {n_items}")

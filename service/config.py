@@ -64,6 +64,9 @@ class Settings(BaseSettings):
                             "and more of them in flight lets Redis commit them together")
     torch_threads: int = Field(1, ge=1, description="intra-op threads per tower call (requests already run in parallel)")
     index_threads: int = Field(1, ge=1, description="hnswlib threads per query")
+    index_ef: int | None = Field(None, ge=1, le=100_000, description="HNSW search beam (hnswlib's ef) on this replica; "
+                                 "unset: the bundle's (--index-ef). A query's beam is max(ef, its fetch): lower trades "
+                                 "recall for search time, higher the reverse, with no new bundle")
     filter_exact_limit: int = Field(EXACT_LIMIT, ge=0, description="a filtered request whose year slices (per genre, binary "
                                     "searched) hold at most this many items scores them all exactly; a broader one "
                                     "searches HNSW and over-fetches (docs/benchmarks.md, 'Catalogue scale')")
@@ -133,7 +136,7 @@ class Settings(BaseSettings):
                             self.idempotency_window_s, self.idempotency_keys)
         impressions = ImpressionConfig(self.impression_sample, self.impression_queue, linger_s=self.impression_linger_s,
                                        feedback_window_s=self.feedback_window_s) if self.impressions else None
-        return LiveConfig(self.bundle_dir, store, self.index_threads, self.user_vector_cache, self.filter_exact_limit,
+        return LiveConfig(self.bundle_dir, store, self.index_threads, self.index_ef, self.user_vector_cache, self.filter_exact_limit,
                           self.bundle_poll_s, follow=redis, impressions=impressions, positive_types=self.positive_set,
                           max_experiments=self.max_experiments)
 

@@ -387,5 +387,6 @@ class BundleInfo(BaseModel):
     rating_scale: RatingScale
     candidates: int = Field(description="the two-tower depth the bundle's re-ranker was evaluated on")
     item_item_candidates: int
+    index_ef: int = Field(description="the HNSW search beam in effect (hnswlib's ef: the bundle's, or RECSYS_INDEX_EF)")
     ranker: str | None
     example_users: list[str] = Field(description="a few known user ids (the bundle's first ones)")

@@ -636,6 +636,19 @@ def test_start_up_refuses_a_bad_setting(start):
     with pytest.raises(Exception, match="admin_token must be at least 8 characters"):
         with start(token="short"):
             pass
+    with pytest.raises(Exception, match="index_ef"):
+        with start(index_ef="0"):
+            pass
+
+
+def test_the_search_beam_is_the_bundles_unless_the_replica_sets_one(start, bundle):
+    with start() as client:
+        assert client.get("/info").json()["index_ef"] == bundle.manifest["index"]["ef"]
+    with start(index_ef="317") as client:
+        assert client.get("/info").json()["index_ef"] == 317
+        assert client.app.state.service.engine.live.index.ef == 317
+        assert client.post("/admin/reload", headers=AUTH).status_code == 200
+        assert client.get("/info").json()["index_ef"] == 317  # a reloaded bundle keeps the replica's beam
 
 
 # --------------------------------------------------------------------------- metrics
