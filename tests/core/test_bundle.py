@@ -47,6 +47,27 @@ def test_round_trip_gives_same_scores_as_the_trained_model(bundle_root, tiny_dat
     assert {"arrays.npz", "item_index.bin", "user_tower.pt2", "item_tower.pt2"} <= set(bundle.manifest["files"])
 
 
+def test_the_towers_are_served_traced_and_answer_as_their_exported_programs(bundle_root, monkeypatch):
+    bundle = read_bundle(bundle_root)
+    user = torch.export.load(str(bundle.path / "user_tower.pt2")).module()
+    assert isinstance(bundle.user_tower, torch.jit.ScriptModule) and isinstance(bundle.item_tower, torch.jit.ScriptModule)
+    with torch.inference_mode():
+        for rows in ([4], [0, 5, 7, 9, 2]):  # batch sizes the trace (on the export's 2 rows) never saw
+            assert torch.equal(bundle.user_tower(*user_inputs(bundle, np.array(rows))), user(*user_inputs(bundle, np.array(rows))))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no tracing here")
+    monkeypatch.setattr(torch.jit, "trace", broken)
+    fallback = read_bundle(bundle_root)  # what a torch without torch.jit would load: the exported modules as they are
+    assert not isinstance(fallback.user_tower, torch.jit.ScriptModule)
+    with torch.inference_mode():
+        assert torch.equal(fallback.user_tower(*user_inputs(bundle, np.array([3]))), user(*user_inputs(bundle, np.array([3]))))
+    monkeypatch.setattr(torch.jit, "trace", lambda module, example, **kw: lambda *x: module(*x) + 1e-3)  # a wrong trace
+    with torch.inference_mode():
+        assert torch.equal(read_bundle(bundle_root).user_tower(*user_inputs(bundle, np.array([3]))),
+                           user(*user_inputs(bundle, np.array([3]))))
+
+
 def test_manifest_records_what_the_spec_asks(bundle_root):
     m = read_bundle(bundle_root).manifest
     for key in ("schema_version", "created_at", "data_fingerprint", "params", "metrics", "model_config", "feature_spec", "files"):
