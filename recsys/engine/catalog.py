@@ -122,7 +122,8 @@ class LiveCatalog:
     def load(self, ids: list[str], titles: list[str], arrays: dict[str, np.ndarray], ranked_with: dict[str, np.ndarray] | None) -> None:
         """The catalogue made from these item arrays as a whole (the index is left as it is)."""
         self.ids, self.titles, self.row_of = ids, titles, {raw: row for row, raw in enumerate(ids)}
-        n = self.n = len(ids)
+        n = self.n = self.bundle_rows = len(ids)
+        self.free_rows: list[int] = []  # rows of items added online and removed since: a new id takes one first
         capacity = 2 * n + ROOM
         arrays = {**arrays, "item_year": arrays["item_year"].astype(np.float32, copy=False)}  # the filter reads it as is
         tables = None if ranked_with is None else RankerTables.from_arrays({**ranked_with, **arrays})
@@ -194,6 +195,9 @@ class LiveCatalog:
         return rows
 
     def remove(self, row: int) -> None:
+        """The item out of search and answers. An item added online also gives up its id and row, which the next new
+        id takes (``_rows_for``): items that come and go do not grow the columns. A bundle item keeps both, since
+        the bundle's histories and neighbour lists name its row; upserted again, it is served from it."""
         with self.rw.writing():
             label = int(self.columns["graph_label"].rows[row])
             if label >= 0:
@@ -203,15 +207,25 @@ class LiveCatalog:
             self.unindexed.discard(row)
             self.columns["active"].rows[row] = False
             self.n_active -= 1
+            if row >= self.bundle_rows:
+                del self.row_of[self.ids[row]]  # events naming it map to nothing (as for an id this bundle never had)
+                self.free_rows.append(row)
             self.changes += 1
             self.catalog = self._view()
 
     def _rows_for(self, raws: list[str]) -> np.ndarray:
-        """Rows for these ids, new ids appended to ``ids`` / ``titles`` / ``row_of``."""
+        """Rows for these ids: a new id takes a removed online item's row (its item arrays back at their defaults)
+        or the next one, appended to ``ids`` / ``titles`` / ``row_of``."""
         rows = []
         for raw in raws:
             row = self.row_of.get(raw)
-            if row is None:
+            if row is None and self.free_rows:
+                row = self.row_of[raw] = self.free_rows.pop()
+                self.ids[row], self.titles[row] = raw, ""
+                for name, column in self.columns.items():
+                    if name not in DERIVED and not name.startswith("genre_word_"):  # (those the write derives again)
+                        column.append(row, 1)
+            elif row is None:
                 row = self.row_of[raw] = len(self.ids)
                 self.ids.append(raw)
                 self.titles.append("")

@@ -51,7 +51,7 @@ class Users:
     cache_size: int = 100_000
     user_row: dict[str, int] = field(init=False)  # raw id -> the bundle's user row
     vector_cache: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)  # user -> (history version, vector)
-    feature_cache: dict[str, tuple] = field(default_factory=dict)  # user -> (version, tables, UserFeatures, changes)
+    feature_cache: dict[str, tuple] = field(default_factory=dict)  # user -> (version, tables, UserFeatures, changes, history length)
 
     def __post_init__(self) -> None:
         self.user_row = {r: i for i, r in enumerate(self.bundle.catalog["user_ids"])}
@@ -150,15 +150,17 @@ class Users:
 
     def ranker_features(self, ctx: UserContext, tables: RankerTables) -> UserFeatures:
         """The user's part of the ranker features, cached like the user vector: valid for one history
-        version while no item of that history is written again (an upsert can change its vector)."""
+        version while no item of that history is written again (an upsert can change its vector) or removed (an
+        item added online and removed leaves the history: ``LiveCatalog.remove``)."""
         key = ctx.cache_key
         catalog = self.live.catalog
         if key is not None and (hit := self.feature_cache.get(key)) is not None and hit[0] == ctx.version \
-                and hit[1] is tables and not (len(ctx.hist_items) and catalog.written_at[ctx.hist_items].max() > hit[3]):
+                and hit[1] is tables and hit[4] == len(ctx.hist_items) \
+                and not (len(ctx.hist_items) and catalog.written_at[ctx.hist_items].max() > hit[3]):
             return hit[2]
         user = user_features(tables, ctx.hist_items, ctx.hist_ratings, ctx.cat, ctx.num)
         if key is not None and (key in self.feature_cache or len(self.feature_cache) < self.cache_size):
-            self.feature_cache[key] = (ctx.version, tables, user, catalog.changes)
+            self.feature_cache[key] = (ctx.version, tables, user, catalog.changes, len(ctx.hist_items))
         return user
 
     def _item_rows(self, raw_items: list) -> list[int]:

@@ -14,7 +14,9 @@ from recsys.engine.filters import FilterIndex, RowFilter
 from recsys.engine.items import Column
 from recsys.engine.locks import ReadWriteLock
 from recsys.engine.search import search_many
+from recsys.errors import UnknownId
 from recsys.query import Filters, Item, RecommendRequest
+from recsys.state.protocol import Event
 
 
 @pytest.fixture()
@@ -334,6 +336,61 @@ def test_the_graphs_dead_elements_are_bounded_past_them_changes_reuse_their_plac
         vec = engine.users.vectors([engine.users.resolve(user)])[0]
         _, found, _ = engine.search(vec, 10, engine.allowed(catalog, None, None))
         assert sorted(found.tolist()) == sorted(exact_top(catalog, vec, 10))
+
+
+def test_items_added_online_and_removed_give_their_rows_to_the_next_new_ids(engine, bundle_root):
+    """Items that come and go do not grow the columns: a removed online item's id is forgotten and its row goes to
+    the next new id, which then holds what a fresh addition would hold. A removed bundle item keeps its row."""
+    live, n = engine.live, len(engine.catalog.ids)
+    engine.exact_share = 2.0  # search through the graph, as a large catalogue does (this one is tiny)
+    live.commit(engine.changes.prepare([Item(item_id=f"gone-{i}", genres=["genre1"], year=1990, title="Gone") for i in range(3)]))
+    live.merge()
+    assert [engine.catalog.row_of[f"gone-{i}"] for i in range(3)] == [n, n + 1, n + 2]
+    for i in range(3):
+        engine.changes.remove(f"gone-{i}")
+    bundle_item = engine.catalog.ids[4]
+    engine.changes.remove(bundle_item)
+    assert "gone-0" not in engine.catalog.row_of and engine.catalog.row_of[bundle_item] == 4
+    with pytest.raises(UnknownId):
+        engine.changes.remove("gone-0")
+    items = [Item(item_id="next-a", genres=["genre3"], year=2010, title="A"), Item(item_id="next-b", genres=["genre3"], year=2011)]
+    live.commit(engine.changes.prepare(items))
+    catalog = engine.catalog
+    rows = [catalog.row_of["next-a"], catalog.row_of["next-b"]]
+    assert set(rows) < {n, n + 1, n + 2} and len(catalog.ids) == n + 3 and catalog.n_active == n + 1
+    assert [catalog.ids[r] for r in rows] == ["next-a", "next-b"] and [catalog.titles[r] for r in rows] == ["A", "next-b"]
+    fresh = Engine.from_bundle(read_bundle(bundle_root))  # the same two items added to a catalogue that never had others
+    fresh.live.commit(fresh.changes.prepare(items))
+    for name, array in catalog.arrays.items():
+        np.testing.assert_array_equal(array[rows], fresh.catalog.arrays[name][[n, n + 1]], err_msg=name)
+    np.testing.assert_array_equal(catalog.ranker_tables.item_static[rows], fresh.catalog.ranker_tables.item_static[[n, n + 1]])
+    for row in rows:  # served from their rows: by the search before and after the merge, and by the filters
+        assert engine.search(catalog.vectors[row], 3, engine.allowed(catalog, None, None))[1][0] == row
+    live.merge()
+    catalog = engine.catalog
+    for row in rows:
+        assert engine.search(catalog.vectors[row], 3, engine.allowed(catalog, None, None))[1][0] == row
+    old = engine.allowed(catalog, Filters(genres_any=["genre1"], year_min=1990, year_max=1990), None).every_row(catalog)
+    new = engine.allowed(catalog, Filters(genres_any=["genre3"], year_min=2010, year_max=2011), None).every_row(catalog)
+    assert not set(rows) & set(old.tolist()) and set(rows) <= set(new.tolist())
+
+
+def test_a_users_event_on_a_removed_online_item_leaves_the_history_and_its_row_is_not_seen(engine):
+    live = engine.live
+    live.commit(engine.changes.prepare([Item(item_id="gone", genres=["genre1"], year=1990)]))
+    row = engine.catalog.row_of["gone"]
+    fetched = (1, [Event("gone", 5.0, 1_700_000_000)])  # u1 interacted with it
+    before = engine.users.resolve("u1", fetched=fetched)
+    assert before.hist_items[-1] == row
+    features = engine.users.ranker_features(before, engine.catalog.ranker_tables)
+    engine.changes.remove("gone")
+    live.commit(engine.changes.prepare([Item(item_id="taker", genres=["genre2"], year=2000)]))
+    assert engine.catalog.row_of["taker"] == row
+    after = engine.users.resolve("u1", fetched=fetched)  # the same history version: the event now names nothing
+    assert row not in after.hist_items.tolist() and len(after.hist_items) == len(before.hist_items) - 1
+    assert engine.users.ranker_features(after, engine.catalog.ranker_tables) is not features  # computed again
+    allowed = engine.allowed(engine.catalog, None, after.hist_items)
+    assert allowed.keep(np.array([row]), engine.catalog)[0]  # the new item is not excluded as seen
 
 
 def test_a_user_in_a_batch_gets_the_list_it_gets_alone_whoever_shares_the_batch(engine):
