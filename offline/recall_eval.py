@@ -9,7 +9,7 @@ from offline.metrics import ranking_metrics, summarize
 from offline.split import TemporalSplit, history_matrix
 from offline.tower_tables import TowerTables
 from offline.two_tower import TwoTower
-from recsys.engine.search import EXACT_FETCH_SHARE, beam_groups
+from recsys.engine.search import EXACT_FETCH_SHARE, beam_groups, scored_exactly
 from recsys.topk import topk_items
 
 
@@ -76,7 +76,7 @@ def served_topk(index: hnswlib.Index, user_vecs: np.ndarray, item_vectors: np.nd
     the history) is at least ``exact_share`` of the catalogue, through the index for the others. The re-ranker
     trains and is scored on the candidates it will be served."""
     out = np.full((len(user_vecs), k), -1, dtype=np.int64)
-    exact = k + np.array([len(h) for h in histories], np.int64) >= exact_share * len(item_vectors)
+    exact = scored_exactly(k + np.array([len(h) for h in histories], np.int64), len(item_vectors), exact_share)
     scored, searched = np.flatnonzero(exact), np.flatnonzero(~exact)
     if len(scored):
         out[scored] = exact_topk(user_vecs[scored], item_vectors, k, [histories[u] for u in scored])

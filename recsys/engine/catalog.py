@@ -223,7 +223,7 @@ class LiveCatalog:
                 row = self.row_of[raw] = self.free_rows.pop()
                 self.ids[row], self.titles[row] = raw, ""
                 for name, column in self.columns.items():
-                    if name not in DERIVED and not name.startswith("genre_word_"):  # (those the write derives again)
+                    if is_item_column(name):  # (the others the write derives again)
                         column.append(row, 1)
             elif row is None:
                 row = self.row_of[raw] = len(self.ids)
@@ -408,7 +408,7 @@ class LiveCatalog:
     # ---------------------------------------------------------------- views
     def _view(self) -> Catalog:
         n, c = self.n, self.columns
-        arrays = {k: c[k].rows[:n] for k in self.columns if k not in DERIVED and not k.startswith("genre_word_")}
+        arrays = {k: c[k].rows[:n] for k in self.columns if is_item_column(k)}
         filters = FilterIndex(self._words(n), c["item_year"].rows[:n], *self.lists,
                               stale=c["stale"].rows[:n], changed=self.changed_buffer[: self.n_changed])
         unindexed = np.array(sorted(self.unindexed), np.int64) if self.unindexed else NOTHING
@@ -441,6 +441,11 @@ class LiveCatalog:
 
 
 DERIVED = {"active", "written_at", "stale", "by_popularity", "item_static", "graph_label"}
+
+
+def is_item_column(name: str) -> bool:
+    """A column holding one of the bundle's item arrays, not one derived from them (``DERIVED``, the genre bits)."""
+    return name not in DERIVED and not name.startswith("genre_word_")
 
 
 def tables_dtype(array: np.ndarray, tables: RankerTables | None, name: str) -> np.ndarray:

@@ -20,6 +20,13 @@ EXACT_SEARCH_FACTOR = 2  # below depth * this many allowed items, scoring them a
 EXACT_FETCH_SHARE = 0.05
 FETCH_GROWTH = 4  # an over-fetch that did not fill the list asks for this many times more
 
+
+def scored_exactly(first_fetch, n_items: int, share: float = EXACT_FETCH_SHARE):
+    """Whether a first fetch (a number, or an array of them) is scored exactly over the catalogue rather than through
+    HNSW: at least ``share`` of its items (``EXACT_FETCH_SHARE``). The service and the offline evaluation share it."""
+    return first_fetch >= share * n_items
+
+
 Found = tuple[Catalog, np.ndarray, np.ndarray]  # the catalogue searched, item rows, inner products (best first)
 
 
@@ -52,7 +59,7 @@ def _search_many(live: LiveCatalog, vecs: np.ndarray, depth: int, alloweds: Sequ
             continue
         first = allowed.first_fetch(catalog, wanted)
         if allowed.rows is not None or (allowed.rule is None and n_allowed <= wanted * EXACT_SEARCH_FACTOR) \
-                or first >= exact_share * catalog.n_active:
+                or scored_exactly(first, catalog.n_active, exact_share):
             out[u] = (catalog, *exact(catalog, vecs[u], allowed.every_row(catalog), wanted))
         else:
             pending[u] = (wanted, first, first)
