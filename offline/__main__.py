@@ -270,7 +270,8 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type, prefix: str, 
             g.add_argument(flag, type=names_among(choices), default=f.default, metavar="NAME[,NAME...]",
                            help=f"{help_text}; names: {', '.join(choices)}")
         else:
-            g.add_argument(flag, type=type(f.default), default=f.default, choices=choices, help=help_text)
+            kind = positive if f.metadata.get("positive") else type(f.default)
+            g.add_argument(flag, type=kind, default=f.default, choices=choices, help=help_text)
 
 
 def add_click_options(parser: argparse.ArgumentParser) -> None:

@@ -10,13 +10,15 @@ class ConfigError(ValueError):
     """A bad option value; the CLI prints it once, as argparse does its own errors, and exits 2."""
 
 
-def config_option(default: Any, help: str, choices: tuple[str, ...] | None = None, many: bool = False) -> Any:
+def config_option(default: Any, help: str, choices: tuple[str, ...] | None = None, many: bool = False,
+                  positive: bool = False) -> Any:
     """A config field with its help text and, for an enumerated option, its only valid values.
 
     ``many``: the value is a comma-separated list of ``choices`` (e.g. the ranker losses to train).
+    ``positive``: a whole number >= 1 (argparse refuses 0 before any training).
     Read by ``offline.__main__.add_config_options`` (argparse) and ``check_choices`` (the dataclass).
     """
-    metadata: dict[str, Any] = {"help": help}
+    metadata: dict[str, Any] = {"help": help, "positive": positive}
     if choices is not None:
         metadata.update(choices=tuple(choices), many=many)
     return field(default=default, metadata=metadata)

@@ -117,7 +117,8 @@ def _write_files(vdir: Path, bundle: Bundle, version: str, extra: dict[str, str]
     """The files of one version into ``vdir``, the manifest (with their checksums) last, all fsynced."""
     _export_tower(bundle.user_tower, _user_example(bundle), vdir / "user_tower.pt2")
     _export_tower(bundle.item_tower, _item_example(bundle), vdir / "item_tower.pt2")
-    bundle.index.save_index(str(vdir / "item_index.bin"))
+    index_params = bundle.manifest.get("index") or {}
+    with_insertion_beam(bundle.index, index_params.get("insert_ef_construction")).save_index(str(vdir / "item_index.bin"))
     save_arrays(vdir / "arrays.npz", bundle.arrays)
     (vdir / "catalog.json").write_text(json.dumps(bundle.catalog))
     files = list(FILES)
@@ -171,9 +172,10 @@ def resolve(path: Path) -> Path:
     return path / version
 
 
-def read_bundle(path: Path, index_threads: int = 1, index_ef: int | None = None) -> Bundle:
+def read_bundle(path: Path, index_threads: int = 1, index_ef: int | None = None, index_insert_ef: int | None = None) -> Bundle:
     """Load and validate a bundle; every failure names the file or field. ``index_ef``: the HNSW search beam, if
-    not the one the bundle was evaluated with (a query-time setting of hnswlib, so a replica may tune it)."""
+    not the one the bundle was evaluated with (a query-time setting of hnswlib, so a replica may tune it);
+    ``index_insert_ef``: the insertion beam for items changed online, if not the bundle's (``with_insertion_beam``)."""
     vdir = resolve(path)
     manifest = _read_manifest(vdir)
     for name, digest in manifest["files"].items():
@@ -199,7 +201,8 @@ def read_bundle(path: Path, index_threads: int = 1, index_ef: int | None = None)
         raise BundleError(f"{vdir / 'manifest.json'}: field 'index.dim' is {dim!r}, "
                           f"item_vectors have {arrays['item_vectors'].shape[-1]} dimensions")
     try:
-        index = _load_index(vdir / "item_index.bin", manifest["index"], len(arrays["item_vectors"]), index_threads, index_ef)
+        index = _load_index(vdir / "item_index.bin", manifest["index"], len(arrays["item_vectors"]), index_threads, index_ef,
+                            index_insert_ef)
     except BundleError:
         raise
     except Exception as err:  # hnswlib raises RuntimeError on a truncated file, the manifest may lack a field
@@ -284,18 +287,38 @@ def _read_manifest(vdir: Path) -> dict[str, Any]:
     return manifest
 
 
-def _load_index(path: Path, params: dict, n_items: int, threads: int, ef: int | None = None) -> hnswlib.Index:
+def _load_index(path: Path, params: dict, n_items: int, threads: int, ef: int | None = None,
+                insert_ef: int | None = None) -> hnswlib.Index:
     for key in ("dim", "ef"):
         if not isinstance(params, dict) or not isinstance(params.get(key), int) or params[key] < 1:
             raise BundleError(f"{path.parent / 'manifest.json'}: field 'index.{key}' must be a positive integer")
     index = hnswlib.Index(space="ip", dim=int(params["dim"]))
     room = n_items + max(1024, n_items // 8)  # items added online go here before a resize (a copy of the graph)
     index.load_index(str(path), max_elements=max(int(params.get("max_elements", n_items)), room), allow_replace_deleted=True)
+    index = with_insertion_beam(index, insert_ef)
     index.set_ef(ef or int(params["ef"]))
     index.set_num_threads(threads)
     if index.get_current_count() != n_items:
         raise BundleError(f"{path}: index holds {index.get_current_count()} items, item_vectors has {n_items}")
     return index
+
+
+def with_insertion_beam(index: hnswlib.Index, ef_construction: int | None) -> hnswlib.Index:
+    """The same graph, items added to it from now on inserted with beam ``ef_construction`` (None: as it is).
+
+    After the build, hnswlib's ``ef_construction`` steers only insertions, i.e. a live catalogue's changes, whose
+    cost it sets: at 1M items 0.50 ms a replacement at 200, 0.29 at 100, 0.19 at 64, for a recall of the changed
+    items at depth 200 of 0.942, 0.933, 0.923 (docs/benchmarks.md, "Tenth round"). hnswlib has no setter, so the
+    graph is copied through its pickling state, with the beam changed: at 1M items 0.8 s and, for that moment,
+    two more copies of the graph in memory. The bundle's index is saved with the beam the export chose
+    (``--index-insert-ef-construction``), so a replica pays the copy only when it sets another one."""
+    if ef_construction is None or ef_construction == index.ef_construction:
+        return index
+    (state,) = index.__getstate__()
+    state["ef_construction"] = int(ef_construction)
+    copy = hnswlib.Index.__new__(hnswlib.Index)  # (pybind11's __setstate__ constructs: never on a made index)
+    copy.__setstate__((state,))
+    return copy
 
 
 def _load_tower(path: Path) -> torch.nn.Module:

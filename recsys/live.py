@@ -51,6 +51,7 @@ class LiveConfig:
     store: StoreConfig
     index_threads: int = 1
     index_ef: int | None = None  # the HNSW search beam; None: the bundle's
+    index_insert_ef: int | None = None  # the HNSW insertion beam for items changed online; None: the bundle's
     user_vector_cache: int = 100_000
     filter_exact_limit: int = EXACT_LIMIT
     bundle_poll_s: float = 0.0  # > 0: reload when the root's ``current`` names another version
@@ -135,7 +136,8 @@ class LiveEngine:
         """Read and validate a bundle into a new engine, beside whatever is serving. Any failure is a
         ``BundleError`` (a ranker state the code cannot load, a feature spec with wrong fields, ...),
         so start-up refuses with a message and a reload answers 409, never 500."""
-        bundle = read_bundle(path, index_threads=self.config.index_threads, index_ef=self.config.index_ef)
+        bundle = read_bundle(path, index_threads=self.config.index_threads, index_ef=self.config.index_ef,
+                             index_insert_ef=self.config.index_insert_ef)
         try:
             engine = Engine.from_bundle(bundle, self.config.user_vector_cache, self.config.filter_exact_limit)
             after = bundle.meta.events_after(self.store.source)  # no event counts twice (bundle history and online)

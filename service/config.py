@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     index_ef: int | None = Field(None, ge=1, le=100_000, description="HNSW search beam (hnswlib's ef) on this replica; "
                                  "unset: the bundle's (--index-ef). A query's beam is max(ef, its fetch): lower trades "
                                  "recall for search time, higher the reverse, with no new bundle")
+    index_insert_ef: int | None = Field(None, ge=1, le=100_000, description="HNSW insertion beam (hnswlib's "
+                                        "ef_construction after the build) for items added or changed on this replica; "
+                                        "unset: the bundle's (--index-insert-ef-construction). Lower makes each "
+                                        "change cheaper and the changed items' recall a little lower; another value "
+                                        "than the bundle's copies the graph once at load")
     filter_exact_limit: int = Field(EXACT_LIMIT, ge=0, description="a filtered request whose year slices (per genre, binary "
                                     "searched) hold at most this many items scores them all exactly; a broader one "
                                     "searches HNSW and over-fetches (docs/benchmarks.md, 'Catalogue scale')")
@@ -136,8 +141,8 @@ class Settings(BaseSettings):
                             self.idempotency_window_s, self.idempotency_keys)
         impressions = ImpressionConfig(self.impression_sample, self.impression_queue, linger_s=self.impression_linger_s,
                                        feedback_window_s=self.feedback_window_s) if self.impressions else None
-        return LiveConfig(self.bundle_dir, store, self.index_threads, self.index_ef, self.user_vector_cache, self.filter_exact_limit,
-                          self.bundle_poll_s, follow=redis, impressions=impressions, positive_types=self.positive_set,
+        return LiveConfig(self.bundle_dir, store, self.index_threads, self.index_ef, self.index_insert_ef,
+                          self.user_vector_cache, self.filter_exact_limit, self.bundle_poll_s, follow=redis, impressions=impressions, positive_types=self.positive_set,
                           max_experiments=self.max_experiments)
 
 

@@ -388,5 +388,7 @@ class BundleInfo(BaseModel):
     candidates: int = Field(description="the two-tower depth the bundle's re-ranker was evaluated on")
     item_item_candidates: int
     index_ef: int = Field(description="the HNSW search beam in effect (hnswlib's ef: the bundle's, or RECSYS_INDEX_EF)")
+    index_insert_ef: int = Field(description="the HNSW beam that items changed online are inserted with (hnswlib's "
+                                 "ef_construction: the bundle's, or RECSYS_INDEX_INSERT_EF)")
     ranker: str | None
     example_users: list[str] = Field(description="a few known user ids (the bundle's first ones)")

@@ -137,7 +137,8 @@ class Engine:
                 "genres": list(self.bundle.catalog["genre_names"]),
                 "years": {"min": int(known.min()) if len(known) else None, "max": int(known.max()) if len(known) else None},
                 "rating_scale": {"min": low, "max": high}, "candidates": self.bundle_candidates,
-                "item_item_candidates": self.meta.item_item_candidates, "index_ef": self.live.index.ef, "ranker": None if self.ranker is None else self.ranker.kind,
+                "item_item_candidates": self.meta.item_item_candidates, "index_ef": self.live.index.ef,
+                "index_insert_ef": self.live.index.ef_construction, "ranker": None if self.ranker is None else self.ranker.kind,
                 "example_users": list(self.bundle.catalog["user_ids"][:example_users])}
 
     # ---------------------------------------------------------------- recommend

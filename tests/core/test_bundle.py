@@ -10,7 +10,7 @@ from offline.pipeline import REFIT
 from offline.split import temporal_split
 from offline.synthetic import generate
 from offline.train_recall import RecallConfig, chosen_epochs
-from recsys.bundle import BundleError, holdout_path, read_bundle, resolve, set_current
+from recsys.bundle import BundleError, holdout_path, read_bundle, resolve, set_current, with_insertion_beam
 from recsys.scorer import load_ranker
 from tests.conftest import TINY_RECALL
 
@@ -66,6 +66,35 @@ def test_the_towers_are_served_traced_and_answer_as_their_exported_programs(bund
     with torch.inference_mode():
         assert torch.equal(read_bundle(bundle_root).user_tower(*user_inputs(bundle, np.array([3]))),
                            user(*user_inputs(bundle, np.array([3]))))
+
+
+def test_the_index_keeps_the_exports_insertion_beam_and_a_replica_may_set_its_own(bundle_root):
+    """Built with ef_construction 50, the index inserts online items with the export's insertion beam (100 by
+    default, recorded in the manifest); a replica's own beam is the same graph, answering the same."""
+    bundle = read_bundle(bundle_root)
+    assert bundle.manifest["index"]["ef_construction"] == 50
+    assert bundle.index.ef_construction == bundle.manifest["index"]["insert_ef_construction"] == 100
+    own = read_bundle(bundle_root, index_insert_ef=24, index_ef=77)
+    assert (own.index.ef_construction, own.index.ef) == (24, 77)
+    queries = bundle.arrays["item_vectors"][:40]
+    bundle.index.set_ef(77)
+    for a, b in zip(bundle.index.knn_query(queries, k=10), own.index.knn_query(queries, k=10)):
+        assert np.array_equal(a, b)
+    assert own.index.get_max_elements() == bundle.index.get_max_elements()
+
+
+def test_a_graph_with_another_insertion_beam_keeps_its_marks_and_takes_new_items(bundle_root):
+    index = read_bundle(bundle_root).index
+    n = index.get_current_count()
+    vectors = np.asarray(index.get_items(range(n)), np.float32)
+    index.mark_deleted(3)
+    assert with_insertion_beam(index, None) is index and with_insertion_beam(index, index.ef_construction) is index
+    copy = with_insertion_beam(index, 16)
+    assert copy is not index and (copy.ef_construction, index.ef_construction) == (16, 100)
+    assert 3 not in copy.knn_query(vectors[3], k=5)[0].ravel()  # still marked deleted
+    copy.add_items(-vectors[3][None], np.array([n]), replace_deleted=True)  # into the marked element's place
+    assert copy.get_current_count() == n and copy.knn_query(-vectors[3], k=1)[0].ravel().tolist() == [n]
+    assert 3 in index.get_ids_list() and n not in index.get_ids_list()  # the original is untouched
 
 
 def test_manifest_records_what_the_spec_asks(bundle_root):

@@ -60,6 +60,17 @@ def test_enumerated_options_reject_anything_but_their_choices(args, expected, ca
     assert expected in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--index-m", "--index-ef-construction", "--index-insert-ef-construction", "--index-ef"])
+def test_hnsw_options_are_whole_numbers_of_at_least_one(flag, capsys):
+    """Refused by the parser, not by hnswlib after the training (or, for the insertion beam, at a replica's first
+    catalogue change)."""
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["train", flag, "0"])
+    assert exit_.value.code == 2
+    assert f"argument {flag}: '0' is not a whole number >= 1" in capsys.readouterr().err
+    assert getattr(build_parser().parse_args(["train", flag, "7"]), flag[2:].replace("-", "_")) == 7
+
+
 def test_every_enumerated_config_field_is_an_argparse_choice_list():
     """The choices live in the dataclass; the parser must carry exactly those (not a copy that drifts)."""
     train = next(a for a in build_parser()._actions if a.dest == "command").choices["train"]

@@ -639,6 +639,9 @@ def test_start_up_refuses_a_bad_setting(start):
     with pytest.raises(Exception, match="index_ef"):
         with start(index_ef="0"):
             pass
+    with pytest.raises(Exception, match="index_insert_ef"):
+        with start(index_insert_ef="0"):
+            pass
 
 
 def test_the_search_beam_is_the_bundles_unless_the_replica_sets_one(start, bundle):
@@ -649,6 +652,21 @@ def test_the_search_beam_is_the_bundles_unless_the_replica_sets_one(start, bundl
         assert client.app.state.service.engine.live.index.ef == 317
         assert client.post("/admin/reload", headers=AUTH).status_code == 200
         assert client.get("/info").json()["index_ef"] == 317  # a reloaded bundle keeps the replica's beam
+
+
+def test_the_insertion_beam_is_the_bundles_unless_the_replica_sets_one(start, bundle):
+    with start() as client:
+        assert client.get("/info").json()["index_insert_ef"] == bundle.manifest["index"]["insert_ef_construction"]
+    with start(index_insert_ef="40") as client:
+        assert client.get("/info").json()["index_insert_ef"] == 40
+        added = client.post("/admin/items", headers=AUTH, json={"item_id": "beam-new"})
+        assert added.status_code == 200, added.text
+        live = client.app.state.service.engine.live
+        live.merge()  # into the graph copied with the replica's beam
+        assert live.index.get_current_count() == client.get("/ready").json()["items"]
+        assert client.get("/similar-items/beam-new", params={"k": 3}).status_code == 200
+        assert client.post("/admin/reload", headers=AUTH).status_code == 200
+        assert client.get("/info").json()["index_insert_ef"] == 40  # a reloaded bundle keeps the replica's beam
 
 
 # --------------------------------------------------------------------------- metrics
