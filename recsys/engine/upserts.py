@@ -16,7 +16,7 @@ from recsys.bundle import Bundle
 from recsys.engine.catalog import Catalog, LiveCatalog, Upsert
 from recsys.engine.users import check_features
 from recsys.errors import RecsysError, UnknownId
-from recsys.features import FeatureSpec, encode_item_features
+from recsys.features import FeatureSpec, codes_of, encode_item_features
 from recsys.query import Item
 from recsys.text import TextEncoder, item_text, record_text
 
@@ -28,6 +28,7 @@ class CatalogChanges:
         self.bundle, self.spec, self.live, self.genre_cols = bundle, spec, live, genre_cols
         self.model_items, self.ranked, self.encoder = model_items, ranked, encoder
         self.text_fields = [c for c in spec.text_columns or () if c not in ("title", "description")]
+        self.codes = codes_of(bundle.catalog.get("item_vocab", {}))
 
     def require_item(self, raw_item: str, catalog: Catalog | None = None) -> int:
         """The row of a live (not removed) item, else ``UnknownId``."""
@@ -81,15 +82,16 @@ class CatalogChanges:
         """Refuse items this bundle cannot encode (an unknown genre or feature) before anything is recorded;
         returns what each change will be, "added" or "replaced"."""
         for item in items:
-            self._encode(item)
+            self._genre_row(item)
         return ["replaced" if str(item.item_id) in self.live.catalog.row_of else "added" for item in items]
 
     def prepare(self, items: list[Item]) -> Upsert:
         """Validate and encode items, touching nothing live: O(len(items)); ``LiveCatalog.commit`` writes them."""
         raws = [str(it.item_id) for it in items]
         row_of = self.live.row_of  # an id keeps its row for good: read here, it is still right at the commit
-        encoded = [self._encode(it) for it in items]
-        genres, dense, cat = (np.concatenate([e[j] for e in encoded]) for j in range(3))
+        rows = np.stack([self._genre_row(it) for it in items])
+        genres, dense, cat = encode_item_features(self.spec, self.codes, rows, [it.year for it in items],
+                                                  [it.features for it in items])
         ids = np.array([row + 1 if (row := row_of.get(raw, self.model_items)) < self.model_items else 0 for raw in raws])
         text = self.text_vectors(items)  # (only trained items have an id embedding)
         vecs, content = self._tower(ids, genres, dense, cat, text)
@@ -123,9 +125,10 @@ class CatalogChanges:
         self.live.remove(self.require_item(raw))
         return {"item_id": raw, "status": "removed"}
 
-    def _encode(self, item: Item) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _genre_row(self, item: Item) -> np.ndarray:
+        """The item's multi-hot genres, once its genres and features are known to this bundle (else ``InvalidInput``)."""
         genre_row = np.zeros(self.spec.n_genres, bool)
         genre_row[self.genre_cols(item.genres)] = True
         check_features({k: v for k, v in item.features.items() if k not in self.text_fields}, self.spec.item_categorical,
                        self.spec.item_numeric, "item", self.text_fields)
-        return encode_item_features(self.spec, self.bundle.catalog.get("item_vocab", {}), genre_row, item.year, item.features)
+        return genre_row

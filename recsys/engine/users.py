@@ -14,7 +14,8 @@ from recsys import metrics
 from recsys.bundle import Bundle
 from recsys.engine.catalog import LiveCatalog
 from recsys.errors import InvalidInput, UnknownId
-from recsys.features import FeatureSpec, encode_user_features, user_tower_inputs
+from recsys.dataset import FeatureTable
+from recsys.features import FeatureSpec, codes_of, encode_user_features, user_tower_inputs
 from recsys.rank_features import RankerTables, UserFeatures, user_features
 from recsys.state.protocol import Event, StoreUnavailable
 
@@ -50,11 +51,13 @@ class Users:
     history_async: AsyncHistory | None = None  # None: ``fetch_history_async`` reads ``history`` (no store, or in memory)
     cache_size: int = 100_000
     user_row: dict[str, int] = field(init=False)  # raw id -> the bundle's user row
+    user_codes: FeatureTable = field(init=False)  # a new user's raw categorical values -> codes (``codes_of``)
     vector_cache: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)  # user -> (history version, vector)
     feature_cache: dict[str, tuple] = field(default_factory=dict)  # user -> (version, tables, UserFeatures, changes, history length)
 
     def __post_init__(self) -> None:
         self.user_row = {r: i for i, r in enumerate(self.bundle.catalog["user_ids"])}
+        self.user_codes = codes_of(self.bundle.catalog["user_vocab"])
 
     def resolve(self, user_id: str | int | None, features: dict | None = None, recent_items: list | None = None,
                 fetched: tuple[int, list[Event]] | None = None) -> UserContext:
@@ -79,7 +82,7 @@ class Users:
             raise UnknownId(f"unknown user_id '{raw}': send features and/or recent_items for a new user")
         features = features or {}
         check_features(features, self.spec.user_categorical, self.spec.user_numeric, "user")
-        cat, num = encode_user_features(self.spec, self.bundle.catalog["user_vocab"], features)
+        cat, num = encode_user_features(self.spec, self.user_codes, features)
         key = raw if raw is not None and not recent and not features else None
         known = any(v is not None for v in features.values())
         return UserContext(raw, 0, cat[0], num[0], extra_items, extra_ratings, extra_times, key, version, known_features=known)
