@@ -11,8 +11,9 @@ On a bundle ``bench/catalog_scale.py`` built (1M synthetic items by default), fo
    first with no catalogue changes, then while a writer sends ``--change-rate`` item changes per second through
    ``POST /admin/items:batch`` (batches every 100 ms, half replacing bundle items, half adding new ones), on
    ``--workers`` workers. Reported: changes acknowledged per second, the batch call's p50 / p99, the requests'
-   p50 / p99 with and without changes, and the merge backlog (changed items not yet in the HNSW graph). Median
-   of ``--runs`` runs.
+   p50 / p99 with and without changes, the workers' CPU (cores; per request without changes, and what each
+   change adds: CPU time is steadier than a tail latency on a shared machine), and the merge backlog (changed
+   items not yet in the HNSW graph). Median of ``--runs`` runs.
 3. One single-item upsert through ``/admin/items`` (the cost of one change alone).
 
 Writes the "catalog-changes" section of docs/benchmarks.md.
@@ -122,6 +123,15 @@ def memory_mib(pid: int) -> dict[str, float]:
     return {"rss": fields["Rss"], "pss": fields["Pss"], "anon": fields["Anonymous"]}
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the processes have used so far (``/proc/<pid>/stat``), seconds."""
+    ticks = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # (the name may hold spaces)
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def settle(url: str, users: list[str]) -> None:
     """A few requests on every worker, so that what a served request touches is resident when measured."""
     with RecsysClient(url, read_timeout=60, retry=NO_RETRY) as client:
@@ -208,17 +218,18 @@ class Backlog(threading.Thread):
 
 
 def serve_with_changes(url: str, users: list[str], item_ids: list[str], args, rate: int, seed: int, arrivals: str,
-                       tmp: Path) -> dict:
+                       tmp: Path, pids: list[int]) -> dict:
     """Two streams of requests (150/s unfiltered, 50/s filtered) for ``args.seconds``, with a writer at ``rate``
     changes/s. ``arrivals``: "hey" (its 50 connections per stream fire on one tick: bursts; one body, so the first
     of ``users`` alone) or "poisson" (wrk, each connection an independent user: see ``bench.serving.poisson``; each
     request for one of ``users`` at random). Also the merge backlog (``Backlog``) at the run's start, its largest
-    and at its end."""
+    and at its end, and the CPU the worker processes ``pids`` used over the run."""
     plain = [json.dumps({"user_id": user, "k": 10}) for user in users]
     filtered = [json.dumps({"user_id": user, "k": 10, "filters": FILTER}) for user in users]
     writer = Writer(url, rate, item_ids, args.seconds, seed) if rate else None
     backlog = Backlog(url)
     backlog.start()
+    cpu, started = cpu_seconds(pids), time.perf_counter()
     with ThreadPoolExecutor(2) as pool:
         if arrivals == "hey":
             runs = [pool.submit(hey, f"{url}/recommend", args.seconds, 50, 3, plain[0]),
@@ -231,7 +242,10 @@ def serve_with_changes(url: str, users: list[str], item_ids: list[str], args, ra
         unfiltered, with_filter = (r.result() for r in runs)
     if writer:
         writer.join()
-    out = {"unfiltered": unfiltered, "filtered": with_filter, "unindexed": backlog.stop()}
+    cpu, elapsed = cpu_seconds(pids) - cpu, time.perf_counter() - started
+    answered = (unfiltered["rps"] + with_filter["rps"]) * args.seconds
+    out = {"unfiltered": unfiltered, "filtered": with_filter, "unindexed": backlog.stop(),
+           "cpu": {"cores": cpu / elapsed, "ms_per_request": cpu / max(answered, 1) * 1000}}
     if writer:
         if writer.errors:
             raise RuntimeError(f"catalogue changes refused: {writer.errors[:3]}")
@@ -261,7 +275,7 @@ def churn(tree: Path, bundle: Path, redis: Redis, users: list[str], item_ids: li
             single = one_upsert(url)
             for run in range(args.runs):
                 for (arrivals, rate), done in runs.items():
-                    done.append(serve_with_changes(url, users, item_ids, args, rate, run, arrivals, Path(tmp)))
+                    done.append(serve_with_changes(url, users, item_ids, args, rate, run, arrivals, Path(tmp), pids))
                     print(run, arrivals, rate, done[-1], flush=True)
             memory = max((memory_mib(pid) for pid in pids), key=lambda m: m["rss"])
         finally:
@@ -297,17 +311,23 @@ def write(results: dict[str, dict], bundle: Path, args) -> None:
     lines += ["", f"`/recommend` at 200 requests/s (150/s unfiltered + 50/s genre + decade filter), with no changes and "
               f"while item changes are sent at a fixed rate in batches every {BATCH_EVERY_S * 1000:.0f} ms "
               f"(`POST /admin/items:batch`, half replacements, half additions), {args.workers} worker{'s' * (args.workers > 1)}; "
+              "workers' CPU: cores busy over the run, and its CPU per request without changes or what a change added "
+              "(over the same arrivals without changes); "
               "unindexed: the merge backlog (`recsys_index_unindexed_items`) at the run's start, its largest, at its end:", "",
               "| checkout | arrivals | changes | changes acked/s | batch call p50 / p99 ms | unfiltered p50 / p99 ms "
-              "| filtered p50 / p99 ms | unindexed start / max / end |", "|---|---|---|---|---|---|---|---|"]
+              "| filtered p50 / p99 ms | workers' CPU, cores (ms) | unindexed start / max / end |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
-        for (arrivals, rate), run in r["churn"]["rates"].items():
+        rates = r["churn"]["rates"]
+        for (arrivals, rate), run in rates.items():
             label = f"{rate}/s" if rate else "none"
             ch = run.get("changes")
             acked = f"{ch['per_s']:.0f}" if ch else "-"
             batch = f"{ch['batch_p50']:.1f} / {ch['batch_p99']:.1f}" if ch else "-"
+            cores = run["cpu"]["cores"]
+            cost = (f"{(cores - rates[(arrivals, 0)]['cpu']['cores']) / max(ch['per_s'], 1e-9) * 1000:.2f} ms a change" if ch
+                    else f"{run['cpu']['ms_per_request']:.2f} ms a request")
             lines.append(f"| {name} | {ARRIVALS[arrivals]} | {label} | {acked} | {batch} | {run['unfiltered']['p50']:.2f} / {run['unfiltered']['p99']:.2f} "
-                         f"| {run['filtered']['p50']:.2f} / {run['filtered']['p99']:.2f} "
+                         f"| {run['filtered']['p50']:.2f} / {run['filtered']['p99']:.2f} | {cores:.2f} ({cost}) "
                          f"| {run['unindexed']['start']:,.0f} / {run['unindexed']['max']:,.0f} / {run['unindexed']['end']:,.0f} |")
     lines += ["", "hey: 50 connections per stream at 3/s and 1/s each, fired on one tick (bursts of 50 every 333 ms and "
               f"every second), all for one user. Poisson: wrk with 150 and 50 connections, each waiting an exponentially "

@@ -137,6 +137,9 @@ def test_catalog_scale(tmp_path):
     rows = [line for line in written.splitlines() if line.startswith(("| this change | hey", "| this change | Poisson"))]
     backlogs = [row.rsplit("|", 2)[1].split("/") for row in rows]  # unindexed start / max / end
     assert backlogs and all(len(b) == 3 and all(v.strip().replace(",", "").isdigit() for v in b) for b in backlogs)
+    cpu = [re.search(r"\| (\d+\.\d\d) \((-?\d+\.\d\d) ms a (request|change)\) \|", row) for row in rows]
+    assert all(cpu) and {m[3] for m in cpu} == {"request", "change"}
+    assert all(float(m[1]) > 0 for m in cpu) and all(float(m[2]) > 0 for m in cpu if m[3] == "request")
 
 
 def test_e2e(bundle, tmp_path):
