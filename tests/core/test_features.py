@@ -35,4 +35,3 @@ def test_a_batch_of_new_items_is_encoded_row_by_row_as_each_alone():
         alone = encode_item_features(SPEC, codes, genres[i : i + 1], years[i : i + 1], raws[i : i + 1])
         for batched, one in zip((g, dense, cat), alone):
             assert np.array_equal(batched[i : i + 1], one)
-
