@@ -117,8 +117,8 @@ def _write_files(vdir: Path, bundle: Bundle, version: str, extra: dict[str, str]
     """The files of one version into ``vdir``, the manifest (with their checksums) last, all fsynced."""
     _export_tower(bundle.user_tower, _user_example(bundle), vdir / "user_tower.pt2")
     _export_tower(bundle.item_tower, _item_example(bundle), vdir / "item_tower.pt2")
-    index_params = bundle.manifest.get("index") or {}
-    with_insertion_beam(bundle.index, index_params.get("insert_ef_construction")).save_index(str(vdir / "item_index.bin"))
+    insert_ef = bundle.manifest["index"].get("insert_ef_construction")  # (the graph keeps it: ``with_insertion_beam``)
+    with_insertion_beam(bundle.index, insert_ef).save_index(str(vdir / "item_index.bin"))
     save_arrays(vdir / "arrays.npz", bundle.arrays)
     (vdir / "catalog.json").write_text(json.dumps(bundle.catalog))
     files = list(FILES)

@@ -142,8 +142,8 @@ class Settings(BaseSettings):
         impressions = ImpressionConfig(self.impression_sample, self.impression_queue, linger_s=self.impression_linger_s,
                                        feedback_window_s=self.feedback_window_s) if self.impressions else None
         return LiveConfig(self.bundle_dir, store, self.index_threads, self.index_ef, self.index_insert_ef,
-                          self.user_vector_cache, self.filter_exact_limit, self.bundle_poll_s, follow=redis, impressions=impressions, positive_types=self.positive_set,
-                          max_experiments=self.max_experiments)
+                          self.user_vector_cache, self.filter_exact_limit, self.bundle_poll_s, follow=redis,
+                          impressions=impressions, positive_types=self.positive_set, max_experiments=self.max_experiments)
 
 
 @lru_cache
