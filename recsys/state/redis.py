@@ -521,13 +521,28 @@ class _LoopReads:
     async def read(self, ver: str, hist: str) -> tuple[bytes | None, bytes]:
         """The user's version and history (its keys), as ``READ_HISTORIES`` returns them for one user."""
         if not self.coalesce:
-            return await self.client.eval(READ_HISTORIES, 2, ver, hist)
+            return await self._eval(ver, hist)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self.waiting.append((ver, hist, future))
         if len(self.waiting) == 1:
             loop.call_soon(self._send, loop)  # after the requests ready in this turn asked for theirs
         return await future
+
+    async def _eval(self, *keys: str) -> list:
+        """``READ_HISTORIES`` on these keys. After one call's connection error, redis-py's asyncio cluster client
+        disconnects connections that other calls are still connecting or writing on, and those calls fail with the
+        closed writer's ``'NoneType' object ...`` AttributeError or TypeError (redis-py #3546) instead of a
+        ``ConnectionError`` its own retries would take (seen in CI: one of five concurrent first reads). Such a call
+        is sent once more; failing so again, it is a ``ConnectionError`` (the store unavailable, not a crash)."""
+        for _ in range(2):
+            try:
+                return await self.client.eval(READ_HISTORIES, len(keys), *keys)
+            except (AttributeError, TypeError) as err:
+                if "NoneType" not in str(err):
+                    raise
+                closed = err
+        raise redis.ConnectionError(f"connection closed while in use ({type(closed).__name__}: {closed})") from closed
 
     def _send(self, loop: asyncio.AbstractEventLoop) -> None:
         waiting, self.waiting = self.waiting, []
@@ -541,7 +556,7 @@ class _LoopReads:
         meanwhile is not)."""
         keys = [key for ver, hist, _ in batch for key in (ver, hist)]
         try:
-            replies = await self.client.eval(READ_HISTORIES, len(keys), *keys)
+            replies = await self._eval(*keys)
         except asyncio.CancelledError:
             for *_, future in batch:
                 future.cancel()

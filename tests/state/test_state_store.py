@@ -514,3 +514,34 @@ def test_a_state_directory_recreated_at_the_same_path_is_another_store(tmp_path)
     assert open_store(tmp_path / "s").source == source  # the same directory, reopened: the same store
     shutil.rmtree(tmp_path / "s")
     assert open_store(tmp_path / "s").source != source
+
+
+class _ClosingClient:
+    """An asyncio client whose first ``failures`` calls meet a connection closed under them (redis-py #3546)."""
+
+    def __init__(self, failures: int, error: Exception):
+        self.failures, self.error, self.calls = failures, error, 0
+
+    async def eval(self, script, n, *keys):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.error
+        return [b"2", b"[]"] * (n // 2)
+
+
+@pytest.mark.parametrize("coalesce", [True, False])
+def test_a_history_read_whose_connection_was_closed_under_it_is_sent_again_then_is_a_connection_error(coalesce):
+    from redis import ConnectionError as RedisConnectionError
+
+    from recsys.state.redis import _LoopReads
+
+    closed = AttributeError("'NoneType' object has no attribute 'writelines'")
+    once = _LoopReads(_ClosingClient(1, closed), coalesce)
+    assert tuple(asyncio.run(once.read("ver", "hist"))) == (b"2", b"[]") and once.client.calls == 2
+    twice = _LoopReads(_ClosingClient(2, closed), coalesce)
+    with pytest.raises(RedisConnectionError, match="connection closed while in use"):
+        asyncio.run(twice.read("ver", "hist"))
+    ours = _LoopReads(_ClosingClient(1, AttributeError("'list' object has no attribute 'x'")), coalesce)
+    with pytest.raises(AttributeError):  # a bug of its own is not retried nor disguised
+        asyncio.run(ours.read("ver", "hist"))
+    assert ours.client.calls == 1
