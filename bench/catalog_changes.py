@@ -38,7 +38,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.report import BENCHMARKS, add_docs_option, machine, update_section  # noqa: E402
+from bench.report import BENCHMARKS, add_docs_option, latency_machine, update_section  # noqa: E402
 from bench.serving import free_port, hey, poisson  # noqa: E402
 from recsys.bundle import resolve  # noqa: E402
 from service.client import NO_RETRY, ApiError, CatalogItem, Filters, RecsysClient  # noqa: E402
@@ -296,7 +296,7 @@ def median_of(runs: list[dict]) -> dict:
 def write(results: dict[str, dict], bundle: Path, args) -> None:
     catalog = json.loads((resolve(bundle) / "catalog.json").read_text())
     n, n_users = len(catalog["item_ids"]), min(args.users, len(catalog["user_ids"]))
-    lines = [f"Machine: {machine()}; service, `hey` and the change writer on the same 2 cores. Bundle: {n:,} synthetic "
+    lines = [f"Machine: {latency_machine()}; service, `hey` and the change writer on the same 2 cores. Bundle: {n:,} synthetic "
              f"items (`bench/catalog_scale.py`), state on a local Redis (appendfsync always), `--runs {args.runs}` (medians), {args.seconds} s per run.", "",
              "| checkout | start to ready, 1 worker | 2 workers | RSS per worker (1 / 2 workers) | PSS sum, 2 workers "
              f"| RSS after the change runs ({args.workers} worker{'s' * (args.workers > 1)}, the largest; anonymous) | one upsert (`/admin/items`) |",

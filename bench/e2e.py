@@ -32,7 +32,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.report import BENCHMARKS, add_docs_option, machine, update_section  # noqa: E402
+from bench.report import BENCHMARKS, add_docs_option, latency_machine, update_section  # noqa: E402
 from service.client import NO_RETRY, ApiError, RecsysClient  # noqa: E402
 
 
@@ -218,7 +218,7 @@ def markdown(res: dict, args) -> str:
     lines = [
         "## End to end: `/recommend` on loopback",
         "",
-        f"Machine: {machine()}; service and load generator on the same machine. "
+        f"Machine: {latency_machine()}; service and load generator on the same machine. "
         f"`uvicorn service.app:app --workers {args.workers}`, bundle `{args.bundle}`, "
         f"`GET /recommend?user_id=<random known user>&k={args.k}` (re-ranked from the bundle's default candidate depth). "
         f"Each row: median of {args.repeats} runs of {args.duration:.0f} s; open-loop fixed rate (requests issued on "

@@ -35,7 +35,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from bench.report import BENCHMARKS, add_docs_option, machine, update_section
+from bench.report import BENCHMARKS, add_docs_option, latency_machine, update_section
 from recsys.bundle import read_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,7 +222,7 @@ def _redis(cmd: list[str], log: Path):
 
 def write(rows: dict[str, dict[str, float]], args) -> None:
     bare = rows["bare FastAPI + hnswlib knn_query"]["saturation"]
-    lines = [f"Machine: {machine()}; load generators on the same 2 cores (wrk 1 thread, hey). Bundle `{args.bundle}`. "
+    lines = [f"Machine: {latency_machine()}; load generators on the same 2 cores (wrk 1 thread, hey). Bundle `{args.bundle}`. "
              f"Median of {args.runs} runs of {args.seconds} s each.", "",
              "| server | saturation, wrk -c16 (req/s) | vs bare | p50 / p99 at 200 req/s, hey -c4 -q50 (ms) "
              "| p50 / p99 at 200 req/s, hey -c1 -q200 (ms) | p50 / p99 at 200 req/s, Poisson arrivals (ms) "

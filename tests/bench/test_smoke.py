@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.report import BENCHMARKS, DOCS, machine, update_section
+from bench.report import BENCHMARKS, DOCS, idle_wake_cost, machine, update_section
 from recsys.bundle import read_bundle
 from tests.browserkit import MISSING as NO_BROWSER
 from tests.servicekit import free_port, spawned, wait_for
@@ -296,3 +296,19 @@ def test_report(tmp_path):
     assert text.startswith("# Benchmarks") and "second" in text and "first" not in text
     assert text.index("<!-- a:start -->") < text.index("<!-- b:start -->") and "other" in text
     assert "cores" in machine()
+
+
+def test_idle_wake_cost_compares_the_first_run_after_a_nap_with_a_warm_run():
+    """On a fake clock where work takes 3 units right after a nap and 1 once warm (2 for the second run after it),
+    the cost is 3: the first run against the last of the warm ones, never against a run still warming up."""
+    now, since_nap = [0.0], [0]
+
+    def sleep(_s: float) -> None:
+        since_nap[0] = 0
+
+    def work() -> None:
+        now[0] += {0: 3.0, 1: 2.0}.get(since_nap[0], 1.0)
+        since_nap[0] += 1
+
+    assert idle_wake_cost(naps=5, work=work, warm=3, clock=lambda: now[0], sleep=sleep) == 3.0
+    assert idle_wake_cost(naps=5, work=work, warm=0, clock=lambda: now[0], sleep=sleep) == 1.5
