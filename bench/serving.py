@@ -10,7 +10,9 @@ In one run, on one bundle, against three servers started here one after the othe
 
 For each: saturation (``wrk -c16``, requests/s, median of ``--runs``) over ``GET /recommend`` for users
 rotating through the bundle's users, latency at 200 requests/s for one known user (p50 / p99, median of the
-runs) with three arrival patterns (hey's bursts of 4, hey one at a time, Poisson arrivals from wrk), and
+runs) with three arrival patterns (hey's bursts of 4, hey one at a time, Poisson arrivals from wrk), the Poisson
+arrivals again with each request for one of the bundle's users at random (what traffic looks like: no two
+consecutive requests share a user's history, vector or candidates in the caches), and
 durable ``POST /events`` per second (``hey -c 16``) for the two service configurations. Writes the "serving"
 section of docs/benchmarks.md.
 
@@ -39,6 +41,7 @@ from bench.report import BENCHMARKS, add_docs_option, latency_machine, update_se
 from recsys.bundle import read_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
+MAX_USERS = 10_000  # the users of the many-users latency runs (the bundle's first ones: all of MovieLens')
 WRK_USERS = """
 local users = {%s}
 local n = 0
@@ -90,37 +93,42 @@ def wrk(url: str, script: Path, seconds: int, connections: int = 16) -> float:
 
 
 WRK_POISSON = """
-local mean_ms, path, bodies = %(mean_ms)f, "%(path)s", {%(bodies)s}
+local mean_ms, paths, bodies = %(mean_ms)f, {%(paths)s}, {%(bodies)s}
 math.randomseed(%(seed)d)
 request = function()
+  local path = paths[math.random(#paths)]
   if #bodies == 0 then return wrk.format("GET", path) end
   return wrk.format("POST", path, {["Content-Type"] = "application/json"}, bodies[math.random(#bodies)])
 end
-delay = function() return -mean_ms * math.log(1 - math.random()) end
+delay = function() return math.min(-mean_ms * math.log(1 - math.random()), 5 * mean_ms) end
 """
 UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
-def poisson(url: str, path: str, seconds: int, rate: int, tmp: Path, body: str | list[str] | None = None,
+def poisson(url: str, path: str | list[str], seconds: int, rate: int, tmp: Path, body: str | list[str] | None = None,
             seed: int = 0) -> dict[str, float]:
     """p50 / p99 with requests arriving as independent users send them: ``rate`` connections, each waiting an
     exponentially distributed time (mean 1 s) before each request, so that arrivals are close to a Poisson stream of
     ``rate`` per second (the response time, a few ms against a mean wait of a second, hardly delays the next
-    request). hey's ``-q`` fires its connections on one tick instead: bursts no independent users make. wrk times
-    each request from its send, as hey does; one slower than 10 s counts as an error. ``body``: a POST body, or a
-    list of them (each request one drawn at random: many users); None: GET."""
+    request; a wait is cut at 5 s, one in 150, since the service answers 408 to a connection whose first request
+    head has not come 10 s after it opened). hey's ``-q`` fires its connections on one tick instead: bursts no
+    independent users make. wrk times each request from its send, as hey does; one slower than 10 s counts as an
+    error. ``body``: a POST body, or a
+    list of them (each request one drawn at random: many users); None: GET. ``path``: one, or a list of them (each
+    request one drawn at random: many users by GET)."""
     script = tmp / f"poisson-{seed}.lua"
     bodies = [] if body is None else [body] if isinstance(body, str) else body
-    script.write_text(WRK_POISSON % {"mean_ms": 1000.0, "path": path, "seed": seed,
+    paths = [path] if isinstance(path, str) else path
+    script.write_text(WRK_POISSON % {"mean_ms": 1000.0, "seed": seed, "paths": ", ".join(f'"{p}"' for p in paths),
                                      "bodies": ", ".join("[==[" + b + "]==]" for b in bodies)})
     out = subprocess.run(["wrk", "-t1", f"-c{rate}", f"-d{seconds}s", "--timeout", "10s", "--latency", "-s", str(script),
                           url], capture_output=True, text=True, check=True).stdout
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
     if errors:
-        raise RuntimeError(f"{url}{path}: {errors.group(0)}\n{out}")
+        raise RuntimeError(f"{url}{paths[0]}: {errors.group(0)}\n{out}")
     pct = {int(p): float(v) * UNITS_MS[unit] for p, v, unit in re.findall(r"^\s+(\d+)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)}
     if 99 not in pct:
-        raise RuntimeError(f"{url}{path}: no latency distribution in wrk's output:\n{out}")
+        raise RuntimeError(f"{url}{paths[0]}: no latency distribution in wrk's output:\n{out}")
     return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50": pct[50], "p99": pct[99]}
 
 
@@ -141,8 +149,9 @@ def hey(url: str, seconds: int, rate_per_worker: int | None, workers: int, body:
     return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50": pct[50], "p99": pct[99]}
 
 
-def measure(url: str, script: Path, runs: int, seconds: int, user: str, event_item: str | None) -> dict[str, float]:
-    """Median over runs of saturation, fixed-rate latency for one known ``user`` and, unless ``event_item`` is
+def measure(url: str, script: Path, runs: int, seconds: int, user: str, users: list[str], event_item: str | None) -> dict[str, float]:
+    """Median over runs of saturation, fixed-rate latency for one known ``user`` and with Poisson arrivals also for
+    ``users`` at random (each request one of them, warm from the saturation runs) and, unless ``event_item`` is
     None (the bare app has no /events), the ingestion of events on that item."""
     for _ in range(2):  # warm the user-vector cache and the connection paths
         wrk(url, script, min(3, seconds))
@@ -150,8 +159,10 @@ def measure(url: str, script: Path, runs: int, seconds: int, user: str, event_it
     lat = [hey(f"{url}/recommend?user_id={user}&k=10", seconds, 50, 4) for _ in range(runs)]
     smooth = [hey(f"{url}/recommend?user_id={user}&k=10", seconds, 200, 1) for _ in range(runs)]
     arrivals = [poisson(url, f"/recommend?user_id={user}&k=10", seconds, 200, script.parent, seed=run) for run in range(runs)]
+    everyone = [f"/recommend?user_id={u}&k=10" for u in users]
+    many = [poisson(url, everyone, seconds, 200, script.parent, seed=runs + run) for run in range(runs)]
     out = {"saturation": float(np.median(sat))}
-    for key, results in (("", lat), ("_1", smooth), ("_poisson", arrivals)):
+    for key, results in (("", lat), ("_1", smooth), ("_poisson", arrivals), ("_users", many)):
         out |= {f"p50{key}": float(np.median([r["p50"] for r in results])), f"p99{key}": float(np.median([r["p99"] for r in results]))}
     if event_item is not None:
         body = '{"user_id": "bench-events", "item_id": "%s"}'
@@ -186,7 +197,7 @@ def main() -> None:
         base.pop("RECSYS_ADMIN_TOKEN", None)
         rows = {}
         port = free_port()
-        load = (args.runs, args.seconds, args.user)
+        load = (args.runs, args.seconds, args.user, users[:MAX_USERS])
         url = f"http://127.0.0.1:{port}"
         bare = [sys.executable, "-m", "uvicorn", "bench.bare_app:app", "--host", "127.0.0.1", "--port", str(port),
                 "--log-level", "warning", "--timeout-keep-alive", "75"]  # (the service's: idle users keep their connections)
@@ -226,16 +237,20 @@ def write(rows: dict[str, dict[str, float]], args) -> None:
              f"Median of {args.runs} runs of {args.seconds} s each.", "",
              "| server | saturation, wrk -c16 (req/s) | vs bare | p50 / p99 at 200 req/s, hey -c4 -q50 (ms) "
              "| p50 / p99 at 200 req/s, hey -c1 -q200 (ms) | p50 / p99 at 200 req/s, Poisson arrivals (ms) "
-             "| durable events/s (hey -c16) |",
-             "|---|---|---|---|---|---|---|"]
+             "| p50 / p99, Poisson, users at random (ms) | durable events/s (hey -c16) |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         events = f"{r['events']:,.0f}" if "events" in r else "-"
         lines.append(f"| {name} | {r['saturation']:,.0f} | {r['saturation'] / bare:.0%} | {r['p50']:.2f} / {r['p99']:.2f} "
-                     f"| {r['p50_1']:.2f} / {r['p99_1']:.2f} | {r['p50_poisson']:.2f} / {r['p99_poisson']:.2f} | {events} |")
+                     f"| {r['p50_1']:.2f} / {r['p99_1']:.2f} | {r['p50_poisson']:.2f} / {r['p99_poisson']:.2f} "
+                     f"| {r['p50_users']:.2f} / {r['p99_users']:.2f} | {events} |")
     lines += ["", "hey -c4 -q50 starts its 4 workers on the same tick, so requests arrive in bursts of 4 every 20 ms and "
               "the 4th of a burst waits for the 3 before it; hey -c1 -q200 offers the same rate one request at a time. "
               "Poisson arrivals: wrk with 200 connections, each waiting an exponentially distributed time (mean 1 s) "
-              "before each request, as independent users arrive (`poisson` in bench/serving.py)."]
+              "before each request, as independent users arrive (`poisson` in bench/serving.py); the first three "
+              f"columns for one user ({args.user}), the fourth for one of the bundle's first {MAX_USERS:,} users at random "
+              "per request, every one of them warm from the saturation runs (the bare endpoint reads a vector per user "
+              "id and nothing else)."]
     body = "## Serving: bare endpoint vs the service (file state, one process) vs Redis state with 2 workers\n\n" + "\n".join(lines)
     print(body)
     if not args.no_write:
