@@ -44,7 +44,7 @@ def idle_wake_cost(naps: int = 200, nap_s: float = 0.01, work: Callable[[], obje
                    clock: Callable[[], float] = time.perf_counter, sleep: Callable[[float], None] = time.sleep) -> float:
     """How many times longer ``work`` (default: ``_cached_rows``) takes right after ``nap_s`` asleep than after
     ``warm`` runs back to back: the ratio of the medians over ``naps`` naps. Near 1 where an idle core keeps its
-    caches; 2.5-4 on the 2-core virtual machine most numbers here come from, whose idle CPUs lose them
+    caches; 2-4 on the 2-core virtual machine most numbers here come from, whose idle CPUs lose them
     (docs/benchmarks.md, "Eleventh round"). Every request that finds its worker idle pays it, as requests at a few
     hundred per second mostly do, and requests at saturation do not: a latency measured below saturation is read
     with this figure beside it."""

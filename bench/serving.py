@@ -11,8 +11,8 @@ In one run, on one bundle, against three servers started here one after the othe
 For each: saturation (``wrk -c16``, requests/s, median of ``--runs``) over ``GET /recommend`` for users
 rotating through the bundle's users, latency at 200 requests/s for one known user (p50 / p99, median of the
 runs) with three arrival patterns (hey's bursts of 4, hey one at a time, Poisson arrivals from wrk), the Poisson
-arrivals again with each request for one of the bundle's users at random (what traffic looks like: no two
-consecutive requests share a user's history, vector or candidates in the caches), and
+arrivals again with each request for one of the bundle's users at random (closer to real traffic than one user,
+whose history, vector and candidates stay in every cache), and
 durable ``POST /events`` per second (``hey -c 16``) for the two service configurations. Writes the "serving"
 section of docs/benchmarks.md.
 
@@ -113,9 +113,8 @@ def poisson(url: str, path: str | list[str], seconds: int, rate: int, tmp: Path,
     request; a wait is cut at 5 s, one in 150, since the service answers 408 to a connection whose first request
     head has not come 10 s after it opened). hey's ``-q`` fires its connections on one tick instead: bursts no
     independent users make. wrk times each request from its send, as hey does; one slower than 10 s counts as an
-    error. ``body``: a POST body, or a
-    list of them (each request one drawn at random: many users); None: GET. ``path``: one, or a list of them (each
-    request one drawn at random: many users by GET)."""
+    error. ``path``: one, or a list of them (each request one drawn at random: many users by GET). ``body``: a POST
+    body, or a list of them (drawn the same way); None: GET."""
     script = tmp / f"poisson-{seed}.lua"
     bodies = [] if body is None else [body] if isinstance(body, str) else body
     paths = [path] if isinstance(path, str) else path
