@@ -24,3 +24,8 @@ class InvalidInput(RecsysError):
 
 class Conflict(RecsysError):
     """A definition that clashes with what is already in force (two experiments setting one option)."""
+
+
+class Unavailable(RecsysError):
+    """An answer that needs the online state while it cannot be read: a user only the state store knows (not in
+    the bundle) is neither served nor called unknown when the store does not answer. Retry."""

@@ -13,7 +13,7 @@ import torch
 from recsys import metrics
 from recsys.bundle import Bundle
 from recsys.engine.catalog import LiveCatalog
-from recsys.errors import InvalidInput, UnknownId
+from recsys.errors import InvalidInput, Unavailable, UnknownId
 from recsys.dataset import FeatureTable
 from recsys.features import FeatureSpec, codes_of, encode_user_features, user_tower_inputs
 from recsys.rank_features import RankerTables, UserFeatures, user_features
@@ -64,6 +64,7 @@ class Users:
         """A known user (stored features + bundle history + online events) or a cold one. ``fetched``: the user's
         ``fetch_history``, when the caller read it already (before taking the catalogue's read lock)."""
         raw = None if user_id is None else str(user_id)
+        fetched = self.fetch_history(raw) if fetched is None else fetched
         version, online = self.online_history(raw, fetched)
         recent = self._item_rows(recent_items or [])
         extra_items = np.array([r for r, _, _ in online] + recent, np.int64)
@@ -79,6 +80,9 @@ class Users:
             key = raw if not recent else None  # recent_items make the request one-off: no caching
             return UserContext(raw, row + 1, a["user_cat"][row], a["user_num"][row], items, ratings, times, key, version)
         if raw is not None and not online and features is None and not recent:
+            if fetched[1] is UNREAD:  # (the store may know the user: "unknown" would send the client elsewhere)
+                raise Unavailable(f"user_id '{raw}' is not in the bundle and the state store, which holds the histories "
+                                  "of users since, cannot be read just now: retry")
             raise UnknownId(f"unknown user_id '{raw}': send features and/or recent_items for a new user")
         features = features or {}
         check_features(features, self.spec.user_categorical, self.spec.user_numeric, "user")
@@ -190,7 +194,15 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+class _Unread(tuple):
+    """The online events of a user whose history the store could not return: none, and not known to be none."""
+
+
+UNREAD: list[Event] = _Unread()  # type: ignore[assignment]  (empty and immutable: one instance for every such read)
+
+
 def _served_without_history() -> tuple[int, list[Event]]:
-    """The store cannot be reached: the user is served from the bundle alone, and the degradation counted."""
+    """The store cannot be reached: the user is served from the bundle alone (``UNREAD``: a user the bundle does
+    not know is then refused as ``Unavailable``), and the degradation counted."""
     metrics.DEGRADED.labels("history").inc()
-    return 0, []
+    return 0, UNREAD

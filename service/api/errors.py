@@ -8,11 +8,11 @@ from loguru import logger
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from recsys.errors import Conflict, InvalidInput, RecsysError, UnknownId
+from recsys.errors import Conflict, InvalidInput, RecsysError, Unavailable, UnknownId
 from recsys.state.protocol import StoreUnavailable
 from service.http import FastJSONResponse, allowed_methods, error, validation_summary
 
-STATUS: dict[type[RecsysError], int] = {UnknownId: 404, InvalidInput: 422, Conflict: 409}
+STATUS: dict[type[RecsysError], int] = {UnknownId: 404, InvalidInput: 422, Conflict: 409, Unavailable: 503}
 
 
 class ApiError(Exception):
@@ -36,7 +36,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RecsysError)
     async def core_error(_: Request, err: RecsysError):
-        return error(status_of(err), err.message)
+        status = status_of(err)
+        return error(status, err.message, {"Retry-After": "1"} if status == 503 else None)
 
     @app.exception_handler(StoreUnavailable)
     async def store_unavailable(request: Request, err: StoreUnavailable):

@@ -28,7 +28,7 @@ from recsys.features import FeatureSpec, codes_of, encode_user_features, history
 from offline.split import temporal_split
 from offline.tower_tables import TowerTables
 from offline.two_tower import TwoTower
-from recsys.state.protocol import Event
+from recsys.state.protocol import Event, StoreUnavailable
 from tests.servicekit import AUTH, TOKEN, assert_client_error, recorded
 
 STAGES = {"features", "user_encoding", "ann_search", "rerank"}
@@ -374,6 +374,32 @@ def test_events_make_a_new_user_recommendable(backend_start):
         assert not {"i1", "i2", "i3"} & set(ids(response))
     with backend_start() as client:
         assert client.get("/recommend", params={"user_id": "walk-in", "k": 5}).status_code == 200
+
+
+def test_a_user_only_the_store_knows_is_503_while_it_cannot_be_read_never_unknown(start, monkeypatch):
+    """The store down: a bundle user is served from the bundle alone, but a user the bundle does not know may well
+    have a history there. "Unknown user" (404, never retried, "send features") would be a wrong answer; 503 with
+    Retry-After is the true one, alone and in its place in a batch."""
+    with start() as client:
+        client.post("/events", json={"user_id": "walk-in", "item_id": "i1"})
+        users = client.app.state.service.engine.users
+
+        def down(*_args, **_kwargs):
+            raise StoreUnavailable("Redis ConnectionError: connection refused")
+
+        async def down_async(*args, **kwargs):
+            down()
+
+        monkeypatch.setattr(users, "history", down)
+        monkeypatch.setattr(users, "history_async", down_async)
+        response = client.get("/recommend", params={"user_id": "walk-in"})
+        assert response.status_code == 503 and response.headers["retry-after"] == "1", response.text
+        assert "walk-in" in response.json()["error"] and "retry" in response.json()["error"]
+        assert client.get("/recommend", params={"user_id": "u5", "k": 3}).status_code == 200
+        batch = client.post("/recommend/batch", json={"user_ids": ["u5", "walk-in"], "k": 3}).json()
+        assert len(batch["results"][0]["items"]) == 3 and batch["results"][1]["status"] == 503, batch
+        monkeypatch.undo()
+        assert client.get("/recommend", params={"user_id": "walk-in"}).status_code == 200
 
 
 def test_torn_log_tail_does_not_swallow_the_next_event(start, tmp_path, bundle):

@@ -42,7 +42,7 @@ QUERY_LISTS = {name for name, field in RecommendQuery.model_fields.items()  # pa
                if list in (get_origin(field.annotation), *map(get_origin, get_args(field.annotation)))}
 
 
-@router.get("/recommend", response_model=RecommendResponse, responses=errors(404, 422),
+@router.get("/recommend", response_model=RecommendResponse, responses=errors(404, 422, 503),
             openapi_extra={"parameters": query_parameters(RecommendQuery)})
 async def recommend_get(request: Request):
     """The POST pipeline for a known user; filters as repeated query parameters (``genres_any=a&genres_any=b``).
@@ -51,7 +51,7 @@ async def recommend_get(request: Request):
     return await recommend_post(recommend_query(request).to_request(), request.app.state.service)
 
 
-@router.post("/recommend", response_model=RecommendResponse, responses=errors(400, 404, 408, 413, 422))
+@router.post("/recommend", response_model=RecommendResponse, responses=errors(400, 404, 408, 413, 422, 503))
 async def recommend_post(body: RecommendRequest, live: LiveDep):
     """The answer carries a ``request_id`` (send it back with feedback) and the user's experiment ``assignments``.
     Answered on the event loop (the history read awaited, then under a millisecond of CPU): see
