@@ -81,8 +81,8 @@ class Users:
             return UserContext(raw, row + 1, a["user_cat"][row], a["user_num"][row], items, ratings, times, key, version)
         if raw is not None and not online and features is None and not recent:
             if fetched[1] is UNREAD:  # (the store may know the user: "unknown" would send the client elsewhere)
-                raise Unavailable(f"user_id '{raw}' is not in the bundle and the state store, which holds the histories "
-                                  "of users since, cannot be read just now: retry")
+                raise Unavailable(f"user_id '{raw}' is not in the bundle, and the state store, which holds the "
+                                  "histories of users who came after it, cannot be read just now: retry")
             raise UnknownId(f"unknown user_id '{raw}': send features and/or recent_items for a new user")
         features = features or {}
         check_features(features, self.spec.user_categorical, self.spec.user_numeric, "user")
