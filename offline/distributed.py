@@ -11,6 +11,7 @@ and every helper is the identity of a one-process world.
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -83,29 +84,47 @@ def wrap_ddp(module: nn.Module, device: torch.device, sparse: Sequence[nn.Parame
 def average_sparse_grads(params: Sequence[nn.Parameter]) -> None:
     """Replace each parameter's sparse row gradient by its mean over the ranks, as DDP averages dense ones.
 
-    Every rank's touched rows (indices and values, padded to the longest) are all-gathered and summed:
-    the traffic and the work follow the rows the global batch touched, never the table's size. (DDP's
-    own sparse all-reduce on gloo corrupted the heap in 5 of 14 two-process runs, torch 2.13.0.)
-    Every rank must call it with the same parameters after each backward; a parameter without a
-    gradient on this rank takes part with no rows."""
+    Every rank's touched rows (indices and values) are all-gathered and summed: the traffic and the work
+    follow the rows the global batch touched, never the table's size. Two collectives in all, whatever the
+    number of tables: the row counts, then every table's rows and values packed into one byte buffer (padded
+    to the longest). Each collective is a point where every rank waits for the slowest, a millisecond or more
+    on loopback gloo: with three a table, a small step spent more time waiting than computing
+    (docs/benchmarks.md, "Distributed training"). (DDP's own sparse all-reduce on gloo corrupted the heap in 5
+    of 14 two-process runs, torch 2.13.0.) Every rank must call it with the same parameters after each backward; a parameter without
+    a gradient on this rank takes part with no rows."""
     size = world().size
-    if size == 1:
+    if size == 1 or not params:
         return
-    for p in params:
-        if p.grad is None:
-            rows, values = torch.zeros(0, dtype=torch.long, device=p.device), p.new_zeros((0, *p.shape[1:]))
-        else:
-            grad = p.grad.coalesce()
-            rows, values = grad.indices()[0], grad.values()
-        counts = _all_gather(torch.tensor([len(rows)], device=p.device))
-        longest = max(int(max(counts).item()), 1)  # never a zero-length collective
-        pad = longest - len(rows)
-        rows = torch.cat([rows, rows.new_zeros(pad)])
-        values = torch.cat([values, values.new_zeros((pad, *values.shape[1:]))])
-        keep = [slice(0, int(n.item())) for n in counts]
-        all_rows = torch.cat([r[k] for r, k in zip(_all_gather(rows), keep)])
-        all_values = torch.cat([v[k] for v, k in zip(_all_gather(values), keep)])
-        p.grad = torch.sparse_coo_tensor(all_rows[None], all_values / size, p.shape, check_invariants=False).coalesce()
+    device = params[0].device
+    touched = [_touched(p) for p in params]
+    counts = torch.stack(_all_gather(torch.tensor([len(rows) for rows, _ in touched], device=device))).tolist()
+    row_bytes = [8 + math.prod(p.shape[1:]) * p.element_size() for p in params]  # its index, its values
+    lengths = [sum(n * b for n, b in zip(rank_counts, row_bytes)) for rank_counts in counts]
+    own = [part for rows, values in touched for part in (_bytes(rows), _bytes(values))]
+    own.append(torch.zeros(max(max(lengths), 1) - lengths[world().rank], dtype=torch.uint8, device=device))
+    gathered = _all_gather(torch.cat(own))
+    for j, p in enumerate(params):
+        rows_of, values_of = [], []
+        for rank, buffer in enumerate(gathered):
+            at = sum(n * b for n, b in zip(counts[rank][:j], row_bytes[:j]))
+            n = counts[rank][j]
+            rows_of.append(buffer[at : at + 8 * n].clone().view(torch.long))
+            values_of.append(buffer[at + 8 * n : at + n * row_bytes[j]].clone().view(p.dtype).view(n, *p.shape[1:]))
+        p.grad = torch.sparse_coo_tensor(torch.cat(rows_of)[None], torch.cat(values_of) / size, p.shape,
+                                         check_invariants=False).coalesce()
+
+
+def _touched(p: nn.Parameter) -> tuple[torch.Tensor, torch.Tensor]:
+    """A parameter's sparse gradient as (row indices, row values); none for a parameter without one."""
+    if p.grad is None:
+        return torch.zeros(0, dtype=torch.long, device=p.device), p.new_zeros((0, *p.shape[1:]))
+    grad = p.grad.coalesce()
+    return grad.indices()[0], grad.values().to(p.dtype)
+
+
+def _bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor's memory as a flat uint8 tensor (reinterpreted, not converted: it comes back bit for bit)."""
+    return tensor.contiguous().view(-1).view(torch.uint8)
 
 
 def _all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
@@ -135,11 +154,16 @@ class _GatherRows(torch.autograd.Function):
 
 def gather_batch(vectors: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The global batch's ``(vectors, ids)`` (vectors with gradients flowing back to their rank)
-    and the column of this rank's first row in it. Every rank must pass the same number of rows."""
+    and the column of this rank's first row in it. Every rank must pass the same number of rows.
+    One collective: the ids travel as extra columns of the vectors, their bits reinterpreted (never
+    converted, so they come back exact) and their gradient, always zero, dropped."""
     w = world()
     if w.size == 1:
         return vectors, ids, 0
-    return _GatherRows.apply(vectors), torch.cat(_all_gather(ids)), w.rank * len(vectors)
+    width = vectors.shape[1]
+    id_columns = ids.to(torch.long).reshape(-1, 1).view(vectors.dtype)  # [n, 8 / element size]
+    rows = _GatherRows.apply(torch.cat([vectors, id_columns], dim=1))
+    return rows[:, :width], rows[:, width:].detach().contiguous().view(torch.long).view(-1), w.rank * len(vectors)
 
 
 def from_rank0(value: int, device: torch.device) -> int:
