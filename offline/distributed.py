@@ -90,8 +90,8 @@ def average_sparse_grads(params: Sequence[nn.Parameter]) -> None:
     to the longest). Each collective is a point where every rank waits for the slowest, a millisecond or more
     on loopback gloo: with three a table, a small step spent more time waiting than computing
     (docs/benchmarks.md, "Distributed training"). (DDP's own sparse all-reduce on gloo corrupted the heap in 5
-    of 14 two-process runs, torch 2.13.0.) Every rank must call it with the same parameters after each backward; a parameter without
-    a gradient on this rank takes part with no rows."""
+    of 14 two-process runs, torch 2.13.0.) Every rank must call it with the same parameters after each
+    backward; a parameter without a gradient on this rank takes part with no rows."""
     size = world().size
     if size == 1 or not params:
         return
