@@ -161,7 +161,7 @@ def gather_batch(vectors: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor
     if w.size == 1:
         return vectors, ids, 0
     width = vectors.shape[1]
-    id_columns = ids.to(torch.long).reshape(-1, 1).view(vectors.dtype)  # [n, 8 / element size]
+    id_columns = ids.to(torch.long).contiguous().view(-1, 1).view(vectors.dtype)  # [n, 8 / element size]
     rows = _GatherRows.apply(torch.cat([vectors, id_columns], dim=1))
     return rows[:, :width], rows[:, width:].detach().contiguous().view(torch.long).view(-1), w.rank * len(vectors)
 

@@ -79,7 +79,8 @@ def _loss_worker(rank: int, port: int, out: Path) -> None:
     _join(rank, port)
     b, mine = _global_batch(), slice(rank * ROWS, (rank + 1) * ROWS)
     u, v, neg = (b[k][mine].clone().requires_grad_() for k in ("u", "v", "neg"))
-    loss = global_batch_loss(SOFTMAX, u, v, b["ids"][mine], b["log_q"], neg, b["neg_ids"][mine], b["neg_log_q"][mine])
+    ids = torch.stack([b["ids"][mine], b["ids"][mine]], dim=1)[:, 0]  # a strided view, as a column of a table is
+    loss = global_batch_loss(SOFTMAX, u, v, ids, b["log_q"], neg, b["neg_ids"][mine], b["neg_log_q"][mine])
     loss.backward()
     torch.save({"loss": loss.detach(), "u": u.grad, "v": v.grad, "neg": neg.grad}, out / f"{rank}.pt")
     dist.destroy_process_group()
