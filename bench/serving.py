@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -53,11 +55,31 @@ end
 
 
 def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
+    """A loopback port free now, drawn below the kernel's ephemeral range. A port ``bind(0)`` hands out comes from
+    that range, where the next outgoing connection (a client's, another process's) may take it before the
+    server binds it: seen in CI, a Redis Cluster node's bus port taken between the pick and redis-server's bind."""
+    low = _ephemeral_low()
+    for _ in range(200 if low > 2048 else 0):
+        port = _PICK.randrange(max(1024, low - 12_000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # (nothing free down there: the kernel's pick)
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_PICK = random.SystemRandom()  # not the seeded ``random``: two test workers must not draw the same ports
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 @contextmanager

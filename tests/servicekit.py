@@ -1,9 +1,7 @@
 """The service under test: started in-process with its lifespan, and the checks every route test shares."""
 from __future__ import annotations
 
-import random
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,6 +15,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from bench.serving import free_port
 from recsys.bundle import read_bundle
 from service.app import app
 from service.config import get_settings
@@ -206,34 +205,6 @@ def assert_client_error(response, status: int | None = None) -> None:
 
 
 # --------------------------------------------------------------------------- real processes on loopback
-def free_port() -> int:
-    """A loopback port free now, drawn below the kernel's ephemeral range. A port ``bind(0)`` hands out comes from
-    that range, where the next outgoing connection (a client's, the other test worker's) may take it before the
-    server binds it: seen in CI, a Redis Cluster node's bus port taken between the pick and redis-server's bind."""
-    low = _ephemeral_low()
-    for _ in range(200 if low > 2048 else 0):
-        port = _PICK.randrange(max(1024, low - 12_000), low)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as s:  # (nothing free down there: the kernel's pick)
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-_PICK = random.SystemRandom()  # not the seeded ``random``: two test workers must not draw the same ports
-
-
-def _ephemeral_low() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768  # Linux's default
-
-
 def wait_for(url: str, timeout: float, proc: subprocess.Popen) -> None:
     """Until ``url`` answers 200; fails early, with the process's log, if the process exits."""
     deadline = time.monotonic() + timeout
