@@ -12,6 +12,7 @@ from recsys.errors import Conflict, InvalidInput, RecsysError, Unavailable, Unkn
 from recsys.state.protocol import StoreUnavailable
 from service.http import FastJSONResponse, allowed_methods, error, validation_summary
 
+RETRY = {"Retry-After": "1"}  # a 503's: the store's reads are tried again after a second
 STATUS: dict[type[RecsysError], int] = {UnknownId: 404, InvalidInput: 422, Conflict: 409, Unavailable: 503}
 
 
@@ -37,7 +38,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RecsysError)
     async def core_error(_: Request, err: RecsysError):
         status = status_of(err)
-        return error(status, err.message, {"Retry-After": "1"} if status == 503 else None)
+        return error(status, err.message, RETRY if status == 503 else None)
 
     @app.exception_handler(StoreUnavailable)
     async def store_unavailable(request: Request, err: StoreUnavailable):
@@ -47,7 +48,7 @@ def install(app: FastAPI) -> None:
         retry = "retry" if request.method in ("GET", "HEAD") else ("a write may have been recorded before the failure: "
                                                                   "retry it with the same Idempotency-Key (or event_id) "
                                                                   "and it is recorded once")
-        return error(503, f"state store unavailable: {err}; {retry}", {"Retry-After": "1"})
+        return error(503, f"state store unavailable: {err}; {retry}", RETRY)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, err: RequestValidationError):
