@@ -8,13 +8,16 @@ OUT ?= artifacts
 PORT ?= 8000
 SERVE := RECSYS_BUNDLE_DIR=$(OUT) $(BIN)/uvicorn service.app:app --host 0.0.0.0 --port $(PORT) --http service.protocol:HeadDeadline
 
-.PHONY: install install-dev test train evaluate serve run bench clean
+.PHONY: install install-eval install-dev test train evaluate serve run bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 install: $(BIN)/python
 	$(PIP) -e .
+
+install-eval: $(BIN)/python
+	$(PIP) -e '.[eval]'
 
 install-dev: $(BIN)/python
 	$(PIP) -e '.[dev]'
@@ -25,10 +28,10 @@ test: install-dev
 	$(BIN)/python -m pytest -q -n 2
 
 # Always trains a new bundle version (and points $(OUT)/current at it).
-train: install
+train: install-eval
 	$(BIN)/python -m offline train --out $(OUT)
 
-evaluate: install-dev
+evaluate: install-eval
 	$(BIN)/python -m offline evaluate --out reports
 
 # The first bundle: trained only when $(OUT) has none, so `make serve` never retrains an existing one, and with the

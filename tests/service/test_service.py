@@ -12,6 +12,7 @@ import gc
 import json
 import os
 import random
+import re
 import shutil
 import threading
 import time
@@ -668,6 +669,17 @@ def test_start_up_refuses_a_bad_setting(start):
     with pytest.raises(Exception, match="index_insert_ef"):
         with start(index_insert_ef="0"):
             pass
+
+
+def test_the_readme_documents_every_setting_and_no_other():
+    """An operator tunes the service from the README's settings table: a setting missing there is one nobody finds,
+    and a row for a setting the service no longer reads is one that silently does nothing."""
+    from service.config import Settings
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme.split("### Service settings (environment)", 1)[1].split("\n#", 1)[0]
+    documented = {name.lower() for row in table.splitlines() if row.startswith("| `RECSYS_")
+                  for name in re.findall(r"`RECSYS_([A-Z0-9_]+)`", row.split("|")[1])}
+    assert documented == set(Settings.model_fields)
 
 
 def test_the_search_beam_is_the_bundles_unless_the_replica_sets_one(start, bundle):
