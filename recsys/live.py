@@ -38,7 +38,7 @@ from recsys.experiments.serving import Served, serve
 from recsys.impressions import ImpressionConfig, ImpressionLog, Joined, join
 from recsys.query import Item, RecommendOptions, RecommendRequest
 from recsys.state.open import StoreConfig, open_store
-from recsys.state.protocol import AlreadyRecorded, Event, Once, Position, StateStore, StoreUnavailable
+from recsys.state.protocol import CHANGES_PAGE, AlreadyRecorded, Event, Once, Position, StateStore, StoreUnavailable
 
 FOLLOW_WAIT_S = 1.0  # how long one blocking read for other replicas' changes waits
 
@@ -395,28 +395,32 @@ class LiveEngine:
         except LookupError:  # fell behind the trimmed stream: ``_apply`` re-reads the fold
             changes = None
         with self.follow_lock:
-            self.position = self._apply(self.engine, self.position, changes)
-            for entry in self.variant_engines.values():
-                entry[1] = self._apply(entry[0], entry[1], changes)
+            start, self.position = self.position, self._apply(self.engine, self.position, changes)
+            for entry in self.variant_engines.values():  # the changes read, to those that were where the live one was
+                entry[1] = self._apply(entry[0], entry[1], changes if entry[1] >= start else None)
         metrics.INDEX_ITEMS.set(self.engine.searchable_items)
 
     def _apply(self, engine: Engine, position: Position, changes: list | None = None) -> Position:
-        """Changes after ``position``, in order, onto ``engine``; returns the new position. Changes read
-        before the lock was taken may start before ``position``: those are already applied and skipped.
-        If the store no longer keeps what came after ``position``, the whole fold is applied again."""
-        try:
-            changes = self.store.changes_since(position) if changes is None else changes
-        except LookupError as err:
-            logger.warning("{}; re-reading the catalogue", err)
-            items, position = self.store.catalog()
-            engine.changes.load(items)
-            return self._apply(engine, position)
-        fresh = [(at, item_id, item) for at, item_id, item in changes if at > position]
-        if fresh:  # e.g. a genre this bundle lacks, an entry edited by hand: skipped, logged
-            for reason in engine.changes.apply_all([(item_id, item) for _, item_id, item in fresh]):
-                logger.warning("catalogue change skipped on bundle {}: {}", engine.version, reason)
-            position = fresh[-1][0]
-        return position
+        """Every change after ``position``, in order, onto ``engine`` (``changes``: the first page, already read);
+        returns the new position. Changes read before the lock was taken may start before ``position``: those are
+        already applied and skipped. A page at a time, so that requests run between them; if the store no longer
+        keeps what came after ``position``, the whole fold is applied again."""
+        while True:
+            try:
+                changes = self.store.changes_since(position) if changes is None else changes
+            except LookupError as err:
+                logger.warning("{}; re-reading the catalogue", err)
+                items, position = self.store.catalog()
+                engine.changes.load(items)
+                continue
+            fresh = [(at, item_id, item) for at, item_id, item in changes if at > position]
+            if fresh:  # e.g. a genre this bundle lacks, an entry edited by hand: skipped, logged
+                for reason in engine.changes.apply_all([(item_id, item) for _, item_id, item in fresh]):
+                    logger.warning("catalogue change skipped on bundle {}: {}", engine.version, reason)
+                position = fresh[-1][0]
+            if len(changes) < CHANGES_PAGE:
+                return position
+            changes = None
 
     def _follow(self) -> None:
         """Other replicas' changes, applied as they land; retried with a pause while the store is down."""

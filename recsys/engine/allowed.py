@@ -44,9 +44,10 @@ class Allowed:
         return math.ceil(FETCH_MARGIN * depth / share) + len(self.excluded)
 
     def keep(self, labels: np.ndarray, catalog: Catalog) -> np.ndarray:
-        """Which search results may be returned (a label past the catalogue is an item added since: not allowed)."""
+        """Which search results may be returned: not a row past the catalogue (an item added since), nor -1 (a graph
+        element no row holds: what an insertion that failed part way leaves, since hnswlib keeps the part it did)."""
         keep = np.zeros(len(labels), bool)
-        inside = labels < len(catalog.active)
+        inside = (labels >= 0) & (labels < len(catalog.active))
         keep[inside] = catalog.active[labels[inside]]
         keep &= ~in_sorted(labels, self.excluded)
         if self.rule is not None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from statistics import NormalDist
 
 import numpy as np
-from scipy.stats import chi2
+from scipy.special import chdtrc  # chi-square survival function (scipy.stats costs a server start 0.4 s to import)
 
 MIXING_EFFECT = 0.1  # tau = this fraction of the metric's magnitude: the test is most sensitive near a 10% change
 
@@ -114,4 +114,4 @@ def sample_ratio(observed: list[int], shares: list[float]) -> float:
         return 1.0
     expected = [total * s for s in shares]
     stat = sum((o - e) ** 2 / e for o, e in zip(observed, expected) if e > 0)
-    return float(chi2.sf(stat, len(observed) - 1))
+    return float(chdtrc(len(observed) - 1, stat))

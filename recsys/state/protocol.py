@@ -13,6 +13,7 @@ from typing import Any, NamedTuple, Protocol
 from recsys.query import Item
 
 FEEDBACK_FIELDS = ("type", "request_id", "position")
+CHANGES_PAGE = 1000  # the most catalogue changes one ``changes_since`` returns: a replica far behind applies a page per hold
 
 
 class Event(NamedTuple):
@@ -127,7 +128,8 @@ class StateStore(Protocol):
         """Every changed item's latest state, and the position that fold covers."""
 
     def changes_since(self, position: Position, wait_s: float = 0.0) -> list[Change]:
-        """Changes after ``position`` in order, waiting up to ``wait_s`` for one when there are none.
+        """Changes after ``position`` in order, waiting up to ``wait_s`` for one when there are none; a backend may
+        return the first ``CHANGES_PAGE`` of them only (a full page: read on from its last).
         Raises ``LookupError`` when changes after ``position`` are no longer kept (re-read ``catalog()``)."""
 
     def append_impressions(self, records: list[dict]) -> None:

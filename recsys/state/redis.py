@@ -57,7 +57,7 @@ import redis.asyncio.cluster
 from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
-from recsys.state.protocol import (FEEDBACK_FIELDS, AlreadyRecorded, Change, Event, Once, Position, StoreUnavailable,
+from recsys.state.protocol import (CHANGES_PAGE, FEEDBACK_FIELDS, AlreadyRecorded, Change, Event, Once, Position, StoreUnavailable,
                                    recorded_after)
 
 CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
@@ -399,7 +399,7 @@ class RedisStateStore:
         block = int(min(wait_s, MAX_WAIT_S) * 1000) if wait_s > 0 else None
         with self._call("read catalogue changes", trips_breaker=not block):
             client = self.blocking if block else self.client
-            reply = client.xread({self.layout.catalog: "%d-%d" % position}, count=1000, block=block)
+            reply = client.xread({self.layout.catalog: "%d-%d" % position}, count=CHANGES_PAGE, block=block)
         entries = _entries(reply)
         changes = [(_position(entry_id), f[b"item_id"].decode(), orjson.loads(f[b"item"]) if f[b"item"] else None, int(f[b"seq"]))
                    for entry_id, f in entries]

@@ -15,8 +15,10 @@ from recsys.engine.items import Column
 from recsys.engine.locks import ReadWriteLock
 from recsys.engine.search import search_many
 from recsys.errors import UnknownId
+from recsys.live import LiveConfig, LiveEngine
 from recsys.query import Filters, Item, RecommendRequest
-from recsys.state.protocol import Event
+from recsys.state.open import StoreConfig
+from recsys.state.protocol import Event, StoreUnavailable
 
 
 @pytest.fixture()
@@ -338,6 +340,45 @@ def test_the_graphs_dead_elements_are_bounded_past_them_changes_reuse_their_plac
         assert sorted(found.tolist()) == sorted(exact_top(catalog, vec, 10))
 
 
+def test_an_insertion_that_fails_part_way_leaves_no_element_answering_for_a_wrong_row(engine):
+    """hnswlib keeps the part of a batch it inserted before failing (say, memory), under labels no row holds yet:
+    such an element must never be served as row -1 (the catalogue's last row, with another item's score). The rows
+    stay unindexed and served exactly, and the next merge indexes them."""
+    live, rng = engine.live, np.random.default_rng(5)
+    engine.exact_share = 2.0  # search through the graph, as a large catalogue does (this one is tiny)
+    real, dim = live.index, engine.catalog.vectors.shape[1]
+
+    class FailsHalfWay:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def add_items(self, vectors, labels, **kwargs):
+            real.add_items(vectors[: len(labels) // 2], labels[: len(labels) // 2], **kwargs)
+            raise RuntimeError("std::bad_alloc")
+
+    raws = [f"late-{i}" for i in range(4)]
+    prepared = engine.changes.prepare([Item(item_id=raw, genres=["genre1"], year=2000) for raw in raws])
+    vectors = (10 * rng.normal(size=(4, dim))).astype(np.float32)  # far longer than any other: each its own top hit
+    with live.merging:
+        live.commit(type(prepared)(prepared.raws, prepared.titles, {**prepared.values, "item_vectors": vectors}))
+    live.index, count = FailsHalfWay(), real.get_current_count()
+    with pytest.raises(RuntimeError):
+        live.merge()
+    live.index = real
+    rows = [engine.catalog.row_of[raw] for raw in raws]
+    assert real.get_current_count() == count + 2  # the failed batch's first half is in the graph
+    for merged in (False, True):
+        catalog = engine.catalog
+        for row in rows:
+            _, found, _ = engine.search(catalog.vectors[row], 5, engine.allowed(catalog, None, None))
+            assert found[0] == row and (found >= 0).all() and len(set(found.tolist())) == len(found)
+            assert sorted(found.tolist()) == sorted(exact_top(catalog, catalog.vectors[row], 5))
+        if not merged:
+            assert set(rows) <= set(catalog.unindexed.tolist())
+            live.merge()
+    assert not len(engine.catalog.unindexed) and (live.labels_of(rows) >= 0).all()
+
+
 def test_items_added_online_and_removed_give_their_rows_to_the_next_new_ids(engine, bundle_root):
     """Items that come and go do not grow the columns: a removed online item's id is forgotten and its row goes to
     the next new id, which then holds what a fresh addition would hold. A removed bundle item keeps its row."""
@@ -517,3 +558,63 @@ def test_the_merge_finishes_even_if_its_queue_lost_track_of_a_row(engine):
     while len(engine.catalog.unindexed) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not len(engine.catalog.unindexed)
+
+
+# --------------------------------------------------------------------------- other replicas' changes
+@pytest.fixture
+def live_engine(backend_start, tmp_path):
+    """A live engine on each state backend, its follower off: the changes it applies are the ones the test makes it
+    apply (``catch_up``, or the catch-up after its own write)."""
+    settings = backend_start.settings(tmp_path / "state")
+    location = settings.get("redis_url", tmp_path / "state")
+    store = StoreConfig(settings["state_backend"], location, redis_prefix=settings.get("redis_prefix", "recsys"))
+    live = LiveEngine(LiveConfig(backend_start.bundle_root, store, impressions=None))
+    yield live
+    live.close()
+
+
+def other_replicas_change(live: LiveEngine, *item_ids: str) -> None:
+    """Changes written to the store, as other replicas write them: one at a time, not yet applied here."""
+    for item_id in item_ids:
+        live.store.append_changes([(item_id, Item(item_id=item_id, genres=["genre1"], year=2001).to_record())])
+
+
+def test_a_write_applies_every_change_before_it_however_many_wait(live_engine, monkeypatch):
+    """A write is served by its replica as soon as it is acknowledged, behind any backlog of other replicas'
+    changes: Redis hands them out a page at a time, and the catch-up reads pages until the last (a page of 3 here)."""
+    monkeypatch.setattr("recsys.live.CHANGES_PAGE", 3)
+    monkeypatch.setattr("recsys.state.redis.CHANGES_PAGE", 3)
+    others = [f"other-{i}" for i in range(7)]
+    other_replicas_change(live_engine, *others)
+    live_engine.upsert_items([Item(item_id="mine", genres=["genre2"], year=2002)])
+    catalog = live_engine.engine.catalog
+    assert {*others, "mine"} <= set(catalog.row_of)
+    assert catalog.active[[catalog.row_of[raw] for raw in [*others, "mine"]]].all()
+
+
+def test_an_experiments_engine_that_fell_behind_catches_up_on_its_own(live_engine, monkeypatch):
+    """Engines that serve experiments' bundles follow the catalogue beside the live one. One that missed a read
+    (the store briefly down) must not then take only what the live one reads next: the change it missed would
+    never reach it, and its users would keep getting a removed item."""
+    live = live_engine
+    removed = live.engine.catalog.ids[3]
+    live.variant_engines["other"] = [live.build(live.config.bundle_dir), live.position]
+    variant = live.variant_engines["other"][0]
+    read, calls = live.store.changes_since, []
+
+    def down_for_the_second_reader(position, wait_s=0.0):
+        calls.append(position)
+        if len(calls) == 2:
+            raise StoreUnavailable("connection refused")
+        return read(position, wait_s)
+
+    live.store.append_changes([(removed, None)])  # another replica's removal
+    monkeypatch.setattr(live.store, "changes_since", down_for_the_second_reader)
+    with pytest.raises(StoreUnavailable):
+        live.catch_up()  # the live engine applies the removal; the experiment's engine cannot read it
+    assert not live.engine.catalog.active[live.engine.catalog.row_of[removed]]
+    other_replicas_change(live, "later")
+    live.catch_up(wait_s=0.01)  # the follower's read: what came after the live engine's position
+    catalog = variant.catalog
+    assert not catalog.active[catalog.row_of[removed]] and "later" in catalog.row_of
+    assert live.variant_engines["other"][1] == live.position
