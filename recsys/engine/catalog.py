@@ -272,11 +272,26 @@ class LiveCatalog:
         rows, graph_label = np.array(listed, np.int64), self.columns["graph_label"].rows
         vectors, older = self.columns["item_vectors"].rows[rows], graph_label[rows]
         insert = self._insert_marking if self.garbage < self.garbage_room else self._insert_reusing
-        labels = insert(vectors, older)
+        first = self.next_label
+        try:
+            labels = insert(vectors, older)
+        except Exception:
+            self._mark_orphans(first)
+            raise
         self.label_row[labels], graph_label[rows] = rows, labels
         self.unindexed.difference_update(listed)
         if not self.unindexed:
             self.merge_queue.clear()  # (rows indexed by ``index_now`` or ``merge`` leave entries behind)
+
+    def _mark_orphans(self, first: int) -> None:
+        """After an insertion that failed part way (hnswlib keeps what it inserted before the error): the elements
+        under the labels it took from ``first`` on, which no row holds, marked deleted, i.e. garbage to reuse."""
+        for label in range(first, self.next_label):
+            try:
+                self.index.mark_deleted(label)
+            except RuntimeError:  # (never inserted)
+                continue
+            self.garbage += 1
 
     def _insert_marking(self, vectors: np.ndarray, older: np.ndarray) -> np.ndarray:
         """Each vector under a fresh label, the row's older label (if any) marked deleted: the labels."""

@@ -361,12 +361,16 @@ def test_an_insertion_that_fails_part_way_leaves_no_element_answering_for_a_wron
     vectors = (10 * rng.normal(size=(4, dim))).astype(np.float32)  # far longer than any other: each its own top hit
     with live.merging:
         live.commit(type(prepared)(prepared.raws, prepared.titles, {**prepared.values, "item_vectors": vectors}))
-    live.index, count = FailsHalfWay(), real.get_current_count()
+    live.index, count, garbage, first = FailsHalfWay(), real.get_current_count(), live.garbage, live.next_label
     with pytest.raises(RuntimeError):
         live.merge()
     live.index = real
     rows = [engine.catalog.row_of[raw] for raw in raws]
-    assert real.get_current_count() == count + 2  # the failed batch's first half is in the graph
+    assert real.get_current_count() == count + 2 and live.garbage == garbage + 2  # the first half kept, marked deleted
+    for label in (first, first + 1):
+        with pytest.raises(RuntimeError):
+            real.get_items([label])
+    assert set(live.labels_of(rows).tolist()) == {-1}
     for merged in (False, True):
         catalog = engine.catalog
         for row in rows:
@@ -377,6 +381,8 @@ def test_an_insertion_that_fails_part_way_leaves_no_element_answering_for_a_wron
             assert set(rows) <= set(catalog.unindexed.tolist())
             live.merge()
     assert not len(engine.catalog.unindexed) and (live.labels_of(rows) >= 0).all()
+    catalog = engine.catalog  # and were such an element ever found (label_row -1), it is no row's result
+    assert engine.allowed(catalog, None, None).keep(np.array([-1, rows[0], len(catalog.active)]), catalog).tolist() == [False, True, False]
 
 
 def test_items_added_online_and_removed_give_their_rows_to_the_next_new_ids(engine, bundle_root):
