@@ -15,6 +15,7 @@ from loguru import logger
 from prometheus_client import Counter, Histogram
 
 from recsys.experiments.definition import Experiment, Plan, check, check_against, plan
+from recsys.experiments.interleave import NO_TEAM
 from recsys.experiments.report import report
 from recsys.metrics import LATENCY_BUCKETS
 from recsys.state.protocol import StateStore, StoreUnavailable
@@ -136,7 +137,8 @@ class Registry:
             if positive:
                 CLICKS_AT.labels(exp, variant, str(position) if position <= CLICK_POSITIONS else f"{CLICK_POSITIONS + 1}+").inc()
                 teams = impression.get("teams")
-                if self.running[exp].mode == "interleave" and teams and position <= len(teams):
+                if self.running[exp].mode == "interleave" and teams and position <= len(teams) \
+                        and teams[position - 1] != NO_TEAM:
                     INTERLEAVE_CLICKS.labels(exp, teams[position - 1]).inc()
 
     @staticmethod

@@ -22,7 +22,7 @@ import numpy as np
 from recsys.errors import InvalidInput
 from recsys.experiments import stats
 from recsys.experiments.definition import Experiment
-from recsys.experiments.interleave import credit
+from recsys.experiments.interleave import A, B, credit
 from recsys.impressions import join
 from recsys.state.protocol import Event
 
@@ -125,13 +125,17 @@ def _variant(exp: Experiment, arm: str, shown, positive: set[str], positions: in
 
 def _interleave(exp: Experiment, shown, positive: set[str]) -> dict:
     """Each impression is won by the team whose items took more of its clicks; B's preference is
-    ``(B's wins - A's wins) / impressions`` over users (delta method), tested against 0."""
+    ``(B's wins - A's wins) / impressions`` over users (delta method), tested against 0. An impression with no
+    position credited to either team (one side had no answer for the user) judges nothing and is not counted."""
     a, b = exp.served
     wins: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # user -> [impressions, A wins, B wins]
     for s in shown:
+        teams = s.record.get("teams") or []
+        if A not in teams and B not in teams:  # one side could not answer (B's bundle lacks the user): no judgement
+            continue
         w = wins[s.record["user_id"]]
         w[0] += 1
-        outcome = credit(s.record.get("teams") or [], sorted(s.clicked(positive)))
+        outcome = credit(teams, sorted(s.clicked(positive)))
         if outcome < 0:
             w[1] += 1
         elif outcome > 0:

@@ -66,7 +66,8 @@ def serve(users: Sequence, plans: list[Plan], k: int, run: Run) -> Served:
 
 
 def _interleaved(p: Plan, places: list[int], k: int, run: Run, timings: dict) -> tuple[list, dict, str]:
-    """Both configurations for these users, merged by team draft (coins seeded by the first list's items)."""
+    """Both configurations for these users, merged by team draft (fresh coins per answer). Where B has no answer
+    (its bundle lacks the user), A's list is shown with no position credited to either team."""
     _, a_opts, b_opts = p.interleave
     got_a, t_a, version = run({**p.options, **a_opts}, places)
     got_b, t_b, _ = run({**p.options, **b_opts}, places)
@@ -75,7 +76,7 @@ def _interleaved(p: Plan, places: list[int], k: int, run: Run, timings: dict) ->
         if isinstance(a, RecsysError):
             merged.append(a)
             continue
-        if isinstance(b, RecsysError):  # B's bundle does not know the user: A fills the list alone
+        if isinstance(b, RecsysError):  # B's bundle does not know the user: A's list, judged by nobody
             b = {"items": []}
         by_id = {item["item_id"]: item for item in b["items"]} | {item["item_id"]: item for item in a["items"]}
         rng = random.Random(uuid.uuid4().int)
@@ -85,11 +86,14 @@ def _interleaved(p: Plan, places: list[int], k: int, run: Run, timings: dict) ->
 
 
 def _explore(answer: dict, epsilon: float | None, rid: str) -> dict:
-    """One random adjacent swap with probability ``epsilon``, the coins seeded by the request id."""
+    """One random adjacent swap with probability ``epsilon``, the coins seeded by the request id. An interleaved
+    list's teams move with their items (the swap may come from another experiment than the interleaving)."""
     if not epsilon:
         return answer
     order, props = swap(len(answer["items"]), epsilon, random.Random(rid))
     answer = {**answer, "items": [answer["items"][i] for i in order]}
+    if "_teams" in answer:
+        answer["_teams"] = [answer["_teams"][i] for i in order]
     answer["_explore"] = (order, props)
     return answer
 

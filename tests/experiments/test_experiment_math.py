@@ -14,9 +14,11 @@ from scipy.stats import chi2_contingency
 
 from recsys.errors import Conflict, InvalidInput
 from recsys.experiments import stats
-from recsys.experiments.definition import Experiment, Variant, bucket, check, check_against, plan
+from recsys.experiments.definition import Experiment, Plan, Variant, bucket, check, check_against, plan
 from recsys.experiments.explore import swap
 from recsys.experiments.interleave import credit, team_draft
+from recsys.experiments.serving import serve
+from recsys.errors import UnknownId
 
 USERS = [f"u{i}" for i in range(20_000)]
 
@@ -127,9 +129,21 @@ def test_team_draft_by_hand():
     assert team_draft(a, b, 4, Coin(0.3)) == ([1, 2, 3, 5], ["A", "B", "A", "B"])
     # B wins the coin: B takes 2, A takes 1, tie: B takes 5 (1 is taken), A takes 3
     assert team_draft(a, b, 4, Coin(0.7)) == ([2, 1, 5, 3], ["B", "A", "B", "A"])
-    # A runs out: B goes on alone
-    assert team_draft([1], [1, 2, 3], 3, Coin(0.3)) == ([1, 2, 3], ["A", "B", "B"])
+    # A runs out (its one item taken, by A or by B): the picks stop, B's rest fills the list credited to nobody
+    assert team_draft([1], [1, 2, 3], 3, Coin(0.3)) == ([1, 2, 3], ["A", "-", "-"])
+    assert team_draft([1], [1, 2, 3], 3, Coin(0.7)) == ([1, 2, 3], ["B", "-", "-"])
+    assert team_draft([1, 2], [], 3, Coin(0.3)) == ([1, 2], ["-", "-"])  # B had no answer: nobody judged
     assert team_draft([], [], 3, Coin(0.3)) == ([], [])
+
+
+def test_team_draft_gives_a_longer_ranking_no_credit_for_its_length():
+    """Clicks at random (one position of each answer) must leave neither team ahead, whatever the lists' lengths:
+    a team that went on alone after the other ran out took B a preference of +0.67 here."""
+    rng = random.Random(0)
+    for a, b in ((["x"], ["x", "y", "z"]), (["x", "y", "z"], ["x"]), (["x", "y"], [])):
+        draws = [team_draft(a, b, 3, rng) for _ in range(20_000)]
+        mean = sum(credit(teams, [rng.randrange(len(items)) + 1]) for items, teams in draws) / len(draws)
+        assert abs(mean) < 0.02, (a, b, mean)
 
 
 def test_team_draft_never_favours_a_team_over_many_draws():
@@ -142,6 +156,29 @@ def test_team_draft_never_favours_a_team_over_many_draws():
             assert abs(teams[:cut].count("A") - teams[:cut].count("B")) <= 1
 
 
+def _two_rankings(options: dict, places: list[int]):
+    """A ``serve`` run: configuration A ranks a0..a5, B ranks b0..b5 (B's bundle lacks user 'new')."""
+    side = options.get("side", "a")
+    answer = {"user_id": "u", "items": [{"item_id": f"{side}{i}", "ranking_score": 1.0 - i / 10} for i in range(6)]}
+    return [UnknownId("user 'new'") if side == "b" and users[p] == "new" else dict(answer) for p in places], {}, "v1"
+
+
+users = ["u1", "u2", "u3", "new"]
+
+
+def test_a_swap_from_another_experiment_moves_the_interleaved_teams_with_their_items():
+    """Exploration (one experiment) reorders an interleaved list (another): each item keeps the team that placed
+    it, or a click on a swapped item is credited to the team that did not."""
+    plans = [Plan({"inter": "a+b", "explore": "on"}, {"explore": 1.0}, ("inter", {"side": "a"}, {"side": "b"})) for _ in users]
+    for _ in range(20):
+        served = serve(users, plans, 6, _two_rankings)
+        for record in served.impressions[:3]:
+            assert record["ranks"] != [1, 2, 3, 4, 5, 6]  # explore 1.0: one swap in every answer
+            assert [team.lower() for team in record["teams"]] == [item[0] for item in record["items"]]
+        nobody = served.impressions[3]  # B had no answer for 'new': A's list, credited to neither
+        assert nobody["items"][0][0] == "a" and set(nobody["teams"]) == {"-"}
+
+
 def test_interleaving_credit_by_hand():
     teams = ["A", "B", "A", "B"]
     assert credit(teams, [2]) == 1
@@ -150,6 +187,7 @@ def test_interleaving_credit_by_hand():
     assert credit(teams, [2, 2]) == 1  # a position clicked twice counts once
     assert credit(teams, []) == 0
     assert credit(teams, [9]) == 0  # a position the list did not have
+    assert credit(["A", "-", "B", "-"], [2, 4]) == 0 and credit(["A", "-", "B"], [2, 3]) == 1  # "-": nobody's
 
 
 # --------------------------------------------------------------------------- exploration

@@ -237,7 +237,7 @@ def test_a_popularity_variant_serves_the_most_popular_items(backend_start):
         assert all((item["popularity"] is not None) == popular for item in a["items"])
 
 
-def test_an_interleaving_whose_b_bundle_does_not_know_the_user_serves_a_alone(backend_start, own_root):
+def test_an_interleaving_whose_b_bundle_does_not_know_the_user_serves_a_judged_by_nobody(backend_start, own_root):
     other = own_root / "fewer-users"
     shutil.copytree(resolve(own_root), other)
     with backend_start(bundle_dir=own_root) as client:
@@ -249,4 +249,9 @@ def test_an_interleaving_whose_b_bundle_does_not_know_the_user_serves_a_alone(ba
         answer = client.get("/recommend", params={"user_id": "u2", "k": 4})
         assert answer.status_code == 200
         record = next(r for r in logged(client) if r["request_id"] == answer.json()["request_id"])
-    assert len(answer.json()["items"]) == 4 and record["teams"] == ["A"] * 4
+        client.post("/events", json={"user_id": "u2", "item_id": answer.json()["items"][0]["item_id"], "type": "click",
+                                     "request_id": answer.json()["request_id"]})
+        report = client.get("/experiments/inter").json()["interleave"]
+    # A's list, and no position credited to either side: were it A's, every click would be a win for A
+    assert len(answer.json()["items"]) == 4 and record["teams"] == ["-"] * 4
+    assert report["impressions"] == report["wins_a"] == report["wins_b"] == 0
