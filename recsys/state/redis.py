@@ -168,7 +168,9 @@ class Layout:
         return f"{self._tags[self.shard_of(user_id)]}:once:{len(user_id)}:{user_id}:{key}"
 
     def catalog_once(self, key: str) -> str:
-        return f"{self._catalog_tag}:once:{key}"
+        """A catalogue write's idempotency key: ``once:catalog:`` where an event's has the user id's length (digits),
+        so that no key a client sends can name another's (on a single Redis both share one prefix)."""
+        return f"{self._catalog_tag}:once:catalog:{key}"
 
     def impression(self, request_id: str) -> tuple[int, str]:
         shard = self.shard_of(request_id)
@@ -189,6 +191,11 @@ def _slot_tag(prefix: str, shard: int, shards: int) -> str:
     while key_slot(f"{prefix}.{shard}.{k}".encode()) * shards // REDIS_CLUSTER_HASH_SLOTS != shard:
         k += 1
     return f"{{{prefix}.{shard}.{k}}}"
+
+
+class Unreplicated(redis.RedisError):
+    """Fewer replicas confirmed a write than ``wait_replicas`` asks for: the write is refused (503), but Redis answered,
+    so this is no outage: the breaker that stops reads for ``RETRY_AFTER_S`` is left alone."""
 
 
 class RedisStateStore:
@@ -481,8 +488,8 @@ class RedisStateStore:
         if self.cluster and self.client.get_node_from_key(key) is not node:
             raise redis.ConnectionError("the key's slot moved during the write: its replication is unconfirmed")
         if replicas < self.wait_replicas:
-            raise redis.TimeoutError(f"written, but {replicas} of {self.wait_replicas} replicas confirmed it within "
-                                     f"{timeout_ms} ms: it may not survive a failover")
+            raise Unreplicated(f"written, but {replicas} of {self.wait_replicas} replicas confirmed it within "
+                               f"{timeout_ms} ms: it may not survive a failover")
         return result
 
     @contextmanager

@@ -204,6 +204,18 @@ def test_a_batch_under_a_key_already_recorded_is_not_recorded_again(make_store):
     assert again.previous_write("batch-1", "u1") is None  # catalogue keys and a user's event keys are apart
 
 
+def test_a_catalogue_key_never_meets_a_users_event_key(make_store):
+    """Keys are the clients' own strings (any printable ASCII, ':' too): the catalogue's ``3:bob:k`` is not
+    user bob's event key ``k``, in either order."""
+    s = make_store()
+    s.append_event("bob", Event("i1", None, 1), Once("k", "event-digest"))
+    s.append_changes([("a", {**ITEM, "item_id": "a"})], Once("3:bob:k", "change-digest"))  # after the event's key
+    s.append_changes([("b", {**ITEM, "item_id": "b"})], Once("3:bob:j", "change-digest"))
+    assert s.append_event("bob", Event("i2", None, 2), Once("j", "event-digest")) == 2  # after the change's key
+    assert set(s.catalog()[0]) == {"a", "b"}
+    assert s.previous_write("3:bob:k").digest == "change-digest" and s.previous_write("k", "bob").digest == "event-digest"
+
+
 def test_concurrent_retries_under_one_key_are_recorded_once(make_store):
     s = make_store()
     outcomes: list[object] = []
@@ -444,6 +456,21 @@ def test_history_reads_awaited_in_one_turn_go_to_a_single_redis_as_one_call(redi
     assert answers[:1] + answers[2:] == expected[:1] + expected[2:] and alone == expected[3]
     assert expected[3] == (3, [Event(f"i{t}", float(t), 100 + t) for t in range(3)]) and expected[-1] == (0, [])
     s.close()
+
+
+def test_a_write_no_replica_confirmed_gets_503_and_reads_go_on(redis_url):
+    """Replicas that do not confirm a write (WAIT) say nothing about Redis answering: the write is refused (it may
+    not survive a failover), but reads must not be cut off for the outage breaker's second as if Redis were down."""
+    from recsys.state.redis import RedisStateStore
+
+    s = RedisStateStore(redis_url, 100, unique_prefix(), wait_replicas=1)
+    try:
+        with pytest.raises(StoreUnavailable, match="0 of 1 replicas confirmed it"):
+            s.append_event("u1", Event("i1", None, 1))
+        assert s.history("u1") == (1, [Event("i1", None, 1)])  # on the master, unconfirmed: read as it is
+        assert s.health() is None
+    finally:
+        s.close()
 
 
 def test_an_unreachable_redis_is_a_clear_store_unavailable(tmp_path):
