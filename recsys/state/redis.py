@@ -260,7 +260,7 @@ class RedisStateStore:
         with self._call("record the event"):
             shard, hist, ver = self.layout.user(user_id)
             keys = [self.layout.events(shard), hist, ver] + ([self.layout.user_once(user_id, once.key)] if once else [])
-            fresh, seen, version = self._write(keys[0], "EVAL", APPEND_EVENT, len(keys), *keys, self.events_maxlen, user_id,
+            fresh, seen, version = self._write(keys[0], "EVAL", APPEND_EVENT, len(keys), *keys, self._share(self.events_maxlen), user_id,
                                                event.item_id, rating, event.timestamp, packed, self.history_cap,
                                                *self._once_args(once), *feedback)
         if not fresh:
@@ -351,8 +351,13 @@ class RedisStateStore:
                 keys.append(key)
                 bodies.append(orjson.dumps(r))
             for keys, bodies in by_shard.values():
-                self.client.execute_command("EVAL", APPEND_IMPRESSIONS, len(keys), *keys, self.impression_retention,
+                self.client.execute_command("EVAL", APPEND_IMPRESSIONS, len(keys), *keys, self._share(self.impression_retention),
                                             self.feedback_window_s, *bodies)
+
+    def _share(self, total: int) -> int:
+        """What each of a cluster's shard streams keeps of a retention setting, which counts them all (16 streams
+        trimmed to the whole setting each kept 16 times it)."""
+        return -(-total // self.layout.shards)
 
     def impression(self, request_id: str) -> dict | None:
         with self._call("read the impression"):

@@ -473,6 +473,21 @@ def test_a_write_no_replica_confirmed_gets_503_and_reads_go_on(redis_url):
         s.close()
 
 
+def test_a_clusters_shard_streams_keep_the_retention_between_them(redis_cluster_url):
+    """The retention settings count a stream's entries; on a cluster the stream is split over shards, each trimmed
+    to its share (approximately: Redis trims whole nodes of 100 entries)."""
+    from recsys.state.redis import RedisStateStore
+
+    s = RedisStateStore(redis_cluster_url, 100, unique_prefix(), shards=2, impression_retention=1000)
+    try:
+        for start in range(0, 3000, 500):
+            s.append_impressions([{"request_id": f"r{i}", "user_id": "u", "items": []} for i in range(start, start + 500)])
+        kept = [s.client.xlen(s.layout.impressions(shard)) for shard in range(2)]
+        assert 1000 <= sum(kept) <= 1000 + 2 * 100 and all(n >= 500 for n in kept), kept
+    finally:
+        s.close()
+
+
 def test_an_unreachable_redis_is_a_clear_store_unavailable(tmp_path):
     from recsys.state.redis import RedisStateStore
 
