@@ -122,11 +122,16 @@ class DurableLog:
         fails, the file is cut back to the last acknowledged record before ``StoreUnavailable`` is raised: a failed
         write must not surface later (a buffered flush, a retry's duplicate) or be read back by ``read_valid``."""
         try:
+            if self._file.closed:  # an earlier failure could not cut its write back: that first
+                self._cut_back()
             self._file.write(b"".join(orjson.dumps(record) + b"\n" for record in records))
             self._file.flush()
             os.fsync(self._file.fileno())
         except OSError as err:
-            self._cut_back()
+            try:
+                self._cut_back()
+            except OSError:  # (a disk gone read-only, say): the log stays closed, the next append cuts it first
+                pass
             raise StoreUnavailable(f"{self.path}: cannot write ({err.strerror or err})") from err
         self.acked = self._file.tell()
         return self.acked
@@ -144,6 +149,11 @@ class DurableLog:
             except OSError:  # the cut is in the page cache; a torn tail after a crash is cut at the next open
                 pass
         self._file = open(self.path, "ab")
+
+    def cut_to(self, offset: int) -> None:
+        """Drop every byte past ``offset`` (never acknowledged) before anything is appended."""
+        self.acked = offset
+        self._cut_back()
 
     def close(self) -> None:
         self._file.close()
@@ -165,17 +175,30 @@ def store_id(state_dir: Path) -> str:
     return path.read_text().strip()
 
 
-def read_event_log(state_dir: Path, after: Position | None = None) -> list[tuple[Position, str, Event]]:
-    """The events in a file-backend state directory after ``after``, with their positions; read without
-    taking the directory (a trainer reads it while the service appends)."""
+def read_event_log(state_dir: Path, after: Position | None = None, acked: int | None = None) -> list[tuple[Position, str, Event]]:
+    """The events in a file-backend state directory after ``after`` (and up to ``acked``, where the reader knows
+    it), with their positions; read without taking the directory (a trainer reads it while the service appends)."""
     return [((end, 0), user, event)
-            for end, (user, event) in read_valid(state_dir / "events.jsonl", after[0] if after else 0, parse_event)]
+            for end, (user, event) in read_valid(state_dir / "events.jsonl", after[0] if after else 0, parse_event, acked)]
 
 
 def read_catalog_log(state_dir: Path) -> dict[str, dict | None]:
     """The catalogue fold of a file-backend state directory (each changed item's latest state), read
     without taking the directory."""
-    return {item_id: item for _, (item_id, item) in read_valid(state_dir / "catalog.jsonl", 0, parse_change)}
+    return {item_id: item for _, (item_id, item) in read_changes(state_dir / "catalog.jsonl", 0, parse_change)}
+
+
+def read_changes(path: Path, offset: int, parse, end: int | None = None) -> list[tuple[int, Any]]:
+    """``read_valid`` of a catalogue log, whole batches only: each record of a batch but its last is marked
+    ``"more"``, and the records of a batch whose last is missing (being written, or torn by a crash, which also
+    left the key on it unwritten) are not read: a batch is made live whole, or not at all, as on Redis."""
+    out, batch = [], []
+    for at, (change, more) in read_valid(path, offset, lambda record: (parse(record), record.get("more") is True), end):
+        batch.append((at, change))
+        if not more:
+            out += batch
+            batch = []
+    return out
 
 
 def read_impression_log(state_dir: Path) -> list[dict]:
@@ -185,15 +208,24 @@ def read_impression_log(state_dir: Path) -> list[dict]:
     return [record for path in segments for _, record in read_valid(path, 0, _impression)]
 
 
-def read_valid(path: Path, offset: int, parse) -> list[tuple[int, Any]]:
-    """``(offset just past the line, parsed record)`` for each complete line after ``offset`` that parses; the
-    others are counted and logged (with their offsets) and skipped. A line still being appended (no newline
-    yet) is not read: it is not acknowledged."""
+def _unfinished_batch(path: Path, offset: int) -> int | None:
+    """Where the log's last batch starts if the log ends before that batch's last record (a crash mid-write)."""
+    start, line_start = None, offset
+    for end, more in read_valid(path, offset, lambda record: isinstance(record, dict) and record.get("more") is True):
+        start = (line_start if start is None else start) if more else None
+        line_start = end
+    return start
+
+
+def read_valid(path: Path, offset: int, parse, end: int | None = None) -> list[tuple[int, Any]]:
+    """``(offset just past the line, parsed record)`` for each complete line after ``offset`` (and up to ``end``:
+    what the store has acknowledged, when it is the reader) that parses; the others are counted and logged (with
+    their offsets) and skipped. A line still being appended (no newline yet) is not read: it is not acknowledged."""
     if not path.exists():
         return []
     with open(path, "rb") as f:
         f.seek(offset)
-        data = f.read()
+        data = f.read(-1 if end is None else max(0, end - offset))
     out, bad, end = [], [], offset
     for line in data[: data.rfind(b"\n") + 1].splitlines(keepends=True):
         end += len(line)
@@ -231,7 +263,11 @@ class FileStateStore:
         self.compact_after = compact_after
         self._compacting = threading.Lock()
         self.online, (events_at, catalog_at) = self._read_snapshot(history_cap)
-        changes = read_valid(self.catalog_log.path, catalog_at, _with_once(parse_change))
+        if (cut := _unfinished_batch(self.catalog_log.path, catalog_at)) is not None:
+            logger.warning("{}: dropping a batch a crash cut short ({} bytes, never acknowledged)", self.catalog_log.path,
+                           self.catalog_log.size - cut)
+            self.catalog_log.cut_to(cut)
+        changes = read_changes(self.catalog_log.path, catalog_at, _with_once(parse_change))
         events = read_valid(self.events.path, events_at, _with_once(parse_event))
         for _, (change, once) in changes:
             self.online.add_change(*change)
@@ -281,12 +317,18 @@ class FileStateStore:
         """Nothing is bound to an event loop here."""
 
     def events_since(self, after: Position | None = None) -> list[tuple[Position, str, Event]]:
-        return read_event_log(self.dir, after)
+        """What is acknowledged: a record written but still in its fsync is not (it is cut if the fsync fails)."""
+        with self.lock:
+            acked = self.offsets[0]
+        return read_event_log(self.dir, after, acked)
 
     def append_changes(self, changes: list[tuple[str, dict | None]], once: Once | None = None) -> Position:
-        """A key rides on the batch's last record: a crash that tears the batch cuts the key with it."""
+        """A key rides on the batch's last record: a crash that tears the batch cuts the key with it, and the
+        batch's other records, marked ``more``, are not read without their last (``read_changes``)."""
         records = [{"op": "upsert", "item": item} if item is not None else {"op": "remove", "item_id": item_id}
                    for item_id, item in changes]
+        for record in records[:-1]:
+            record["more"] = True  # (the batch goes on: see ``read_changes``)
         with self.write_lock:
             if once is not None:
                 self._refuse_seen(None, once.key)
@@ -319,8 +361,13 @@ class FileStateStore:
             return dict(self.online.items), (self.offsets[1], 0)
 
     def changes_since(self, position: Position, wait_s: float = 0.0) -> list[Change]:
-        """No waiting: in one process every change is appended by the caller itself."""
-        return [((end, 0), item_id, item) for end, (item_id, item) in read_valid(self.catalog_log.path, position[0], parse_change)]
+        """No waiting: in one process every change is appended by the caller itself. Only what is acknowledged: a
+        batch still in its fsync is not (if the fsync fails, it is cut, and a reader that had applied it would
+        stand past the end of the log)."""
+        with self.lock:
+            acked = self.offsets[1]
+        return [((end, 0), item_id, item)
+                for end, (item_id, item) in read_changes(self.catalog_log.path, position[0], parse_change, acked)]
 
     # ------------------------------------------------------------------ impressions and experiments
     def append_impressions(self, records: list[dict]) -> None:

@@ -337,6 +337,75 @@ def test_a_snapshot_past_the_end_of_the_logs_is_ignored(tmp_path, warnings):
     assert any("past the end of the logs" in w for w in warnings)
 
 
+def test_a_batch_a_crash_cut_short_is_not_recorded_at_all(tmp_path, warnings):
+    """A crash in the middle of a batch's write leaves its first records whole and its last torn: none of the
+    batch was acknowledged, so none of it is recorded after the restart (as on Redis, where a batch is one
+    script), and what comes after it is read as usual."""
+    s = open_store(tmp_path)
+    s.append_changes([("kept", {**ITEM, "item_id": "kept"})])
+    s.append_changes([(f"b{i}", {**ITEM, "item_id": f"b{i}"}) for i in range(3)], Once("batch", "d"))
+    s.close()
+    log = tmp_path / "catalog.jsonl"
+    log.write_bytes(log.read_bytes()[:-20])
+    s = open_store(tmp_path)
+    assert set(s.catalog()[0]) == {"kept"} and s.previous_write("batch") is None
+    assert any("a batch a crash cut short" in w for w in warnings)
+    s.append_changes([("after", {**ITEM, "item_id": "after"})])
+    assert [item_id for _, item_id, _ in s.changes_since((0, 0))] == ["kept", "after"]
+    s.close()
+    assert set(open_store(tmp_path).catalog()[0]) == {"kept", "after"}
+
+
+def test_a_write_is_read_back_only_once_acknowledged(tmp_path, monkeypatch):
+    """A change written but still in its fsync is not acknowledged: a reader must not apply it, for if the fsync
+    fails the write is cut from the log, and the reader would stand past records acknowledged later."""
+    s = open_store(tmp_path)
+    p0 = s.catalog()[1]
+    syncing, fail = threading.Event(), threading.Event()
+    real_fsync = store_module.os.fsync
+
+    def slow_then_failing_fsync(fd):
+        syncing.set()
+        fail.wait(10)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(store_module.os, "fsync", slow_then_failing_fsync)
+    writer = threading.Thread(target=lambda: pytest.raises(StoreUnavailable, s.append_changes, [("b", {**ITEM, "item_id": "b"})]))
+    writer.start()
+    assert syncing.wait(10)
+    assert s.changes_since(p0) == [] and s.events_since() == []
+    fail.set()
+    writer.join(10)
+    monkeypatch.setattr(store_module.os, "fsync", real_fsync)
+    s.append_changes([("c", {**ITEM, "item_id": "c"})])
+    assert [item_id for _, item_id, _ in s.changes_since(p0)] == ["c"]
+
+
+def test_a_failed_write_whose_cut_back_failed_too_is_repaired_by_the_next_write(tmp_path, monkeypatch):
+    """A disk that refuses the fsync and then the reopening (gone read-only, say): 503s, never a log left closed
+    for good (every later write a 500 while health said all was well)."""
+    s = open_store(tmp_path)
+    s.append_event("u1", Event("i1", None, 1))
+    real_fsync, real_open = store_module.os.fsync, open
+
+    def refusing_open(path, mode="r", *args, **kwargs):
+        if mode == "r+b":
+            raise OSError(30, "Read-only file system")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(store_module.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(5, "Input/output error")))
+    monkeypatch.setattr(store_module, "open", refusing_open, raising=False)
+    for _ in range(2):
+        with pytest.raises(StoreUnavailable, match="Input/output error|Read-only"):
+            s.append_event("u1", Event("lost", None, 2))
+        assert s.health() is not None
+    monkeypatch.setattr(store_module.os, "fsync", real_fsync)
+    monkeypatch.setattr(store_module, "open", real_open, raising=False)
+    assert s.append_event("u1", Event("i2", None, 3)) == 2 and s.health() is None
+    s.close()
+    assert histories(open_store(tmp_path)) == {"u1": (2, [Event("i1", None, 1), Event("i2", None, 3)])}
+
+
 def test_a_new_log_file_is_made_durable_in_its_directory(tmp_path, monkeypatch):
     synced: list[Path] = []
     monkeypatch.setattr(store_module, "_fsync_dir", lambda p: synced.append(Path(p)))
