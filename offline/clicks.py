@@ -260,7 +260,12 @@ def click_queries(ctx: "RankContext", clicks: Clicks, list_len: int, max_queries
     mask = items >= 0
     truth = sp.csr_matrix((labels[mask], (np.nonzero(mask)[0], items[mask])), shape=(len(rows), len(ctx.arrays["item_vectors"])))
     truth.eliminate_zeros()
-    if naive:
+    if naive:  # the ideal counts the clicks on items the candidates lack, as a ranking evaluation counts misses
+        clicked = [s.items[s.clicked & (s.items >= 0)] for s in chosen]
+        rows_of = np.repeat(np.arange(len(chosen)), [len(c) for c in clicked])
+        truth = sp.csr_matrix((np.ones(len(rows_of), np.float32), (rows_of, np.concatenate(clicked))), shape=truth.shape)
+        truth.sum_duplicates()
+        truth.data[:] = 1
         return Queries(users, items, features, labels, mask, truth)
     weighted = None if clicks.propensities is None else weights
     return Queries(users, items, features, labels, mask, truth, weighted, (labels * weights).astype(np.float64))
@@ -276,10 +281,12 @@ def _history_before(arrays: dict[str, np.ndarray], user: int, ts_s: int) -> np.n
 def _request(ctx: "RankContext", s: Shown, history: np.ndarray, tower_items: np.ndarray, tower_scores: np.ndarray,
              user_vec: np.ndarray, naive: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The request's items, the shown position of each (-1: not shown) and their features: with exposure pairs
-    only the shown items' rows, naively the whole candidate list (clicked items it lacks appended)."""
+    only the shown items' rows (those the candidates lack appended), naively the candidate list as it is. (Naive
+    pairs once appended the clicked items it lacked, and those alone: past the list's end, a rank only clicked
+    items had, a feature that gave the label away.)"""
     real = tower_items >= 0
     items, scores = tower_items[real], tower_scores[real]
-    wanted = s.items[(s.items >= 0) & (s.clicked | (not naive))]
+    wanted = s.items[s.items >= 0] if not naive else np.empty(0, np.int64)
     missing = wanted[~np.isin(wanted, items)]
     vectors = ctx.tables.item_vectors
     items = np.concatenate([items, missing])

@@ -104,9 +104,12 @@ def test_naive_pairs_put_a_click_above_every_candidate_not_clicked(ds):
 
     shown = [Shown(0, T0, np.array([3, 1, 7, 4]), np.array([False, True, True, False]))]
     q = click_queries(FakeContext(4, 12), clicks_of(shown, pairs="naive"), list_len=6)
-    assert q.items[0].tolist() == [0, 1, 2, 3, 4, 5, 7]  # every candidate, the clicked 7 appended
-    assert q.labels[0].tolist() == [0, 1, 0, 0, 0, 0, 1] and q.weights is None and q.gains is None
-    assert pair_mask(torch.from_numpy(q.labels), torch.from_numpy(q.mask))[0].sum() == 2 * 5
+    # every candidate and nothing else: the clicked 7, which the candidates lack, appended past their end would
+    # be the only item there, and always a click (its rank would give its label away)
+    assert q.items[0].tolist() == [0, 1, 2, 3, 4, 5]
+    assert q.labels[0].tolist() == [0, 1, 0, 0, 0, 0] and q.weights is None and q.gains is None
+    assert pair_mask(torch.from_numpy(q.labels), torch.from_numpy(q.mask))[0].sum() == 5
+    assert sorted(q.truth[0].indices.tolist()) == [1, 7]  # the ideal still counts the click the candidates missed
 
 
 def simulate_explored(theta: np.ndarray, n: int, epsilon: float, seed: int) -> list:
