@@ -44,7 +44,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cached_property
 from urllib.parse import urlsplit
@@ -81,11 +81,15 @@ return out
 READS_PER_CALL = 64  # at most this many users' histories in one READ_HISTORIES call (one script holds Redis)
 # One round trip per event (measured 0.31 ms in Python vs 0.36 for MULTI/EXEC): stream it, then keep it with
 # its stream id in the user's capped history (the id is Redis's, so it can only be added here), count it. With an
-# idempotency key (KEYS[4], in the user's slot), a key already held answers what it holds and writes nothing.
+# idempotency key (KEYS[4], in the user's slot), a key already held answers what it holds, writing only the key
+# again as it is: the WAIT after the script then confirms the write it answers for (see ``PREVIOUS_WRITE``).
 APPEND_EVENT = """
 if KEYS[4] then
   local seen = redis.call('GET', KEYS[4])
-  if seen then return {0, seen, tonumber(redis.call('GET', KEYS[3]) or '0')} end
+  if seen then
+    redis.call('SET', KEYS[4], seen, 'KEEPTTL')
+    return {0, seen, tonumber(redis.call('GET', KEYS[3]) or '0')}
+  end
 end
 local xadd = {'XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
               'user_id', ARGV[2], 'item_id', ARGV[3], 'rating', ARGV[4], 'timestamp', ARGV[5]}
@@ -110,11 +114,15 @@ return #KEYS - 1
 """
 # A batch of catalogue changes in one script: atomic (no other writer's change lands between its items, and a
 # failure records none of them), each numbered so that a replica notices entries trimmed before it read them,
-# streamed and folded; with an idempotency key (KEYS[4]), a key already held answers what it holds.
+# streamed and folded; with an idempotency key (KEYS[4]), a key already held answers what it holds (written again
+# as it is, as in ``APPEND_EVENT``).
 APPEND_CHANGES = """
 if KEYS[4] then
   local seen = redis.call('GET', KEYS[4])
-  if seen then return {0, seen} end
+  if seen then
+    redis.call('SET', KEYS[4], seen, 'KEEPTTL')
+    return {0, seen}
+  end
 end
 local id
 for i = 4, #ARGV, 2 do
@@ -124,6 +132,20 @@ for i = 4, #ARGV, 2 do
 end
 if KEYS[4] then redis.call('SET', KEYS[4], ARGV[2], 'EX', ARGV[3]) end
 return {1, id}
+"""
+
+# A write's idempotency key and (KEYS[2], for an event) the user's history version. A key found is written again
+# as it is (KEEPTTL): a retry is answered as the write it repeats only once that write would survive a failover,
+# and WAIT confirms what the client's own last write put in the replication stream, which then includes the
+# write the key records (a replica that holds an offset holds everything before it). Without that, a retry
+# through another connection (another replica), with no write of its own, was confirmed at once.
+PREVIOUS_WRITE = """
+local seen = redis.call('GET', KEYS[1])
+if not seen then return {false, false} end
+redis.call('SET', KEYS[1], seen, 'KEEPTTL')
+local version = false
+if KEYS[2] then version = redis.call('GET', KEYS[2]) end
+return {seen, version}
 """
 
 
@@ -268,15 +290,12 @@ class RedisStateStore:
         return int(version)
 
     def previous_write(self, key: str, user_id: str | None = None) -> AlreadyRecorded | None:
+        """The write recorded under ``key``, confirmed by the replicas a write needs (``PREVIOUS_WRITE``)."""
         layout = self.layout
+        keys = [layout.catalog_once(key)] if user_id is None else [layout.user_once(user_id, key), layout.user(user_id)[2]]
         with self._call("read the idempotency key"):
-            if user_id is None:
-                value, version = self.client.get(layout.catalog_once(key)), 0
-            else:
-                pipe = self.client.pipeline(transaction=True)  # one slot: the user's
-                pipe.get(layout.user_once(user_id, key))
-                pipe.get(layout.user(user_id)[2])
-                value, version = pipe.execute()
+            value, version = self._write(keys[0], "EVAL", PREVIOUS_WRITE, len(keys), *keys,
+                                         confirm=lambda found: found[0] is not None)
         return None if value is None else AlreadyRecorded(*_split_seen(value), version=int(version or 0))
 
     def _once_args(self, once: Once | None) -> tuple[str, int]:
@@ -475,9 +494,10 @@ class RedisStateStore:
                 self.__dict__[name].close()
 
     # ------------------------------------------------------------------ plumbing
-    def _write(self, key: str, *command) -> object:
+    def _write(self, key: str, *command, confirm: Callable[[object], bool] | None = None) -> object:
         """One write command on ``key``'s node, and its result; with ``wait_replicas``, followed on the same connection
-        by one ``WAIT`` (pipelined), and acknowledged only when that many replicas hold it."""
+        by one ``WAIT`` (pipelined), and acknowledged only when that many replicas hold it (``confirm``: whether this
+        result wrote anything to confirm)."""
         if not self.wait_replicas:
             return self.client.execute_command(*command)
         pipe = self.client.pipeline(transaction=False)
@@ -492,7 +512,7 @@ class RedisStateStore:
         result, replicas = pipe.execute()
         if self.cluster and self.client.get_node_from_key(key) is not node:
             raise redis.ConnectionError("the key's slot moved during the write: its replication is unconfirmed")
-        if replicas < self.wait_replicas:
+        if replicas < self.wait_replicas and (confirm is None or confirm(result)):
             raise Unreplicated(f"written, but {replicas} of {self.wait_replicas} replicas confirmed it within "
                                f"{timeout_ms} ms: it may not survive a failover")
         return result

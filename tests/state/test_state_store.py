@@ -542,6 +542,44 @@ def test_a_write_no_replica_confirmed_gets_503_and_reads_go_on(redis_url):
         s.close()
 
 
+def test_a_retry_is_acknowledged_only_once_the_write_it_repeats_is_confirmed(tmp_path):
+    """A write no replica confirmed got 503; its retry, through another replica's connection, must not be answered
+    as an acknowledged replay while the write may still be lost with the master. (WAIT confirms what the caller's
+    own connection last wrote: a connection that wrote nothing was confirmed at once.)"""
+    import os
+    import signal
+
+    import redis as redis_py
+
+    from recsys.state.redis import RedisStateStore
+    from tests.servicekit import redis_server
+
+    with redis_server(tmp_path / "master") as url, redis_server(tmp_path / "replica") as replica_url:
+        master, replica = redis_py.Redis.from_url(url), redis_py.Redis.from_url(replica_url)
+        replica.replicaof("127.0.0.1", int(url.rsplit(":", 1)[1].split("/")[0]))
+        deadline = time.monotonic() + 10
+        while master.execute_command("WAIT", 1, 100) < 1 and time.monotonic() < deadline:
+            master.set("probe", "1")
+        pid, prefix = replica.info("server")["process_id"], unique_prefix()
+        os.kill(pid, signal.SIGSTOP)  # connected, confirming nothing
+        try:
+            first, retry = (RedisStateStore(url, 100, prefix, wait_replicas=1) for _ in range(2))
+            with pytest.raises(StoreUnavailable, match="0 of 1 replicas"):
+                first.append_event("u1", Event("i1", None, 1), Once("k", "d"))
+            with pytest.raises(StoreUnavailable, match="0 of 1 replicas"):
+                retry.append_event("u1", Event("i1", None, 1), Once("k", "d"))
+            with pytest.raises(StoreUnavailable, match="0 of 1 replicas"):
+                retry.previous_write("k", "u1")
+            assert retry.previous_write("other", "u1") is None  # nothing recorded: nothing to confirm
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        with pytest.raises(AlreadyRecorded):  # the replica back: the retry is the replay of the write, recorded once
+            retry.append_event("u1", Event("i1", None, 1), Once("k", "d"))
+        assert retry.history("u1") == (1, [Event("i1", None, 1)])
+        first.close()
+        retry.close()
+
+
 def test_a_clusters_shard_streams_keep_the_retention_between_them(redis_cluster_url):
     """The retention settings count a stream's entries; on a cluster the stream is split over shards, each trimmed
     to its share (approximately: Redis trims whole nodes of 100 entries)."""
