@@ -51,9 +51,9 @@ class MetricTest:
     hi: float
     level: float  # per-metric two-sided confidence level (1 - (1 - confidence) / metrics * 2)
     p_value: float  # one-sided, of the hypothesis "not worse by more than the margin"
-    detectable: float  # smallest true drop detected with the configured power
+    detectable: float  # smallest true drop refused with the configured power (the margin included)
     users: int
-    worse: bool  # hi < -margin: worse by more than the margin with confidence
+    worse: bool  # hi < -margin (and more than one user): worse by more than the margin with confidence
 
     def as_dict(self) -> dict:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -78,10 +78,11 @@ def paired_test(candidate: np.ndarray, incumbent: np.ndarray, metric: str, alpha
     hi, lo = mean + t * se, mean - t * se
     if se > 0:
         p = float(stats.t.cdf((mean + margin) / se, n - 1))
-    else:
-        p = 0.0 if mean < -margin else 1.0
-    detectable = (t + float(stats.norm.ppf(power))) * se if n > 1 else float("inf")  # one user shows no spread
-    return MetricTest(metric, mean, lo, hi, 1 - 2 * alpha, p, detectable, n, hi < -margin)
+    else:  # every user's difference the same; one user shows no spread at all, so says nothing with confidence
+        p = 0.0 if mean < -margin and n > 1 else 1.0
+    # refused when mean + t se < -margin: a true drop of margin + (t + z_power) se is refused with that power
+    detectable = margin + (t + float(stats.norm.ppf(power))) * se if n > 1 else float("inf")
+    return MetricTest(metric, mean, lo, hi, 1 - 2 * alpha, p, detectable, n, n > 1 and hi < -margin)
 
 
 def gate(candidate: dict[str, np.ndarray], incumbent: dict[str, np.ndarray], config: GateConfig = GateConfig(),

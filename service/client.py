@@ -427,9 +427,11 @@ class CatalogItem:
     def to_json(self) -> dict[str, Any]:
         """The fields set (the service's defaults are the same), so that a service older than a field still
         accepts an item that leaves it unset."""
-        body = {"title": self.title, "genres": list(self.genres), "year": self.year, "features": dict(self.features),
-                "description": self.description}
-        return {"item_id": self.item_id, **{name: value for name, value in body.items() if value}}
+        body = {"title": self.title, "genres": list(self.genres), "features": dict(self.features), "description": self.description}
+        fields = {name: value for name, value in body.items() if value}
+        if self.year is not None:  # (a year 0 is a year)
+            fields["year"] = self.year
+        return {"item_id": self.item_id, **fields}
 
 
 def _idempotency_key(given: str | None) -> str:
@@ -511,8 +513,11 @@ def _definition(response: httpx.Response) -> ExperimentDefinition:
 
 
 def _path(template: str, value: str | int) -> str:
-    """``template`` with an id in it, percent-encoded but for ``/`` (ids may contain it; the routes take it)."""
-    return template.format(quote(str(value), safe="/"))
+    """``template`` with an id in it as one path segment, percent-encoded whole (a ``/`` in it too: the server
+    decodes the path and its routes take ids with ``/``). Left as ``/``, an id's ``.`` and ``..`` segments were
+    resolved away by httpx before sending: ``remove_item("a/../b")`` removed item ``b``."""
+    segment = quote(str(value), safe="")
+    return template.format("%2E" * len(segment) if segment in (".", "..") else segment)
 
 
 class endpoint(Generic[P, T]):

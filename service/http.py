@@ -105,6 +105,9 @@ class BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
+REQUEST_ID = "recsys.request_id"  # the scope key holding the request's id
+
+
 class Observe:
     """Request id, content-length limit, in-flight gauge, per-endpoint counts and latency, the log of an unhandled
     error; with tracing on, the request's server span (``service/tracing.py``), its trace and span ids in every log
@@ -118,6 +121,7 @@ class Observe:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         request_id = _request_id(headers.get(b"x-request-id", b""))
+        scope[REQUEST_ID] = request_id  # (for the 500 answered outside this middleware: ``service.api.errors``)
         start, status = time.perf_counter(), 500
 
         async def send_with_id(message):

@@ -10,7 +10,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from recsys.errors import Conflict, InvalidInput, RecsysError, Unavailable, UnknownId
 from recsys.state.protocol import StoreUnavailable
-from service.http import FastJSONResponse, allowed_methods, error, validation_summary
+from service.http import REQUEST_ID, FastJSONResponse, allowed_methods, error, validation_summary
 
 RETRY = {"Retry-After": "1"}  # a 503's: the store's reads are tried again after a second
 STATUS: dict[type[RecsysError], int] = {UnknownId: 404, InvalidInput: 422, Conflict: 409, Unavailable: 503}
@@ -74,6 +74,8 @@ def install(app: FastAPI) -> None:
         return error(err.status_code, str(err.detail), headers)
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, err: Exception):
-        """Logged by ``service.http.Observe``, where the request's ids are (this runs outside it)."""
-        return error(500, f"internal error ({type(err).__name__}); see logs")
+    async def unexpected(request: Request, err: Exception):
+        """Logged by ``service.http.Observe``, where the request's ids are; this runs outside it, so the answer
+        takes the request id from the scope: the one answer whose message sends the reader to the logs."""
+        request_id = request.scope.get(REQUEST_ID)
+        return error(500, f"internal error ({type(err).__name__}); see logs", {"X-Request-Id": request_id} if request_id else None)

@@ -33,6 +33,25 @@ def test_the_interval_and_detectable_drop_match_a_hand_computed_t_test():
     assert nan_user.users == 1 and nan_user.mean == pytest.approx(0.1)  # a user without a positive is left out
 
 
+def test_the_detectable_drop_is_refused_with_the_stated_power_whatever_the_margin():
+    """'This window detects drops of d': a true drop of d is refused 80% of the time. The gate refuses when the
+    interval's top lies below minus the margin, so d includes the margin (it read 0.026 at margin 0.01 where the
+    gate refused that drop 34% of the time)."""
+    rng = np.random.default_rng(3)
+    for margin in (0.0, 0.01, -0.01):
+        d = paired_test(rng.normal(0, 0.2, 400), np.zeros(400), "x", 0.025, margin, 0.8).detectable
+        refused = [paired_test(rng.normal(-d, 0.2, 400), np.zeros(400), "x", 0.025, margin, 0.8).worse for _ in range(600)]
+        assert 0.74 <= np.mean(refused) <= 0.86, (margin, d, np.mean(refused))
+
+
+def test_one_user_never_refuses_a_candidate():
+    """One user's difference has no spread to judge noise by: not 'worse with 95% confidence'."""
+    one = paired_test(np.array([0.0]), np.array([0.3]), "x", 0.025, 0.0, 0.8)
+    assert not one.worse and one.p_value == 1.0 and one.detectable == float("inf")
+    same_drop = paired_test(np.zeros(5), np.full(5, 0.3), "x", 0.025, 0.0, 0.8)  # five users, each 0.3 worse
+    assert same_drop.worse and same_drop.p_value == 0.0
+
+
 def test_an_equal_candidate_is_promoted_at_the_stated_rate():
     """400 planted equal candidates on 300 users: the refusal rate is at most 1 - confidence (the two metrics
     share it), and its 99% Wilson interval reaches the per-metric rate: the test is not overly timid either."""

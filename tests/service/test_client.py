@@ -136,6 +136,17 @@ def test_upserted_items_are_served_then_removed(api, raw):
         api.remove_item("fresh/1")
 
 
+def test_ids_with_dot_segments_name_themselves_not_another_item(api, raw):
+    """Ids are any text, '/' included: 'a/../b' and '..' are ids of their own, never a path that resolves to
+    another item (httpx resolves dot segments in a URL's path before sending)."""
+    items = [CatalogItem(i, year=2998) for i in ("b", "a/../b", "..", "x/.")]
+    api.upsert_items(items)
+    assert api.remove_item("a/../b").status == "removed" and api.remove_item("x/.").status == "removed"
+    assert api.similar_items("..", k=2).item_id == ".." and api.remove_item("..").status == "removed"
+    assert raw_ids(raw.post("/recommend", json={"user_id": "u3", "k": 5, "filters": {"year_min": 2998}})) == ["b"]
+    assert api.remove_item("b").status == "removed"
+
+
 def test_refusals_raise_with_the_services_message(api, base_url):
     with pytest.raises(InvalidRequest) as invalid:
         api.recommend("u1", k=0)
@@ -391,6 +402,11 @@ def test_timeouts_are_set_and_bounded_by_the_deadline():
     assert script.requests[1].extensions["timeout"] == {"connect": 0.5, "read": 7.0, "write": 7.0, "pool": 7.0}
 
 
+def test_an_item_sends_the_fields_set_and_a_year_0_is_set():
+    assert CatalogItem("a").to_json() == {"item_id": "a"}
+    assert CatalogItem("a", title="T", year=0, genres=["g"]).to_json() == {"item_id": "a", "title": "T", "genres": ["g"], "year": 0}
+
+
 def test_a_newer_service_adding_fields_breaks_nothing():
     item = {"item_id": "i1", "title": "T", "genres": ["g"], "year": 1999, "recall_score": 0.5, "recall_rank": 0,
             "ranking_score": None, "source": "two-tower", "novelty": 0.3}
@@ -432,7 +448,7 @@ def test_a_proxys_error_page_is_still_an_error_with_its_text():
     with pytest.raises(Unavailable) as failed:
         client.similar_items("a b/c")
     assert failed.value.message == "<html>Bad Gateway</html>" and failed.value.details is None
-    assert script.requests[0].url.raw_path == b"/similar-items/a%20b/c?k=10"
+    assert script.requests[0].url.raw_path == b"/similar-items/a%20b%2Fc?k=10"  # one segment, the server decodes it
     script.answers = [httpx.Response(500, text="")]
     with pytest.raises(ServerError) as internal:
         client.ready()

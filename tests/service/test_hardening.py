@@ -183,10 +183,14 @@ def test_a_crash_logs_neither_the_token_nor_the_body(start, monkeypatch, capsys,
 
     monkeypatch.setattr(Engine, "recommend_users", crash)
     with start(log_diagnose=diagnose, log_level="INFO", raise_server_exceptions=False) as client:
-        response = client.post("/recommend", json={"user_id": "u1", "features": {"occupation": "body-marker-42"}})
+        response = client.post("/recommend", json={"user_id": "u1", "features": {"occupation": "body-marker-42"}},
+                               headers={"X-Request-Id": "crash-42"})
         assert response.status_code == 500 and response.json() == {"error": "internal error (RuntimeError); see logs"}
+        assert response.headers["x-request-id"] == "crash-42"  # what finds the log line that "see logs" means
+        generated = client.post("/recommend", json={"user_id": "u1"}).headers.get("x-request-id")
     logged = capsys.readouterr().err
     assert "unhandled error" in logged and "boom" in logged
+    assert generated and generated in logged
     assert TOKEN not in logged
     if diagnose == "false":  # with diagnose on, locals (the request model) are shown: that is what the setting is for
         assert "body-marker-42" not in logged
