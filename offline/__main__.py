@@ -35,8 +35,9 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--synthetic-text", action="store_true", help="the synthetic items get a title and a description "
                    "drawn from topic words that follow their planted factors")
     g.add_argument("--data-dir", type=Path, help="MovieLens cache directory (default $RECSYS_DATA_DIR or ~/.cache/recsys/ml-100k)")
-    g.add_argument("--valid-frac", type=float, default=0.1, help="share of each user's latest interactions for validation")
-    g.add_argument("--test-frac", type=float, default=0.1, help="share of each user's latest interactions for test")
+    g.add_argument("--valid-frac", type=share, default=0.1, help="share of each user's latest interactions for validation")
+    g.add_argument("--test-frac", type=share, default=0.1, help="share of each user's latest interactions for test "
+                   "(with --valid-frac, below 1: the rest trains)")
     g.add_argument("--seed", type=int, default=0, help="random seed for everything stochastic")
     g.add_argument("--eval-users", type=count, default=20_000, help="users scored per window (validation, test, index "
                    "check): a seeded sample of this many when more have a positive there; 0 = all. Full ranking "
@@ -54,6 +55,17 @@ def count(value: str) -> int:
         number = -1
     if number < 0:
         raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= 0")
+    return number
+
+
+def share(value: str) -> float:
+    """An argparse ``type`` for a share strictly between 0 and 1."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0 < number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a share between 0 and 1")
     return number
 
 
@@ -367,6 +379,10 @@ def main(argv: list[str] | None = None) -> int:
     from recsys.text import TextModelError
 
     args = build_parser().parse_args(argv)
+    if getattr(args, "valid_frac", 0) + getattr(args, "test_frac", 0) >= 1:
+        print(f"python -m offline {args.command}: error: --valid-frac {args.valid_frac:g} and --test-frac "
+              f"{args.test_frac:g} leave nothing to train on (their sum must be below 1)", file=sys.stderr)
+        return 2
     try:
         args.func(args)
     except (DataError, ConfigError, TextModelError) as err:

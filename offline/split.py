@@ -3,7 +3,9 @@
 Each user's interactions are ordered by time; the last ``test_frac`` form the test window,
 the ``valid_frac`` before them the validation window, the rest train. Models fit on train;
 when scoring a window they see the user's history up to that window (train for valid,
-train + valid for test), which is exactly what the service sees at request time.
+train + valid for test), as the service sees a user's history at request time. The windows are per
+user, not cut at one date, so train also holds other users' interactions from after a user's test
+window (the common leave-last-out protocol; README, "Evaluation").
 """
 from __future__ import annotations
 
@@ -52,11 +54,21 @@ class TemporalSplit:
         return seeded_sample(np.flatnonzero(np.diff(self.truth(name).indptr) > 0), self.max_eval_users, seed)
 
     def truth(self, name: str) -> sp.csr_matrix:
-        """Relevance grades of the window's interactions, positives only."""
+        """Relevance grades of the window's interactions, positives only; for valid and test, not the items the
+        user had before the window: every list a window is scored on leaves out the seen items (as the service
+        does), so such a positive could never be found and would score the user 0 whatever the model (data
+        where users return to items: a user whose positives were all seen before has none, and is not scored)."""
         w = self.window(name)
         grades = relevance(w.rating, self.implicit)
         keep = grades > 0
-        return grade_matrix(w.user[keep], w.item[keep], grades[keep], (self.n_users, self.n_items))
+        truth = grade_matrix(w.user[keep], w.item[keep], grades[keep], (self.n_users, self.n_items))
+        if name == "train":
+            return truth
+        before = concat_windows([self.window(p) for p in {"valid": ["train"], "test": ["train", "valid"]}[name]])
+        seen = sp.csr_matrix((np.ones(len(before.user), bool), (before.user, before.item)), shape=truth.shape)
+        truth = (truth - truth.multiply(seen)).tocsr()
+        truth.eliminate_zeros()
+        return truth
 
 
 def temporal_split(

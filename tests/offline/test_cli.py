@@ -52,6 +52,8 @@ def test_a_data_error_is_printed_exactly_once_on_stderr(tmp_path):
     (["--ranker-losses", "lambdarank,listnet"], "argument --ranker-losses: invalid choice: 'listnet' (choose from "
                                                 "'lambdarank', 'ranknet', 'hinge', 'bpr')"),
     (["--ranker-losses", " , "], "argument --ranker-losses: no name given"),
+    (["--valid-frac", "0"], "argument --valid-frac: '0' is not a share between 0 and 1"),
+    (["--test-frac", "1.5"], "argument --test-frac: '1.5' is not a share between 0 and 1"),
 ])
 def test_enumerated_options_reject_anything_but_their_choices(args, expected, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -116,3 +118,8 @@ def test_quick_profile_trains_less_and_says_how_to_train_the_full_model(extra, e
     assert args.skip_baselines and not args.refit
     full = build_parser().parse_args(["train"])  # without --quick: the full model
     assert full.refit and not full.skip_baselines and full.recall_epochs == 40 and full.ranker_lambdamart
+
+
+def test_windows_that_leave_nothing_to_train_on_are_refused_before_any_work(capsys):
+    assert main(["train", "--synthetic", "50x40", "--valid-frac", "0.5", "--test-frac", "0.5"]) == 2
+    assert "leave nothing to train on (their sum must be below 1)" in capsys.readouterr().err

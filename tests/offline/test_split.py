@@ -54,3 +54,14 @@ def test_relevance_grades_and_implicit_data():
 def test_history_matrix_keeps_max_weight_for_repeats():
     m = history_matrix([np.array([1, 1, 2])], n_items=3, weights=[np.array([0.5, 0.9, 0.2], np.float32)])
     assert np.allclose(m.toarray(), [[0.0, 0.9, 0.2]])
+
+
+def test_a_positive_the_user_had_before_the_window_is_not_in_its_truth():
+    """Scored lists leave out what the user has seen, so an item seen before the window can never be found: as a
+    positive it would score the user 0 whatever the model. Data where users return to items (implicit, repeats)."""
+    items = [0, 1, 0, 2, 0, 3, 0, 4, 5, 0, 7, 8]
+    users = [0] * 10 + [1, 1]
+    split = temporal_split(make(users + [1], items + [9], [1.0] * 13, list(range(13))), 2, 10, 0.1, 0.1)
+    assert split.test.item[split.test.user == 0].tolist() == [0] and split.truth("test")[0].nnz == 0
+    assert split.valid.item[split.valid.user == 0].tolist() == [5] and split.truth("valid")[0].indices.tolist() == [5]
+    assert split.truth("test")[1].indices.tolist() == [9] and 0 not in split.eval_users("test")
