@@ -724,6 +724,8 @@ class RecsysClient(_Client):
                 outcome: httpx.Response | httpx.TransportError = self._http.request(**self._request(call, attempts))
             except httpx.TransportError as err:
                 outcome = err
+            except httpx.DecodingError as err:  # an answer came, in an encoding it lies about (a proxy's broken gzip)
+                raise UnexpectedAnswer(f"{call.method} {call.path}: cannot decode the answer ({err})") from err
             wait = attempts.wait_after(outcome)
             if wait is None:
                 return call.result(outcome)  # type: ignore[arg-type]
@@ -759,6 +761,8 @@ class AsyncRecsysClient(_Client):
                 outcome: httpx.Response | httpx.TransportError = await self._http.request(**self._request(call, attempts))
             except httpx.TransportError as err:
                 outcome = err
+            except httpx.DecodingError as err:  # an answer came, in an encoding it lies about (a proxy's broken gzip)
+                raise UnexpectedAnswer(f"{call.method} {call.path}: cannot decode the answer ({err})") from err
             wait = attempts.wait_after(outcome)
             if wait is None:
                 return call.result(outcome)  # type: ignore[arg-type]

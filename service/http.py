@@ -18,6 +18,7 @@ from fastapi import HTTPException
 from fastapi.responses import JSONResponse
 from loguru import logger
 from starlette.routing import Match
+from starlette.staticfiles import StaticFiles
 
 from service import metrics, tracing
 from service.config import get_settings
@@ -68,11 +69,17 @@ def validation_summary(problems: list[dict]) -> tuple[str, list[dict]]:
 
 
 def allowed_methods(app, scope: dict) -> list[str]:
-    """Every method some route answers on this path (a path match is at least partial whatever the method)."""
+    """Every method some route answers on this path (a path match is at least partial whatever the method); a
+    mount of static files (the web page's) answers GET and HEAD."""
     methods: set[str] = set()
+    scope = {**scope, "root_path": scope.get("app_root_path", scope.get("root_path", ""))}  # (inside a mount: the app's)
     for route in app.router.routes:
-        if getattr(route, "methods", None) and route.matches(scope)[0] != Match.NONE:
+        if route.matches(scope)[0] == Match.NONE:
+            continue
+        if getattr(route, "methods", None):
             methods |= route.methods
+        elif isinstance(getattr(route, "app", None), StaticFiles):
+            methods |= {"GET", "HEAD"}
     return sorted(methods)
 
 

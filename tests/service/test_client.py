@@ -442,6 +442,14 @@ def test_plain_requests_are_gets_and_the_rest_posts():
     assert "Authorization" not in get.headers  # the token goes to admin calls only
 
 
+def test_an_answer_whose_encoding_lies_is_the_clients_own_error_not_httpxs():
+    script = Script(httpx.Response(200, headers={"content-encoding": "gzip"}, stream=httpx.ByteStream(b"not gzip at all")))
+    client, _ = scripted(script)
+    with pytest.raises(UnexpectedAnswer, match="GET /ready: cannot decode the answer"):
+        client.ready()
+    assert len(script.requests) == 1  # an answer came: nothing to retry
+
+
 def test_a_proxys_error_page_is_still_an_error_with_its_text():
     script = Script(httpx.Response(502, text="<html>Bad Gateway</html>"))
     client, _ = scripted(script, NO_RETRY)

@@ -209,6 +209,9 @@ def test_405_names_every_allowed_method(client):
     assert {m.strip() for m in response.headers["allow"].split(",")} >= {"GET", "POST"}
     response = client.get("/admin/items")
     assert {m.strip() for m in response.headers["allow"].split(",")} == {"PUT", "POST"}
+    response = client.post("/static/app.js")  # the web page's files
+    assert_client_error(response, 405)
+    assert {m.strip() for m in response.headers["allow"].split(",")} == {"GET", "HEAD"}
 
 
 def test_401_says_bearer_and_the_scheme_name_is_case_insensitive(client):
