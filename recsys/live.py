@@ -147,6 +147,7 @@ class LiveEngine:
             raise BundleError(f"{bundle.path}: cannot serve this bundle ({type(err).__name__}: {err})") from err
         engine.history = functools.partial(self.store.history, after=after)
         engine.users.history_async = functools.partial(self.store.history_async, after=after)
+        engine.users.events_in_bundle = after is not None
         return engine
 
     def install(self, engine: Engine) -> None:

@@ -52,6 +52,7 @@ class Users:
     cache_size: int = 100_000
     user_row: dict[str, int] = field(init=False)  # raw id -> the bundle's user row
     user_codes: FeatureTable = field(init=False)  # a new user's raw categorical values -> codes (``codes_of``)
+    events_in_bundle: bool = False  # the bundle was trained on recorded events (its history holds those up to a watermark)
     vector_cache: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)  # user -> (history version, vector)
     feature_cache: dict[str, tuple] = field(default_factory=dict)  # user -> (version, tables, UserFeatures, changes, history length)
 
@@ -119,10 +120,12 @@ class Users:
                          for e in events if e.item_id in row_of]
 
     def history_length(self, raw_user: str, version: int) -> int:
-        """Bundle history plus every online event recorded for the user (the version counts them)."""
+        """Bundle history plus the user's online events: every one recorded (the version counts them), or, for a
+        bundle trained on recorded events, those after its watermark (one read: the earlier ones are in the
+        bundle's history already, and the version counts them too)."""
         user = self.user_row.get(raw_user)
         stored = 0 if user is None else int(np.diff(self.bundle.arrays["history_offsets"][user : user + 2])[0])
-        return stored + version
+        return stored + (version if not self.events_in_bundle else len(self.fetch_history(raw_user)[1]))
 
     def vectors(self, ctxs: Sequence[UserContext]) -> np.ndarray:
         """Run the exported user tower once over every context that misses the cache; known users' vectors

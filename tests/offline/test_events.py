@@ -84,7 +84,10 @@ def test_recorded_events_train_into_the_next_bundle_and_are_not_counted_twice(ba
         assert engine.users.online_history("newbie")[1] == []  # all five are in the bundle's history now
         body = client.get("/recommend", params={"user_id": "newbie", "k": 5}).json()
         assert body["fallback"] is None and not {"fresh", "i3", "i5", "i7"} & {it["item_id"] for it in body["items"]}
-        assert client.post("/events", json={"user_id": "newbie", "item_id": "i9"}).status_code == 200
+        posted = client.post("/events", json={"user_id": "newbie", "item_id": "i9"})
+        row = bundle.catalog["user_ids"].index("newbie")
+        in_bundle = int(np.diff(bundle.arrays["history_offsets"][row : row + 2])[0])  # four: 'fresh' twice is once
+        assert posted.status_code == 200 and posted.json()["history_length"] == in_bundle + 1 == 5  # not + all six
         assert [row for row, _, _ in engine.users.online_history("newbie")[1]] == [engine.catalog.row_of["i9"]]
 
 
