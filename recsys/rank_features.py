@@ -335,8 +335,9 @@ def _user_profile(tables: RankerTables, items: np.ndarray, ratings: np.ndarray) 
     profile = tables.item_vectors[items].mean(axis=0)
     profile /= max(float(np.linalg.norm(profile)), 1e-6)
     static = tables.item_static[items]
-    return {"genres": genres, "profile": profile, "log_pop": float(static[:, 0].mean()),
-            "year": float(static[:, 2].mean()), "mean_rating": float(ratings.mean())}
+    rated = ratings[ratings > 0]  # 0: no rating given (an event without one, a new user's recent_items), not a 0
+    return {"genres": genres, "profile": profile, "log_pop": float(static[:, 0].mean()), "year": float(static[:, 2].mean()),
+            "mean_rating": float(rated.mean()) if len(rated) else tables.rating_prior}
 
 
 def _neighbour_evidence(nbrs: np.ndarray, nbr_sims: np.ndarray, recent: np.ndarray,

@@ -396,6 +396,25 @@ def test_report_compares_rerankers_with_the_recall_order(bundle_root):
         assert ci["lo"] <= ci["mean"] <= ci["hi"] and ci["users"] > 0
 
 
+def test_an_event_without_a_rating_leaves_the_users_mean_rating_alone(bundle_root):
+    """Serving marks an event without a rating (and a new user's recent_items) with rating 0, which the tower reads
+    as 'unknown'; the ranker's user mean rating must not average it in as a 0, a value it never saw in training
+    (ten unrated clicks took a user's mean from 3.6 to 2.5)."""
+    from recsys.rank_features import user_features
+
+    bundle = read_bundle(bundle_root)
+    a, tables = bundle.arrays, RankerTables.from_arrays(bundle.arrays)
+    lo, hi = a["history_offsets"][5 : 5 + 2]
+    items, ratings = a["history_items"][lo:hi], a["history_ratings"][lo:hi]
+    clicks = np.arange(10, dtype=np.int64)
+    rated = user_features(tables, items, ratings, a["user_cat"][5], a["user_num"][5])
+    with_clicks = user_features(tables, np.concatenate([items, clicks]), np.concatenate([ratings, np.zeros(10, np.float32)]),
+                                a["user_cat"][5], a["user_num"][5])
+    assert with_clicks.constant[1] == pytest.approx(float(ratings.mean())) == pytest.approx(rated.constant[1])
+    cold = user_features(tables, clicks[:3], np.zeros(3, np.float32), a["user_cat"][5], a["user_num"][5])
+    assert cold.constant[1] == pytest.approx(tables.rating_prior)  # nothing rated: the prior, as an empty history
+
+
 def test_the_split_first_layer_scores_as_the_assembled_features(bundle_root):
     """The MLP's first layer, folded with its standardisation and split into the candidate block and one bias per
     user (``score_parts``), scores what ``score`` gives the assembled ``[n, F]`` features, and the block plus the
