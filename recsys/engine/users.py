@@ -23,6 +23,17 @@ History = Callable[[str], tuple[int, list[Event]]]  # the state store's (version
 AsyncHistory = Callable[[str], Awaitable[tuple[int, list[Event]]]]  # the same, read on an event loop
 
 
+def _in_time_order(items: np.ndarray, ratings: np.ndarray, times: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A history as training orders it: by time, stably (equal times keep their order: the bundle's events, then
+    the store's in the order recorded); recent_items (no time) last. The store keeps events in the order they
+    arrived, and a client may send one with an earlier timestamp (a backfill): the tower's newest slot and the
+    ranker's recency are the newest in time, as the next training will see them."""
+    if len(times) < 2 or not (np.diff(times) < 0).any():  # (NaN compares false: recent_items, last, pass)
+        return items, ratings, times
+    order = np.argsort(times, kind="stable")  # NaN sorts last
+    return items[order], ratings[order], times[order]
+
+
 @dataclass
 class UserContext:
     raw_id: str | None
@@ -75,9 +86,9 @@ class Users:
         if row is not None:
             a = self.bundle.arrays
             lo, hi = a["history_offsets"][row], a["history_offsets"][row + 1]
-            items = np.concatenate([a["history_items"][lo:hi], extra_items])
-            ratings = np.concatenate([a["history_ratings"][lo:hi], extra_ratings])
-            times = np.concatenate([a["history_timestamps"][lo:hi], extra_times])
+            items, ratings, times = _in_time_order(np.concatenate([a["history_items"][lo:hi], extra_items]),
+                                                   np.concatenate([a["history_ratings"][lo:hi], extra_ratings]),
+                                                   np.concatenate([a["history_timestamps"][lo:hi], extra_times]))
             key = raw if not recent else None  # recent_items make the request one-off: no caching
             return UserContext(raw, row + 1, a["user_cat"][row], a["user_num"][row], items, ratings, times, key, version)
         if raw is not None and not online and features is None and not recent:
@@ -90,7 +101,8 @@ class Users:
         cat, num = encode_user_features(self.spec, self.user_codes, features)
         key = raw if raw is not None and not recent and not features else None
         known = any(v is not None for v in features.values())
-        return UserContext(raw, 0, cat[0], num[0], extra_items, extra_ratings, extra_times, key, version, known_features=known)
+        return UserContext(raw, 0, cat[0], num[0], *_in_time_order(extra_items, extra_ratings, extra_times), key, version,
+                           known_features=known)
 
     def fetch_history(self, user_id: str | int | None) -> tuple[int, list[Event]]:
         """The user's history version and online events, from the state store. If the store cannot be reached

@@ -566,6 +566,21 @@ def test_the_merge_finishes_even_if_its_queue_lost_track_of_a_row(engine):
     assert not len(engine.catalog.unindexed)
 
 
+def test_an_event_sent_with_an_earlier_time_takes_its_place_in_time(engine):
+    """The store keeps a user's events in the order they arrived; a client may send one with an earlier timestamp
+    (a backfill). Served as training orders a history, by time: the tower's newest slot is the newest event."""
+    a, users = engine.bundle.arrays, engine.users
+    row = users.user_row["u5"]
+    lo, hi = a["history_offsets"][row : row + 2]
+    first, last = int(a["history_timestamps"][lo]), int(a["history_timestamps"][hi - 1])
+    old, new = engine.catalog.ids[7], engine.catalog.ids[8]
+    ctx = users.resolve("u5", fetched=(2, [Event(new, None, last + 10), Event(old, 4.0, first - 10)]))
+    assert ctx.hist_items[0] == engine.catalog.row_of[old] and ctx.hist_items[-1] == engine.catalog.row_of[new]
+    assert (np.diff(ctx.hist_times) >= 0).all() and ctx.hist_ratings[0] == 4.0 and len(ctx.hist_items) == hi - lo + 2
+    cold = users.resolve("walk-in", fetched=(2, [Event(new, None, 20), Event(old, None, 10)]), recent_items=[engine.catalog.ids[9]])
+    assert cold.hist_items.tolist() == [engine.catalog.row_of[i] for i in (old, new, engine.catalog.ids[9])]
+
+
 # --------------------------------------------------------------------------- other replicas' changes
 @pytest.fixture
 def live_engine(backend_start, tmp_path):
