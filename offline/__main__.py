@@ -173,9 +173,12 @@ def stage_configs(args: argparse.Namespace) -> tuple:
     args.click_config = ClickConfig(**options_of(args, ClickConfig, "clicks_"))
     if args.impressions and not args.events:
         args.events = args.impressions
-    return (RecallConfig(**options_of(args, RecallConfig, "recall_"), seed=args.seed),
-            IndexConfig(**options_of(args, IndexConfig, "index_")),
-            RankerConfig(**options_of(args, RankerConfig, "ranker_"), seed=args.seed))
+    index, ranker = IndexConfig(**options_of(args, IndexConfig, "index_")), RankerConfig(**options_of(args, RankerConfig, "ranker_"), seed=args.seed)
+    if ranker.max_list_len < index.candidates:  # its rank features would run past anything it trained on
+        raise ConfigError(f"argument --ranker-max-list-len: {ranker.max_list_len} is below --index-candidates "
+                          f"{index.candidates}: the re-ranker would train on shorter candidate lists than it ranks when "
+                          "served (their recall rank features differ); set it to at least the candidates")
+    return RecallConfig(**options_of(args, RecallConfig, "recall_"), seed=args.seed), index, ranker
 
 
 def train_bundle(args: argparse.Namespace, ds: Dataset, configs: tuple, promote: bool,

@@ -123,3 +123,8 @@ def test_quick_profile_trains_less_and_says_how_to_train_the_full_model(extra, e
 def test_windows_that_leave_nothing_to_train_on_are_refused_before_any_work(capsys):
     assert main(["train", "--synthetic", "50x40", "--valid-frac", "0.5", "--test-frac", "0.5"]) == 2
     assert "leave nothing to train on (their sum must be below 1)" in capsys.readouterr().err
+
+
+def test_a_ranker_trained_on_shorter_lists_than_it_serves_is_refused_before_any_work(capsys):
+    assert main(["train", "--synthetic", "50x40", "--index-candidates", "300"]) == 2
+    assert "argument --ranker-max-list-len: 200 is below --index-candidates 300" in capsys.readouterr().err
