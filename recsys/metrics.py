@@ -31,6 +31,11 @@ BEHIND = Gauge("recsys_bundle_behind_current", "1 while the bundle root's curren
                "serve (its load failed; set by the bundle watcher)", multiprocess_mode="livemax")
 RELOADS = Counter("recsys_reloads_total", "Bundle reloads (admin route or bundle watcher) by result", ["result"])
 DEGRADED = Counter("recsys_degraded_total", "Work done without the state store (it could not be reached)", ["what"])
+# Every label value exported at 0 from the start: a series born at 1 has no increase() to alert on (the bundle
+# watcher does not retry a version that failed, so its first failure is often the only one).
+for _counter, _values in ((RELOADS, ("ok", "failed")), (DEGRADED, ("history", "catalog_follow")), (FALLBACKS, ("popularity",))):
+    for _value in _values:
+        _counter.labels(_value)
 
 
 _tracer: Tracer | None = None  # set by ``trace_stages``; None: tracing is off

@@ -733,6 +733,10 @@ def test_metrics_present_after_requests(client, bundle):
     assert value("recsys_index_unindexed_items") == 0  # nothing changed: the graph holds every item
     assert value("recsys_in_flight_requests") >= 1  # the scrape itself is in flight
     assert value("recsys_events_total") >= 0
+    # a failure's series exists before the first failure (at 0): an alert on increase() sees that first one
+    for name, label, values in (("recsys_reloads_total", "result", ("ok", "failed")),
+                                ("recsys_degraded_total", "what", ("history", "catalog_follow"))):
+        assert all((name, ((label, v),)) in samples for v in values), name
 
 
 # --------------------------------------------------------------------------- bad input
