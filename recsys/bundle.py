@@ -166,8 +166,11 @@ def resolve(path: Path) -> Path:
     if not pointer.exists():
         raise BundleError(f"{path}: no bundle here (neither manifest.json nor a '{CURRENT}' pointer); "
                           f"run `python -m offline train --out {path}` first")
-    version = pointer.read_text().strip()
-    if not (path / version / "manifest.json").exists():
+    try:
+        version = pointer.read_text().strip()
+    except UnicodeDecodeError as err:
+        raise BundleError(f"{pointer}: not a version name ({err})") from err
+    if not version or "/" in version or version.startswith(".") or not (path / version / "manifest.json").exists():
         raise BundleError(f"{pointer}: points at '{version}', which has no manifest.json")
     return path / version
 
@@ -189,7 +192,7 @@ def read_bundle(path: Path, index_threads: int = 1, index_ef: int | None = None,
         user_tower, item_tower = _load_tower(vdir / "user_tower.pt2"), _load_tower(vdir / "item_tower.pt2")
         # weights only: a pickle that could run code is refused (and the checksums above were verified first)
         ranker = torch.load(vdir / "ranker.pt", map_location="cpu", weights_only=True) if "ranker.pt" in manifest["files"] else None
-    except BundleError:
+    except (BundleError, OSError, MemoryError):  # (the last two: the machine, not the bundle; a reload retries it)
         raise
     except Exception as err:  # a corrupt file of any kind: say which bundle and why
         raise BundleError(f"{vdir}: cannot load ({type(err).__name__}: {err})") from err
@@ -203,7 +206,7 @@ def read_bundle(path: Path, index_threads: int = 1, index_ef: int | None = None,
     try:
         index = _load_index(vdir / "item_index.bin", manifest["index"], len(arrays["item_vectors"]), index_threads, index_ef,
                             index_insert_ef)
-    except BundleError:
+    except (BundleError, OSError, MemoryError):
         raise
     except Exception as err:  # hnswlib raises RuntimeError on a truncated file, the manifest may lack a field
         raise BundleError(f"{vdir / 'item_index.bin'}: cannot load ({type(err).__name__}: {err})") from err
@@ -270,8 +273,8 @@ def _npy_header(array: np.ndarray) -> bytes:
 def _read_manifest(vdir: Path) -> dict[str, Any]:
     try:
         manifest = json.loads((vdir / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise BundleError(f"{vdir / 'manifest.json'}: unreadable ({err})") from err
+    except (ValueError, RecursionError) as err:  # not JSON, not UTF-8 (UnicodeDecodeError), nested past reason
+        raise BundleError(f"{vdir / 'manifest.json'}: unreadable ({type(err).__name__}: {err})") from err
     if not isinstance(manifest, dict):
         raise BundleError(f"{vdir / 'manifest.json'}: not a JSON object")
     for key in REQUIRED_MANIFEST:

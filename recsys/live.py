@@ -141,8 +141,8 @@ class LiveEngine:
         try:
             engine = Engine.from_bundle(bundle, self.config.user_vector_cache, self.config.filter_exact_limit)
             after = bundle.meta.events_after(self.store.source)  # no event counts twice (bundle history and online)
-        except StoreUnavailable:
-            raise  # the store, not the bundle: a reload retries later
+        except (StoreUnavailable, OSError, MemoryError):
+            raise  # the store or the machine, not the bundle: a reload retries later
         except Exception as err:
             raise BundleError(f"{bundle.path}: cannot serve this bundle ({type(err).__name__}: {err})") from err
         engine.history = functools.partial(self.store.history, after=after)
@@ -173,7 +173,7 @@ class LiveEngine:
             try:
                 engine = self.build(path)
                 self.install(engine)
-            except (BundleError, OSError, StoreUnavailable) as err:
+            except (BundleError, OSError, MemoryError, StoreUnavailable) as err:
                 metrics.RELOADS.labels("failed").inc()
                 logger.warning("reload of {} failed, still serving {}: {}", path, old, err)
                 raise
@@ -195,9 +195,14 @@ class LiveEngine:
                 if target not in (self.engine.bundle.path, broken):
                     self.reload(self.config.bundle_dir)
                     broken = None
-            except BundleError:
-                broken = target
-            except (OSError, StoreUnavailable) as err:  # a blip: the next poll tries again
+            except BundleError as err:
+                if target is None:  # `current` names nothing servable (a typo, a version removed): said once
+                    if broken != self.config.bundle_dir:
+                        logger.warning("bundle watcher: {}", err)
+                    target = broken = self.config.bundle_dir
+                else:
+                    broken = target
+            except (OSError, MemoryError, StoreUnavailable) as err:  # a blip: the next poll tries again
                 logger.warning("bundle watcher: {}", err)
             except Exception:
                 logger.opt(exception=True).error("bundle watcher: unexpected failure; retrying at the next poll")
@@ -284,19 +289,24 @@ class LiveEngine:
             raise UnknownId(f"no experiment named {name!r}")
         return body
 
-    def _load_variant_bundles(self, experiments: list[Experiment]) -> None:
+    def _load_variant_bundles(self, experiments: list[Experiment], strict: bool = True) -> set[str]:
         """Load every bundle the variants name (beside the live one, its catalogue changes applied, then kept in
-        step by the follower) and drop those no longer named. An unknown or broken version is ``InvalidInput``."""
+        step by the follower) and drop those no longer named. An unknown or broken version is ``InvalidInput``;
+        not ``strict``, it is logged and skipped, and the versions that failed are returned."""
         wanted = {v.bundle for e in experiments for v in e.variants if v.bundle not in (None, "current")}
         root = self.config.bundle_dir if not (self.config.bundle_dir / "manifest.json").exists() else self.config.bundle_dir.parent
-        loaded = sorted(wanted - set(self.variant_engines))
-        for version in loaded:
-            if not (root / version / "manifest.json").exists():
-                raise InvalidInput(f"unknown bundle {version!r}: no {root / version / 'manifest.json'}")
+        failed: set[str] = set()
+        loaded = []
+        for version in sorted(wanted - set(self.variant_engines)):
             try:
-                engine = self.build(root / version)
-            except BundleError as err:
-                raise InvalidInput(f"bundle {version!r} cannot be served: {err}") from err
+                engine = self._variant_engine(root, version)
+            except InvalidInput as err:
+                if strict:
+                    raise
+                logger.warning("{}", err)
+                failed.add(version)
+                continue
+            loaded.append(version)
             items, position = self.store.catalog()
             engine.changes.load(items)
             with self.follow_lock:
@@ -308,6 +318,16 @@ class LiveEngine:
                 del self.variant_engines[version]
         if loaded or dropped:  # (not on every change of the definitions: a freeze keeps the young garbage too)
             settle_heap(collect=bool(dropped))
+        return failed
+
+    def _variant_engine(self, root: Path, version: str) -> Engine:
+        """The engine of bundle ``version`` under the bundle root, or ``InvalidInput`` saying why it cannot be."""
+        if not (root / version / "manifest.json").exists():
+            raise InvalidInput(f"unknown bundle {version!r}: no {root / version / 'manifest.json'}")
+        try:
+            return self.build(root / version)
+        except (BundleError, OSError) as err:
+            raise InvalidInput(f"bundle {version!r} cannot be served: {err}") from err
 
     # ------------------------------------------------------------------ writes
     def record_event(self, user_id: str, event: Event, once: Once | None = None) -> Recorded:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from loguru import logger
 from prometheus_client import Counter, Histogram
 
+from recsys.errors import InvalidInput
 from recsys.experiments.definition import Experiment, Plan, check, check_against, plan
 from recsys.experiments.interleave import NO_TEAM
 from recsys.experiments.report import report
@@ -35,10 +36,13 @@ SERIES = (IMPRESSIONS, FEEDBACK, CLICKS_AT, INTERLEAVE_CLICKS, LATENCY)
 
 
 class Registry:
-    def __init__(self, store: StateStore, load_bundles: Callable[[list[Experiment]], None], max_experiments: int = 20,
+    def __init__(self, store: StateStore, load_bundles: Callable[..., set[str]], max_experiments: int = 20,
                  poll_s: float = 0.0, report_ttl_s: float = 5.0):
+        """``load_bundles(experiments, strict=True)``: load the bundles they name (and drop the rest); strict, an
+        unservable one raises ``InvalidInput``, else it is skipped and returned among the versions that failed."""
         self.store, self.load_bundles, self.max_experiments = store, load_bundles, max_experiments
         self.running: dict[str, Experiment] = {}
+        self._unservable: dict[str, dict] = {}  # name -> stored record whose bundle could not be loaded (not retried)
         self.lock = threading.Lock()  # one definition change at a time in this process
         self.report_ttl_s = report_ttl_s
         self._reports: dict[str, tuple[float, dict]] = {}
@@ -53,15 +57,25 @@ class Registry:
 
     # ------------------------------------------------------------------ definitions
     def refresh(self) -> None:
-        """Re-read the definitions; one the store holds but this code cannot run is logged and skipped."""
-        running = {}
-        for name, record in self.store.experiments().items():
+        """Re-read the definitions; one the store holds but this code cannot run is logged and skipped: one this
+        code cannot read, or one naming a bundle that cannot be served (deleted, or of a format this code refuses),
+        which would otherwise stop every replica from starting. That one is tried again when its record changes."""
+        running, records = {}, self.store.experiments()
+        for name, record in records.items():
+            if self._unservable.get(name) == record:
+                continue
             try:
                 running[name] = Experiment.from_record(record)
             except (ValueError, TypeError) as err:
                 logger.warning("experiment {} in the store skipped: {}", name, err)
         if running != self.running:
-            self.load_bundles(list(running.values()))
+            failed = self.load_bundles(list(running.values()), strict=False)
+            for name, exp in list(running.items()):
+                if unservable := sorted({v.bundle for v in exp.variants} & failed):
+                    logger.warning("experiment {} in the store skipped: its bundle(s) {} cannot be served (tried again "
+                                   "when it is redefined)", name, unservable)
+                    self._unservable[name] = records[name]
+                    del running[name]
             self._forget_series(set(self.running) - set(running))
             self.running = running
 
@@ -76,7 +90,11 @@ class Registry:
             check_against(exp, self.running, self.max_experiments)
             same = old is not None and old.to_record() | {"started_ms": 0} == exp.to_record() | {"started_ms": 0}
             exp = Experiment(exp.name, exp.variants, exp.mode, exp.alpha, old.started_ms if same else int(time.time() * 1000))
-            self.load_bundles([*self.running.values(), exp])
+            try:
+                self.load_bundles([*self.running.values(), exp])
+            except InvalidInput:  # refused: the bundles it alone named and that did load are dropped again
+                self.load_bundles(list(self.running.values()), strict=False)
+                raise
             self.store.put_experiment(exp.name, exp.to_record())
             self.running = {**self.running, exp.name: exp}
             self._reports.pop(exp.name, None)

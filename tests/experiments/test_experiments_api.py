@@ -142,6 +142,26 @@ def test_bad_definitions_get_a_clear_4xx(backend_start, own_root):
         assert_client_error(client.delete("/admin/experiments/second", headers=AUTH), 404)
 
 
+def test_a_stored_experiment_whose_bundle_is_gone_does_not_stop_a_replica(backend_start, own_root):
+    """An experiment's bundle deleted (or of a format a new release refuses) must not stop every replica from
+    starting: the experiment is skipped, said in the log, and the rest serves. A definition refused for one of
+    its bundles leaves none of its others loaded."""
+    for version in ("other-version", "kept-version"):
+        shutil.copytree(resolve(own_root), own_root / version)
+    body = {"variants": [{"name": "a", "share": 0.5}, {"name": "b", "share": 0.5, "bundle": "other-version"}]}
+    with backend_start(bundle_dir=own_root) as client:
+        refused = {"variants": [{"name": "a", "share": 0.5, "bundle": "kept-version"}, {"name": "b", "share": 0.5, "bundle": "nope"}]}
+        assert_client_error(put(client, "half", refused), 422)
+        assert client.app.state.service.variant_engines == {}  # kept-version loaded, then dropped with the refusal
+        assert put(client, "bundles", body).status_code == 201
+        assert set(client.app.state.service.variant_engines) == {"other-version"}
+    shutil.rmtree(own_root / "other-version")
+    with backend_start(bundle_dir=own_root) as client:
+        assert client.get("/recommend", params={"user_id": USERS[0], "k": 5}).json()["assignments"] == {}
+        assert client.app.state.service.variant_engines == {} and client.get("/experiments").json()["experiments"] == []
+        assert put(client, "bundles", {**body, "variants": [{"name": "a", "share": 1.0}]}).status_code in (200, 201)
+
+
 def test_a_variant_served_by_another_bundle_and_a_shadow_that_is_only_logged(backend_start, own_root):
     other = own_root / "other-version"
     shutil.copytree(resolve(own_root), other)

@@ -113,6 +113,10 @@ def test_sentences_are_placed_by_meaning_and_cached_by_content(encoder, tmp_path
     np.savez(cache.dir / "1-other.npz", keys=np.array(["x" * 64]), vectors=np.zeros((1, 3)))  # is a cache miss
     assert np.array_equal(encoder.encode(["a new title"], cache=VectorCache(tmp_path, encoder.digest)), again[:1])
     assert np.array_equal(first.astype(np.float16), again.astype(np.float16))  # kept at the bundle's precision
+    encoder._memory.clear()
+    encoder.encode(["one more title", "and another"])
+    assert len(encoder._memory) == 2 and all(v.base is None for v in encoder._memory.values())  # own copies: the
+    # batch's output array is not kept alive by the rows remembered
 
 
 def test_synthetic_text_carries_the_planted_factors(encoder, text_dataset):
@@ -167,8 +171,11 @@ def test_the_bundle_round_trip_carries_the_text_vectors(text_root, text_dataset,
     assert spec["text_dim"] == text.DIM and spec["text_columns"] == ["title", "description"]
     assert spec["text_encoder"]["sha256"] == encoder.digest and spec["text_encoder"]["name"] == "all-MiniLM-L6-v2"
     assert a["item_text"].shape == (text_dataset.n_items, text.DIM) and a["item_text"].dtype == np.float16
-    expected = encoder.encode(text_dataset.items.item_texts()[:5]).astype(np.float16)
-    assert np.array_equal(a["item_text"][:5], expected)
+    encoder._memory.clear()  # (what an earlier test left there would decide whether this one passes)
+    expected = encoder.encode(text_dataset.items.item_texts()[:5])
+    # the export encoded every item in batches of 64, this 5: padding differs, and so does the last float bit,
+    # which float16 rounding can carry into one ulp (about 1e-4 here)
+    assert np.allclose(a["item_text"][:5].astype(np.float32), expected, rtol=0, atol=5e-4)
     rows = torch.arange(5)
     inputs = [torch.from_numpy(a[k][:5]) for k in ("item_genres", "item_dense", "item_cat")]
     inputs.append(torch.from_numpy(a["item_text"][:5].astype(np.float32)))

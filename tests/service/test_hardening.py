@@ -152,6 +152,8 @@ class _RunsCode:
     (_drop_index_dim, "index.dim"),
     (lambda v: _rewrite(v, "ranker.pt", pickle.dumps({"kind": _RunsCode()})), "cannot load"),
     (lambda v: (v / "manifest.json").write_text("[1, 2]"), "not a JSON object"),
+    (lambda v: (v / "manifest.json").write_bytes(b"\xff{}"), "UnicodeDecodeError"),  # not UTF-8: was a 500
+    (lambda v: (v / "manifest.json").write_text("[" * 100_000), "RecursionError"),
 ])
 def test_every_bundle_load_failure_is_409_and_the_old_bundle_keeps_serving(start, own_root, damage, reason):
     Path("/tmp/recsys-pwned").unlink(missing_ok=True)

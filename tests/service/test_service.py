@@ -1105,6 +1105,28 @@ def test_replicas_follow_current_by_themselves_and_keep_serving_through_a_bad_ve
         wait_for_version(client, "v4")
         time.sleep(0.3)  # the poll after the load
         assert metric(client, "recsys_bundle_behind_current") == 0
+        (own_root / "current").write_text("v5-typo\n")  # current naming no version: behind, said, not a crash
+        deadline = time.monotonic() + 10
+        while metric(client, "recsys_bundle_behind_current") != 1:
+            assert time.monotonic() < deadline, "a current naming nothing was not counted behind"
+            time.sleep(0.05)
+        import recsys.bundle
+        real_map, fails = recsys.bundle.map_arrays, [OSError(24, "Too many open files")]
+
+        def out_of_files_once(path):  # the machine, not the bundle: the next poll loads it
+            if fails:
+                raise fails.pop()
+            return real_map(path)
+
+        set_current(own_root, "v4")
+        second_version(own_root, "v6")
+        recsys.bundle.map_arrays = out_of_files_once
+        try:
+            set_current(own_root, "v6")
+            wait_for_version(client, "v6")
+        finally:
+            recsys.bundle.map_arrays = real_map
+        assert not fails
 
 
 def test_unfiltered_search_skips_seen_and_removed_items_without_a_catalogue_mask(backend_start, bundle, eager):

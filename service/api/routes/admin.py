@@ -48,4 +48,6 @@ def reload_bundle(live: LiveDep, settings: ServedSettings, body: ReloadRequest |
         old, new = live.reload(path)
     except (BundleError, OSError, TextModelError) as err:
         raise ApiError(409, f"reload failed, still serving {live.engine.version}: {err}") from err
+    except MemoryError as err:
+        raise ApiError(409, f"reload failed, still serving {live.engine.version}: not enough memory for two bundles") from err
     return FastJSONResponse({"status": "reloaded", "previous_version": old, "bundle_version": new})
