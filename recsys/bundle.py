@@ -105,6 +105,7 @@ def write_bundle(root: Path, bundle: Bundle, promote: bool = True) -> Path:
         if final.exists():
             raise BundleError(f"{final}: version already exists")
         tmp.rename(final)
+        _fsync_entries(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -155,6 +156,7 @@ def set_current(root: Path, version: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, root / CURRENT)
+    _fsync_entries(root)
 
 
 def resolve(path: Path) -> Path:
@@ -228,6 +230,8 @@ def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         for name, array in arrays.items():
             array = np.asarray(array)
+            if array.dtype.hasobject:  # its bytes would be pointers: written, promoted, then refused by every reader
+                raise BundleError(f"{path}: array {name!r} holds Python objects ({array.dtype}), which a bundle cannot store")
             array = array if array.flags.c_contiguous else array.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             header = _npy_header(array)
@@ -381,11 +385,22 @@ def _sha256(path: Path) -> str:
 
 
 def _fsync_dir(path: Path) -> None:
-    """Every file of ``path`` (a subdirectory was synced when it was written)."""
+    """Every file of ``path`` (a subdirectory was synced when it was written), then its entries."""
     for p in path.iterdir():
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
+    _fsync_entries(path)
+
+
+def _fsync_entries(directory: Path) -> None:
+    """The directory's entries (a file created, renamed or replaced in it) on disk: without this a promotion the
+    trainer reported could be lost, or half there, after a power loss."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _json_default(o: Any) -> Any:

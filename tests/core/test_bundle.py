@@ -198,6 +198,26 @@ def test_current_pointer_to_missing_version_is_refused(bundle_root, tmp_path):
         set_current(root, "nope")
 
 
+def test_an_array_of_python_objects_is_refused_when_written_not_when_read(tmp_path):
+    from recsys.bundle import save_arrays
+
+    with pytest.raises(BundleError, match="'names' holds Python objects"):
+        save_arrays(tmp_path / "arrays.npz", {"ok": np.arange(3), "names": np.array(["a", None], dtype=object)})
+
+
+def test_a_promotion_syncs_the_directories_it_changes(bundle_root, tmp_path, monkeypatch):
+    """The version directory renamed into the root and ``current`` replaced there are directory entries: synced,
+    or a promotion the trainer reported could be lost after a power loss."""
+    import recsys.bundle as bundle_module
+
+    root = tmp_path / "root"
+    shutil.copytree(bundle_root, root, ignore=shutil.ignore_patterns("runs", "reports", "state"))
+    synced = []
+    monkeypatch.setattr(bundle_module, "_fsync_entries", lambda directory: synced.append(directory))
+    set_current(root, resolve(bundle_root).name)
+    assert synced == [root]
+
+
 def test_arrays_are_mapped_from_the_file_where_they_lie(bundle_root, tmp_path):
     """The reader maps each array of arrays.npz (read-only pages that the worker processes of one host share) and
     reads what it cannot map; the file stays an ``.npz`` that ``np.load`` reads, and one written by ``np.savez``
