@@ -326,8 +326,8 @@ class LiveEngine:
             raise InvalidInput(f"unknown bundle {version!r}: no {root / version / 'manifest.json'}")
         try:
             return self.build(root / version)
-        except (BundleError, OSError) as err:
-            raise InvalidInput(f"bundle {version!r} cannot be served: {err}") from err
+        except (BundleError, OSError, MemoryError) as err:
+            raise InvalidInput(f"bundle {version!r} cannot be served: {err or type(err).__name__}") from err
 
     # ------------------------------------------------------------------ writes
     def record_event(self, user_id: str, event: Event, once: Once | None = None) -> Recorded:
