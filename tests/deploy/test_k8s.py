@@ -4,6 +4,7 @@ selectors and labels, probes against the app's real routes and ports, settings a
 service reads, volumes and claims, the security context."""
 from __future__ import annotations
 
+import base64
 import shutil
 import subprocess
 from collections import Counter
@@ -53,7 +54,7 @@ def pod_specs(resources: list[dict]) -> list[tuple[str, dict]]:
 def test_the_rendered_set_is_what_the_readme_describes(resources):
     kinds = Counter(r["kind"] for r in resources)
     assert kinds == {"ConfigMap": 2, "PersistentVolumeClaim": 1, "Service": 2, "StatefulSet": 1, "Deployment": 1,
-                     "HorizontalPodAutoscaler": 1, "PodDisruptionBudget": 1, "Job": 1, "CronJob": 1}
+                     "HorizontalPodAutoscaler": 1, "PodDisruptionBudget": 1, "Job": 1, "CronJob": 1, "Secret": 1}
 
 
 def test_every_resource_validates_against_the_kubernetes_schemas(resources):
@@ -105,12 +106,18 @@ def test_configmap_and_secret_keys_are_settings_the_service_reads(resources):
     config = one(resources, "ConfigMap", "recsys-settings")["data"]
     assert set(config) <= settings, set(config) - settings
     Settings(**{k.removeprefix("RECSYS_").lower(): v for k, v in config.items()})  # and values it accepts
-    assert config["RECSYS_STATE_BACKEND"] == "redis" and config["RECSYS_REDIS_URL"].startswith("redis://redis:")
+    assert config["RECSYS_STATE_BACKEND"] == "redis" and "RECSYS_REDIS_URL" not in config  # a secret: it may hold a password
+    url = base64.b64decode(one(resources, "Secret", "recsys-redis")["data"]["RECSYS_REDIS_URL"]).decode()
+    assert url.startswith("redis://redis:")
     container = one(resources, "Deployment", "recommender")["spec"]["template"]["spec"]["containers"][0]
     assert {"configMapRef": {"name": "recsys-settings"}} in container["envFrom"]
     secret_refs = [e for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})]
     assert secret_refs and all(e["name"] == e["valueFrom"]["secretKeyRef"]["key"] and e["name"] in settings for e in secret_refs)
     assert "RECSYS_ADMIN_TOKEN" in {e["name"] for e in secret_refs}
+    assert {"RECSYS_REDIS_URL": "recsys-redis"}.items() <= {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in secret_refs}.items()
+    retrain = one(resources, "CronJob", "recsys-retrain")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert retrain["command"][retrain["command"].index("--events") + 1] == "$(RECSYS_REDIS_URL)"  # the replicas' store
+    assert {"name": "RECSYS_REDIS_URL", "valueFrom": {"secretKeyRef": {"name": "recsys-redis", "key": "RECSYS_REDIS_URL"}}} in retrain["env"]
 
 
 def test_claims_exist_and_the_replicas_mount_the_bundle_read_only(resources):
