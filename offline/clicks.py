@@ -37,6 +37,7 @@ from scipy import stats
 from offline.config import ConfigError, check_choices, config_option, split_names
 from offline.data import DataError
 from offline.ranker import Queries
+from offline.split import history_matrix
 from recsys.dataset import Dataset
 from recsys.errors import InvalidInput
 from recsys.impressions import join
@@ -261,11 +262,7 @@ def click_queries(ctx: "RankContext", clicks: Clicks, list_len: int, max_queries
     truth = sp.csr_matrix((labels[mask], (np.nonzero(mask)[0], items[mask])), shape=(len(rows), len(ctx.arrays["item_vectors"])))
     truth.eliminate_zeros()
     if naive:  # the ideal counts the clicks on items the candidates lack, as a ranking evaluation counts misses
-        clicked = [s.items[s.clicked & (s.items >= 0)] for s in chosen]
-        rows_of = np.repeat(np.arange(len(chosen)), [len(c) for c in clicked])
-        truth = sp.csr_matrix((np.ones(len(rows_of), np.float32), (rows_of, np.concatenate(clicked))), shape=truth.shape)
-        truth.sum_duplicates()
-        truth.data[:] = 1
+        truth = history_matrix([s.items[s.clicked & (s.items >= 0)] for s in chosen], truth.shape[1])
         return Queries(users, items, features, labels, mask, truth)
     weighted = None if clicks.propensities is None else weights
     return Queries(users, items, features, labels, mask, truth, weighted, (labels * weights).astype(np.float64))

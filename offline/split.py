@@ -64,8 +64,7 @@ class TemporalSplit:
         truth = grade_matrix(w.user[keep], w.item[keep], grades[keep], (self.n_users, self.n_items))
         if name == "train":
             return truth
-        before = concat_windows([self.window(p) for p in {"valid": ["train"], "test": ["train", "valid"]}[name]])
-        seen = sp.csr_matrix((np.ones(len(before.user), bool), (before.user, before.item)), shape=truth.shape)
+        seen = history_matrix(self.history_before(name), self.n_items) > 0
         truth = (truth - truth.multiply(seen)).tocsr()
         truth.eliminate_zeros()
         return truth

@@ -86,9 +86,11 @@ class Users:
         if row is not None:
             a = self.bundle.arrays
             lo, hi = a["history_offsets"][row], a["history_offsets"][row + 1]
-            items, ratings, times = _in_time_order(np.concatenate([a["history_items"][lo:hi], extra_items]),
-                                                   np.concatenate([a["history_ratings"][lo:hi], extra_ratings]),
-                                                   np.concatenate([a["history_timestamps"][lo:hi], extra_times]))
+            items, ratings, times = (np.concatenate([a["history_items"][lo:hi], extra_items]),
+                                     np.concatenate([a["history_ratings"][lo:hi], extra_ratings]),
+                                     np.concatenate([a["history_timestamps"][lo:hi], extra_times]))
+            if online:  # (the bundle's history is in time order already; recent_items go last either way)
+                items, ratings, times = _in_time_order(items, ratings, times)
             key = raw if not recent else None  # recent_items make the request one-off: no caching
             return UserContext(raw, row + 1, a["user_cat"][row], a["user_num"][row], items, ratings, times, key, version)
         if raw is not None and not online and features is None and not recent:
