@@ -30,10 +30,13 @@ UNINDEXED = Gauge("recsys_index_unindexed_items", "Changed items the HNSW graph 
 BEHIND = Gauge("recsys_bundle_behind_current", "1 while the bundle root's current names a version this replica does not "
                "serve (its load failed; set by the bundle watcher)", multiprocess_mode="livemax")
 RELOADS = Counter("recsys_reloads_total", "Bundle reloads (admin route or bundle watcher) by result", ["result"])
+HISTORY_READS = Counter("recsys_history_reads_total", "Users' histories /recommend read from Redis, by where the answer "
+                        "came from: 'memory' (kept by the worker until Redis invalidates it) or 'redis'", ["source"])
 DEGRADED = Counter("recsys_degraded_total", "Work done without the state store (it could not be reached)", ["what"])
 # Every label value exported at 0 from the start: a series born at 1 has no increase() to alert on (the bundle
 # watcher does not retry a version that failed, so its first failure is often the only one).
-for _counter, _values in ((RELOADS, ("ok", "failed")), (DEGRADED, ("history", "catalog_follow")), (FALLBACKS, ("popularity",))):
+for _counter, _values in ((RELOADS, ("ok", "failed")), (DEGRADED, ("history", "catalog_follow")), (FALLBACKS, ("popularity",)),
+                          (HISTORY_READS, ("memory", "redis"))):
     for _value in _values:
         _counter.labels(_value)
 

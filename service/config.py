@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     redis_wait_replicas: int | None = Field(None, ge=0, description="redis backend: replicas that must confirm a write "
                                             "(WAIT) before it is acknowledged; unset: 1 on a cluster (an acknowledged "
                                             "write survives a master's failover), 0 on a single Redis")
+    redis_history_cache_mb: int = Field(64, ge=0, description="single Redis: users' histories each worker keeps until "
+                                        "Redis invalidates them (client tracking), so a returning user's request skips "
+                                        "the read; 0: every request reads Redis")
     idempotency_window_s: int = Field(86_400, ge=60, description="how long a write's idempotency key (Idempotency-Key "
                                       "header, or an event's event_id) is remembered: a retry within it is recorded once")
     idempotency_keys: int = Field(200_000, ge=1000, description="file backend: the most idempotency keys remembered (the "
@@ -138,7 +141,7 @@ class Settings(BaseSettings):
         store = StoreConfig(self.state_backend, self.redis_url.get_secret_value() if redis else self.resolved_state_dir, self.history_cap,
                             self.compact_after, self.redis_prefix, self.redis_events_maxlen, self.redis_catalog_maxlen,
                             self.impression_retention, self.feedback_window_s, self.redis_shards, self.redis_wait_replicas,
-                            self.idempotency_window_s, self.idempotency_keys)
+                            self.idempotency_window_s, self.idempotency_keys, self.redis_history_cache_mb)
         impressions = ImpressionConfig(self.impression_sample, self.impression_queue, linger_s=self.impression_linger_s,
                                        feedback_window_s=self.feedback_window_s) if self.impressions else None
         return LiveConfig(self.bundle_dir, store, self.index_threads, self.index_ef, self.index_insert_ef,

@@ -19,6 +19,15 @@ from tests.servicekit import (  # noqa: F401  (service fixtures)
 logger.remove()
 logger.add(sys.stderr, level="WARNING")
 
+@pytest.fixture
+def warnings() -> list[str]:
+    """Loguru warnings emitted during the test (their messages)."""
+    messages: list[str] = []
+    handler = logger.add(lambda m: messages.append(m.record["message"]), level="WARNING")
+    yield messages
+    logger.remove(handler)
+
+
 TINY_RECALL = dict(epochs=2, batch_size=256, dim=16, emb_dim=16, hidden=32, history_len=10, device="cpu")
 TINY_RANKER = dict(epochs=2, hidden=16, gbm_trees=10, gbm_min_leaf=5)
 

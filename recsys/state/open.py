@@ -35,6 +35,7 @@ class StoreConfig:
     redis_wait_replicas: int | None = None  # replicas that confirm each acknowledged write (None: 1 on a cluster, else 0)
     idempotency_window_s: int = 86_400  # how long a write's idempotency key is remembered
     idempotency_keys: int = 200_000  # file backend: the most keys remembered (the oldest forgotten first)
+    redis_history_cache_mb: int = 64  # single Redis: histories each event loop keeps until invalidated (0: none)
 
     @property
     def is_redis(self) -> bool:
@@ -53,7 +54,8 @@ def open_store(config: StoreConfig) -> StateStore:
         return RedisStateStore(str(config.location), config.history_cap, config.redis_prefix, config.redis_events_maxlen,
                                config.redis_catalog_maxlen, impression_retention=config.impression_retention,
                                feedback_window_s=config.feedback_window_s, shards=config.redis_shards,
-                               wait_replicas=config.redis_wait_replicas, idempotency_window_s=config.idempotency_window_s)
+                               wait_replicas=config.redis_wait_replicas, idempotency_window_s=config.idempotency_window_s,
+                               history_cache_bytes=config.redis_history_cache_mb << 20)
     return FileStateStore(Path(config.location), config.history_cap, config.compact_after, config.impression_retention,
                           config.feedback_window_s, config.idempotency_window_s, config.idempotency_keys)
 

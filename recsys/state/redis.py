@@ -57,9 +57,12 @@ import redis.asyncio.cluster
 from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
+from recsys.metrics import HISTORY_READS
+from recsys.state.history_cache import HistoryCache, Reply
 from recsys.state.protocol import (CHANGES_PAGE, FEEDBACK_FIELDS, AlreadyRecorded, Change, Event, Once, Position, StoreUnavailable,
                                    recorded_after)
 
+FROM_MEMORY, FROM_REDIS = (HISTORY_READS.labels(source) for source in ("memory", "redis"))
 CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 RETRY_AFTER_S = 1.0  # after a failure, reads skip Redis (serving from the bundle) this long before trying again
 MAX_WAIT_S = 5.0  # the longest blocking read for catalogue changes
@@ -179,6 +182,11 @@ class Layout:
     def impressions(self, shard: int) -> str:
         return f"{self._tags[shard]}:impressions"
 
+    @property
+    def versions(self) -> str:
+        """What every user's version key starts with on a single Redis (where ``HistoryCache`` follows them)."""
+        return f"{self._tags[0]}:ver:"
+
     def user(self, user_id: str) -> tuple[int, str, str]:
         """The user's shard, history key and version key."""
         shard = self.shard_of(user_id)
@@ -224,7 +232,7 @@ class RedisStateStore:
     def __init__(self, url: str, history_cap: int, prefix: str = "recsys", events_maxlen: int = 10_000_000,
                  catalog_maxlen: int = 100_000, timeout_s: float = 0.5, impression_retention: int = 1_000_000,
                  feedback_window_s: int = 1800, shards: int = 16, wait_replicas: int | None = None,
-                 idempotency_window_s: int = 86_400):
+                 idempotency_window_s: int = 86_400, history_cache_bytes: int = 64 << 20):
         self.raw_url, self.cluster = url, is_cluster_url(url)
         self.url, self.history_cap = _without_password(url), history_cap
         self.p, self.events_maxlen, self.catalog_maxlen = prefix, events_maxlen, catalog_maxlen
@@ -232,6 +240,7 @@ class RedisStateStore:
         self.timeout_s, self.configured_shards = timeout_s, shards
         self.idempotency_window_s = idempotency_window_s  # idempotency keys expire (EX) after this
         self.wait_replicas = (1 if self.cluster else 0) if wait_replicas is None else wait_replicas
+        self.history_cache_bytes = 0 if self.cluster else history_cache_bytes  # (``HistoryCache``: one Redis only)
         self._failed_at: float | None = None
         self._failure = ""
         self._source: str | None = None
@@ -477,18 +486,28 @@ class RedisStateStore:
                     seeds = self.client.get_nodes()
                 client = redis.asyncio.cluster.RedisCluster.from_url(
                     url, startup_nodes=[redis.asyncio.cluster.ClusterNode(n.host, n.port) for n in seeds], **options)
+                reads = _LoopReads(client, coalesce=False)
             else:
-                client = redis.asyncio.Redis.from_url(self.raw_url, **options)
-            reads = self._async_clients[loop] = _LoopReads(client, coalesce=not self.cluster)
+                cache = None
+                if self.history_cache_bytes:
+                    cache = HistoryCache(self.raw_url, self.layout.versions, self.history_cache_bytes, self.timeout_s)
+                    cache.start(loop)
+                reads = _LoopReads(redis.asyncio.Redis.from_url(self.raw_url, **options), coalesce=True, cache=cache)
+            self._async_clients[loop] = reads
         return reads
 
     async def aclose(self) -> None:
         """Close the running loop's asyncio client (its connections cannot be closed from another loop)."""
         reads = self._async_clients.pop(asyncio.get_running_loop(), None)
         if reads is not None:
+            if reads.cache is not None:
+                reads.cache.close()
             await reads.client.aclose()
 
     def close(self) -> None:
+        for reads in list(self._async_clients.values()):
+            if reads.cache is not None:
+                reads.cache.close()
         for name in ("client", "blocking"):
             if name in self.__dict__:  # made only if used
                 self.__dict__[name].close()
@@ -545,13 +564,32 @@ class _LoopReads:
     of a read) is then paid once for them all. A request alone waits one more turn of the loop. On a cluster each
     read is a call of its own (a script's keys must share a slot)."""
 
-    def __init__(self, client: redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster, coalesce: bool):
-        self.client, self.coalesce = client, coalesce
+    def __init__(self, client: redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster, coalesce: bool,
+                 cache: HistoryCache | None = None):
+        self.client, self.coalesce, self.cache = client, coalesce, cache
         self.waiting: list[tuple[str, str, asyncio.Future]] = []
         self.calls: set[asyncio.Task] = set()  # (a running task must be referenced)
 
-    async def read(self, ver: str, hist: str) -> tuple[bytes | None, bytes]:
-        """The user's version and history (its keys), as ``READ_HISTORIES`` returns them for one user."""
+    async def read(self, ver: str, hist: str) -> Reply:
+        """The user's version and history (its keys), as ``READ_HISTORIES`` returns them for one user: kept by
+        ``cache`` (if any) until Redis says the user's version changed."""
+        cache = self.cache
+        if cache is None:
+            FROM_REDIS.inc()
+            return await self._read(ver, hist)
+        kept = cache.get(ver)
+        if kept is not None:
+            FROM_MEMORY.inc()
+            return kept
+        FROM_REDIS.inc()
+        generation, reply = cache.begin(ver), None
+        try:
+            reply = await self._read(ver, hist)
+            return reply
+        finally:
+            cache.end(ver, generation, reply)
+
+    async def _read(self, ver: str, hist: str) -> Reply:
         if not self.coalesce:
             return await self._eval(ver, hist)
         loop = asyncio.get_running_loop()

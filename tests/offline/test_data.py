@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from loguru import logger
 
 from offline import data
 from offline.data import DataError, dataset_fingerprint, load_csv, load_movielens
@@ -24,15 +23,6 @@ def write(path: Path, *lines: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(line + "\n" for line in lines))
     return path
-
-
-@pytest.fixture
-def warnings() -> list[str]:
-    """Loguru warnings emitted during the test."""
-    messages: list[str] = []
-    handler = logger.add(lambda m: messages.append(m.record["message"]), level="WARNING")
-    yield messages
-    logger.remove(handler)
 
 
 # --------------------------------------------------------------------------- CSV: happy path

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-from loguru import logger
 
 from recsys.bundle import resolve
 from recsys.state import files as store_module
@@ -23,15 +22,6 @@ from recsys.state.protocol import AlreadyRecorded, Event, Once, StoreUnavailable
 from tests.servicekit import AUTH, unique_prefix
 
 ITEM = {"item_id": "new", "title": "", "genres": [], "year": None, "features": {}}
-
-
-@pytest.fixture
-def warnings():
-    """Loguru warnings emitted during the test, as text."""
-    lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(str(m)), level="WARNING", format="{message}")
-    yield lines
-    logger.remove(sink)
 
 
 @pytest.fixture(params=["file", "redis", "redis-cluster"])
@@ -493,7 +483,7 @@ def test_history_reads_awaited_in_one_turn_go_to_a_single_redis_as_one_call(redi
 
     from recsys.state import redis as redis_store
 
-    s = redis_store.RedisStateStore(redis_url, 5, unique_prefix())
+    s = redis_store.RedisStateStore(redis_url, 5, unique_prefix(), history_cache_bytes=0)  # (every read goes to Redis)
     users = [f"u{n}" for n in range(redis_store.READS_PER_CALL + 6)]
     for n, user in enumerate(users):
         for t in range(n % 7):
