@@ -250,3 +250,45 @@ def test_no_cache_on_a_cluster_nor_when_turned_off(redis_url, redis_cluster_url)
                 s.close()
 
     assert asyncio.run(caches()) == [None, None]
+
+
+def _write_on_request(url: str, prefix: str, conn) -> None:
+    """Another process: append an event each time it is asked, and send back Redis's acknowledgement (the version)."""
+    store = RedisStateStore(url, 10, prefix)
+    while (n := conn.recv()) is not None:
+        conn.send(store.append_event("u", Event(f"i{n}", None, n)))
+    store.close()
+
+
+def test_an_event_acknowledged_to_another_process_is_in_the_next_read_at_once(redis_url):
+    """The tightest race on one host: the acknowledgement reaches this process through a pipe, faster than any HTTP
+    client could send the next request, and the history read at once must hold the event (its invalidation was
+    written by Redis in the same turn as the acknowledgement)."""
+    import multiprocessing
+
+    prefix = unique_prefix()
+    served = RedisStateStore(redis_url, 10, prefix)
+    here, there = multiprocessing.Pipe()
+    writer = multiprocessing.get_context("spawn").Process(target=_write_on_request, args=(redis_url, prefix, there))
+    writer.start()
+
+    async def run() -> list[tuple[int, int]]:
+        older = []
+        try:
+            for n in range(2000):
+                await served.history_async("u")  # kept
+                here.send(n)
+                acknowledged = here.recv()
+                version, _ = await served.history_async("u")
+                if version < acknowledged:
+                    older.append((version, acknowledged))
+        finally:
+            here.send(None)
+            await served.aclose()
+        return older
+
+    try:
+        assert asyncio.run(run()) == []
+    finally:
+        writer.join(10)
+        served.close()
