@@ -141,8 +141,12 @@ class HistoryCache:
             elif now - self.ping_sent_at > 2 * STALE_AFTER_S:
                 self._lost(f"no answer to a ping in {now - self.ping_sent_at:.1f} s")
         elif not (self.opening or self.refused) and now >= self.reopen_at:
+            try:
+                opening = loop.run_in_executor(None, self._open)
+            except RuntimeError:  # the loop is shutting down (its executor gone): nothing left to serve
+                return
             self.opening = True
-            loop.run_in_executor(None, self._open).add_done_callback(lambda done: self._opened(done.result()))
+            opening.add_done_callback(lambda done: self._opened(done.result()))
 
     def _open(self) -> redis.Connection | Exception:
         """A RESP2 connection that receives the invalidations of every key under ``prefix`` (its own redirect

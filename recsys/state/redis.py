@@ -294,9 +294,21 @@ class RedisStateStore:
             fresh, seen, version = self._write(keys[0], "EVAL", APPEND_EVENT, len(keys), *keys, self._share(self.events_maxlen), user_id,
                                                event.item_id, rating, event.timestamp, packed, self.history_cap,
                                                *self._once_args(once), *feedback)
+            if fresh:
+                self._invalidations_written()
         if not fresh:
             raise AlreadyRecorded(*_split_seen(seen), version=int(version))
         return int(version)
+
+    def _invalidations_written(self) -> None:
+        """Acknowledge an event only once Redis has written its invalidations (single Redis, no WAIT): the workers
+        that keep histories (``HistoryCache``) learn of the write from an invalidation written in the same turn of
+        Redis's loop as the write's reply, but not always before it (Redis writes a turn's clients in list order and
+        can be preempted between two: 1 stale read in 2,000 under CPU contention without this). A command sent once
+        the reply is back is read in a later turn, so its answer comes after every invalidation of the write was
+        written: on one host, already in each worker's socket. With WAIT the reply itself comes in a later turn."""
+        if not self.cluster and not self.wait_replicas:
+            self.client.ping()
 
     def previous_write(self, key: str, user_id: str | None = None) -> AlreadyRecorded | None:
         """The write recorded under ``key``, confirmed by the replicas a write needs (``PREVIOUS_WRITE``)."""
