@@ -3,17 +3,16 @@ client-side caching (``CLIENT TRACKING ... BCAST``, Redis 6+), so that a returni
 wait on a round trip to Redis (measured: 1.8 ms of a 7 ms p99 at 200 req/s on two cores, docs/benchmarks.md).
 
 Why a kept history is not older than an acknowledged event (``POST /events``: the next ``/recommend`` reflects it,
-on any replica): every write to a user's version key makes Redis send this connection an invalidation, written in
-the same turn of Redis's loop as the write's reply (broadcast invalidations are queued at the start of that turn;
-with ``WAIT`` the reply waits for the replicas besides). Before a kept history is served, every message already
-received is read (a non-blocking ``recv``, about 5 us). On one host the invalidation is then in the worker's socket
-long before the client, answered, can send its next request (tests/state/test_history_cache.py races it across
-processes; docs/benchmarks.md, "Twelfth round", counts it under load). Across hosts it assumes that the
-invalidation, sent at once on a direct path, arrives before a request the client sends after its acknowledgement
-came back over two hops. A connection that goes quiet is not trusted for long: a kept history is served only while
-Redis answered, within ``STALE_AFTER_S``, a ping sent on the same connection (every invalidation sent before Redis
-read the ping has then been read), and the connection is reopened (everything kept dropped) when one goes unanswered
-for twice that.
+on any replica): every write to a user's version key makes Redis send this connection an invalidation, and the event
+is acknowledged only after one more round trip to Redis (``RedisStateStore._invalidations_written``; with ``WAIT``
+the reply itself waits), which Redis answers in a later turn of its loop, once every invalidation of the write was
+written. Before a kept history is served, every message already received is read (a non-blocking ``recv``, about 5
+us). On one host the invalidation is then in the worker's socket before the client has its acknowledgement
+(tests/state/test_history_cache.py races it across processes). Across hosts it assumes that the invalidation, sent
+at once on a direct path, arrives before a request the client sends after its acknowledgement came back over two
+hops. A connection that goes quiet is not trusted for long: a kept history is served only while Redis answered,
+within ``STALE_AFTER_S``, a ping sent on the same connection (every invalidation sent before Redis read the ping has
+then been read), and the connection is reopened (everything kept dropped) when one goes unanswered for twice that.
 ``RECSYS_REDIS_HISTORY_CACHE_MB=0`` turns this off: every request reads Redis, as before.
 
 Not on a Redis Cluster (each master would need its own tracking connection, and a failover its re-subscription).

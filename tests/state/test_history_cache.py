@@ -292,3 +292,23 @@ def test_an_event_acknowledged_to_another_process_is_in_the_next_read_at_once(re
     finally:
         writer.join(10)
         served.close()
+
+
+def test_an_event_is_acknowledged_after_a_later_turn_of_redis_only_where_histories_are_kept(tmp_path):
+    """Redis writes a write's invalidations in the same turn as its reply, not always before it: the event's writer
+    sends one more command once the reply is back (read in a later turn, so answered after the invalidations were
+    written). Where no worker keeps histories, or WAIT already answers in a later turn, it costs nothing."""
+    with redis_server(tmp_path / "redis") as url:
+        admin = redis.Redis.from_url(url)
+
+        def pings_per_event(**options) -> int:
+            store = RedisStateStore(url, 10, unique_prefix(), **options)
+            assert store.source  # (its set-up commands before the counting)
+            before = admin.info("commandstats").get("cmdstat_ping", {}).get("calls", 0)
+            for n in range(5):
+                store.append_event("u", Event(f"i{n}", None, n))
+            store.close()
+            return (admin.info("commandstats").get("cmdstat_ping", {}).get("calls", 0) - before) / 5
+
+        assert pings_per_event() == 1
+        assert pings_per_event(history_cache_bytes=0) == 0
