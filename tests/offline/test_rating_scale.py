@@ -9,7 +9,6 @@ import numpy as np
 from offline.pipeline import rating_scale
 from recsys.bundle import resolve
 from recsys.dataset import Interactions
-from test_data import warnings  # noqa: F401  (the loguru-capturing fixture)
 
 
 def interactions(*ratings: float) -> Interactions:
