@@ -588,14 +588,12 @@ class _LoopReads:
         """The user's version and history (its keys), as ``READ_HISTORIES`` returns them for one user: kept by
         ``cache`` (if any) until Redis says the user's version changed."""
         cache = self.cache
-        if cache is None:
-            FROM_REDIS.inc()
-            return await self._read(ver, hist)
-        kept = cache.get(ver)
-        if kept is not None:
+        if cache is not None and (kept := cache.get(ver)) is not None:
             FROM_MEMORY.inc()
             return kept
         FROM_REDIS.inc()
+        if cache is None:
+            return await self._read(ver, hist)
         generation, reply = cache.begin(ver), None
         try:
             reply = await self._read(ver, hist)

@@ -42,6 +42,29 @@ def counted_reads(source: str) -> float:
     return REGISTRY.get_sample_value("recsys_history_reads_total", {"source": source})
 
 
+def run_and_close(main, served: RedisStateStore, *others: RedisStateStore) -> None:
+    """``main()`` on an event loop of its own, then the serving store's connections on that loop and every store
+    closed."""
+    async def run():
+        try:
+            await main()
+        finally:
+            await served.aclose()
+
+    try:
+        asyncio.run(run())
+    finally:
+        for store in (served, *others):
+            store.close()
+
+
+async def reopened(served: RedisStateStore) -> None:
+    """Once the cache's invalidation connection is back (it is reopened about a second after it was lost)."""
+    deadline = time.monotonic() + 5
+    while cache_of(served).conn is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+
+
 def cache_of(store: RedisStateStore) -> history_cache.HistoryCache:
     return store._loop_reads().cache
 
@@ -51,24 +74,19 @@ def test_a_kept_history_is_served_without_a_read_and_every_write_is_seen_by_the_
     before = {source: counted_reads(source) for source in ("memory", "redis")}
 
     async def run():
-        try:
-            assert await served.history_async("u1") == (0, [])
-            assert await served.history_async("u1") == (0, []) and sum(reads) == 1  # the second from memory
-            for n in range(1, 201):  # another replica writes; the very next read sees it
-                writer.append_event("u1", Event(f"i{n}", None, n))
-                version, events = await served.history_async("u1")
-                assert (version, events[-1]) == (n, Event(f"i{n}", None, n))
-                assert await served.history_async("u1") == (version, events)
-            assert sum(reads) == 1 + 200  # a read after each write, none for the repeats
-            writer.append_event("u2", Event("x", None, 1))  # another user's change leaves u1 kept
-            assert (await served.history_async("u1"))[0] == 200 and sum(reads) == 201
-        finally:
-            await served.aclose()
+        assert await served.history_async("u1") == (0, [])
+        assert await served.history_async("u1") == (0, []) and sum(reads) == 1  # the second from memory
+        for n in range(1, 201):  # another replica writes; the very next read sees it
+            writer.append_event("u1", Event(f"i{n}", None, n))
+            version, events = await served.history_async("u1")
+            assert (version, events[-1]) == (n, Event(f"i{n}", None, n))
+            assert await served.history_async("u1") == (version, events)
+        assert sum(reads) == 1 + 200  # a read after each write, none for the repeats
+        writer.append_event("u2", Event("x", None, 1))  # another user's change leaves u1 kept
+        assert (await served.history_async("u1"))[0] == 200 and sum(reads) == 201
 
-    asyncio.run(run())
+    run_and_close(run, served, writer)
     assert {source: counted_reads(source) - n for source, n in before.items()} == {"memory": 202, "redis": 201}
-    served.close()
-    writer.close()
 
 
 def test_a_read_overtaken_by_a_write_is_served_but_not_kept(redis_url, reads, monkeypatch):
@@ -85,19 +103,14 @@ def test_a_read_overtaken_by_a_write_is_served_but_not_kept(redis_url, reads, mo
         return reply
 
     async def run():
-        try:
-            writer.append_event("u1", Event("first", None, 1))
-            monkeypatch.setattr(_LoopReads, "_read", overtaken)
-            assert (await served.history_async("u1"))[0] == 1  # what Redis answered, before the write
-            monkeypatch.setattr(_LoopReads, "_read", real_read)
-            assert (await served.history_async("u1"))[0] == 2  # not kept: read again
-            assert (await served.history_async("u1"))[0] == 2 and sum(reads) == 2  # this one is kept
-        finally:
-            await served.aclose()
+        writer.append_event("u1", Event("first", None, 1))
+        monkeypatch.setattr(_LoopReads, "_read", overtaken)
+        assert (await served.history_async("u1"))[0] == 1  # what Redis answered, before the write
+        monkeypatch.setattr(_LoopReads, "_read", real_read)
+        assert (await served.history_async("u1"))[0] == 2  # not kept: read again
+        assert (await served.history_async("u1"))[0] == 2 and sum(reads) == 2  # this one is kept
 
-    asyncio.run(run())
-    served.close()
-    writer.close()
+    run_and_close(run, served, writer)
 
 
 def test_a_lost_connection_drops_what_is_kept_until_it_is_back(tmp_path, reads):
@@ -108,27 +121,20 @@ def test_a_lost_connection_drops_what_is_kept_until_it_is_back(tmp_path, reads):
         admin = redis.Redis.from_url(url)
 
         async def run():
-            try:
-                await served.history_async("u1")
-                await served.history_async("u1")
-                assert sum(reads) == 1
-                assert admin.client_kill_filter(_type="pubsub") == 1  # the cache's connection
-                writer.append_event("u1", Event("i1", None, 1))  # its invalidation goes nowhere
-                assert (await served.history_async("u1"))[0] == 1 and sum(reads) == 2
-                assert (await served.history_async("u1"))[0] == 1 and sum(reads) == 3  # not kept meanwhile
-                deadline = time.monotonic() + 5
-                while cache_of(served).conn is None and time.monotonic() < deadline:
-                    await asyncio.sleep(0.05)
-                await served.history_async("u1")
-                assert (await served.history_async("u1"))[0] == 1 and sum(reads) == 4  # kept again
-                admin.flushdb()  # everything may have changed
-                assert (await served.history_async("u1")) == (0, []) and sum(reads) == 5
-            finally:
-                await served.aclose()
+            await served.history_async("u1")
+            await served.history_async("u1")
+            assert sum(reads) == 1
+            assert admin.client_kill_filter(_type="pubsub") == 1  # the cache's connection
+            writer.append_event("u1", Event("i1", None, 1))  # its invalidation goes nowhere
+            assert (await served.history_async("u1"))[0] == 1 and sum(reads) == 2
+            assert (await served.history_async("u1"))[0] == 1 and sum(reads) == 3  # not kept meanwhile
+            await reopened(served)
+            await served.history_async("u1")
+            assert (await served.history_async("u1"))[0] == 1 and sum(reads) == 4  # kept again
+            admin.flushdb()  # everything may have changed
+            assert (await served.history_async("u1")) == (0, []) and sum(reads) == 5
 
-        asyncio.run(run())
-        served.close()
-        writer.close()
+        run_and_close(run, served, writer)
 
 
 def test_a_read_sent_while_the_connection_was_down_is_not_kept_once_it_is_back(tmp_path, reads, monkeypatch):
@@ -144,26 +150,19 @@ def test_a_read_sent_while_the_connection_was_down_is_not_kept_once_it_is_back(t
         async def reopened_meanwhile(self, ver, hist):
             reply = await real_read(self, ver, hist)
             writer.append_event("u1", Event("i1", None, 1))  # its invalidation is lost
-            deadline = time.monotonic() + 5
-            while cache_of(served).conn is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+            await reopened(served)
             assert cache_of(served).conn is not None
             return reply
 
         async def run():
-            try:
-                await served.history_async("u1")
-                assert admin.client_kill_filter(_type="pubsub") == 1
-                monkeypatch.setattr(_LoopReads, "_read", reopened_meanwhile)
-                assert await served.history_async("u1") == (0, [])  # answered before the write
-                monkeypatch.setattr(_LoopReads, "_read", real_read)
-                assert (await served.history_async("u1"))[0] == 1
-            finally:
-                await served.aclose()
+            await served.history_async("u1")
+            assert admin.client_kill_filter(_type="pubsub") == 1
+            monkeypatch.setattr(_LoopReads, "_read", reopened_meanwhile)
+            assert await served.history_async("u1") == (0, [])  # answered before the write
+            monkeypatch.setattr(_LoopReads, "_read", real_read)
+            assert (await served.history_async("u1"))[0] == 1
 
-        asyncio.run(run())
-        served.close()
-        writer.close()
+        run_and_close(run, served, writer)
 
 
 def test_a_connection_that_stopped_answering_pings_is_not_trusted(redis_url, reads):
@@ -172,22 +171,18 @@ def test_a_connection_that_stopped_answering_pings_is_not_trusted(redis_url, rea
     served, _ = stores(redis_url)
 
     async def run():
-        try:
-            await served.history_async("u1")
-            await served.history_async("u1")
-            assert sum(reads) == 1
-            await asyncio.sleep(2 * history_cache.PING_EVERY_S + 0.1)  # pings sent and answered meanwhile
-            await served.history_async("u1")
-            assert sum(reads) == 1
-            cache_of(served).confirmed_at -= history_cache.STALE_AFTER_S + 0.1  # as if the answers stopped coming
-            cache_of(served).ping_sent_at = None  # (and none in flight that would answer)
-            await served.history_async("u1")
-            assert sum(reads) == 2
-        finally:
-            await served.aclose()
+        await served.history_async("u1")
+        await served.history_async("u1")
+        assert sum(reads) == 1
+        await asyncio.sleep(2 * history_cache.PING_EVERY_S + 0.1)  # pings sent and answered meanwhile
+        await served.history_async("u1")
+        assert sum(reads) == 1
+        cache_of(served).confirmed_at -= history_cache.STALE_AFTER_S + 0.1  # as if the answers stopped coming
+        cache_of(served).ping_sent_at = None  # (and none in flight that would answer)
+        await served.history_async("u1")
+        assert sum(reads) == 2
 
-    asyncio.run(run())
-    served.close()
+    run_and_close(run, served)
 
 
 def test_the_least_recently_used_history_goes_first_beyond_the_budget(redis_url, reads):
@@ -199,22 +194,17 @@ def test_the_least_recently_used_history_goes_first_beyond_the_budget(redis_url,
     served.history_cache_bytes = budget = int(3.5 * (history_cache.ENTRY_BYTES + len(packed)))  # three fit, not four
 
     async def run():
-        try:
-            for user in ("u0", "u1", "u2", "u0", "u3"):  # u1, the least recently used, makes room for u3
-                await served.history_async(user)
-            assert sum(reads) == 4
-            for user in ("u0", "u2", "u3"):
-                await served.history_async(user)
-            assert sum(reads) == 4
-            await served.history_async("u1")
-            assert sum(reads) == 5
-            assert 0 < cache_of(served).size <= budget
-        finally:
-            await served.aclose()
+        for user in ("u0", "u1", "u2", "u0", "u3"):  # u1, the least recently used, makes room for u3
+            await served.history_async(user)
+        assert sum(reads) == 4
+        for user in ("u0", "u2", "u3"):
+            await served.history_async(user)
+        assert sum(reads) == 4
+        await served.history_async("u1")
+        assert sum(reads) == 5
+        assert 0 < cache_of(served).size <= budget
 
-    asyncio.run(run())
-    served.close()
-    writer.close()
+    run_and_close(run, served, writer)
 
 
 def test_a_redis_that_refuses_client_tracking_is_read_every_time(tmp_path, reads, warnings):
@@ -226,14 +216,10 @@ def test_a_redis_that_refuses_client_tracking_is_read_every_time(tmp_path, reads
         served = RedisStateStore(url.replace("redis://", "redis://reader:pw@"), 100, unique_prefix())
 
         async def run():
-            try:
-                for _ in range(3):
-                    assert await served.history_async("u1") == (0, [])
-            finally:
-                await served.aclose()
+            for _ in range(3):
+                assert await served.history_async("u1") == (0, [])
 
-        asyncio.run(run())
-        served.close()
+        run_and_close(run, served)
         assert sum(reads) == 3
         assert any("Redis refused client tracking" in line for line in warnings)
 
