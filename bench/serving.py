@@ -58,18 +58,30 @@ def free_port() -> int:
     """A loopback port free now, drawn below the kernel's ephemeral range. A port ``bind(0)`` hands out comes from
     that range, where the next outgoing connection (a client's, another process's) may take it before the
     server binds it: seen in CI, a Redis Cluster node's bus port taken between the pick and redis-server's bind."""
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct loopback ports free now, drawn as ``free_port`` draws one. Each is held while the next are
+    drawn, so that a caller starting several servers at once (a cluster's nodes and their bus ports) never gets
+    the same port twice."""
     low = _ephemeral_low()
-    for _ in range(200 if low > 2048 else 0):
-        port = _PICK.randrange(max(1024, low - 12_000), low)
-        with socket.socket() as s:
+    with ExitStack() as held:
+        ports: list[int] = []
+        for _ in range(200 * n if low > 2048 else 0):
+            if len(ports) == n:
+                break
+            s = held.enter_context(socket.socket())
             try:
-                s.bind(("127.0.0.1", port))
+                s.bind(("127.0.0.1", _PICK.randrange(max(1024, low - 12_000), low)))
             except OSError:
                 continue
-            return port
-    with socket.socket() as s:  # (nothing free down there: the kernel's pick)
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+            ports.append(s.getsockname()[1])
+        while len(ports) < n:  # (nothing free down there: the kernel's pick)
+            s = held.enter_context(socket.socket())
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+        return ports
 
 
 _PICK = random.SystemRandom()  # not the seeded ``random``: two test workers must not draw the same ports

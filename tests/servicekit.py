@@ -15,7 +15,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from bench.serving import free_port
+from bench.serving import free_port, free_ports
 from recsys.bundle import read_bundle
 from service.app import app
 from service.config import get_settings
@@ -246,7 +246,7 @@ def redis_server(directory: Path, port: int | None = None) -> Iterator[str]:
     port = port or free_port()
     with spawned(redis_command(directory, port), directory / "redis.log") as proc:
         url = f"redis://127.0.0.1:{port}/0"
-        wait_for_redis(url, proc)
+        wait_for_redis(url, proc, log=directory / "redis.log")
         yield url
 
 
@@ -296,21 +296,34 @@ def redis_cluster(directory: Path, masters: int = 3, replicas: int = 1, node_tim
     cli = shutil.which("redis-cli")
     if REDIS is None or cli is None:
         pytest.skip(reason="redis-server / redis-cli not installed (.ci/run installs them: apt-get install redis-server)")
-    ports = [free_port() for _ in range(masters * (1 + replicas))]
-    with ExitStack() as stack:
-        cluster = RedisCluster(f"redis+cluster://127.0.0.1:{ports[0]}", {})
-        for port in ports:
-            node_dir = directory / str(port)
-            cmd = redis_command(node_dir, port) + ["--cluster-enabled", "yes", "--cluster-port", str(free_port()),
-                                                   "--cluster-config-file", str(node_dir / "nodes.conf"),
-                                                   "--cluster-node-timeout", str(node_timeout_ms)]
-            cluster.nodes[port] = stack.enter_context(spawned(cmd, node_dir / "redis.log"))
-        for port, proc in cluster.nodes.items():
-            wait_for_redis(f"redis://127.0.0.1:{port}/0", proc)
-        subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-replicas", str(replicas),
-                        "--cluster-yes"], check=True, capture_output=True, timeout=60)
-        wait_for_cluster(cluster, masters, replicas)
-        yield cluster
+    for attempt in range(3):
+        with ExitStack() as stack:
+            try:
+                cluster = _cluster_nodes(stack, directory / f"start-{attempt}", masters * (1 + replicas), node_timeout_ms)
+            except NodeExited:
+                if attempt == 2:
+                    raise
+                continue  # (a port taken between its pick and the node's bind: start again on new ports)
+            subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in cluster.nodes), "--cluster-replicas",
+                            str(replicas), "--cluster-yes"], check=True, capture_output=True, timeout=60)
+            wait_for_cluster(cluster, masters, replicas)
+            yield cluster
+            return
+
+
+def _cluster_nodes(stack: ExitStack, directory: Path, count: int, node_timeout_ms: int) -> RedisCluster:
+    """``count`` cluster-enabled nodes started, each answering PING; stopped when ``stack`` closes."""
+    ports = free_ports(2 * count)  # a node's port and its cluster bus port, all distinct
+    cluster = RedisCluster(f"redis+cluster://127.0.0.1:{ports[0]}", {})
+    for port, bus_port in zip(ports[:count], ports[count:]):
+        node_dir = directory / str(port)
+        cmd = redis_command(node_dir, port) + ["--cluster-enabled", "yes", "--cluster-port", str(bus_port),
+                                               "--cluster-config-file", str(node_dir / "nodes.conf"),
+                                               "--cluster-node-timeout", str(node_timeout_ms)]
+        cluster.nodes[port] = stack.enter_context(spawned(cmd, node_dir / "redis.log"))
+    for port, proc in cluster.nodes.items():
+        wait_for_redis(f"redis://127.0.0.1:{port}/0", proc, log=directory / str(port) / "redis.log")
+    return cluster
 
 
 def wait_for_cluster(cluster: RedisCluster, masters: int, replicas: int = 0, timeout: float = 60) -> None:
@@ -354,14 +367,19 @@ def _settled(node) -> bool:
     return not any(persistence.get(k) for k in ("aof_rewrite_in_progress", "aof_rewrite_scheduled", "loading"))
 
 
-def wait_for_redis(url: str, proc: subprocess.Popen, timeout: float = 20) -> None:
+class NodeExited(RuntimeError):
+    """A redis-server exited before answering; the message ends with its log's last lines."""
+
+
+def wait_for_redis(url: str, proc: subprocess.Popen, timeout: float = 20, log: Path | None = None) -> None:
     import redis
 
     client = redis.Redis.from_url(url, socket_timeout=1)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"redis-server exited with {proc.returncode}")
+            tail = log.read_text(errors="replace").splitlines()[-5:] if log and log.exists() else []
+            raise NodeExited(f"redis-server at {url} exited with {proc.returncode}: " + " | ".join(tail))
         try:
             if client.ping():
                 return
