@@ -633,7 +633,10 @@ class _Api:
     @endpoint
     @staticmethod
     def upsert_items(items: Iterable[CatalogItem], *, idempotency_key: str | None = None) -> Call[ItemChanges]:
-        """Up to 1,000 items in one call: all checked before any is recorded, made live together."""
+        """Up to 1,000 items in one call: all checked before any is recorded, made live together. The body must fit
+        the service's RECSYS_MAX_BODY_BYTES (64 KiB by default, a few hundred items without text; nginx's
+        client_max_body_size in compose): a larger one is refused whole (InvalidRequest, status 413). Split larger sets
+        yourself; each call is atomic on its own, so only you know which items must go live together."""
         return Call("POST", "/admin/items:batch", _item_changes, body={"items": [i.to_json() for i in items]},
                     admin=True, idempotency_key=_idempotency_key(idempotency_key))
 

@@ -809,6 +809,21 @@ def test_bad_recommend_query_is_a_clear_4xx(client, params, status):
     assert_client_error(client.get("/recommend", params=params), status)
 
 
+@pytest.mark.parametrize("params,where", [
+    ({"user_id": "   "}, "query.user_id"),
+    ({"user_id": "u1", "k": "ten"}, "query.k"),
+    ({"user_id": "u1", "year_min": 2000, "year_max": 1990}, "query.year_max"),
+    ({"user_id": "u1", "genres_any": ["a"] * 101}, "query.genres_any"),
+])
+def test_a_bad_recommend_query_names_the_parameter(client, params, where):
+    """GET's problems are named as the query names them, also those found by the POST body's own checks (a blank
+    id, a year range the wrong way round), never as a body or its ``filters`` field."""
+    response = client.get("/recommend", params=params)
+    assert response.status_code == 422, response.text
+    assert [d["loc"] for d in response.json()["details"]] == [where.split(".")]
+    assert response.json()["error"].startswith(f"invalid request: {where}: ")
+
+
 @pytest.mark.parametrize("body,status", BAD_RECOMMEND_POST)
 def test_bad_recommend_body_is_a_clear_4xx(client, body, status):
     assert_client_error(client.post("/recommend", json=body), status)

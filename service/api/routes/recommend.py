@@ -22,10 +22,11 @@ from service.schemas import (BatchRecommendRequest, BatchRecommendResponse, Bund
 router = APIRouter(tags=["recommend"])
 
 
-def recommend_query(request: Request) -> RecommendQuery:
-    """GET ``/recommend``'s query read and validated in one pass. FastAPI's own solving of the same model looks at
-    each field's annotation and multidict on every request: 8% of a saturated worker's GIL-holding samples. A
-    repeated parameter's last value counts, a list's every value (as FastAPI does); unknown parameters are ignored."""
+def recommend_query(request: Request) -> RecommendRequest:
+    """GET ``/recommend``'s query read and validated in one pass, as the POST body it stands for. FastAPI's own
+    solving of the same model looks at each field's annotation and multidict on every request: 8% of a saturated
+    worker's GIL-holding samples. A repeated parameter's last value counts, a list's every value (as FastAPI does);
+    unknown parameters are ignored. Every problem is named by its query parameter, the body's checks too."""
     values: dict[str, str | list[str]] = {}
     for key, value in request.query_params.multi_items():
         if key in QUERY_LISTS:
@@ -33,9 +34,19 @@ def recommend_query(request: Request) -> RecommendQuery:
         else:
             values[key] = value
     try:
-        return RecommendQuery.model_validate(values)
+        return RecommendQuery.model_validate(values).to_request()
     except ValidationError as err:
-        raise RequestValidationError([{**e, "loc": ("query", *e["loc"])} for e in err.errors(include_url=False)]) from None
+        nested = err.title == "Filters"  # (a filter built on its own: its fields' places are relative to it)
+        raise RequestValidationError([{**e, "loc": query_loc(("filters", *e["loc"]) if nested else e["loc"])}
+                                      for e in err.errors(include_url=False)]) from None
+
+
+def query_loc(loc: tuple) -> tuple:
+    """A problem's place as the query names it: a filter's field is a parameter of its own, and the year range's
+    own check (on the filters as a whole) is a problem with ``year_max``."""
+    if loc[:1] == ("filters",):
+        loc = loc[1:] or ("year_max",)
+    return ("query", *loc)
 
 
 QUERY_LISTS = {name for name, field in RecommendQuery.model_fields.items()  # parameters that repeat
@@ -48,7 +59,7 @@ async def recommend_get(request: Request):
     """The POST pipeline for a known user; filters as repeated query parameters (``genres_any=a&genres_any=b``).
     Takes the bare request (its query read by ``recommend_query``, the engine from the app's state): FastAPI's
     solving of two dependencies was 6% of a saturated worker's samples."""
-    return await recommend_post(recommend_query(request).to_request(), request.app.state.service)
+    return await recommend_post(recommend_query(request), request.app.state.service)
 
 
 @router.post("/recommend", response_model=RecommendResponse, responses=errors(400, 404, 408, 413, 422, 503))
