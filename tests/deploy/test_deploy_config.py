@@ -28,12 +28,14 @@ def _environment(service: dict) -> dict[str, str]:
     return {key: str(value) for key, value in env.items()}
 
 
-def _mounts(service: dict) -> list[tuple[str, str]]:
-    """(source, target) of each short-syntax volume entry "source:target[:mode]"."""
+def _mounts(service: dict, mode: str | None = None) -> list[tuple[str, str]]:
+    """(source, target) of each short-syntax volume entry "source:target[:mode]" (of that ``mode`` alone if given;
+    no mode is "rw")."""
     mounts = []
     for entry in service.get("volumes", []):
-        source, target = entry.split(":")[:2]
-        mounts.append((source, target))
+        source, target, *rest = entry.split(":")
+        if mode is None or (rest or ["rw"])[0] == mode:
+            mounts.append((source, target))
     return mounts
 
 
@@ -356,8 +358,10 @@ def test_retrain_job_reads_the_replicas_events_and_writes_the_bundle_root_they_w
     retrain, recommender = SERVICES["retrain"], SERVICES["recommender"]
     script = " ".join(retrain["command"])
     assert "python -m offline retrain" in script
-    assert re.search(r"--events (\S+)", script).group(1) == _environment(recommender)["RECSYS_REDIS_URL"]
+    events = re.search(r"--events (\S+)", script).group(1).strip('"')
+    assert re.fullmatch(r"\$\$\{?RECSYS_REDIS_URL\}?", events), events  # read from its environment (a shell variable)
+    assert _environment(retrain)["RECSYS_REDIS_URL"] == _environment(recommender)["RECSYS_REDIS_URL"]
     out = re.search(r"--out ([^\s;]+)", script).group(1)
     assert out == _environment(recommender)["RECSYS_BUNDLE_DIR"]
-    assert ("artifacts", out) in _mounts(retrain) and ("artifacts", out) in _mounts(recommender)
+    assert ("artifacts", out) in _mounts(retrain, "rw") and ("artifacts", out) in _mounts(recommender, "ro")
     assert float(_environment(recommender)["RECSYS_BUNDLE_POLL_S"]) > 0  # the replicas follow what it promotes
