@@ -140,7 +140,8 @@ class StateStore(Protocol):
         """The impression of ``request_id`` while within the feedback window, else None."""
 
     def impressions_since(self, since_ms: int) -> list[dict]:
-        """Retained impressions logged at or after ``since_ms`` (epoch milliseconds), oldest first."""
+        """Retained impressions whose ``ts_ms`` (the serving replica's clock) is at or after ``since_ms``, oldest
+        first."""
 
     def feedback_since(self, since_ms: int) -> list[tuple[str, Event]]:
         """``(user, event)`` for every retained event that names a request, recorded at or after ``since_ms``

@@ -66,6 +66,9 @@ FROM_MEMORY, FROM_REDIS = (HISTORY_READS.labels(source) for source in ("memory",
 CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 RETRY_AFTER_S = 1.0  # after a failure, reads skip Redis (serving from the bundle) this long before trying again
 MAX_WAIT_S = 5.0  # the longest blocking read for catalogue changes
+# Stream ids carry Redis's clock, an impression's ts_ms its replica's: a read by time starts this much earlier in
+# the stream, then keeps the records by their own ts_ms, so that replicas up to a minute ahead of Redis lose nothing.
+CLOCK_SKEW_MS = 60_000
 # Users' history versions and events, each user's two in one atomic step (KEYS: version, history, version,
 # history, ...). A script, not MULTI: one command, and redis-py's asyncio cluster pipeline runs a transaction's
 # commands on a thread's own event loop. One user per call on a cluster (a script's keys must share a slot); on a
@@ -365,7 +368,8 @@ class RedisStateStore:
         return list(heapq.merge(*shards, key=lambda e: e[0]))
 
     def feedback_since(self, since_ms: int) -> list[tuple[str, Event]]:
-        start = (max(since_ms, 1) - 1, 2**63 - 1)
+        """From ``CLOCK_SKEW_MS`` earlier in the streams, as ``impressions_since`` (the join drops what is older)."""
+        start = (max(since_ms - CLOCK_SKEW_MS, 1) - 1, 2**63 - 1)
         with self._call("read the events stream", trips_breaker=False):
             layout = self.layout
         return [(user, event) for _, user, event in self.events_since(start * layout.shards if layout.cluster else start)
@@ -407,11 +411,14 @@ class RedisStateStore:
         return None if body is None else orjson.loads(body)
 
     def impressions_since(self, since_ms: int, batch: int = 10_000) -> list[dict]:
+        """By ``ts_ms`` as the file backend, read from ``CLOCK_SKEW_MS`` earlier in the streams."""
+        start = max(0, since_ms - CLOCK_SKEW_MS)
         with self._call("read the impressions stream", trips_breaker=False):
             layout = self.layout
             shards = [[(_position(entry_id), f[b"r"]) for entry_id, f in
-                       self._read_stream(layout.impressions(s), f"{since_ms}-0", batch)] for s in range(layout.shards)]
-        return [orjson.loads(body) for _, body in heapq.merge(*shards, key=lambda e: e[0])]
+                       self._read_stream(layout.impressions(s), f"{start}-0", batch)] for s in range(layout.shards)]
+        records = (orjson.loads(body) for _, body in heapq.merge(*shards, key=lambda e: e[0]))
+        return [r for r in records if r["ts_ms"] >= since_ms]
 
     def experiments(self) -> dict[str, dict]:
         with self._call("read the experiments"):

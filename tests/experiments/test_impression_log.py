@@ -10,6 +10,7 @@ import pytest
 from recsys.impressions import DROPPED, ImpressionConfig, ImpressionLog, join
 from recsys.errors import InvalidInput
 from recsys.state.files import FileStateStore
+from recsys.state.protocol import Event
 from tests.servicekit import unique_prefix, redis_url  # noqa: F401
 
 
@@ -104,6 +105,20 @@ def test_impressions_beyond_the_retention_are_dropped_oldest_first(open_impressi
     kept = [r["request_id"] for r in store.impressions_since(0)]
     assert 90 <= len(kept) <= 250 and kept[-1] == "r999"  # Redis trims approximately (whole macro-nodes)
     assert kept == [f"r{i}" for i in range(1000 - len(kept), 1000)]
+
+
+def test_impressions_since_is_by_the_time_the_serving_replica_stamped(open_impressions):
+    """``since`` means an impression's own ``ts_ms`` on every backend. Redis's stream ids carry Redis's clock:
+    a replica whose clock runs 5 s ahead of it logged impressions that an experiment started on that replica
+    a moment earlier must still count (they were missing from its report), and so must the feedback on them."""
+    store = open_impressions()
+    now = int(time.time() * 1000)
+    store.append_impressions([impression(1, ts_ms=now - 3_000), impression(2, ts_ms=now + 5_000),
+                              impression(3, ts_ms=now + 6_000)])
+    assert [r["request_id"] for r in store.impressions_since(now + 5_000)] == ["r2", "r3"]
+    assert [r["request_id"] for r in store.impressions_since(now - 3_000)] == ["r1", "r2", "r3"]
+    store.append_event("u1", Event("b", None, now // 1000, "click", "r2", 2))  # feedback on r2, a moment later
+    assert [(user, e.request_id) for user, e in store.feedback_since(now + 5_000)] == [("u1", "r2")]
 
 
 def test_an_impression_older_than_the_feedback_window_is_not_found(open_impressions):
