@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from recsys.bundle import set_current
 from service.app import app
 from service.config import Settings
 
@@ -137,10 +138,26 @@ def test_claims_exist_and_the_replicas_mount_the_bundle_read_only(resources):
     assert redis["args"][redis["args"].index("--appendfsync") + 1] == "always"
 
 
+def test_a_replica_waits_for_the_first_bundle_instead_of_crash_looping(resources, tmp_path):
+    """The init container's own script, run here on a bundle root: it waits while the root is empty, and lets
+    the replica start once the trainer has moved ``current`` there."""
+    pod = one(resources, "Deployment", "recommender")["spec"]["template"]["spec"]
+    (wait,) = pod["initContainers"]
+    assert wait["image"] == pod["containers"][0]["image"] and wait["envFrom"] == pod["containers"][0]["envFrom"]
+    assert {"name": "artifacts", "mountPath": "/artifacts", "readOnly": True} in wait["volumeMounts"]
+    env = {"PATH": "/usr/bin:/bin", "RECSYS_BUNDLE_DIR": str(tmp_path)}
+    with pytest.raises(subprocess.TimeoutExpired):
+        subprocess.run(wait["command"], env=env, capture_output=True, timeout=1)
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "manifest.json").write_text("{}")
+    set_current(tmp_path, "v1")  # as the trainer moves it, after writing the version
+    assert subprocess.run(wait["command"], env=env, capture_output=True, timeout=5).returncode == 0
+
+
 def test_every_pod_runs_unprivileged_with_a_read_only_root(resources):
     for owner, pod in pod_specs(resources):
         assert pod["spec"]["securityContext"]["runAsNonRoot"] is True, owner
-        for container in pod["spec"]["containers"]:
+        for container in pod["spec"]["containers"] + pod["spec"].get("initContainers", []):
             sc = container["securityContext"]
             assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False, owner
             assert sc["capabilities"]["drop"] == ["ALL"], owner
