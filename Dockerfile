@@ -40,15 +40,22 @@ WORKDIR /app
 RUN python3 -m venv "$VIRTUAL_ENV" \
     && pip install torch==2.13.0 --index-url "$TORCH_INDEX_URL" ${TORCH_FIND_LINKS:+--find-links "$TORCH_FIND_LINKS"}
 
-# The project itself; constraints.txt pins torch==2.13.0, which the +cpu build above satisfies,
-# so pip keeps it instead of fetching the CUDA wheel. hnswlib 0.8.0 ships no wheel: it compiles
-# (portably, HNSWLIB_NO_NATIVE above), so g++ is installed and removed in the same layer to keep it out of the image.
-COPY . .
-RUN apt-get update \
+# The project's dependencies, from pyproject.toml alone, in a layer that a change of the source keeps; constraints.txt
+# pins torch==2.13.0, which the +cpu build above satisfies, so pip keeps it instead of fetching the CUDA wheel.
+# hnswlib 0.8.0 ships no wheel: it compiles (portably, HNSWLIB_NO_NATIVE above), so g++ is installed and removed in
+# the same layer to keep it out of the image.
+COPY pyproject.toml constraints.txt ./
+RUN python -c "import tomllib; print('\\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+    && apt-get update \
     && apt-get install -y --no-install-recommends g++ \
-    && pip install -c constraints.txt . \
+    && pip install -c constraints.txt -r /tmp/requirements.txt \
     && apt-get purge -y --auto-remove g++ \
-    && rm -rf /var/lib/apt/lists/*
+    && rm -rf /var/lib/apt/lists/* /tmp/requirements.txt
+
+# The project itself: its dependencies are all in place above (--no-deps: nothing is fetched or compiled again).
+COPY . .
+RUN pip install --no-deps -c constraints.txt .
 
 # Run as an unprivileged user. /artifacts and /data are created here, owned by that user, so
 # that named volumes mounted there start out writable by it (Docker copies the ownership of

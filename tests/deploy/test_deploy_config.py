@@ -219,10 +219,21 @@ def test_dockerfile_builds_hnswlib_portably():
     on one CPU would die with SIGILL on a node without the instructions that CPU had. Set before the install."""
     instructions = _dockerfile()
     install = next(i for i, (keyword, args) in enumerate(instructions)
-                   if keyword == "RUN" and "pip install -c constraints.txt ." in args)
+                   if keyword == "RUN" and "pip install -c constraints.txt -r /tmp/requirements.txt" in args)
     env = " ".join(args for keyword, args in instructions[:install] if keyword in ("ENV", "ARG"))
     assert re.search(r"(^|\s)HNSWLIB_NO_NATIVE=1(\s|$)", env), "HNSWLIB_NO_NATIVE=1 must be set before pip builds hnswlib"
     assert "hnswlib==" in (ROOT / "pyproject.toml").read_text()
+
+
+def test_dockerfile_installs_the_dependencies_before_the_source_comes_in():
+    """A change of the source rebuilds one small layer, not every dependency (hnswlib's compile among them): the
+    dependencies are installed from pyproject.toml and constraints.txt alone, then the project without them."""
+    instructions = _dockerfile()
+    copies = [i for i, (keyword, _) in enumerate(instructions) if keyword == "COPY"]
+    assert [instructions[i][1] for i in copies] == ["pyproject.toml constraints.txt ./", ". ."]
+    deps = next(i for i, (keyword, args) in enumerate(instructions) if keyword == "RUN" and "-r /tmp/requirements.txt" in args)
+    assert copies[0] < deps < copies[1]
+    assert instructions[copies[1] + 1] == ("RUN", "pip install --no-deps -c constraints.txt .")
 
 
 def test_dockerfile_commands_run_from_a_venv_on_path():
