@@ -17,7 +17,9 @@ import scipy.sparse as sp
 
 
 def ranking_metrics(topk: np.ndarray, truth: sp.csr_matrix, ks: Sequence[int]) -> dict[str, np.ndarray]:
-    """Per-user Recall, NDCG (binary and graded), HitRate, MRR and MAP at each K in ``ks``."""
+    """Per-user Recall, NDCG (binary and graded), HitRate, MRR and MAP at each K in ``ks``. MAP@K's denominator is
+    min(relevant, K): a list of K hits scores 1 whatever else the user found relevant. Users without a relevant
+    item get NaN (``summarize`` leaves them out)."""
     truth = sp.csr_matrix(truth, copy=True)
     grades = _grades_at(topk, truth)  # [U, K] grade of each recommended item (0 if not relevant)
     truth.eliminate_zeros()
