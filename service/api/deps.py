@@ -9,7 +9,7 @@ import hmac
 from typing import Annotated, Any
 
 import orjson
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from recsys.engine.engine import Engine
@@ -17,7 +17,10 @@ from recsys.live import LiveEngine
 from recsys.state.protocol import Once
 from service.api.errors import ApiError
 from service.config import Settings
-from service.schemas import IDEMPOTENCY_KEY
+from service.schemas import IDEMPOTENCY_KEY, MAX_ID_CHARS
+
+# An item id in a path, checked as a body's is: blank or over-long is a 422 saying so, not a 404 for an unknown id.
+PathId = Annotated[str, Path(max_length=MAX_ID_CHARS, pattern=r"\S", description="an item id; may contain '/'")]
 
 bearer = HTTPBearer(auto_error=False, description="RECSYS_ADMIN_TOKEN; admin routes answer 403 when it is not set")
 

@@ -313,6 +313,17 @@ def test_similar_items_unknown_id_is_404(client):
     assert_client_error(client.get("/similar-items/i0", params={"k": 10_000}), 422)
 
 
+def test_an_item_id_in_a_path_is_checked_as_in_a_body(client):
+    """Blank or longer than any item id can be: a 422 naming the id, not a 404 for an id that cannot exist."""
+    from service.schemas import MAX_ID_CHARS
+
+    for bad in ("%20%20", "x" * (MAX_ID_CHARS + 1)):
+        for response in (client.get(f"/similar-items/{bad}"), client.delete(f"/admin/items/{bad}", headers=AUTH)):
+            assert_client_error(response, 422)
+            assert response.json()["details"][0]["loc"] == ["path", "item_id"], response.text
+    assert_client_error(client.delete("/admin/items/" + "x" * MAX_ID_CHARS, headers=AUTH), 404)  # the longest: unknown
+
+
 # --------------------------------------------------------------------------- events
 def test_event_changes_next_recommendation_and_survives_restart(backend_start, bundle, eager, tmp_path):
     row = user_row(bundle, "u9")

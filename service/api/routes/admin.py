@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from recsys.bundle import BundleError
 from recsys.live import Written
 from recsys.text import TextModelError
-from service.api.deps import ADMIN, IdempotencyKey, LiveDep, ServedSettings, once, replay_headers
+from service.api.deps import ADMIN, IdempotencyKey, LiveDep, PathId, ServedSettings, once, replay_headers
 from service.api.errors import ApiError
 from service.http import FastJSONResponse, errors
 from service.schemas import ItemBatch, ItemBatchResponse, ItemChangeResponse, ItemUpsert, ReloadRequest, ReloadResponse
@@ -31,7 +31,7 @@ def upsert_items(body: ItemBatch, live: LiveDep, idempotency_key: IdempotencyKey
 
 
 @router.delete("/admin/items/{item_id:path}", response_model=ItemChangeResponse, responses=errors(401, 403, 404, 422, 503))
-def remove_item(item_id: str, live: LiveDep, idempotency_key: IdempotencyKey = None):
+def remove_item(item_id: PathId, live: LiveDep, idempotency_key: IdempotencyKey = None):
     """With a key, a retry after the item is gone answers the first removal again instead of 404."""
     return _written(live.remove_item(item_id, once(idempotency_key, ["remove", item_id])))
 

@@ -11,7 +11,7 @@ from recsys import metrics as core_metrics
 from recsys.engine.engine import BatchAnswer
 from recsys.errors import RecsysError
 from service import metrics
-from service.api.deps import EngineDep, LiveDep
+from service.api.deps import EngineDep, LiveDep, PathId
 from service.api.errors import ApiError, status_of
 from service.api.openapi import query_parameters
 from service.config import Settings, get_settings
@@ -107,7 +107,7 @@ def check_options(body: RecommendOptions, settings: Settings) -> None:
 
 
 @router.get("/similar-items/{item_id:path}", response_model=SimilarItemsResponse, responses=errors(404, 422))
-def similar_items(item_id: str, engine: EngineDep, k: Annotated[int, Query(ge=1, le=10_000)] = 10):
+def similar_items(item_id: PathId, engine: EngineDep, k: Annotated[int, Query(ge=1, le=10_000)] = 10):
     """Item ids may contain ``/`` (the path takes the rest of the URL), as the catalogue accepts them."""
     if k > get_settings().max_k:
         raise ApiError(422, f"k must be <= {get_settings().max_k}")
