@@ -25,7 +25,7 @@ from recsys.engine.answer import Answers
 from recsys.engine.catalog import Catalog, LiveCatalog, is_item_array
 from recsys.engine.filters import EXACT_LIMIT, RowFilter
 from recsys.engine.rerank import rerank
-from recsys.engine.search import EXACT_FETCH_SHARE, Found, popular, search_many
+from recsys.engine.search import EXACT_FETCH_SHARE, Found, compile_kernels as compile_search, popular, search_many
 from recsys.engine.upserts import CatalogChanges
 from recsys.engine.users import History, UserContext, Users
 from recsys.errors import InvalidInput, RecsysError
@@ -74,6 +74,7 @@ class Engine:
                                 {k: v for k, v in a.items() if is_item_array(k, v, n)}, a if self.ranker is not None else None)
         if self.live.tables is not None:
             compile_kernels(self.live.tables)  # here, at load, not on the first request
+        compile_search(self.live.catalog)
         self.users = Users(bundle, self.spec, self.live, self.meta.n_items, cache_size=cache_size)
         encoder = shared_encoder(self.spec.text_encoder or {}) if self.spec.text_dim else None  # loaded here, not on a request
         self.changes = CatalogChanges(bundle, self.spec, self.live, self._genre_cols, self.meta.n_items, self.ranker is not None,

@@ -13,7 +13,7 @@ from recsys.engine.engine import Engine
 from recsys.engine.filters import FilterIndex, RowFilter
 from recsys.engine.items import Column
 from recsys.engine.locks import ReadWriteLock
-from recsys.engine.search import search_many
+from recsys.engine.search import scores_of, search_many
 from recsys.errors import UnknownId
 from recsys.live import LiveConfig, LiveEngine
 from recsys.query import Filters, Item, RecommendRequest
@@ -639,3 +639,16 @@ def test_an_experiments_engine_that_fell_behind_catches_up_on_its_own(live_engin
     catalog = variant.catalog
     assert not catalog.active[catalog.row_of[removed]] and "later" in catalog.row_of
     assert live.variant_engines["other"][1] == live.position
+
+
+def test_a_narrow_filters_rows_are_scored_as_their_gathered_product():
+    """The compiled scoring of rows where they lie (no gathered copy) against numpy's gather and product: any
+    rows, repeated or unordered, the last one included, none at all; a float64 query is scored in the vectors'
+    float32 as the product would be."""
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((500, 24)).astype(np.float32)
+    vec = rng.standard_normal(24)
+    for rows in (np.array([499, 0, 7, 7, 250]), rng.choice(500, 120, replace=False), np.zeros(0, np.int64)):
+        got = scores_of(vectors, rows, vec)
+        assert got.dtype == np.float32 and got.shape == rows.shape
+        np.testing.assert_allclose(got, vectors[rows] @ vec.astype(np.float32), rtol=1e-5, atol=1e-5)
