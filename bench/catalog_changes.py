@@ -10,7 +10,8 @@ On a bundle ``bench/catalog_scale.py`` built (1M synthetic items by default), fo
    whose connections fire together, and as Poisson arrivals from ``wrk``: ``--arrivals``) for ``--seconds``,
    first with no catalogue changes, then while a writer sends ``--change-rate`` item changes per second through
    ``POST /admin/items:batch`` (batches every 100 ms, half replacing bundle items, half adding new ones), on
-   ``--workers`` workers. Reported: changes acknowledged per second, the batch call's p50 / p99, the requests'
+   ``--workers`` workers (several counts: a service started for each), after ``--warmup`` seconds of the Poisson
+   arrivals that are not counted (each user's first request after a start is slower). Reported: changes acknowledged per second, the batch call's p50 / p99, the requests'
    p50 / p99 with and without changes, the workers' CPU (cores; per request without changes, and what each
    change adds: CPU time is steadier than a tail latency on a shared machine), and the merge backlog (changed
    items not yet in the HNSW graph). Median of ``--runs`` runs.
@@ -262,26 +263,30 @@ def one_upsert(url: str) -> float:
         return time.perf_counter() - started
 
 
-def churn(tree: Path, bundle: Path, redis: Redis, users: list[str], item_ids: list[str], args) -> dict:
-    """The runs with and without changes (alternating, ``args.runs`` each) and one single upsert, on
-    ``args.workers`` workers."""
+def churn(tree: Path, bundle: Path, redis: Redis, users: list[str], item_ids: list[str], args, workers: int) -> dict:
+    """The runs with and without changes (alternating, ``args.runs`` each) and one single upsert, on ``workers``
+    workers, after ``args.warmup`` seconds of Poisson arrivals over all ``users`` (not counted: a user's first
+    request after a start reads its history and its rows from memory no request touched yet; reported apart)."""
     runs: dict[tuple[str, int], list[dict]] = {(arrivals, rate): [] for arrivals in args.arrivals for rate in [0, *args.change_rate]}
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url, _ = start(tree, bundle, redis.next_url(), args.workers, Path(tmp) / "log")
+        proc, url, _ = start(tree, bundle, redis.next_url(), workers, Path(tmp) / "log")
         try:
-            pids = workers_of(proc, args.workers)
+            pids = workers_of(proc, workers)
             loaded(pids)
             settle(url, users[:1])
             single = one_upsert(url)
+            warmup = (serve_with_changes(url, users, item_ids, argparse.Namespace(seconds=args.warmup), 0, -1, "poisson",
+                                         Path(tmp), pids) if args.warmup else None)
             for run in range(args.runs):
                 for (arrivals, rate), done in runs.items():
                     done.append(serve_with_changes(url, users, item_ids, args, rate, run, arrivals, Path(tmp), pids))
-                    print(run, arrivals, rate, done[-1], flush=True)
+                    print(workers, run, arrivals, rate, done[-1], flush=True)
             memory = max((memory_mib(pid) for pid in pids), key=lambda m: m["rss"])
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-    return {"single_upsert_s": single, "rates": {key: median_of(done) for key, done in runs.items()}, "memory_after": memory}
+    return {"single_upsert_s": single, "warmup": warmup, "rates": {key: median_of(done) for key, done in runs.items()},
+            "memory_after": memory}
 
 
 def median_of(runs: list[dict]) -> dict:
@@ -296,43 +301,52 @@ def median_of(runs: list[dict]) -> dict:
 def write(results: dict[str, dict], bundle: Path, args) -> None:
     catalog = json.loads((resolve(bundle) / "catalog.json").read_text())
     n, n_users = len(catalog["item_ids"]), min(args.users, len(catalog["user_ids"]))
+    counts = " / ".join(str(w) for w in args.workers)
     lines = [f"Machine: {latency_machine()}; service, `hey` and the change writer on the same 2 cores. Bundle: {n:,} synthetic "
              f"items (`bench/catalog_scale.py`), state on a local Redis (appendfsync always), `--runs {args.runs}` (medians), {args.seconds} s per run.", "",
              "| checkout | start to ready, 1 worker | 2 workers | RSS per worker (1 / 2 workers) | PSS sum, 2 workers "
-             f"| RSS after the change runs ({args.workers} worker{'s' * (args.workers > 1)}, the largest; anonymous) | one upsert (`/admin/items`) |",
+             f"| RSS after the change runs ({counts} workers, the largest; anonymous) | one upsert (`/admin/items`) |",
              "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         one, two = r["one"], r["two"]
         rss2 = " + ".join(f"{w['rss']:,.0f}" for w in two["workers"])
+        after = " / ".join(f"{c['memory_after']['rss']:,.0f} ({c['memory_after']['anon']:,.0f})" for c in r["churn"].values())
+        upserts = " / ".join(f"{c['single_upsert_s'] * 1000:,.0f}" for c in r["churn"].values())
         lines.append(f"| {name} | {one['ready_s']:.1f} s | {two['ready_s']:.1f} s | {one['workers'][0]['rss']:,.0f} / {rss2} MiB "
-                     f"| {sum(w['pss'] for w in two['workers']):,.0f} MiB "
-                     f"| {r['churn']['memory_after']['rss']:,.0f} MiB ({r['churn']['memory_after']['anon']:,.0f}) "
-                     f"| {r['churn']['single_upsert_s'] * 1000:,.0f} ms |")
+                     f"| {sum(w['pss'] for w in two['workers']):,.0f} MiB | {after} MiB | {upserts} ms |")
     lines += ["", f"`/recommend` at 200 requests/s (150/s unfiltered + 50/s genre + decade filter), with no changes and "
               f"while item changes are sent at a fixed rate in batches every {BATCH_EVERY_S * 1000:.0f} ms "
-              f"(`POST /admin/items:batch`, half replacements, half additions), {args.workers} worker{'s' * (args.workers > 1)}; "
+              f"(`POST /admin/items:batch`, half replacements, half additions), on {counts} workers, each count a service "
+              f"started anew and warmed by {args.warmup} s of the Poisson arrivals (below); "
               "workers' CPU: cores busy over the run, and its CPU per request without changes or what a change added "
               "(over the same arrivals without changes); "
               "unindexed: the merge backlog (`recsys_index_unindexed_items`) at the run's start, its largest, at its end:", "",
-              "| checkout | arrivals | changes | changes acked/s | batch call p50 / p99 ms | unfiltered p50 / p99 ms "
-              "| filtered p50 / p99 ms | workers' CPU, cores (ms) | unindexed start / max / end |", "|---|---|---|---|---|---|---|---|---|"]
+              "| checkout | workers | arrivals | changes | changes acked/s | batch call p50 / p99 ms | unfiltered p50 / p99 ms "
+              "| filtered p50 / p99 ms | workers' CPU, cores (ms) | unindexed start / max / end |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
-        rates = r["churn"]["rates"]
-        for (arrivals, rate), run in rates.items():
-            label = f"{rate}/s" if rate else "none"
-            ch = run.get("changes")
-            acked = f"{ch['per_s']:.0f}" if ch else "-"
-            batch = f"{ch['batch_p50']:.1f} / {ch['batch_p99']:.1f}" if ch else "-"
-            cores = run["cpu"]["cores"]
-            cost = (f"{(cores - rates[(arrivals, 0)]['cpu']['cores']) / max(ch['per_s'], 1e-9) * 1000:.2f} ms a change" if ch
-                    else f"{run['cpu']['ms_per_request']:.2f} ms a request")
-            lines.append(f"| {name} | {ARRIVALS[arrivals]} | {label} | {acked} | {batch} | {run['unfiltered']['p50']:.2f} / {run['unfiltered']['p99']:.2f} "
-                         f"| {run['filtered']['p50']:.2f} / {run['filtered']['p99']:.2f} | {cores:.2f} ({cost}) "
-                         f"| {run['unindexed']['start']:,.0f} / {run['unindexed']['max']:,.0f} / {run['unindexed']['end']:,.0f} |")
+        for workers, churned in r["churn"].items():
+            rates = churned["rates"]
+            for (arrivals, rate), run in rates.items():
+                ch = run.get("changes")
+                acked = f"{ch['per_s']:.0f}" if ch else "-"
+                batch = f"{ch['batch_p50']:.1f} / {ch['batch_p99']:.1f}" if ch else "-"
+                cores = run["cpu"]["cores"]
+                cost = (f"{(cores - rates[(arrivals, 0)]['cpu']['cores']) / max(ch['per_s'], 1e-9) * 1000:.2f} ms a change" if ch
+                        else f"{run['cpu']['ms_per_request']:.2f} ms a request")
+                lines.append(f"| {name} | {workers} | {ARRIVALS[arrivals]} | {f'{rate}/s' if rate else 'none'} | "
+                             f"{acked} | {batch} "
+                             f"| {run['unfiltered']['p50']:.2f} / {run['unfiltered']['p99']:.2f} "
+                             f"| {run['filtered']['p50']:.2f} / {run['filtered']['p99']:.2f} | {cores:.2f} ({cost}) "
+                             f"| {run['unindexed']['start']:,.0f} / {run['unindexed']['max']:,.0f} / {run['unindexed']['end']:,.0f} |")
     lines += ["", "hey: 50 connections per stream at 3/s and 1/s each, fired on one tick (bursts of 50 every 333 ms and "
               f"every second), all for one user. Poisson: wrk with 150 and 50 connections, each waiting an exponentially "
               f"distributed time (mean 1 s) before each request, as independent users send them (`poisson` in "
               f"bench/serving.py), each request for one of {n_users:,} users at random."]
+    warm = [(name, w, c["warmup"]) for name, r in results.items() for w, c in r["churn"].items() if c["warmup"]]
+    if warm:
+        lines += ["", f"The warm-up, the first {args.warmup} s of Poisson arrivals after ready (each user's first request since "
+                  "the start among them), p99 unfiltered / filtered ms: " + "; ".join(
+                      f"{name}, {w} worker{'s' * (w > 1)} {u['unfiltered']['p99']:.2f} / {u['filtered']['p99']:.2f}" for name, w, u in warm) + "."]
     body = "## Catalogue changes at scale\n\n" + "\n".join(lines)
     print(body)
     if not args.no_write:
@@ -347,7 +361,9 @@ def main() -> None:
                    help="item changes per second sent while serving, comma-separated rates (default 50,200)")
     p.add_argument("--arrivals", type=lambda v: v.split(","), default=["hey", "poisson"],
                    help="request arrival patterns, comma-separated: hey (bursts), poisson (independent users)")
-    p.add_argument("--workers", type=int, default=1, help="workers serving the change runs (default 1)")
+    p.add_argument("--workers", type=lambda v: [int(x) for x in v.split(",")], default=[1],
+                   help="workers serving the change runs, comma-separated counts, each a service of its own (default 1)")
+    p.add_argument("--warmup", type=int, default=10, help="seconds of Poisson arrivals, not counted, before the runs")
     p.add_argument("--users", type=int, default=1000, help="the bundle's first N users, whom the Poisson arrivals ask for")
     p.add_argument("--seconds", type=int, default=20)
     p.add_argument("--runs", type=int, default=3)
@@ -367,7 +383,7 @@ def main() -> None:
             for name, tree in trees.items():
                 results[name] = {"one": footprint(tree, args.bundle_dir, redis, users[:3], 1),
                                  "two": footprint(tree, args.bundle_dir, redis, users[:3], 2),
-                                 "churn": churn(tree, args.bundle_dir, redis, users, item_ids, args)}
+                                 "churn": {w: churn(tree, args.bundle_dir, redis, users, item_ids, args, w) for w in args.workers}}
                 print(name, results[name], flush=True)
         finally:
             redis.stop()

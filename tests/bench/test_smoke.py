@@ -130,11 +130,14 @@ def test_catalog_scale(tmp_path):
                      section(tmp_path, "catalog-scale"), re.S)
     # the same bundle, served with changes (4 s: hey prints no 99th percentile for fewer than 100 answers)
     run_bench("catalog_changes", "--bundle-dir", tmp_path / "bundle", "--runs", 1, "--seconds", 4, "--change-rate", 20,
-              "--docs", tmp_path)
+              "--workers", "1,2", "--warmup", 1, "--docs", tmp_path)
     written = section(tmp_path, "catalog-changes")
-    for arrivals in ("hey, bursts", "Poisson"):
-        assert f"| this change | {arrivals} | 20/s |" in written and f"| this change | {arrivals} | none |" in written
-    rows = [line for line in written.splitlines() if line.startswith(("| this change | hey", "| this change | Poisson"))]
+    for workers in (1, 2):
+        for arrivals in ("hey, bursts", "Poisson"):
+            assert f"| this change | {workers} | {arrivals} | 20/s |" in written and f"| this change | {workers} | {arrivals} | none |" in written
+    assert re.search(r"first 1 s of Poisson arrivals .* this change, 1 worker [0-9.]+ / [0-9.]+; this change, 2 workers", written)
+    rows = [line for line in written.splitlines() if re.match(r"\| this change \| \d \| (hey|Poisson)", line)]
+    assert len(rows) == 8
     backlogs = [row.rsplit("|", 2)[1].split("/") for row in rows]  # unindexed start / max / end
     assert backlogs and all(len(b) == 3 and all(v.strip().replace(",", "").isdigit() for v in b) for b in backlogs)
     cpu = [re.search(r"\| (\d+\.\d\d) \((-?\d+\.\d\d) ms a (request|change)\) \|", row) for row in rows]
