@@ -176,16 +176,40 @@ def store_id(state_dir: Path) -> str:
 
 
 def read_event_log(state_dir: Path, after: Position | None = None, acked: int | None = None) -> list[tuple[Position, str, Event]]:
-    """The events in a file-backend state directory after ``after`` (and up to ``acked``, where the reader knows
-    it), with their positions; read without taking the directory (a trainer reads it while the service appends)."""
-    return [((end, 0), user, event)
-            for end, (user, event) in read_valid(state_dir / "events.jsonl", after[0] if after else 0, parse_event, acked)]
+    """The events in a file-backend state directory after ``after``, with their positions, up to ``acked`` where the
+    reader is the store, else up to what is on disk (``durable_end``): read without taking the directory, as a
+    trainer reads it while the service appends."""
+    path = state_dir / "events.jsonl"
+    end = acked if acked is not None else durable_end(path)
+    return [((at, 0), user, event) for at, (user, event) in read_valid(path, after[0] if after else 0, parse_event, end)]
 
 
 def read_catalog_log(state_dir: Path) -> dict[str, dict | None]:
-    """The catalogue fold of a file-backend state directory (each changed item's latest state), read
-    without taking the directory."""
-    return {item_id: item for _, (item_id, item) in read_changes(state_dir / "catalog.jsonl", 0, parse_change)}
+    """The catalogue fold of a file-backend state directory (each changed item's latest state) as far as it is on
+    disk, read without taking the directory."""
+    path = state_dir / "catalog.jsonl"
+    return {item_id: item for _, (item_id, item) in read_changes(path, 0, parse_change, durable_end(path))}
+
+
+def durable_end(path: Path) -> int | None:
+    """How far a reader that does not own the log may read it: its size before an fsync of it, so that every byte
+    read is on disk. A record the service has written but not yet fsynced is readable in the page cache; a trainer
+    that read it, and wrote its position into a bundle's watermark, would leave the bundle past the log's end if the
+    host then crashed, and the service would skip the next events recorded as if the bundle held them. None: no
+    file (nothing to read)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        end = os.fstat(fd).st_size
+        try:
+            os.fsync(fd)
+        except OSError as err:  # (a file system that refuses fsync on a read-only descriptor): read as it stands
+            logger.warning("{}: cannot fsync before reading ({}); a record not yet on disk may be read", path, err)
+        return end
+    finally:
+        os.close(fd)
 
 
 def read_changes(path: Path, offset: int, parse, end: int | None = None) -> list[tuple[int, Any]]:
@@ -205,7 +229,7 @@ def read_impression_log(state_dir: Path) -> list[dict]:
     """Every retained impression of a state directory, oldest first (read without taking the store: a torn
     last line of a segment being written is skipped, not cut)."""
     segments = sorted((p for p in (state_dir / "impressions").glob("*.jsonl") if p.stem.isdigit()), key=lambda p: int(p.stem))
-    return [record for path in segments for _, record in read_valid(path, 0, _impression)]
+    return [record for path in segments for _, record in read_valid(path, 0, _impression, durable_end(path))]
 
 
 def _unfinished_batch(path: Path, offset: int) -> int | None:
@@ -381,7 +405,9 @@ class FileStateStore:
 
     def feedback_since(self, since_ms: int) -> list[tuple[str, Event]]:
         """The whole log is read: its positions are byte offsets, not times (the join drops older feedback)."""
-        return [(user, event) for _, user, event in read_event_log(self.dir) if event.request_id is not None]
+        with self.lock:
+            acked = self.offsets[0]
+        return [(user, event) for _, user, event in read_event_log(self.dir, None, acked) if event.request_id is not None]
 
     def experiments(self) -> dict[str, dict]:
         return self._experiments.read()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import threading
 import time
@@ -18,6 +19,7 @@ import pytest
 from recsys.bundle import resolve
 from recsys.state import files as store_module
 from recsys.state.files import FileStateStore
+from recsys.state.open import read_impressions, read_source
 from recsys.state.protocol import AlreadyRecorded, Event, Once, StoreUnavailable, mark_of
 from tests.servicekit import AUTH, unique_prefix
 
@@ -404,6 +406,37 @@ def test_a_new_log_file_is_made_durable_in_its_directory(tmp_path, monkeypatch):
     synced.clear()
     open_store(tmp_path / "fresh").close()
     assert synced == []
+
+
+def test_a_reader_beside_the_service_reads_only_what_is_on_disk(tmp_path, monkeypatch):
+    """A trainer reads the logs while the service appends (``read_source``): a record written but not yet fsynced
+    is readable in the page cache, and a bundle whose watermark covered it would lie past the log's end after a
+    host crash. The reader fsyncs each log and reads only what was written before: a record appended meanwhile
+    (here, during that fsync) is left for the next read, in the events, the catalogue and the impressions."""
+    store = open_store(tmp_path / "state")
+    store.append_event("u1", Event("i1", None, 1))
+    store.append_changes([("i1", {"item_id": "i1", "genres": []})])
+    store.append_impressions([{"request_id": "r1", "user_id": "u1", "items": ["i1"], "ts_ms": 1}])
+    fsync, synced = store_module.os.fsync, []
+
+    def fsync_while_the_service_appends(fd: int) -> None:
+        synced.append(fd)
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        last = path.read_bytes().splitlines()[-1]  # another record like the last: another item, another request
+        with open(path, "ab") as f:
+            f.write(last.replace(b'"i1"', b'"late"').replace(b'"r1"', b'"r2"') + b"\n")
+        fsync(fd)
+
+    monkeypatch.setattr(store_module.os, "fsync", fsync_while_the_service_appends)
+    logged = read_source(str(tmp_path / "state"))
+    impressions = read_impressions(str(tmp_path / "state"))
+    monkeypatch.setattr(store_module.os, "fsync", fsync)
+    assert len(synced) == 3
+    assert [(user, e.item_id) for _, user, e in logged.events] == [("u1", "i1")] and set(logged.items) == {"i1"}
+    assert [i["request_id"] for i in impressions] == ["r1"]
+    later = read_source(str(tmp_path / "state"))  # the next read sees them
+    assert [e.item_id for _, _, e in later.events] == ["i1", "late"] and set(later.items) == {"i1", "late"}
+    store.close()
 
 
 # --------------------------------------------------------------------------- through the service
