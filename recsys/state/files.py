@@ -191,16 +191,16 @@ def read_catalog_log(state_dir: Path) -> dict[str, dict | None]:
     return {item_id: item for _, (item_id, item) in read_changes(path, 0, parse_change, durable_end(path))}
 
 
-def durable_end(path: Path) -> int | None:
+def durable_end(path: Path) -> int:
     """How far a reader that does not own the log may read it: its size before an fsync of it, so that every byte
     read is on disk. A record the service has written but not yet fsynced is readable in the page cache; a trainer
     that read it, and wrote its position into a bundle's watermark, would leave the bundle past the log's end if the
-    host then crashed, and the service would skip the next events recorded as if the bundle held them. None: no
-    file (nothing to read)."""
+    host then crashed, and the service would skip the next events recorded as if the bundle held them. 0: no file
+    yet (nor anything to read in one made meanwhile)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
-        return None
+        return 0
     try:
         end = os.fstat(fd).st_size
         try:
@@ -405,9 +405,7 @@ class FileStateStore:
 
     def feedback_since(self, since_ms: int) -> list[tuple[str, Event]]:
         """The whole log is read: its positions are byte offsets, not times (the join drops older feedback)."""
-        with self.lock:
-            acked = self.offsets[0]
-        return [(user, event) for _, user, event in read_event_log(self.dir, None, acked) if event.request_id is not None]
+        return [(user, event) for _, user, event in self.events_since() if event.request_id is not None]
 
     def experiments(self) -> dict[str, dict]:
         return self._experiments.read()
