@@ -301,11 +301,11 @@ def median_of(runs: list[dict]) -> dict:
 def write(results: dict[str, dict], bundle: Path, args) -> None:
     catalog = json.loads((resolve(bundle) / "catalog.json").read_text())
     n, n_users = len(catalog["item_ids"]), min(args.users, len(catalog["user_ids"]))
-    counts = " / ".join(str(w) for w in args.workers)
+    counts = " / ".join(str(w) for w in args.workers) + (" worker" if args.workers == [1] else " workers")
     lines = [f"Machine: {latency_machine()}; service, `hey` and the change writer on the same 2 cores. Bundle: {n:,} synthetic "
              f"items (`bench/catalog_scale.py`), state on a local Redis (appendfsync always), `--runs {args.runs}` (medians), {args.seconds} s per run.", "",
              "| checkout | start to ready, 1 worker | 2 workers | RSS per worker (1 / 2 workers) | PSS sum, 2 workers "
-             f"| RSS after the change runs ({counts} workers, the largest; anonymous) | one upsert (`/admin/items`) |",
+             f"| RSS after the change runs ({counts}, the largest; anonymous) | one upsert (`/admin/items`) |",
              "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         one, two = r["one"], r["two"]
@@ -316,7 +316,7 @@ def write(results: dict[str, dict], bundle: Path, args) -> None:
                      f"| {sum(w['pss'] for w in two['workers']):,.0f} MiB | {after} MiB | {upserts} ms |")
     lines += ["", f"`/recommend` at 200 requests/s (150/s unfiltered + 50/s genre + decade filter), with no changes and "
               f"while item changes are sent at a fixed rate in batches every {BATCH_EVERY_S * 1000:.0f} ms "
-              f"(`POST /admin/items:batch`, half replacements, half additions), on {counts} workers, each count a service "
+              f"(`POST /admin/items:batch`, half replacements, half additions), on {counts}, each count a service "
               f"started anew and warmed by {args.warmup} s of the Poisson arrivals (below); "
               "workers' CPU: cores busy over the run, and its CPU per request without changes or what a change added "
               "(over the same arrivals without changes); "
