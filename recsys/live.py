@@ -28,6 +28,7 @@ from loguru import logger
 
 from recsys import metrics
 from recsys.bundle import BundleError, read_bundle, resolve
+from recsys.engine.allowed import FILTER_CACHE_MB
 from recsys.engine.engine import BatchAnswer, Engine, Fetched, UserQuery
 from recsys.engine.filters import EXACT_LIMIT
 from recsys.errors import InvalidInput, RecsysError, UnknownId
@@ -54,6 +55,7 @@ class LiveConfig:
     index_insert_ef: int | None = None  # the HNSW insertion beam for items changed online; None: the bundle's
     user_vector_cache: int = 100_000
     filter_exact_limit: int = EXACT_LIMIT
+    filter_cache_mb: float = FILTER_CACHE_MB
     bundle_poll_s: float = 0.0  # > 0: reload when the root's ``current`` names another version
     follow: bool = False  # a shared store: apply other replicas' catalogue changes as they land
     impressions: ImpressionConfig | None = field(default_factory=ImpressionConfig)  # None: no impressions logged
@@ -139,7 +141,8 @@ class LiveEngine:
         bundle = read_bundle(path, index_threads=self.config.index_threads, index_ef=self.config.index_ef,
                              index_insert_ef=self.config.index_insert_ef)
         try:
-            engine = Engine.from_bundle(bundle, self.config.user_vector_cache, self.config.filter_exact_limit)
+            engine = Engine.from_bundle(bundle, self.config.user_vector_cache, self.config.filter_exact_limit,
+                                        self.config.filter_cache_mb)
             after = bundle.meta.events_after(self.store.source)  # no event counts twice (bundle history and online)
         except (StoreUnavailable, OSError, MemoryError):
             raise  # the store or the machine, not the bundle: a reload retries later

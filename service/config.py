@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from recsys.engine.allowed import FILTER_CACHE_MB
 from recsys.engine.filters import EXACT_LIMIT
 from recsys.impressions import ImpressionConfig
 from recsys.live import LiveConfig
@@ -78,6 +79,9 @@ class Settings(BaseSettings):
     filter_exact_limit: int = Field(EXACT_LIMIT, ge=0, description="a filtered request whose year slices (per genre, binary "
                                     "searched) hold at most this many items scores them all exactly; a broader one "
                                     "searches HNSW and over-fetches (docs/benchmarks.md, 'Catalogue scale')")
+    filter_cache_mb: float = Field(FILTER_CACHE_MB, ge=0, description="memory per served bundle for the rows of filters "
+                                   "scored exactly, and a copy of their vectors, kept between requests (least recently "
+                                   "used dropped first); 0: read each request's rows anew")
     user_vector_cache: int = Field(100_000, ge=0, description="known users' vectors kept until their history changes")
     history_cap: int = Field(1000, ge=1, description="online events kept per user for serving (the tower window and "
                              "the seen set for exclusion); the event log keeps every event")
@@ -145,7 +149,7 @@ class Settings(BaseSettings):
         impressions = ImpressionConfig(self.impression_sample, self.impression_queue, linger_s=self.impression_linger_s,
                                        feedback_window_s=self.feedback_window_s) if self.impressions else None
         return LiveConfig(self.bundle_dir, store, self.index_threads, self.index_ef, self.index_insert_ef,
-                          self.user_vector_cache, self.filter_exact_limit, self.bundle_poll_s, follow=redis,
+                          self.user_vector_cache, self.filter_exact_limit, self.filter_cache_mb, self.bundle_poll_s, follow=redis,
                           impressions=impressions, positive_types=self.positive_set, max_experiments=self.max_experiments)
 
 

@@ -211,7 +211,9 @@ class LiveCatalog:
                 del self.row_of[self.ids[row]]  # events naming it map to nothing (as for an id this bundle never had)
                 self.free_rows.append(row)
             self.changes += 1
+            self._written(np.array([row]))
             self.catalog = self._view()
+        self._rebuild_lists_if_due()
 
     def _rows_for(self, raws: list[str]) -> np.ndarray:
         """Rows for these ids: a new id takes a removed online item's row (its item arrays back at their defaults)
@@ -254,12 +256,18 @@ class LiveCatalog:
             c["item_static"].rows[rows] = self.tables.static_rows(rows)
         for w, word in enumerate(genre_words(c["item_genres"].rows[rows])):
             c[f"genre_word_{w}"].rows[rows] = word
-        active, stale, distinct = c["active"].rows, c["stale"].rows, np.unique(rows)
+        active, distinct = c["active"].rows, np.unique(rows)
         self.n_active += int((~active[distinct]).sum())
         active[rows] = True
         self.changes += 1
-        c["written_at"].rows[rows] = self.changes
-        fresh = distinct[~stale[distinct]]
+        self._written(distinct)
+
+    def _written(self, rows: np.ndarray) -> None:
+        """``rows`` (distinct) marked written by the change just counted: stale in the filter's lists, so that a filter
+        checks them one by one, and any cache of a filter's rows (``allowed.FilterRowCache``) drops them."""
+        stale = self.columns["stale"].rows
+        self.columns["written_at"].rows[rows] = self.changes
+        fresh = rows[~stale[rows]]
         stale[fresh] = True
         self._changed_more(fresh)
 
@@ -431,7 +439,8 @@ class LiveCatalog:
                        c["by_popularity"].rows[:n], c["written_at"].rows[:n], self.n_active, self.changes, unindexed)
 
     def _changed(self, rows: np.ndarray) -> None:
-        """The rows written since the filter's lists were built (each once, in no order): ``rows``, with room after."""
+        """The rows written or removed since the filter's lists were built (each once, in no order): ``rows``, with room
+        after."""
         self.changed_buffer = np.zeros(max(2 * len(rows), 1024), np.int64)
         self.changed_buffer[: len(rows)] = rows
         self.n_changed = len(rows)

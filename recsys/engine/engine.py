@@ -20,7 +20,7 @@ from prometheus_client import Histogram
 
 from recsys import metrics
 from recsys.bundle import Bundle
-from recsys.engine.allowed import Allowed, admission
+from recsys.engine.allowed import FILTER_CACHE_MB, Allowed, FilterRowCache, admission
 from recsys.engine.answer import Answers
 from recsys.engine.catalog import Catalog, LiveCatalog, is_item_array
 from recsys.engine.filters import EXACT_LIMIT, RowFilter
@@ -62,10 +62,12 @@ class BatchAnswer:
 class Engine:
     """One bundle served: its stages wired together, and the pipeline (``recommend_users``) that runs them."""
 
-    def __init__(self, bundle: Bundle, cache_size: int = 100_000, exact_limit: int = EXACT_LIMIT):
+    def __init__(self, bundle: Bundle, cache_size: int = 100_000, exact_limit: int = EXACT_LIMIT,
+                 filter_cache_mb: float = FILTER_CACHE_MB):
         a, cat = bundle.arrays, bundle.catalog
         n = len(cat["item_ids"])
         self.bundle, self.exact_limit, self.meta = bundle, exact_limit, bundle.meta
+        self.filter_rows = FilterRowCache(int(filter_cache_mb * 2**20))
         self.exact_share = EXACT_FETCH_SHARE  # a first fetch of this share of the catalogue scores it exactly
         self.spec = self.meta.feature_spec
         self.ranker: Ranker | None = load_ranker(bundle.ranker) if bundle.ranker is not None else None
@@ -84,8 +86,9 @@ class Engine:
         self.answers = Answers(list(cat["genre_names"]), explain, self.spec.history_len)
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle, cache_size: int = 100_000, exact_limit: int = EXACT_LIMIT) -> "Engine":
-        return cls(bundle, cache_size, exact_limit)
+    def from_bundle(cls, bundle: Bundle, cache_size: int = 100_000, exact_limit: int = EXACT_LIMIT,
+                    filter_cache_mb: float = FILTER_CACHE_MB) -> "Engine":
+        return cls(bundle, cache_size, exact_limit, filter_cache_mb)
 
     # ---------------------------------------------------------------- what it serves
     @property
@@ -249,7 +252,7 @@ class Engine:
     def admission(self, catalog: Catalog, filters) -> Callable[[np.ndarray | None], Allowed]:
         """``allowed`` in two steps: the filter's part once per request or batch (an unknown genre raises here),
         then a function of each user's seen items."""
-        return admission(catalog, RowFilter.of(filters, self._genre_cols), self.exact_limit)
+        return admission(catalog, RowFilter.of(filters, self._genre_cols), self.exact_limit, self.filter_rows)
 
     def allowed(self, catalog: Catalog, filters, seen: np.ndarray | None) -> Allowed:
         """Items that may be returned: active, passing the filters, not already seen."""

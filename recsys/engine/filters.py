@@ -53,9 +53,9 @@ class YearOrdered:
 class FilterIndex:
     """Per catalogue: genre bits and year per row, and the year-ordered row lists.
 
-    The lists are rebuilt in the background, not on each catalogue change: rows written since they were built are
-    ``stale`` (their list entries may be out of date, or missing for an added item), left out of the lists' rows
-    and checked one by one from ``changed`` instead."""
+    The lists are rebuilt in the background, not on each catalogue change: rows written or removed since they were
+    built are ``stale`` (their list entries may be out of date, or missing for an added item), left out of the lists'
+    rows and checked one by one from ``changed`` instead. ``changed`` only grows until the lists are rebuilt."""
 
     genre_words: tuple[np.ndarray, ...]  # [n] uint64 each: bit g % 64 of word g // 64 is genre g
     year: np.ndarray  # [n] float32, NaN unknown
@@ -117,8 +117,20 @@ class RowFilter:
         others.append((None, index.genreless.between(self.year_min, self.year_max)))
         return min(others, whole, key=lambda parts: sum(len(rows) for _, rows in parts))
 
+    @property
+    def key(self) -> tuple:
+        """What identifies this filter (hashable, for caches)."""
+        return tuple(sorted(set(self.any_cols))), tuple(sorted(set(self.none_cols))), self.year_min, self.year_max
+
     def admitted(self, index: FilterIndex, slices: list[tuple[int | None, np.ndarray]]) -> np.ndarray:
-        """Every admitted row, each once, from ``slices`` (O(rows in them)) and the index's changed rows. The year
+        """Every admitted row, each once, from ``slices`` (O(rows in them)) and the index's changed rows."""
+        rows = self.listed(index, slices)
+        if len(index.changed):
+            rows = rows[~index.stale[rows]]
+        return np.concatenate([rows, self.changed_admitted(index)]) if len(index.changed) else rows
+
+    def listed(self, index: FilterIndex, slices: list[tuple[int | None, np.ndarray]]) -> np.ndarray:
+        """The rows the index's lists admit, each once, as the lists were built (changed rows not checked). The year
         range holds by construction; the genre tests run only where the slices do not already guarantee them."""
         parts, earlier = [], []
         for col, rows in slices:
@@ -128,13 +140,11 @@ class RowFilter:
                 earlier.append(col)
             parts.append(rows)
         rows = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-        if len(index.changed):
-            rows = rows[~index.stale[rows]]
-        if self.none_cols:
-            rows = rows[~index.has_any(rows, self.none_cols)]
-        if len(index.changed):
-            rows = np.concatenate([rows, index.changed[self.admits(index, index.changed)]])
-        return rows
+        return rows[~index.has_any(rows, self.none_cols)] if self.none_cols else rows
+
+    def changed_admitted(self, index: FilterIndex) -> np.ndarray:
+        """The rows changed since the lists were built that this filter admits now (O(changed rows))."""
+        return index.changed[self.admits(index, index.changed)]
 
     def admits(self, index: FilterIndex, rows: np.ndarray) -> np.ndarray:
         """Whether each of ``rows`` passes (for search results: O(len(rows)), nothing precomputed)."""

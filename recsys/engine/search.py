@@ -59,7 +59,9 @@ def _search_many(live: LiveCatalog, vecs: np.ndarray, depth: int, alloweds: Sequ
             out[u] = (catalog, NOTHING, np.zeros(0, np.float32))
             continue
         first = allowed.first_fetch(catalog, wanted)
-        if allowed.rows is not None or (allowed.rule is None and n_allowed <= wanted * EXACT_SEARCH_FACTOR) \
+        if allowed.listed is not None:
+            out[u] = (catalog, *exact_listed(catalog, vecs[u], allowed, wanted))
+        elif allowed.rows is not None or (allowed.rule is None and n_allowed <= wanted * EXACT_SEARCH_FACTOR) \
                 or scored_exactly(first, catalog.n_active, exact_share):
             out[u] = (catalog, *exact(catalog, vecs[u], allowed.every_row(catalog), wanted))
         else:
@@ -131,6 +133,17 @@ def exact(catalog: Catalog, vec: np.ndarray, rows: np.ndarray, depth: int) -> tu
     else:
         scores = scores_of(catalog.vectors, rows, vec)
     top, scores = top_k(rows, scores, depth)
+    return top, scores.astype(np.float32)
+
+
+def exact_listed(catalog: Catalog, vec: np.ndarray, allowed: Allowed, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``depth`` best of a narrow filter's rows from the filter row cache (``allowed.rows``, in ``Listed`` order):
+    the cached rows' vectors in one product, the rows changed since the filter's lists were built scored where they
+    lie."""
+    listed = allowed.listed
+    vec = np.ascontiguousarray(vec, listed.cached.vectors.dtype)
+    scores = np.concatenate([(listed.cached.vectors @ vec)[listed.keep], scores_of(catalog.vectors, listed.extra, vec)])
+    top, scores = top_k(allowed.rows, scores, depth)
     return top, scores.astype(np.float32)
 
 

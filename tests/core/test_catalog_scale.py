@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from recsys.bundle import read_bundle
+from recsys.engine.allowed import FILTER_CACHE_MB, FilterRowCache
 from recsys.engine.engine import Catalog, Engine
 from recsys.engine.filters import EXACT_LIMIT, FilterIndex, RowFilter
 from recsys.query import Filters, Item, RecommendRequest
@@ -87,10 +88,12 @@ def unit(rng: np.random.Generator, dim: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("exact_limit", [EXACT_LIMIT, 300, BROAD], ids=["narrow", "mixed", "broad"])
-def test_filtered_search_returns_only_admitted_items_and_matches_exact_search(grown, exact_limit, monkeypatch):
+@pytest.mark.parametrize("cache_mb", [FILTER_CACHE_MB, 0], ids=["cached", "uncached"])
+def test_filtered_search_returns_only_admitted_items_and_matches_exact_search(grown, exact_limit, cache_mb, monkeypatch):
     """Narrow filters are scored exactly: the very rows and order of brute force. Broad ones go through HNSW
     with over-fetch: every result admitted, recall against brute force near 1 on this small index."""
     monkeypatch.setattr(grown, "exact_limit", exact_limit)
+    monkeypatch.setattr(grown, "filter_rows", FilterRowCache(cache_mb << 20))
     rng = np.random.default_rng(1)
     names = grown.bundle.catalog["genre_names"]
     catalog, recalls = grown.catalog, []
@@ -135,8 +138,10 @@ def test_a_filter_matching_nothing_is_an_empty_list(grown, exact_limit, monkeypa
 
 
 @pytest.mark.parametrize("exact_limit", [EXACT_LIMIT, 300, BROAD], ids=["narrow", "mixed", "broad"])
-def test_popularity_fallback_with_filters_matches_brute_force(grown, exact_limit, monkeypatch):
+@pytest.mark.parametrize("cache_mb", [FILTER_CACHE_MB, 0], ids=["cached", "uncached"])
+def test_popularity_fallback_with_filters_matches_brute_force(grown, exact_limit, cache_mb, monkeypatch):
     monkeypatch.setattr(grown, "exact_limit", exact_limit)
+    monkeypatch.setattr(grown, "filter_rows", FilterRowCache(cache_mb << 20))
     rng = np.random.default_rng(4)
     names, catalog = grown.bundle.catalog["genre_names"], grown.catalog
     pop = catalog.arrays["popularity"]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from recsys.bundle import map_arrays, read_bundle, save_arrays
+from recsys.engine.allowed import FilterRowCache
 from recsys.engine.engine import Engine
 from recsys.engine.filters import FilterIndex, RowFilter
 from recsys.engine.items import Column
@@ -91,7 +92,7 @@ def test_filters_answer_as_if_rebuilt_before_and_after_the_lists_are_rebuilt(eng
                 for r in rules]
 
     catalog = engine.catalog
-    assert len(catalog.filters.changed) == len({it.item_id for it in items})
+    assert len(catalog.filters.changed) == len({it.item_id for it in items} | {ids[0]})  # the removal too
     whole = FilterIndex.build(catalog.arrays["item_genres"], catalog.arrays["item_year"])  # built from scratch
     expected = [set(catalog.live(np.flatnonzero(r.admits(whole, np.arange(len(catalog.ids)))), np.zeros(0, np.int64)).tolist())
                 for r in rules]
@@ -99,6 +100,82 @@ def test_filters_answer_as_if_rebuilt_before_and_after_the_lists_are_rebuilt(eng
     engine.live.rebuild_lists()
     assert len(engine.catalog.filters.changed) == 0 and not engine.catalog.filters.stale.any()
     assert admitted(engine.catalog) == expected
+
+
+def narrow_answers(engine: Engine, filters: Filters, rng: np.random.Generator) -> set[int]:
+    """The filter's answers for random users, from the filter row cache, checked against the filter's rows read anew
+    (the cache off): every admitted unseen row (the depth exceeds them), each with the same score. Returns the rows."""
+    catalog, dim = engine.catalog, engine.catalog.vectors.shape[1]
+    seen = rng.choice(len(catalog.ids), 10, replace=False)
+    vecs = rng.standard_normal((4, dim)).astype(np.float32)
+
+    def scored() -> list[dict[int, float]]:
+        found = [engine.search(vec, 10_000, engine.allowed(catalog, filters, seen)) for vec in vecs]
+        return [dict(zip(rows.tolist(), scores.tolist())) for _, rows, scores in found]
+
+    cached = scored()
+    kept, engine.filter_rows = engine.filter_rows, FilterRowCache(0)
+    try:
+        fresh = scored()
+    finally:
+        engine.filter_rows = kept
+    for got, want in zip(cached, fresh):
+        assert got.keys() == want.keys() and not set(got) & set(seen.tolist())
+        np.testing.assert_allclose([got[row] for row in want], list(want.values()), atol=1e-5)
+    return set(cached[0])
+
+
+def test_a_cached_filters_rows_follow_every_change_until_and_after_the_lists_are_rebuilt(engine):
+    """A narrow filter's rows kept between requests answer as the filter's rows read anew after items leave the
+    filter, join it, get another vector, are removed or added, and after the lists are rebuilt; until the rebuild
+    the kept rows are updated from the changed ones, not read again."""
+    rng = np.random.default_rng(7)
+    names = list(engine.bundle.catalog["genre_names"])
+    filters = Filters(genres_any=[names[1], names[2]])
+    key = RowFilter.of(filters, engine._genre_cols).key
+    before = narrow_answers(engine, filters, rng) | set()
+    kept = engine.filter_rows.entries[key]
+    assert kept.applied == 0 and set(kept.rows.tolist()) >= before and len(before) > 4
+    catalog = engine.catalog
+    leaving, moving, removed = sorted(before)[:3]
+    joining = next(row for row in range(len(catalog.ids)) if row not in kept.rows and catalog.active[row])
+    year = float(catalog.arrays["item_year"][moving])
+    engine.live.commit(engine.changes.prepare([
+        Item(item_id=catalog.ids[leaving], genres=[names[0]], year=2001),
+        Item(item_id=catalog.ids[joining], genres=[names[2]], year=1999),
+        Item(item_id=catalog.ids[moving], genres=[names[1]], year=2010 if year != 2010 else 1970),  # another vector
+        Item(item_id="added", genres=[names[1]], year=2005)]))
+    engine.changes.remove(catalog.ids[removed])
+    catalog = engine.catalog
+    assert not np.allclose(catalog.vectors[moving], kept.vectors[np.searchsorted(kept.rows, moving)])
+    after = narrow_answers(engine, filters, rng)
+    assert {joining, catalog.row_of["added"]} <= after and not {leaving, removed} & after
+    updated = engine.filter_rows.entries[key]
+    assert updated.lists is kept.lists and updated.applied == len(catalog.filters.changed) == 5
+    engine.live.rebuild_lists()
+    narrow_answers(engine, filters, rng)
+    assert engine.filter_rows.entries[key].lists is not kept.lists
+
+
+def test_the_filter_row_cache_keeps_to_its_budget(engine):
+    """Least recently used filters leave first; a filter whose rows alone would pass the budget is served without
+    the cache; every answer stays the filter's rows read anew."""
+    rng = np.random.default_rng(8)
+    names = list(engine.bundle.catalog["genre_names"])
+    filters = [Filters(genres_any=[name]) for name in names]
+    sizes = {}
+    for f in filters:
+        narrow_answers(engine, f, rng)
+        sizes[RowFilter.of(f, engine._genre_cols).key] = engine.filter_rows.entries[RowFilter.of(f, engine._genre_cols).key].nbytes
+    small, large = sorted(sizes.values())[1], max(sizes.values())
+    engine.filter_rows = FilterRowCache(large - 1)
+    for f in filters * 2:
+        key = RowFilter.of(f, engine._genre_cols).key
+        narrow_answers(engine, f, rng)
+        cache = engine.filter_rows
+        assert cache.size == sum(entry.nbytes for entry in cache.entries.values()) <= cache.budget
+        assert (key in cache.entries) == (sizes[key] <= cache.budget) and (sizes[key] > cache.budget or list(cache.entries)[-1] == key)
+    assert small < large and len(cache.entries) >= 1
 
 
 def test_lists_are_rebuilt_aside_once_enough_rows_changed(engine):
