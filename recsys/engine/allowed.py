@@ -71,15 +71,14 @@ class FilterRowCache:
 
     def rows(self, catalog: Catalog, rule: RowFilter, slices: list) -> FilterRows | None:
         """``rule``'s rows for ``catalog`` (read under its read lock), kept or read now; None when the cache is off or
-        they alone would fill it."""
-        if self.budget <= 0:
+        its slices' rows (at least as many as it keeps) would pass the budget alone."""
+        row_bytes = 8 + 1 + catalog.vectors.itemsize * int(np.prod(catalog.vectors.shape[1:]))  # a row, its keep, its vector
+        if self.budget <= 0 or self.budget < sum(len(rows) for _, rows in slices) * row_bytes:
             return None
         with self.lock:
             hit = self.entries.get(rule.key)
         got = hit.updated(catalog.filters) if hit is not None and hit.current(catalog.filters) else \
             FilterRows.read(catalog, rule, slices)
-        if got.nbytes > self.budget:
-            return None
         with self.lock:
             if got is hit and rule.key in self.entries:
                 self.entries.move_to_end(rule.key)
