@@ -114,8 +114,8 @@ class RecommendQuery(BaseModel):
     candidates: int | None = Field(None, ge=1, le=100_000, description="ANN recall depth (default from settings)")
     exclude_seen: bool = True
     explain: bool = False
-    genres_any: list[str] | None = Field(None, max_length=100, description="repeat the parameter for several genres")
-    genres_none: list[str] | None = Field(None, max_length=100)
+    genres_any: list[str] | None = Field(None, max_length=MAX_LIST, description="repeat the parameter for several genres")
+    genres_none: list[str] | None = Field(None, max_length=MAX_LIST)
     year_min: int | None = Field(None, ge=YEAR_RANGE[0], le=YEAR_RANGE[1])
     year_max: int | None = Field(None, ge=YEAR_RANGE[0], le=YEAR_RANGE[1])
 

@@ -1208,7 +1208,7 @@ def test_get_recommend_reads_its_query_as_fastapi_would_and_documents_it_the_sam
     from fastapi.testclient import TestClient
 
     from service.api.openapi import query_parameters
-    from service.schemas import RecommendQuery
+    from service.schemas import MAX_LIST, RecommendQuery
 
     def q(query):
         return query.model_dump()
@@ -1228,9 +1228,12 @@ def test_get_recommend_reads_its_query_as_fastapi_would_and_documents_it_the_sam
         for params, field in (([("k", "3")], "query.user_id"), ([("user_id", "u1"), ("k", "zero")], "query.k"),
                               ([("user_id", "u1"), ("year_min", "-5")], "query.year_min"),
                               ([("user_id", "")], "query.user_id"),
-                              ([("user_id", "u1")] + [("genres_none", f"g{i}") for i in range(101)], "query.genres_none")):
+                              ([("user_id", "u1")] + [("genres_none", f"g{i}") for i in range(MAX_LIST + 1)], "query.genres_none")):
             assert ref.get("/q", params=params).status_code == 422
             answer = client.get("/recommend", params=params)
             assert_client_error(answer, 422)
             assert answer.json()["error"].startswith(f"invalid request: {field}: "), answer.json()
     assert client.get("/recommend", params={"user_id": "u1", "year_min": 2000, "year_max": 1990}).status_code == 422
+    longest = [("genres_any", "genre1")] * MAX_LIST  # the POST body's limit, not a tighter one
+    assert client.get("/recommend", params=[("user_id", "u1"), *longest]).status_code == 200
+    assert client.post("/recommend", json={"user_id": "u1", "filters": {"genres_any": ["genre1"] * MAX_LIST}}).status_code == 200
