@@ -462,6 +462,11 @@ class LiveEngine:
     def health(self) -> str | None:
         return self.store.health()
 
+    async def aopen(self) -> None:
+        """What the serving event loop reads through (the store's asyncio connections), opened on that loop before the
+        first request."""
+        await self.store.aopen()
+
     async def aclose(self) -> None:
         """What the serving event loop holds (the store's asyncio connections): closed on that loop, before ``close``."""
         await self.store.aclose()

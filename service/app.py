@@ -53,6 +53,7 @@ async def lifespan(app: FastAPI):
         logger.error("cannot start: {}", err)
         raise RuntimeError(f"cannot start: {err}") from err
     app.state.service, app.state.settings = live, settings
+    await live.aopen()
     app.state.io_limiter = anyio.CapacityLimiter(settings.io_threads)
     app.openapi_schema = None  # regenerated with these settings' limits on the next request
     logger.info("serving bundle {} ({} items)", live.engine.version, live.engine.searchable_items)

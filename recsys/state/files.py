@@ -337,6 +337,9 @@ class FileStateStore:
         """The fold is in memory and its lock is never held through I/O: read at once, on the loop."""
         return self.history(user_id, after)
 
+    async def aopen(self) -> None:
+        """Nothing is bound to an event loop here."""
+
     async def aclose(self) -> None:
         """Nothing is bound to an event loop here."""
 

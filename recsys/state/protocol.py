@@ -111,6 +111,10 @@ class StateStore(Protocol):
         """``history`` for a caller on an event loop: it never blocks the loop (what ``/recommend`` awaits before it
         answers on the loop itself)."""
 
+    async def aopen(self) -> None:
+        """Open what the running event loop reads through (``history_async``'s connections) now, at start, so that the
+        first request does not wait for them; never raises for a store that is down (its reads will say so)."""
+
     async def aclose(self) -> None:
         """Release what the running event loop holds (``history_async``'s connections); ``close`` releases the rest."""
 

@@ -54,6 +54,7 @@ import orjson
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
+from loguru import logger
 from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
@@ -516,6 +517,14 @@ class RedisStateStore:
                 reads = _LoopReads(redis.asyncio.Redis.from_url(self.raw_url, **options), coalesce=True, cache=cache)
             self._async_clients[loop] = reads
         return reads
+
+    async def aopen(self) -> None:
+        """The running loop's client made and one of its connections opened, and on one Redis the history cache's
+        invalidation connection, before the first request (which would otherwise wait for both)."""
+        try:
+            await self._loop_reads().client.ping()
+        except (redis.RedisError, redis.exceptions.RedisClusterException, OSError) as err:  # down: the reads will say so
+            logger.warning("redis not reachable at start: {}: {}", type(err).__name__, err)
 
     async def aclose(self) -> None:
         """Close the running loop's asyncio client (its connections cannot be closed from another loop)."""

@@ -89,6 +89,25 @@ def test_a_kept_history_is_served_without_a_read_and_every_write_is_seen_by_the_
     assert {source: counted_reads(source) - n for source, n in before.items()} == {"memory": 202, "redis": 201}
 
 
+def test_a_worker_opens_its_connections_at_start_not_at_its_first_read(redis_url, reads, monkeypatch):
+    """``aopen`` (the service's start) makes the loop's client and the cache's invalidation connection, so the
+    first request waits for neither; a Redis that does not answer then is logged, not raised."""
+    served, writer = stores(redis_url)
+
+    async def run():
+        await served.aopen()
+        assert asyncio.get_running_loop() in served._async_clients and cache_of(served).conn is not None
+        assert sum(reads) == 0 and await served.history_async("u1") == (0, []) and sum(reads) == 1
+
+        async def refused(client):
+            raise redis.ConnectionError("refused")
+
+        monkeypatch.setattr(redis.asyncio.Redis, "ping", refused)
+        await served.aopen()
+
+    run_and_close(run, served, writer)
+
+
 def test_a_read_overtaken_by_a_write_is_served_but_not_kept(redis_url, reads, monkeypatch):
     """The answer of a read that Redis sent before a write, and that arrives after that write's invalidation, is
     older than the write: kept, it would be served after the write was acknowledged."""
