@@ -53,11 +53,11 @@ async def lifespan(app: FastAPI):
         logger.error("cannot start: {}", err)
         raise RuntimeError(f"cannot start: {err}") from err
     app.state.service, app.state.settings = live, settings
-    await live.aopen()
     app.state.io_limiter = anyio.CapacityLimiter(settings.io_threads)
     app.openapi_schema = None  # regenerated with these settings' limits on the next request
     logger.info("serving bundle {} ({} items)", live.engine.version, live.engine.searchable_items)
     try:  # the engine closes also when tracing cannot start (an OTEL_* variable it refuses)
+        await live.aopen()  # the store's connections for this loop, before the first request rather than in it
         with tracing.started(settings) as app.state.tracer_provider:
             yield
     finally:
