@@ -114,11 +114,8 @@ class Listed:
 
 
 def found_at(rows: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Where in sorted ``rows`` each of ``values`` found there is (O(len(values) log len(rows)))."""
-    at = np.searchsorted(rows, values)
-    inside = at < len(rows)
-    at, values = at[inside], values[inside]
-    return at[rows[at] == values]
+    """Where in sorted, unique ``rows`` each of ``values`` found there is (O(len(values) log len(rows)))."""
+    return np.searchsorted(rows, values)[in_sorted(values, rows)]
 
 
 @dataclass(frozen=True)

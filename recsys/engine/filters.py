@@ -125,9 +125,9 @@ class RowFilter:
     def admitted(self, index: FilterIndex, slices: list[tuple[int | None, np.ndarray]]) -> np.ndarray:
         """Every admitted row, each once, from ``slices`` (O(rows in them)) and the index's changed rows."""
         rows = self.listed(index, slices)
-        if len(index.changed):
-            rows = rows[~index.stale[rows]]
-        return np.concatenate([rows, self.changed_admitted(index)]) if len(index.changed) else rows
+        if not len(index.changed):
+            return rows
+        return np.concatenate([rows[~index.stale[rows]], self.changed_admitted(index)])
 
     def listed(self, index: FilterIndex, slices: list[tuple[int | None, np.ndarray]]) -> np.ndarray:
         """The rows the index's lists admit, each once, as the lists were built (changed rows not checked). The year
