@@ -65,6 +65,13 @@ async def reopened(served: RedisStateStore) -> None:
         await asyncio.sleep(0.05)
 
 
+async def dropped(served: RedisStateStore) -> None:
+    """Once the cache has read an invalidation of everything and kept nothing since (the loop's ticks read it)."""
+    deadline = time.monotonic() + 5
+    while cache_of(served).entries and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+
+
 def cache_of(store: RedisStateStore) -> history_cache.HistoryCache:
     return store._loop_reads().cache
 
@@ -151,6 +158,7 @@ def test_a_lost_connection_drops_what_is_kept_until_it_is_back(tmp_path, reads):
             await served.history_async("u1")
             assert (await served.history_async("u1"))[0] == 1 and sum(reads) == 4  # kept again
             admin.flushdb()  # everything may have changed
+            await dropped(served)  # (Redis's invalidation of everything may reach the cache just after FLUSHDB's reply)
             assert (await served.history_async("u1")) == (0, []) and sum(reads) == 5
 
         run_and_close(run, served, writer)
